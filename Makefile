@@ -1,0 +1,31 @@
+# The two set-up commands of the README: `make train` and `make test`.
+# Everything they need is installed here, so they work on a fresh machine.
+
+VENV ?= .venv
+PYTHON ?= python3
+
+.PHONY: venv train test testbin test-fast
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[trainer,operator,dev]'
+	touch $@
+
+## Train the example TrainJob locally (tiny model, synthetic data made on first use).
+train: venv
+	$(VENV)/bin/kontrast train examples/trainjob.yaml
+
+## Build (or reuse from the cache) kube-apiserver, etcd, kube-controller-manager, kubectl, helm.
+testbin:
+	bash tools/k8s-testbin/build.sh
+
+## Every test: unit, real control plane (k8s), operator end to end (e2e), distributed.
+test: venv testbin
+	$(VENV)/bin/pytest
+
+## The tests that need neither the control plane nor several processes.
+test-fast: venv
+	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed"

@@ -1,0 +1,1 @@
+"""Package data only: the CustomResourceDefinitions, readable with importlib.resources."""

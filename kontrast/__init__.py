@@ -1,0 +1,3 @@
+"""kontrast: Kubernetes-native fine-tuning of multimodal retrieval embeddings."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,39 @@
+"""Read the TrainJob CRD: the single source of truth for the parameter table."""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from typing import Any
+
+import yaml
+
+GROUP = "kontrast.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TrainJob"
+PLURAL = "trainjobs"
+
+
+@functools.lru_cache(maxsize=1)
+def crd() -> dict[str, Any]:
+    """The CRD exactly as shipped (crds/trainjob.yaml, installed as package data)."""
+    text = resources.files("kontrast.crds").joinpath("trainjob.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The served version's openAPIV3Schema (the whole object: apiVersion, kind, spec, status)."""
+    for version in crd()["spec"]["versions"]:
+        if version["name"] == VERSION:
+            return version["schema"]["openAPIV3Schema"]
+    raise LookupError(f"CRD has no version {VERSION}")
+
+
+def spec_schema() -> dict[str, Any]:
+    return openapi_schema()["properties"]["spec"]
+
+
+def spec_defaults() -> dict[str, Any]:
+    """Top-level spec defaults as the API server applies them (for callers that need one value)."""
+    return {name: prop["default"] for name, prop in spec_schema()["properties"].items() if "default" in prop}

@@ -1,0 +1,73 @@
+"""The `kontrast` command: validate, train and launch TrainJobs.
+
+Subcommands import their heavy dependencies lazily, so `kontrast validate` works in an
+environment without torch (the operator image) and starts fast everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from . import __version__
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .api import TrainJobInvalid, load_trainjob
+
+    try:
+        obj = load_trainjob(args.file)
+    except TrainJobInvalid as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.show_defaults:
+        yaml.safe_dump(obj, sys.stdout, sort_keys=False)
+    else:
+        print(f"{args.file}: valid TrainJob")
+    return 0
+
+
+def _train(args: argparse.Namespace, rest: list[str]) -> int:
+    from .trainer.__main__ import main as train_main
+
+    return train_main([args.file, *rest] if args.file else rest)
+
+
+def _launch(args: argparse.Namespace, rest: list[str]) -> int:
+    from .trainer.launch import main as launch_main
+
+    return launch_main([args.file, *rest] if args.file else rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kontrast", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kontrast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate a TrainJob file against the CRD schema and rules")
+    p.add_argument("file")
+    p.add_argument("--show-defaults", action="store_true",
+                   help="print the TrainJob with defaults applied exactly as the API server would")
+
+    p = sub.add_parser("train", help="train locally from a TrainJob file (no cluster needed)",
+                       add_help=False)
+    p.add_argument("file", nargs="?")
+
+    p = sub.add_parser("launch", help="run torchrun for one node of a TrainJob (used inside pods)",
+                       add_help=False)
+    p.add_argument("file", nargs="?")
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "validate":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return _validate(args)
+    if args.command == "train":
+        return _train(args, rest)
+    return _launch(args, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

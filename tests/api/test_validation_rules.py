@@ -1,0 +1,76 @@
+"""Every schema rule beyond plain types has a failing and a passing example, checked locally.
+
+The same cases (tests/cases/trainjob_rules.yaml) are sent to the real API server in tests/k8s.
+"""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kontrast.api import apply_defaults, validate
+
+CASES = yaml.safe_load((Path(__file__).parents[1] / "cases" / "trainjob_rules.yaml").read_text())
+
+
+def trainjob(patch: dict) -> dict:
+    spec = copy.deepcopy(CASES["base"])
+    for key, value in patch.items():
+        if value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    return {"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
+            "metadata": {"name": "rules"}, "spec": spec}
+
+
+def test_base_is_valid():
+    assert validate(apply_defaults(trainjob({}))) == []
+
+
+@pytest.mark.parametrize("case", CASES["rules"], ids=[c["rule"] for c in CASES["rules"]])
+def test_rule_rejects_bad_and_accepts_good(case):
+    problems = validate(apply_defaults(trainjob(case["bad"])))
+    assert problems, f"{case['rule']}: bad example accepted"
+    assert any(p.startswith(case["field"]) for p in problems), problems
+    assert validate(apply_defaults(trainjob(case["good"]))) == []
+
+
+@pytest.mark.parametrize("case", CASES["immutable"], ids=[c["field"] + str(sorted(c["change"])) for c in CASES["immutable"]])
+def test_training_inputs_are_immutable(case):
+    old = apply_defaults(trainjob({}))
+    new = apply_defaults(trainjob(case["change"]))
+    problems = validate(new, old=old)
+    assert any(p.startswith(case["field"]) and "create a new TrainJob" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("change", CASES["mutable"])
+def test_scheduling_stays_mutable(change):
+    old = apply_defaults(trainjob({}))
+    new = apply_defaults(trainjob(change))
+    assert new["spec"] != old["spec"]
+    assert validate(new, old=old) == []
+
+
+def test_unknown_field_is_named_with_a_suggestion():
+    problems = validate(apply_defaults(trainjob({"batchsize": 3})))
+    assert problems == ["spec.batchsize: unknown field (did you mean batchSize?)"]
+
+
+def test_every_problem_is_reported_at_once():
+    problems = validate(apply_defaults(trainjob({"batchSize": 0, "epochs": 0, "lr": -1})))
+    assert {p.split(":")[0] for p in problems} == {"spec.batchSize", "spec.epochs", "spec.lr"}
+
+
+def test_integers_in_number_fields_are_numbers_for_cel():
+    # YAML `1` in a list[float] field must compare as a double in the CEL rules, as on the server.
+    assert validate(apply_defaults(trainjob({"rightWeights": [0, 1]}))) == []
+
+
+def test_wrong_kind_and_api_version():
+    obj = trainjob({})
+    obj["apiVersion"], obj["kind"] = "v1", "Job"
+    problems = validate(apply_defaults(obj))
+    assert any(p.startswith("apiVersion:") for p in problems)
+    assert any(p.startswith("kind:") for p in problems)
