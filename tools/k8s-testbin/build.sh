@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Build the Kubernetes control-plane binaries the k8s tests run against, from Go modules.
+#
+# Why: there is no Docker and no registry ships kube-apiserver, so the tests use real
+# binaries built through the Go module proxy with the `go` command, cached by version.
+#
+# Builds kube-apiserver, kube-controller-manager and kubectl (k8s.io/kubernetes, through a
+# wrapper module whose staging `replace` lines are derived from that release's go.mod),
+# etcd (at the version that release pins, in its own wrapper) and helm (go install).
+#
+# Cache: ${KONTRAST_TESTBIN:-$HOME/.cache/kontrast/testbin}/<name>-<version>/ per component,
+# plus bin-<k8s>/ with links to all of them. The last line on stdout is that bin dir.
+# A warm run runs no `go` command at all. Logs go to stderr.
+#
+# Env: K8S_VERSION (default 1.34.4), HELM_VERSION (3.19.5), ETCD_VERSION (default: what
+# k8s.io/kubernetes pins for go.etcd.io/etcd/client/v3), KONTRAST_TESTBIN.
+set -euo pipefail
+
+K8S_VERSION=${K8S_VERSION:-1.34.4}
+HELM_VERSION=${HELM_VERSION:-3.19.5}
+ROOT=${KONTRAST_TESTBIN:-$HOME/.cache/kontrast/testbin}
+K8S_MINOR=$(echo "$K8S_VERSION" | cut -d. -f2)
+
+export CGO_ENABLED=0
+# Two cores here: keep parallelism explicit and memory bounded. Keep any GOFLAGS the caller set.
+export GOFLAGS="${GOFLAGS:+$GOFLAGS }-p=2 -buildvcs=false"
+export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
+
+log() { echo "[k8s-testbin] $*" >&2; }
+# Throw-away wrapper-module dirs live under WORK; removed on exit, also on failure.
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+k8s_dir=$ROOT/kubernetes-v$K8S_VERSION
+helm_dir=$ROOT/helm-v$HELM_VERSION
+bin_dir=$ROOT/bin-k8s-v$K8S_VERSION
+mkdir -p "$ROOT"
+
+# --- kube-apiserver, kube-controller-manager, kubectl ---------------------------------
+build_kubernetes() {
+    local work=$WORK/kubernetes tag=v$K8S_VERSION staging_tag=v0.${K8S_VERSION#1.}
+    mkdir -p "$work"
+    log "downloading k8s.io/kubernetes@$tag"
+    local gomod info
+    gomod=$(cd "$work" && go mod download -json "k8s.io/kubernetes@$tag" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    info=${gomod%.mod}.info
+    [ -s "$gomod" ] || { log "no go.mod for k8s.io/kubernetes@$tag"; return 1; }
+
+    # The release's own go.mod maps each staging module to ./staging/src/...; a consumer must
+    # map it to the published tag v0.<minor>.<patch> instead. Derive the list, never hand-type it.
+    local staging
+    staging=$(sed -n 's|^[[:space:]]*\(k8s.io/[^[:space:]]*\) => ./staging/src/k8s.io/.*|\1|p' "$gomod")
+    [ -n "$staging" ] || { log "no staging replaces found in $gomod"; return 1; }
+    local go_line godebug
+    go_line=$(sed -n 's/^go \(.*\)/\1/p' "$gomod" | head -1)
+    godebug=$(grep '^godebug ' "$gomod" || true)
+    {
+        echo "module local.test/k8s-testbin"
+        echo
+        echo "go $go_line"
+        [ -n "$godebug" ] && { echo; echo "$godebug"; }
+        echo
+        echo "require k8s.io/kubernetes $tag"
+        echo
+        echo "replace ("
+        for m in $staging; do echo "	$m => $m $staging_tag"; done
+        echo ")"
+    } >"$work/go.mod"
+    log "wrapper go.mod: $(echo "$staging" | wc -l) staging replaces -> $staging_tag"
+
+    local pkgs="k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl"
+    (cd "$work" && go get $(for p in $pkgs; do echo "$p@$tag"; done))
+
+    # What hack/lib/version.sh stamps, so /version reports the real release.
+    local build_date vpkg ldflags="-s -w"
+    build_date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$info")
+    for vpkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        ldflags+=" -X $vpkg.gitVersion=$tag -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$K8S_MINOR"
+        ldflags+=" -X $vpkg.gitTreeState=clean -X $vpkg.buildDate=${build_date:-1970-01-01T00:00:00Z}"
+    done
+    local etcd_version
+    etcd_version=$(sed -n 's|^[[:space:]]*go.etcd.io/etcd/client/v3 v\([^[:space:]]*\).*|\1|p' "$gomod" | head -1)
+
+    rm -rf "$k8s_dir.tmp" && mkdir -p "$k8s_dir.tmp"
+    log "building $pkgs (slow when cold)"
+    (cd "$work" && go build -trimpath -ldflags "$ldflags" -o "$k8s_dir.tmp/" $pkgs)
+    echo "$etcd_version" >"$k8s_dir.tmp/etcd-version"
+    rm -rf "$k8s_dir" && mv "$k8s_dir.tmp" "$k8s_dir"
+}
+
+# --- etcd (the version k8s pins), in its own wrapper so its deps don't touch k8s's -----
+build_etcd() {
+    local dir=$1 version=$2 work=$WORK/etcd
+    mkdir -p "$work"
+    log "building etcd v$version"
+    (cd "$work" && go mod init local.test/etcd-testbin >/dev/null 2>&1 &&
+        go get "go.etcd.io/etcd/server/v3@v$version" &&
+        rm -rf "$dir.tmp" && mkdir -p "$dir.tmp" &&
+        go build -trimpath -ldflags "-s -w" -o "$dir.tmp/etcd" go.etcd.io/etcd/server/v3)
+    rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
+# --- helm ---------------------------------------------------------------------------
+build_helm() {
+    local work=$WORK/helm
+    mkdir -p "$work"
+    log "building helm v$HELM_VERSION"
+    local ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION"
+    ldflags+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$K8S_MINOR"
+    ldflags+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$K8S_MINOR"
+    rm -rf "$helm_dir.tmp" && mkdir -p "$helm_dir.tmp"
+    (cd "$work" && GOBIN="$helm_dir.tmp" go install -trimpath -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION")
+    rm -rf "$helm_dir" && mv "$helm_dir.tmp" "$helm_dir"
+}
+
+if [ ! -x "$k8s_dir/kube-apiserver" ] || [ ! -x "$k8s_dir/kube-controller-manager" ] ||
+    [ ! -x "$k8s_dir/kubectl" ] || [ ! -s "$k8s_dir/etcd-version" ]; then
+    build_kubernetes
+fi
+ETCD_VERSION=${ETCD_VERSION:-$(cat "$k8s_dir/etcd-version")}
+etcd_dir=$ROOT/etcd-v$ETCD_VERSION
+[ -x "$etcd_dir/etcd" ] || build_etcd "$etcd_dir" "$ETCD_VERSION"
+[ -x "$helm_dir/helm" ] || build_helm
+
+mkdir -p "$bin_dir"
+for f in kube-apiserver kube-controller-manager kubectl; do ln -sfn "$k8s_dir/$f" "$bin_dir/$f"; done
+ln -sfn "$etcd_dir/etcd" "$bin_dir/etcd"
+ln -sfn "$helm_dir/helm" "$bin_dir/helm"
+
+log "kube-apiserver $("$bin_dir/kube-apiserver" --version 2>&1), etcd $("$bin_dir/etcd" --version | head -1 | awk '{print $3}'), $("$bin_dir/helm" version --short 2>&1)"
+echo "$bin_dir"
