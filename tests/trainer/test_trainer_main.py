@@ -1,0 +1,110 @@
+"""The `kontrast train` command: exit codes, termination log, example data, reporters."""
+
+from __future__ import annotations
+
+import filecmp
+import io
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from kontrast.contract import EXIT_PERMANENT
+from kontrast.trainer.__main__ import main
+from kontrast.trainer.exampledata import generate
+from kontrast.trainer.report import JsonlReporter, TerminalReporter, format_progress
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_job(path: Path, spec: dict, **meta) -> Path:
+    path.write_text(yaml.safe_dump({"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
+                                    "metadata": {"name": "job", **meta}, "spec": spec}))
+    return path
+
+
+def test_bad_data_exits_permanent_with_termination_log(base_spec, tmp_path, h, monkeypatch, capsys):
+    data = h.write_csv(tmp_path / "bad.csv", [["query", "image", "caption", "score"], ["q", "a.png", "t", "1"]])
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("KONTRAST_TERMINATION_LOG", str(log))
+    job = write_job(tmp_path / "tj.yaml", {**base_spec, "trainData": str(data)})
+    assert main([str(job), "--no-progress"]) == EXIT_PERMANENT == 78
+    message = log.read_text()
+    assert "bad.csv" in message and "column 'title'" in message and "spec.rightKeys[1]" in message
+    assert message in capsys.readouterr().err
+    assert not (Path(base_spec["output"]) / "checkpoints").exists()      # nothing started
+
+
+def test_invalid_trainjob_exits_permanent(base_spec, tmp_path, monkeypatch, capsys):
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("KONTRAST_TERMINATION_LOG", str(log))
+    job = write_job(tmp_path / "tj.yaml", {**base_spec, "learningRate": 0.1, "batchSize": 0})
+    assert main([str(job)]) == EXIT_PERMANENT
+    text = log.read_text()
+    assert "spec.learningRate: unknown field" in text and "spec.batchSize" in text
+
+
+def test_cli_train_runs_and_writes_outputs(base_spec, tmp_path):
+    from kontrast.cli import main as cli_main
+
+    spec = {**base_spec, "epochs": 1, "output": "runs/one"}           # relative to the TrainJob's folder
+    (tmp_path / "jobs").mkdir()
+    job = write_job(tmp_path / "jobs" / "tj.yaml", spec)
+    assert cli_main(["train", str(job), "--no-progress"]) == 0
+    out = tmp_path / "jobs" / "runs" / "one"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval"]["after"]["ndcg@10"] >= 0 and (out / "checkpoints" / "epoch_1.pt").exists()
+    # --output overrides spec.output (relative to the working folder) and --check trains nothing
+    assert cli_main(["train", str(job), "--check", "--output", str(tmp_path / "other")]) == 0
+    assert not (tmp_path / "other").exists()
+
+
+def test_example_trainjob_is_valid_and_generates_its_data(tmp_path):
+    from kontrast.api import load_trainjob
+
+    for name in ("trainjob.yaml", "tiny-vit.json"):
+        shutil.copy(ROOT / "examples" / name, tmp_path / name)
+    obj = load_trainjob(tmp_path / "trainjob.yaml")
+    assert obj["metadata"]["annotations"]["kontrast.dev/generate-example-data"] == "true"
+    assert main([str(tmp_path / "trainjob.yaml"), "--check"]) == 0        # generates, then validates every image
+    assert (tmp_path / "data" / "train.csv").exists() and (tmp_path / "data" / "eval.csv").exists()
+
+
+def test_generator_is_deterministic(tmp_path):
+    a, b = generate(tmp_path / "a"), generate(tmp_path / "b")
+    cmp = filecmp.dircmp(a, b)
+    assert not cmp.left_only and not cmp.right_only and not cmp.diff_files
+    assert filecmp.cmpfiles(a / "images", b / "images", sorted(p.name for p in (a / "images").iterdir()),
+                            shallow=False)[1:] == ([], [])
+    header, *rows = (a / "train.csv").read_text().splitlines()
+    assert header == "query,image,title,score" and len(rows) > 500
+    assert {r.rsplit(",", 1)[1] for r in rows} == {"1", "2", "3"}
+
+
+def test_terminal_reporter_shows_progress_fields():
+    stream = io.StringIO()
+    r = TerminalReporter(stream=stream, interval=0)
+    p = {"epoch": 2, "epochs": 5, "step": 30, "totalSteps": 100, "percent": 30.0, "loss": 1.23456,
+         "lr": 5e-4, "samplesPerSecond": 123.4, "etaSeconds": 3725}
+    r.on_step(p)
+    line = stream.getvalue()
+    for part in ("epoch 2/5", "step 30/100", "30.0%", "loss 1.2346", "lr 5.00e-04", "123.4 samples/s", "ETA 1:02:05"):
+        assert part in line, part
+    assert format_progress(p).count("#") == 6
+
+
+def test_jsonl_reporter_appends_and_uploads_to_object_stores(tmp_path):
+    local = JsonlReporter(str(tmp_path / "p.jsonl"))
+    local.on_step({"step": 1})
+    local.close()
+    JsonlReporter(str(tmp_path / "p.jsonl")).on_step({"step": 2})   # a resumed run appends
+    assert [json.loads(line)["step"] for line in (tmp_path / "p.jsonl").read_text().splitlines()] == [1, 2]
+    remote = JsonlReporter("memory://bucket/run/progress.jsonl", flush_every=3600)
+    remote.on_step({"step": 1})
+    remote.on_checkpoint({"uri": "x", "epoch": 1, "step": 1, "time": "t"})
+    remote.close()
+    import fsspec
+
+    with fsspec.open("memory://bucket/run/progress.jsonl", "rt") as f:
+        assert [json.loads(line)["event"] for line in f.read().splitlines()] == ["step", "checkpoint"]

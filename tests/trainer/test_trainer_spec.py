@@ -1,0 +1,54 @@
+"""Resolution of model-dependent defaults and of paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kontrast.trainer.errors import SpecError
+from kontrast.trainer.spec import adam_defaults, join_location, resolve, resolve_location
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("ViT-B-32", (0.98, 1e-6)), ("roberta-ViT-B-32", (0.98, 1e-6)), ("hf-hub:org/vit-thing", (0.98, 1e-6)),
+    ("RN50", (0.999, 1e-8)), ("convnext_base", (0.999, 1e-8)),
+    ("models/tiny-vit.json", (0.98, 1e-6)), ("/vit-configs/rn-tiny.json", (0.999, 1e-8)),
+])
+def test_adam_defaults_follow_the_vit_rule(model, expected):
+    assert adam_defaults(model) == expected
+
+
+def test_resolved_betas_and_paths(h, tmp_path, monkeypatch):
+    monkeypatch.setenv("KONTRAST_PVC_ROOT", "/mnt/pvcs")
+    spec = {"model": "RN50", "trainData": "data/train.csv", "evalData": "pvc://claim/eval/e.csv",
+            "output": "s3://bucket/runs/x", "pretrained": "openai", "leftKeys": ["q"], "leftWeights": [1],
+            "rightKeys": ["i"], "rightWeights": [1], "weightKey": "w"}
+    r = resolve(h.trainjob(spec), tmp_path / "jobs" / "tj.yaml")
+    assert (r.beta2, r.eps) == (0.999, 1e-8)
+    assert r.train_data == str(tmp_path / "jobs" / "data" / "train.csv")
+    assert r.eval_data == "/mnt/pvcs/claim/eval/e.csv"
+    assert r.output == "s3://bucket/runs/x"
+    assert r.pretrained == "openai" and r.pretrained_is_tag
+    r = resolve(h.trainjob({**spec, "model": "ViT-B-32", "beta2": 0.9, "pretrained": "ckpt/epoch_3.pt"}),
+                tmp_path / "tj.yaml", output="elsewhere")
+    assert (r.beta2, r.eps) == (0.9, 1e-6)                   # set beta2 wins; eps from the vit rule
+    assert r.pretrained == str(tmp_path / "ckpt" / "epoch_3.pt") and not r.pretrained_is_tag
+    assert r.output == str(Path.cwd() / "elsewhere")
+
+
+def test_locations():
+    base = Path("/jobs")
+    assert resolve_location("file:///x/y.csv", base) == "/x/y.csv"
+    assert resolve_location("https://h/p.csv", base) == "https://h/p.csv"
+    assert resolve_location("/abs.csv", base) == "/abs.csv"
+    with pytest.raises(ValueError, match="claim"):
+        resolve_location("pvc://", base)
+    assert join_location("gs://b/dir", "/img/a.png") == "gs://b/img/a.png"
+
+
+def test_logit_scale_must_be_positive(h, tmp_path):
+    spec = {"model": "RN50", "trainData": "t.csv", "output": "o", "leftKeys": ["q"], "leftWeights": [1],
+            "rightKeys": ["i"], "rightWeights": [1], "weightKey": "w", "logitScale": 0}
+    with pytest.raises(SpecError, match="spec.logitScale"):
+        resolve(h.trainjob(spec), tmp_path / "tj.yaml")

@@ -1,0 +1,147 @@
+"""Entry point: ``kontrast train FILE`` and ``torchrun ... -m kontrast.trainer FILE``.
+
+Validates the TrainJob exactly as ``kontrast validate`` does (the CRD's schema, defaults and
+rules), resolves it, and trains. Permanent errors (an invalid TrainJob, bad data, a
+parameter that cannot work) print their message, write it to the file named by
+$KONTRAST_TERMINATION_LOG when set (Kubernetes shows it in the pod's status), and exit with
+``kontrast.contract.EXIT_PERMANENT`` (78) so the operator fails the job instead of retrying.
+
+Example data: a TrainJob annotated ``kontrast.dev/generate-example-data: "true"`` whose
+trainData (a local path) does not exist gets the synthetic data set of
+``kontrast.trainer.exampledata`` generated into trainData's folder first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from kontrast.contract import EXIT_PERMANENT, JOB_NAME_ENV, TERMINATION_LOG_ENV
+
+from .errors import PermanentError, SpecError
+from .spec import GENERATE_EXAMPLE_DATA, Resolved, has_scheme
+
+log = logging.getLogger("kontrast.trainer")
+
+#: Kubernetes keeps at most 4096 bytes of a termination message.
+TERMINATION_LOG_LIMIT = 4096
+
+
+def write_termination_log(message: str) -> None:
+    path = os.environ.get(TERMINATION_LOG_ENV)
+    if not path:
+        return
+    data = message.encode("utf-8")
+    if len(data) > TERMINATION_LOG_LIMIT:
+        data = data[: TERMINATION_LOG_LIMIT - 3] + b"..."
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        log.warning("cannot write the termination log %s: %s", path, exc)
+
+
+def ensure_example_data(resolved: Resolved) -> None:
+    """Generate the example data set when the TrainJob asks for it and it is missing."""
+    if str(resolved.annotations.get(GENERATE_EXAMPLE_DATA, "")).lower() != "true":
+        return
+    if has_scheme(resolved.train_data) or Path(resolved.train_data).exists():
+        return
+    from .exampledata import generate
+
+    folder = Path(resolved.train_data).parent
+    log.info("generating the example data set into %s (annotation %s)", folder, GENERATE_EXAMPLE_DATA)
+    generate(folder)
+    for key, location in (("trainData", resolved.train_data), ("evalData", resolved.eval_data)):
+        if location and not has_scheme(location) and not Path(location).exists():
+            raise SpecError(key, f"{location} does not exist; the example generator writes train.csv and "
+                                 f"eval.csv into {folder}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kontrast train",
+        description="Fine-tune an open_clip model from a TrainJob file (locally, or as the torchrun "
+                    "entry point in a pod).")
+    p.add_argument("file", help="TrainJob YAML file")
+    p.add_argument("--output", help="write checkpoints and reports here instead of spec.output "
+                                    "(relative to the working folder)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on the terminal")
+    p.add_argument("--check", action="store_true",
+                   help="validate the TrainJob and its data (every image included), then exit without training")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return p
+
+
+def _reporters(resolved: Resolved, progress: bool):
+    """Sinks besides progress.jsonl (which train() always writes)."""
+    from .report import TerminalReporter
+
+    sinks = [TerminalReporter()] if progress else []
+    if os.environ.get(JOB_NAME_ENV):
+        # In a cluster the operator's reporter patches the TrainJob's status.
+        try:
+            from .status_reporter import make_reporter  # the operator work's cluster reporter
+        except ImportError as exc:
+            log.warning("%s is set but no cluster status reporter is available: %s", JOB_NAME_ENV, exc)
+        else:
+            try:
+                sinks.append(make_reporter(resolved))
+            except Exception as exc:  # noqa: BLE001 - reporting must never stop training
+                log.warning("cannot start the cluster status reporter: %s", exc)
+    return sinks
+
+
+def _check(resolved: Resolved, device: Optional[str]) -> None:
+    from .distributed import World
+    from .train import load_data
+
+    world = World()
+    load_data(resolved.train_data, resolved.spec, world, require_positive_weight=True)
+    if resolved.eval_data:
+        load_data(resolved.eval_data, resolved.spec, world, require_positive_weight=False)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    logging.basicConfig(
+        level=logging.WARNING,  # other libraries (open_clip logs a lot at INFO) stay quiet
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else
+               f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kontrast").setLevel(level if rank == 0 else logging.WARNING)
+    from kontrast.api import TrainJobInvalid, load_trainjob
+
+    from .spec import resolve
+
+    try:
+        try:
+            obj = load_trainjob(args.file)
+        except TrainJobInvalid as exc:
+            raise PermanentError(str(exc)) from None
+        resolved = resolve(obj, args.file, output=args.output)
+        ensure_example_data(resolved)
+        if args.check:
+            _check(resolved, args.device)
+            print(f"{args.file}: TrainJob and data are valid")
+            return 0
+        from .train import train
+
+        reporters = _reporters(resolved, progress=not args.no_progress) if rank == 0 else []
+        train(resolved, device=args.device, reporters=reporters)
+        return 0
+    except PermanentError as exc:
+        message = str(exc)
+        print(f"kontrast train: {message}", file=sys.stderr)
+        write_termination_log(message)
+        return EXIT_PERMANENT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Writing into ``output``: a local folder, a mounted PVC, or an fsspec object store.
+
+Files are replaced atomically so a reader (a resumed run, the user, a status reporter)
+never sees half a file: locally by writing a temporary file in the same folder and
+renaming it over the target (rename is atomic within a file system), on object stores by
+a single PUT of the whole object (object stores publish an object only when its upload
+completes).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .spec import has_scheme
+
+
+def join(location: str, *parts: str) -> str:
+    if has_scheme(location):
+        return "/".join([location.rstrip("/"), *parts])
+    return str(Path(location, *parts))
+
+
+def _fs(location: str):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(location)
+    return fs, path
+
+
+def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None]) -> None:
+    """Call ``write(fileobj)`` and publish the result at ``location`` all at once."""
+    if has_scheme(location):
+        buf = io.BytesIO()
+        write(buf)
+        fs, path = _fs(location)
+        parent = path.rsplit("/", 1)[0]
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(buf.getvalue())
+        return
+    target = Path(location)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_text(location: str, text: str) -> None:
+    write_atomic(location, lambda f: f.write(text.encode("utf-8")))
+
+
+def exists(location: str) -> bool:
+    if has_scheme(location):
+        fs, path = _fs(location)
+        return fs.exists(path)
+    return Path(location).exists()
+
+
+def list_names(folder: str) -> list[str]:
+    """Names of the files directly in ``folder`` (empty if it does not exist)."""
+    if has_scheme(folder):
+        fs, path = _fs(folder)
+        if not fs.exists(path):
+            return []
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    p = Path(folder)
+    return sorted(x.name for x in p.iterdir() if x.is_file()) if p.is_dir() else []
+
+
+def open_read(location: str):
+    if has_scheme(location):
+        import fsspec
+
+        return fsspec.open(location, "rb").open()
+    return open(location, "rb")
