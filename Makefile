@@ -8,10 +8,9 @@ PYTHON ?= python3
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml trainer/install.sh
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[trainer,operator,dev]'
+	PYTHON=$(VENV)/bin/python sh trainer/install.sh --dev
 	touch $@
 
 ## Train the example TrainJob locally (tiny model, synthetic data made on first use).

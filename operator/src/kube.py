@@ -1,0 +1,172 @@
+"""The thin edge to the API server: a few REST calls on plain dicts.
+
+Uses the ``kubernetes`` client's transport (auth, TLS, token refresh) with its own
+Configuration object, so the operator never touches the process-wide default client (tests run
+the operator in-process beside admin clients).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Iterable, Mapping, Optional
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from kontrast.api import GROUP, PLURAL, VERSION
+
+from . import render
+
+log = logging.getLogger(__name__)
+
+# kind -> (api prefix, plural)
+_PATHS = {
+    ("v1", "ServiceAccount"): ("/api/v1", "serviceaccounts"),
+    ("v1", "Service"): ("/api/v1", "services"),
+    ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
+    ("v1", "Pod"): ("/api/v1", "pods"),
+    ("rbac.authorization.k8s.io/v1", "Role"): ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
+    (f"{GROUP}/{VERSION}", "TrainJob"): (f"/apis/{GROUP}/{VERSION}", PLURAL),
+}
+
+
+class ChildConflict(RuntimeError):
+    """A child's deterministic name is taken by an object this TrainJob does not control."""
+
+
+def load_configuration(kubeconfig: Optional[str] = None) -> k8s.Configuration:
+    """In-cluster config when running in a pod, else the kubeconfig (explicit, or $KUBECONFIG)."""
+    cfg = k8s.Configuration()
+    if kubeconfig:
+        k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    elif os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        k8s_config.load_incluster_config(client_configuration=cfg)
+    else:
+        k8s_config.load_kube_config(client_configuration=cfg)
+    return cfg
+
+
+def _path(api_version: str, kind: str, namespace: str, name: Optional[str] = None, sub: str = "") -> str:
+    prefix, plural = _PATHS[(api_version, kind)]
+    path = f"{prefix}/namespaces/{namespace}/{plural}"
+    if name:
+        path += f"/{name}"
+    if sub:
+        path += f"/{sub}"
+    return path
+
+
+class Kube:
+    def __init__(self, configuration: k8s.Configuration):
+        self.configuration = configuration
+        self.api = k8s.ApiClient(configuration)
+
+    def close(self) -> None:
+        self.api.close()
+
+    # --- raw --------------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: Any = None, query: Optional[Mapping[str, Any]] = None,
+                content_type: str = "application/json") -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        req = self.api.param_serialize(
+            method=method, resource_path=path, query_params=list((query or {}).items()) or None,
+            header_params=headers, body=body, auth_settings=["BearerToken"])
+        resp = self.api.call_api(*req, _request_timeout=30)
+        resp.read()
+        if not 200 <= resp.status <= 299:
+            raise ApiException(http_resp=resp)
+        return json.loads(resp.data) if resp.data else None
+
+    # --- TrainJobs --------------------------------------------------------------------------
+    def get_trainjob(self, namespace: str, name: str) -> Optional[dict]:
+        try:
+            return self.request("GET", _path(f"{GROUP}/{VERSION}", "TrainJob", namespace, name))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def patch_trainjob_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict:
+        return self.request("PATCH", _path(f"{GROUP}/{VERSION}", "TrainJob", namespace, name, "status"),
+                            body={"status": dict(patch)}, content_type="application/merge-patch+json")
+
+    # --- children ---------------------------------------------------------------------------
+    def _list(self, api_version: str, kind: str, namespace: str, tj: Mapping[str, Any]) -> list[dict]:
+        selector = ",".join(f"{k}={v}" for k, v in render.selector_labels(tj).items())
+        items = self.request("GET", _path(api_version, kind, namespace), query={"labelSelector": selector})["items"]
+        uid = tj["metadata"].get("uid")
+        if api_version == "v1" and kind == "Pod":
+            # Pods belong to Jobs; the annotation carries the full TrainJob name.
+            name = tj["metadata"]["name"]
+            return [p for p in items
+                    if (p["metadata"].get("annotations") or {}).get(render.ANNOTATION_TRAINJOB) == name]
+        return [i for i in items if _controlled_by(i, uid)]
+
+    def list_jobs(self, tj: Mapping[str, Any]) -> list[dict]:
+        return self._list("batch/v1", "Job", tj["metadata"]["namespace"], tj)
+
+    def list_pods(self, tj: Mapping[str, Any]) -> list[dict]:
+        return self._list("v1", "Pod", tj["metadata"]["namespace"], tj)
+
+    def create(self, obj: Mapping[str, Any]) -> bool:
+        """Create ``obj``; True if created, False if it already exists (and is ours)."""
+        meta = obj["metadata"]
+        path = _path(obj["apiVersion"], obj["kind"], meta["namespace"])
+        try:
+            self.request("POST", path, body=obj)
+            return True
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        existing = self.request("GET", _path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]))
+        owner_uids = {o["uid"] for o in meta.get("ownerReferences", [])}
+        if not any(_controlled_by(existing, uid) for uid in owner_uids):
+            raise ChildConflict(
+                f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not controlled by this TrainJob")
+        return False
+
+    def release_job(self, namespace: str, name: str) -> None:
+        """Unsuspend a held worker Job."""
+        self.request("PATCH", _path("batch/v1", "Job", namespace, name), body={"spec": {"suspend": False}},
+                     content_type="application/merge-patch+json")
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, foreground: bool = False) -> bool:
+        body = {"kind": "DeleteOptions", "apiVersion": "v1",
+                "propagationPolicy": "Foreground" if foreground else "Background"}
+        try:
+            self.request("DELETE", _path(api_version, kind, namespace, name), body=body)
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def delete_job(self, namespace: str, name: str) -> bool:
+        """Foreground: the Job stays visible until its pods are gone, so attempt numbers only grow
+        and a new attempt never shares pod hostnames with a terminating one."""
+        return self.delete("batch/v1", "Job", namespace, name, foreground=True)
+
+    def delete_children(self, objs: Iterable[Mapping[str, Any]]) -> None:
+        for obj in objs:
+            self.delete(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+
+
+def _controlled_by(obj: Mapping[str, Any], uid: Optional[str]) -> bool:
+    return any(o.get("controller") and o.get("uid") == uid for o in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def api_error_message(exc: BaseException) -> str:
+    """The API server's own message (e.g. a forbidden or invalid field), else the exception."""
+    if isinstance(exc, ApiException) and exc.body:
+        try:
+            return json.loads(exc.body).get("message") or str(exc.body)
+        except (ValueError, AttributeError):
+            return str(exc.body)
+    return str(exc)

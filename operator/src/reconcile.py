@@ -1,0 +1,128 @@
+"""Observe -> decide -> act, once per trigger, serialised per TrainJob.
+
+Every trigger (TrainJob created/updated/resumed, a child Job or Pod changed, the deadline
+timer) runs the same level-based reconcile: read the TrainJob and its children from the API
+server, let :func:`status.decide` choose, then do exactly what the plan says. Re-running it is
+always safe: creation treats AlreadyExists (of our own child) as success, deletes treat
+NotFound as success, and the status patch only carries fields that changed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from typing import Any, Callable, Mapping, Optional
+
+from . import render, status
+from .config import OperatorConfig
+from .kube import ChildConflict, Kube, api_error_message
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+EventPoster = Callable[[Mapping[str, Any], str, str, str], None]  # (trainjob, type, reason, message)
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, config: OperatorConfig, metrics: Optional[Metrics] = None,
+                 post_event: Optional[EventPoster] = None):
+        self.kube = kube
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.post_event = post_event or (lambda tj, etype, reason, message: None)
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._locks_guard:
+            self._locks.pop((namespace, name), None)
+        self.metrics.set_phase(namespace, name, None)
+
+    def reconcile(self, namespace: str, name: str, now: Optional[dt.datetime] = None) -> Optional[status.Plan]:
+        with self._lock(namespace, name):
+            try:
+                plan = self._reconcile(namespace, name, now or dt.datetime.now(dt.timezone.utc))
+            except Exception as exc:
+                self.metrics.reconciled(False)
+                self.metrics.error(type(exc).__name__)
+                raise
+            self.metrics.reconciled(True)
+            return plan
+
+    def _reconcile(self, namespace: str, name: str, now: dt.datetime) -> Optional[status.Plan]:
+        tj = self.kube.get_trainjob(namespace, name)
+        if tj is None:
+            self.forget(namespace, name)
+            return None
+        jobs = self.kube.list_jobs(tj)
+        pods = self.kube.list_pods(tj)
+        plan = status.decide(tj, jobs, pods, now)
+        self.execute(tj, plan)
+        return plan
+
+    def execute(self, tj: Mapping[str, Any], plan: status.Plan) -> None:
+        meta = tj["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        old_status = tj.get("status") or {}
+
+        if plan.create is not None:
+            objs = render.children(tj, plan.create.attempt, plan.create.restarts, self.config, plan.create.reason,
+                                   plan.create.hold)
+            try:
+                created = [o for o in objs if self.kube.create(o)]
+            except Exception as exc:
+                # Record why in status (not only in a log), keep everything else as it was: the
+                # failed attempt stays the newest Job, so nothing is counted twice.
+                message = f"could not create the children: {api_error_message(exc)}"
+                conds = status.Conditions(old_status.get("conditions") or [], status_now(), meta.get("generation"))
+                conds.set("Created", False, "CreateFailed", message)
+                patch = {"conditions": conds.as_list(), "message": status._truncate(message),
+                         "observedGeneration": meta.get("generation")}
+                if not old_status.get("phase"):
+                    patch["phase"] = status.PENDING
+                self._patch_status(ns, name, patch)
+                self.post_event(tj, "Warning", "CreateFailed", message)
+                self.metrics.error("ChildConflict" if isinstance(exc, ChildConflict) else "CreateFailed")
+                raise
+            for obj in created:
+                log.info("created %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
+            if plan.create.reason in ("Restarted", "PodFailed", "Disrupted"):
+                self.metrics.restarted(plan.create.reason)
+
+        if plan.release:
+            self.kube.release_job(ns, plan.release)
+            log.info("released Job %s/%s (older attempts are gone)", ns, plan.release)
+
+        for job in plan.delete_jobs:
+            if self.kube.delete_job(ns, job):
+                log.info("deleted Job %s/%s", ns, job)
+
+        if plan.cleanup:
+            # Everything but the Jobs (already deleted above) and, of course, the TrainJob.
+            self.kube.delete_children(reversed(render.base_children(tj, self.config)))
+            log.info("cleaned up the children of %s/%s", ns, name)
+
+        patch = plan.status_patch(old_status)
+        if patch:
+            self._patch_status(ns, name, patch)
+        self.metrics.set_phase(ns, name, plan.status.get("phase"))
+
+        for event in plan.events:
+            self.post_event(tj, event.type, event.reason, event.message)
+
+    def _patch_status(self, ns: str, name: str, patch: Mapping[str, Any]) -> None:
+        try:
+            self.kube.patch_trainjob_status(ns, name, patch)
+        except Exception as exc:  # e.g. deleted meanwhile
+            if getattr(exc, "status", None) == 404:
+                return
+            raise
+
+
+def status_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

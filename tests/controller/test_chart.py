@@ -1,0 +1,165 @@
+"""charts/kontrast: the CRD copy, helm lint/template, RBAC that covers what the operator does,
+the Deployment's safety settings, and the Argo CD health check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kontrast.operator import render
+from kontrast.operator.config import OperatorConfig
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "kontrast"
+
+
+@pytest.fixture(scope="module")
+def helm():
+    from harness.controlplane import ensure_binaries
+
+    path = ensure_binaries() / "helm"
+    assert path.exists(), "the test binaries have no helm"
+    return path
+
+
+def template(helm, *args: str) -> list[dict]:
+    out = subprocess.run([str(helm), "template", "kontrast", str(CHART), "-n", "kontrast-system", *args],
+                         capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_crd_is_identical_to_the_source_of_truth():
+    assert (CHART / "crds" / "trainjob.yaml").read_bytes() == (REPO / "crds" / "trainjob.yaml").read_bytes(), \
+        "charts/kontrast/crds/trainjob.yaml differs: cp crds/trainjob.yaml charts/kontrast/crds/"
+
+
+def test_helm_lint_is_clean(helm):
+    proc = subprocess.run([str(helm), "lint", "--strict", str(CHART)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout and "[INFO]" not in proc.stdout, proc.stdout
+
+
+def test_default_render(helm):
+    docs = template(helm)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    spec = dep["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"] == ["python", "-m", "kontrast.operator"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KONTRAST_TRAINER_IMAGE"] == "ghcr.io/kontrast/trainer:0.1.0"
+    assert env["KONTRAST_WATCH_NAMESPACES"] == ""
+    assert env["KONTRAST_LIVENESS"] == "http://0.0.0.0:8080/healthz"
+    # the env the chart sets is the env the operator reads
+    cfg = OperatorConfig.from_env({k: v for k, v in env.items() if v is not None})
+    assert cfg.shm_size == "2Gi" and cfg.pod_security_context == {"fsGroup": 1000}
+    assert c["image"] == "ghcr.io/kontrast/operator:0.1.0"
+
+
+def test_values_reach_the_operator(helm):
+    docs = template(helm, "--set", "watchNamespaces={ml,research}", "--set", "trainer.image.tag=dev",
+                    "--set-json", 'trainer.defaults.nodeSelector={"pool":"gpu"}', "--set", "metrics.enabled=false")
+    kinds = sorted((d["kind"], d["metadata"].get("namespace")) for d in docs)
+    assert ("ClusterRole", None) not in kinds
+    assert kinds.count(("Role", "ml")) == 1 and kinds.count(("RoleBinding", "research")) == 1
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    cfg = OperatorConfig.from_env(env)
+    assert cfg.watch_namespaces == ("ml", "research")
+    assert cfg.trainer_image.endswith(":dev")
+    assert cfg.default_node_selector == {"pool": "gpu"}
+    assert cfg.metrics_port == 0
+    assert not [d for d in docs if d["kind"] == "Service"]
+
+
+def _allowed(rules, group, resource, verb):
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
+
+
+def test_rbac_covers_exactly_what_the_operator_does(helm):
+    role = next(d for d in template(helm) if d["kind"] == "ClusterRole")
+    rules = role["rules"]
+    tj = {"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
+          "metadata": {"name": "x", "namespace": "n", "uid": "u"},
+          "spec": {"nodes": 1, "trainData": "a", "output": "b"}}
+    plural = {"ServiceAccount": ("", "serviceaccounts"), "Role": ("rbac.authorization.k8s.io", "roles"),
+              "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"), "Service": ("", "services"),
+              "ConfigMap": ("", "configmaps"), "Job": ("batch", "jobs")}
+    for obj in render.children(tj, 0, 0, OperatorConfig()):
+        group, res = plural[obj["kind"]]
+        for verb in ("create", "get", "delete"):
+            assert _allowed(rules, group, res, verb), (obj["kind"], verb)
+    # The per-job Role's verbs must be held by the operator (RBAC escalation prevention).
+    for rule in render.role(tj)["rules"]:
+        for verb in rule["verbs"]:
+            assert _allowed(rules, "kontrast.dev", "trainjobs/status", verb)
+    for verb in ("list", "watch"):
+        assert _allowed(rules, "batch", "jobs", verb) and _allowed(rules, "", "pods", verb)
+        assert _allowed(rules, "kontrast.dev", "trainjobs", verb)
+    # Least privilege: no wildcards, never secrets, never update/delete of TrainJobs, read-only pods.
+    for r in rules:
+        assert "*" not in r["verbs"] and "*" not in r["resources"] and "*" not in r["apiGroups"]
+        assert "secrets" not in r["resources"]
+    assert not _allowed(rules, "kontrast.dev", "trainjobs", "delete")
+    assert not _allowed(rules, "kontrast.dev", "trainjobs", "update")
+    assert not _allowed(rules, "", "pods", "delete") and not _allowed(rules, "", "pods", "create")
+
+
+# --- Argo CD health ----------------------------------------------------------------------
+def health(obj: dict) -> dict:
+    import lupa  # a dev dependency: the health script is real Lua, run by a real Lua runtime
+
+    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    script = (CHART / "files" / "argocd-health.lua").read_text()
+
+    # Argo CD runs the script with the object as a Lua table named `obj`.
+    def convert(value):
+        if isinstance(value, dict):
+            return lua.table_from({k: convert(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return lua.table_from([convert(v) for v in value])
+        return value
+
+    run = lua.eval(f"function(obj)\n{script}\nend")
+    result = run(convert(obj))
+    return {"status": result["status"], "message": result["message"]}
+
+
+@pytest.mark.parametrize("status,expected", [
+    ({"phase": "Succeeded", "message": "Training completed"}, "Healthy"),
+    ({"phase": "Failed", "message": "column 'score': not a number"}, "Degraded"),
+    ({"phase": "Suspended"}, "Suspended"),
+    ({"phase": "Running"}, "Progressing"),
+    ({"phase": "Restarting"}, "Progressing"),
+    ({"phase": "Pending"}, "Progressing"),
+    ({}, "Progressing"),
+    (None, "Progressing"),
+    ({"phase": "Running", "conditions": [{"type": "Failed", "status": "True", "message": "boom"}]}, "Degraded"),
+])
+def test_argocd_health(status, expected):
+    obj = {"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob", "metadata": {"name": "x"}}
+    if status is not None:
+        obj["status"] = status
+    result = health(obj)
+    assert result["status"] == expected
+    if status and status.get("message"):
+        assert result["message"] == status["message"]
+
+
+def test_chart_values_are_documented_json_serialisable():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    json.dumps(values)
+    assert values["trainer"]["defaults"]["shmSize"] == OperatorConfig().shm_size

@@ -1,0 +1,50 @@
+"""The cluster examples are valid TrainJobs, and render to what their comments promise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from kontrast.api import apply_defaults, validate
+from kontrast.operator import render
+from kontrast.operator.config import OperatorConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def trainjobs(name: str) -> list[dict]:
+    docs = [d for d in yaml.safe_load_all((REPO / "examples" / name).read_text()) if d]
+    out = []
+    for d in docs:
+        if d["kind"] == "TrainJob":
+            d = apply_defaults(d)
+            assert validate(d) == [], (name, validate(d))
+            d["metadata"].update(namespace="ml", uid="u")
+            out.append(d)
+    return out
+
+
+def test_cpu_example():
+    (tj,) = trainjobs("cluster-cpu.yaml")
+    job = render.worker_job(tj, 0, 0, OperatorConfig())
+    pod = job["spec"]["template"]["spec"]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v] \
+        == ["kontrast-data"]
+    assert "nvidia.com/gpu" not in str(pod["containers"][0]["resources"])
+    # The model config the example names is shipped in the trainer image.
+    assert tj["spec"]["model"] == "/opt/kontrast/examples/tiny-vit.json"
+    assert "COPY examples/tiny-vit.json /opt/kontrast/examples/tiny-vit.json" in \
+        (REPO / "trainer" / "Dockerfile").read_text()
+
+
+def test_gpu_example_is_multinode_with_a_gpu_per_process():
+    (tj,) = trainjobs("cluster-gpu.yaml")
+    spec = tj["spec"]
+    assert spec["nodes"] >= 2
+    job = render.worker_job(tj, 0, 0, OperatorConfig())
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == spec["procsPerNode"]
+    assert c["envFrom"] == [{"secretRef": {"name": spec["storageSecretRef"]["name"]}}]
+    assert spec["output"].startswith(("s3://", "pvc://"))
+    assert job["spec"]["completions"] == spec["nodes"]

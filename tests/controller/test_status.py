@@ -1,0 +1,411 @@
+"""status.py: observed children + status -> new status and actions (pure)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from kontrast import contract
+from kontrast.operator import render
+from kontrast.operator.status import Plan, decide, pod_failure
+
+T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+
+
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+def ts(seconds: float) -> str:
+    return at(seconds).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def tj(status=None, nodes=2, generation=1, **sched):
+    return {
+        "apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
+        "metadata": {"name": "clip", "namespace": "ml", "uid": "u1", "generation": generation},
+        "spec": {"nodes": nodes, "scheduling": {"maxRestarts": 3, "suspend": False, "cleanup": "OnSuccess", **sched}},
+        "status": status or {},
+    }
+
+
+def job(attempt, restarts=0, conditions=(), deleting=False, suspend=False, start=None, completion=None):
+    j = {
+        "metadata": {"name": f"clip-{attempt}", "labels": {render.LABEL_ATTEMPT: str(attempt)},
+                     "annotations": {render.ANNOTATION_RESTARTS: str(restarts)}},
+        "spec": {"suspend": suspend},
+        "status": {"conditions": [{"type": t, "status": "True", "reason": r, "message": m}
+                                  for t, r, m in conditions]},
+    }
+    if start:
+        j["status"]["startTime"] = start
+    if completion:
+        j["status"]["completionTime"] = completion
+    if deleting:
+        j["metadata"]["deletionTimestamp"] = ts(0)
+    return j
+
+
+def pod(attempt, index, phase="Running", exit_code=None, message="", reason="", disrupted=None, waiting=None):
+    p = {
+        "metadata": {"name": f"clip-{attempt}-{index}-abcde",
+                     "labels": {render.LABEL_ATTEMPT: str(attempt)},
+                     "annotations": {render.COMPLETION_INDEX_ANNOTATION: str(index)}},
+        "status": {"phase": phase, "conditions": [], "containerStatuses": []},
+    }
+    if exit_code is not None:
+        p["status"]["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
+            "exitCode": exit_code, "reason": reason or "Error", "message": message}}}]
+    if waiting:
+        p["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {
+            "reason": waiting, "message": "back-off pulling image"}}}]
+    if disrupted:
+        p["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": disrupted,
+                                          "message": "Preempted in order to admit critical pod"})
+    return p
+
+
+def cond(plan_or_status, ctype):
+    st = plan_or_status.status if isinstance(plan_or_status, Plan) else plan_or_status
+    return {c["type"]: c for c in st.get("conditions") or []}.get(ctype)
+
+
+def apply(obj, plan):
+    """The TrainJob after the plan's status patch (what the next reconcile reads)."""
+    new = dict(obj)
+    st = dict(obj.get("status") or {})
+    for k, v in plan.status_patch(st).items():
+        if v is None:
+            st.pop(k, None)
+        else:
+            st[k] = v
+    new["status"] = st
+    return new
+
+
+def running(attempt=0, restarts=0, nodes=2, t=10):
+    """A TrainJob whose attempt is running, and its observed children."""
+    obj = tj(nodes=nodes)
+    obj = apply(obj, decide(obj, [], [], at(0)))
+    jobs = [job(attempt, restarts, start=ts(1))]
+    pods = [pod(attempt, i) for i in range(nodes)]
+    obj = apply(obj, decide(obj, jobs, pods, at(t)))
+    return obj, jobs, pods
+
+
+# --- creation -----------------------------------------------------------------------------
+def test_first_reconcile_creates_attempt_zero():
+    plan = decide(tj(), [], [], at(0))
+    assert plan.create is not None and (plan.create.attempt, plan.create.restarts, plan.create.reason) == (0, 0, "Created")
+    assert plan.status["phase"] == "Pending"
+    assert plan.status["observedGeneration"] == 1
+    assert plan.status["restarts"] == 0
+    assert cond(plan, "Created")["status"] == "True"
+    assert [e.reason for e in plan.events] == ["Created"]
+
+
+def test_reconcile_is_idempotent_once_created():
+    obj = apply(tj(), decide(tj(), [], [], at(0)))
+    plan = decide(obj, [job(0)], [], at(1))
+    assert plan.create is None and plan.delete_jobs == [] and not plan.events
+    obj = apply(obj, plan)
+    assert decide(obj, [job(0)], [], at(2)).status_patch(obj["status"]) == {}
+
+
+def test_all_pods_running_is_running_with_start_time():
+    obj, jobs, pods = running()
+    assert obj["status"]["phase"] == "Running"
+    assert obj["status"]["startTime"] == ts(1)
+    assert cond(obj["status"], "Running")["status"] == "True"
+    # one pod still pending -> Pending, with the stuck reason in the message
+    obj2 = apply(tj(), decide(tj(), [], [], at(0)))
+    plan = decide(obj2, [job(0, start=ts(1))], [pod(0, 0), pod(0, 1, phase="Pending", waiting="ImagePullBackOff")], at(2))
+    assert plan.status["phase"] == "Pending"
+    assert "ImagePullBackOff" in plan.status["message"]
+
+
+def test_last_transition_time_moves_only_on_flip():
+    obj, jobs, pods = running(t=10)
+    first = cond(obj["status"], "Running")["lastTransitionTime"]
+    plan = decide(obj, jobs, pods, at(50))
+    assert cond(plan, "Running")["lastTransitionTime"] == first
+    assert plan.status_patch(obj["status"]) == {}
+
+
+# --- success and cleanup ------------------------------------------------------------------
+@pytest.mark.parametrize("policy,cleans", [("OnSuccess", True), ("Always", True), ("Never", False)])
+def test_success_and_cleanup_policy(policy, cleans):
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["cleanup"] = policy
+    done = [job(0, conditions=[("Complete", "", "")], start=ts(1), completion=ts(99))]
+    plan = decide(obj, done, [], at(100))
+    assert plan.status["phase"] == "Succeeded"
+    assert plan.status["completionTime"] == ts(99)
+    assert cond(plan, "Succeeded")["status"] == "True"
+    assert cond(plan, "Running")["status"] == "False"
+    assert plan.cleanup is cleans
+    assert plan.delete_jobs == (["clip-0"] if cleans else [])
+    assert "Succeeded" in [e.reason for e in plan.events]
+
+
+def test_terminal_is_sticky_and_cleanup_never_resets_budget():
+    obj, jobs, pods = running()
+    obj["status"]["restarts"] = 2
+    obj = apply(obj, decide(obj, [job(0, 2, conditions=[("Complete", "", "")])], [], at(100)))
+    assert obj["status"]["phase"] == "Succeeded"
+    # children gone after cleanup: nothing is recreated, restarts stay
+    plan = decide(obj, [], [], at(200))
+    assert plan.create is None and plan.status["phase"] == "Succeeded" and plan.status["restarts"] == 2
+    assert not plan.events
+
+
+def test_failed_with_cleanup_onsuccess_keeps_pods_but_always_cleans():
+    obj, jobs, pods = running()
+    failed = [job(0, conditions=[("Failed", "PodFailurePolicy", "exit 78")])]
+    bad = [pod(0, 0, "Failed", exit_code=78, message="train.csv, row 3, column 'score': not a number"), pod(0, 1, "Failed", 1)]
+    plan = decide(obj, failed, bad, at(20))
+    assert plan.status["phase"] == "Failed" and not plan.cleanup and plan.delete_jobs == []
+    obj["spec"]["scheduling"]["cleanup"] = "Always"
+    plan = decide(obj, failed, bad, at(20))
+    assert plan.cleanup and plan.delete_jobs == ["clip-0"]
+
+
+# --- permanent errors ---------------------------------------------------------------------
+def test_permanent_exit_code_fails_at_once_with_the_trainers_message():
+    obj, jobs, pods = running()
+    failed = [job(0, conditions=[("Failed", "PodFailurePolicy", "Container trainer ... exit code 78")])]
+    bad = [pod(0, 0, "Failed", exit_code=contract.EXIT_PERMANENT,
+                message="train.csv, row 3, column 'score': not a number"),
+           pod(0, 1, "Failed", exit_code=1)]
+    plan = decide(obj, failed, bad, at(20))
+    assert plan.status["phase"] == "Failed"
+    assert plan.create is None
+    assert plan.status["restarts"] == 0
+    failed_cond = cond(plan, "Failed")
+    assert failed_cond["reason"] == "PermanentError"
+    assert "column 'score'" in failed_cond["message"]
+    assert plan.status["completionTime"] == ts(20)
+    assert any(e.type == "Warning" and e.reason == "Failed" and "score" in e.message for e in plan.events)
+
+
+def test_permanent_even_when_another_node_failed_first():
+    obj, jobs, pods = running()
+    failed = [job(0, conditions=[("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")])]
+    bad = [pod(0, 0, "Failed", exit_code=1), pod(0, 1, "Failed", exit_code=78, message="bad column")]
+    plan = decide(obj, failed, bad, at(20))
+    assert plan.status["phase"] == "Failed" and cond(plan, "Failed")["message"] == "bad column"
+
+
+def test_permanent_pod_before_job_failed_waits_for_the_job():
+    obj, jobs, pods = running()
+    plan = decide(obj, jobs, [pod(0, 0, "Failed", exit_code=78), pod(0, 1)], at(20))
+    assert plan.status["phase"] == "Running" and plan.create is None
+
+
+# --- restarts -----------------------------------------------------------------------------
+def test_pod_failure_restarts_the_gang_and_spends_budget():
+    obj, jobs, pods = running()
+    failed = [job(0, conditions=[("Failed", "BackoffLimitExceeded", "")])]
+    plan = decide(obj, failed, [pod(0, 0, "Failed", exit_code=137, reason="Error"), pod(0, 1, "Failed", exit_code=1)], at(30))
+    assert plan.status["phase"] == "Restarting"
+    assert plan.status["restarts"] == 1
+    assert (plan.create.attempt, plan.create.restarts, plan.create.reason) == (1, 1, "PodFailed")
+    assert plan.delete_jobs == ["clip-0"]
+    rc = cond(plan, "Restarting")
+    assert rc["status"] == "True" and rc["reason"] == "PodFailed"
+    assert "exited with code 137" in rc["message"] and "restart 1 of 3" in rc["message"]
+    assert [e.reason for e in plan.events] == ["Restarting"]
+    assert cond(plan, "Running")["status"] == "False"
+
+    # Next reconcile: new attempt exists, old one is being deleted -> nothing counted twice.
+    obj = apply(obj, plan)
+    jobs2 = [job(0, deleting=True, conditions=[("Failed", "", "")]), job(1, restarts=1, start=ts(31))]
+    plan2 = decide(obj, jobs2, [pod(1, 0, "Pending")], at(32))
+    assert plan2.create is None and plan2.status["restarts"] == 1 and plan2.status["phase"] == "Restarting"
+    # All pods of the new attempt run -> Running again, Restarting False.
+    obj = apply(obj, plan2)
+    plan3 = decide(obj, jobs2, [pod(1, 0), pod(1, 1)], at(40))
+    assert plan3.status["phase"] == "Running"
+    assert cond(plan3, "Restarting")["status"] == "False"
+    assert plan3.status["startTime"] == ts(1)  # the deadline spans restarts
+
+
+def test_crash_between_create_and_status_patch_counts_once():
+    obj, jobs, pods = running()
+    # The operator created clip-1 (annotation restarts=1) and died before patching status.
+    jobs2 = [job(0, conditions=[("Failed", "BackoffLimitExceeded", "")]), job(1, restarts=1)]
+    plan = decide(obj, jobs2, [pod(0, 0, "Failed", 1)], at(40))
+    assert plan.status["restarts"] == 1
+    assert plan.create is None
+    assert plan.delete_jobs == ["clip-0"]
+
+
+def test_budget_spent_fails():
+    obj, jobs, pods = running(attempt=3, restarts=3)
+    obj["status"]["restarts"] = 3
+    failed = [job(3, restarts=3, conditions=[("Failed", "BackoffLimitExceeded", "")])]
+    plan = decide(obj, failed, [pod(3, 1, "Failed", exit_code=1, message="CUDA error")], at(60))
+    assert plan.status["phase"] == "Failed"
+    assert cond(plan, "Failed")["reason"] == "RestartLimitExceeded"
+    assert "CUDA error" in cond(plan, "Failed")["message"]
+    assert plan.create is None
+
+
+def test_zero_budget_fails_on_first_failure():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["maxRestarts"] = 0
+    plan = decide(obj, [job(0, conditions=[("Failed", "BackoffLimitExceeded", "")])], [pod(0, 0, "Failed", 1)], at(9))
+    assert plan.status["phase"] == "Failed"
+
+
+def test_disruption_restarts_without_spending_budget():
+    obj, jobs, pods = running()
+    plan = decide(obj, jobs, [pod(0, 0, "Running", disrupted="PreemptionByScheduler"), pod(0, 1)], at(30))
+    assert plan.status["phase"] == "Restarting"
+    assert plan.status["restarts"] == 0
+    assert (plan.create.attempt, plan.create.reason, plan.create.restarts) == (1, "Disrupted", 0)
+    assert cond(plan, "Restarting")["reason"] == "Disrupted"
+    assert "does not count" in cond(plan, "Restarting")["message"]
+    # peers that crashed because of the disruption do not spend it either
+    failed = [job(0, conditions=[("Failed", "BackoffLimitExceeded", "")])]
+    plan = decide(obj, failed, [pod(0, 0, "Failed", 137, disrupted="DeletionByTaintManager"), pod(0, 1, "Failed", 1)], at(30))
+    assert plan.status["restarts"] == 0 and plan.create.reason == "Disrupted"
+
+
+def test_pod_failure_parsing():
+    f = pod_failure(pod(0, 1, "Failed", exit_code=78, message="bad", reason="Error"))
+    assert f.permanent and f.index == 1 and f.exit_code == 78 and f.message == "bad"
+    assert "node 1" in f.describe()
+    assert pod_failure(pod(0, 0)) is None
+    evicted = {"metadata": {"name": "p"}, "status": {"phase": "Failed", "reason": "Evicted", "message": "low memory"}}
+    f = pod_failure(evicted)
+    assert f.reason == "Evicted" and f.exit_code is None and not f.permanent
+
+
+def test_second_restart_posts_a_second_event():
+    obj, jobs, pods = running()
+    plan = decide(obj, [job(0, conditions=[("Failed", "", "")])], [pod(0, 0, "Failed", 1)], at(30))
+    obj = apply(obj, plan)
+    plan2 = decide(obj, [job(0, deleting=True), job(1, 1, conditions=[("Failed", "", "")])],
+                   [pod(1, 0, "Failed", 2)], at(40))
+    assert plan2.status["restarts"] == 2 and plan2.create.attempt == 2
+    assert [e.reason for e in plan2.events] == ["Restarting"]
+
+
+# --- suspend / resume / queue ------------------------------------------------------------
+def test_suspend_deletes_the_attempt_and_resume_starts_a_new_one():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["suspend"] = True
+    obj["metadata"]["generation"] = 2
+    plan = decide(obj, jobs, pods, at(50))
+    assert plan.status["phase"] == "Suspended"
+    assert plan.delete_jobs == ["clip-0"] and plan.create is None
+    assert cond(plan, "Suspended")["status"] == "True"
+    assert cond(plan, "Running")["status"] == "False"
+    assert plan.status["observedGeneration"] == 2
+    assert [e.reason for e in plan.events] == ["Suspended"]
+    obj = apply(obj, plan)
+    # stays suspended, pods gone
+    plan = decide(obj, [job(0, deleting=True)], [], at(60))
+    assert plan.status["phase"] == "Suspended" and not plan.events and plan.delete_jobs == []
+    obj = apply(obj, plan)
+    # resume
+    obj["spec"]["scheduling"]["suspend"] = False
+    obj["metadata"]["generation"] = 3
+    plan = decide(obj, [], [], at(70))
+    assert plan.status["phase"] == "Pending"
+    assert plan.create.reason == "Resumed" and plan.create.restarts == 0
+    assert cond(plan, "Suspended")["status"] == "False" and cond(plan, "Suspended")["reason"] == "Resumed"
+    assert plan.status["startTime"] is None  # the deadline counts from the new start
+    assert [e.reason for e in plan.events] == ["Resumed"]
+    # resume while the old Job still terminates: the new attempt number is above it
+    plan = decide(obj, [job(0, deleting=True)], [], at(70))
+    assert plan.create.attempt == 1
+
+
+def test_suspended_before_start_creates_nothing():
+    plan = decide(tj(suspend=True), [], [], at(0))
+    assert plan.status["phase"] == "Suspended" and plan.create is None
+
+
+def test_kueue_suspended_job_is_pending():
+    obj = tj(queueName="team-a")
+    obj = apply(obj, decide(obj, [], [], at(0)))
+    assert "Kueue" in obj["status"]["message"]
+    plan = decide(obj, [job(0, suspend=True)], [], at(5))
+    assert plan.status["phase"] == "Pending" and plan.create is None and plan.status.get("startTime") is None
+
+
+# --- deadline -----------------------------------------------------------------------------
+def test_deadline_fails_and_stops_pods_even_without_cleanup():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"].update(activeDeadlineSeconds=60, cleanup="Never")
+    assert decide(obj, jobs, pods, at(60)).status["phase"] == "Running"  # started at 1s
+    plan = decide(obj, jobs, pods, at(61))
+    assert plan.status["phase"] == "Failed"
+    assert cond(plan, "Failed")["reason"] == "DeadlineExceeded"
+    assert plan.delete_jobs == ["clip-0"]
+
+
+def test_success_wins_over_a_passed_deadline():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["activeDeadlineSeconds"] = 10
+    plan = decide(obj, [job(0, conditions=[("Complete", "", "")])], [], at(100))
+    assert plan.status["phase"] == "Succeeded"
+
+
+# --- other -------------------------------------------------------------------------------
+def test_missing_job_is_recreated_without_spending_budget():
+    obj, jobs, pods = running()
+    plan = decide(obj, [], [], at(30))
+    assert plan.create.attempt == 0 and plan.create.reason == "Recreated" and plan.status["restarts"] == 0
+
+
+def test_stale_attempts_are_deleted():
+    obj, jobs, pods = running(attempt=2)
+    plan = decide(obj, [job(1), job(2)], [pod(2, 0), pod(2, 1)], at(30))
+    assert plan.delete_jobs == ["clip-1"]
+
+
+def test_deleted_trainjob_does_nothing():
+    obj, jobs, pods = running()
+    obj["metadata"]["deletionTimestamp"] = ts(5)
+    plan = decide(obj, jobs, pods, at(30))
+    assert plan.create is None and plan.delete_jobs == [] and not plan.cleanup
+
+
+def test_status_patch_only_owned_fields():
+    obj, jobs, pods = running()
+    obj["status"]["progress"] = {"step": 5}
+    plan = decide(obj, [job(0, conditions=[("Complete", "", "")])], [], at(100))
+    patch = plan.status_patch(obj["status"])
+    assert "progress" not in patch and patch["phase"] == "Succeeded"
+
+
+# --- one generation of pods at a time -----------------------------------------------------
+def test_new_attempt_is_held_until_old_pods_are_gone():
+    obj, jobs, pods = running()
+    assert decide(tj(), [], [], at(0)).create.hold is False  # nothing older: start at once
+    plan = decide(obj, [job(0, conditions=[("Failed", "", "")])], [pod(0, 0, "Failed", 1)], at(30))
+    assert plan.create.hold is True and plan.delete_jobs == ["clip-0"]
+    obj = apply(obj, plan)
+    held = job(1, restarts=1, suspend=True)
+    # old Job still terminating (deletion started at T0): wait, and wake up at the latest later
+    plan = decide(obj, [job(0, deleting=True), held], [pod(0, 0, "Running")], at(31))
+    assert plan.release is None and plan.create is None
+    assert plan.status["phase"] == "Restarting" and "clip-0" in plan.status["message"]
+    assert plan.requeue_after == pytest.approx(120 - 31)
+    # old Job gone: release the held one
+    plan = decide(obj, [held], [], at(35))
+    assert plan.release == "clip-1"
+    # a pod that never confirms its end (dead node) does not block forever
+    plan = decide(obj, [job(0, deleting=True), held], [], at(125))
+    assert plan.release == "clip-1"
+
+
+def test_kueue_jobs_are_never_released_by_the_operator():
+    obj = tj(queueName="team-a")
+    obj = apply(obj, decide(obj, [], [], at(0)))
+    plan = decide(obj, [job(0, suspend=True)], [], at(5))
+    assert plan.release is None

@@ -1,0 +1,44 @@
+#!/bin/sh
+# Install the kontrast trainer (kontrast + its `trainer` extra: torch, open_clip, ...) into the
+# Python environment of $PYTHON (default: python3). One script for trainer/Dockerfile and the
+# development environment; tests/controller/test_images.py runs it with --dry-run (pip
+# resolves every requirement without downloading gigabytes of wheels).
+#
+# Usage: trainer/install.sh [--dry-run] [--dev] [SOURCE]
+#   --dev      also the test tools and the operator extra (a developer's or CI's venv)
+#   SOURCE     the kontrast checkout (default: the repo root); --editable with --dev
+# Wheels for another accelerator: set PIP_EXTRA_INDEX_URL (e.g. PyTorch's CPU-only index).
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+PYTHON=${PYTHON:-python3}
+DRY=""
+DEV=""
+SRC=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY="--dry-run --quiet" ;;
+    --dev) DEV=1 ;;
+    *) SRC=$arg ;;
+  esac
+done
+SRC=${SRC:-$(dirname "$HERE")}
+
+if [ -n "$DEV" ]; then
+  # shellcheck disable=SC2086
+  "$PYTHON" -m pip install --disable-pip-version-check $DRY --editable "$SRC[trainer,operator,dev]"
+else
+  # shellcheck disable=SC2086
+  "$PYTHON" -m pip install --disable-pip-version-check $DRY "$SRC[trainer]"
+fi
+[ -n "$DRY" ] && { echo "trainer requirements resolve"; exit 0; }
+
+# Smoke test: the trainer and its launcher import; kopf stayed out of a trainer image.
+cd /  # import the installed package, not the checkout
+"$PYTHON" - <<PY
+import importlib.util, sys
+import torch, open_clip  # noqa: F401
+import kontrast.trainer.launch, kontrast.trainer.status_reporter  # noqa: F401
+if not "$DEV" and importlib.util.find_spec("kopf") is not None:
+    sys.exit("kopf must not be installed in the trainer image")
+print("kontrast trainer installed: torch", torch.__version__, "cuda", torch.version.cuda)
+PY
