@@ -42,7 +42,7 @@ from .distributed import World, all_reduce_min, broadcast_object, init_from_env,
 from .errors import DataError, DataProblem, PermanentError
 from .evaluate import build_eval_set, evaluate
 from .fusion import FusedModel
-from .locks import apply_locks, param_groups
+from .locks import apply_locks, make_adamw, param_groups
 from .memory import contrastive_step, param_bytes, probe_micro_batch
 from .model import ModelBundle, build_model
 from .precision import Precision, precision_warnings, resolve_precision
@@ -296,8 +296,8 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
         input_dtype=precision.input_dtype,
     ).to(dev)
     net = wrap_ddp(fused, world)
-    optimizer = torch.optim.AdamW(param_groups(clip, spec["wd"]), lr=spec["lr"],
-                                  betas=(spec["beta1"], resolved.beta2), eps=resolved.eps)
+    optimizer = make_adamw(param_groups(clip, spec["wd"]), lr=spec["lr"],
+                           betas=(spec["beta1"], resolved.beta2), eps=resolved.eps)
     scaler = precision.make_scaler()
 
     train_ds = PairDataset(train_ex, bundle.preprocess_train, bundle.tokenizer, bundle.image_size, seed=spec["seed"])

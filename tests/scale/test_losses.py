@@ -1,0 +1,195 @@
+"""Single-process maths of weighted_contrastive_loss: open_clip equivalence, weights, masking."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss, SigLipLoss
+
+from kontrast.trainer.losses import scale_grad, weighted_contrastive_loss
+
+
+def feats(n=8, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    left = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).float()
+    right = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).float()
+    return left.requires_grad_(), right.requires_grad_()
+
+
+def naive(left, right, w, s, b, kind, lid=None, rid=None):
+    """Loop-by-loop reference, written independently of the vectorised implementation."""
+    n = left.shape[0]
+    sim = [[float(s * left[i] @ right[j] + (b or 0.0)) for j in range(n)] for i in range(n)]
+
+    def neg(i, j):
+        return i != j and ((lid is not None and lid[i] == lid[j]) or (rid is not None and rid[i] == rid[j]))
+
+    if kind == "ce":
+        total = 0.0
+        for i in range(n):
+            row = [sim[i][j] for j in range(n) if not neg(i, j)]
+            col = [sim[j][i] for j in range(n) if not neg(i, j)]
+            ce_row = -sim[i][i] + math.log(sum(math.exp(v) for v in row))
+            ce_col = -sim[i][i] + math.log(sum(math.exp(v) for v in col))
+            total += float(w[i]) * (ce_row + ce_col)
+        return 0.5 * total / float(sum(w))
+    mean_w = float(sum(w)) / n
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                total += float(w[i]) / mean_w * -math.log(1 / (1 + math.exp(-sim[i][j])))
+            elif not neg(i, j):
+                total += -math.log(1 / (1 + math.exp(sim[i][j])))
+    return total / n
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_ce_equal_weights_is_open_clip_cliploss(with_bias):
+    left, right = feats()
+    scale = torch.tensor(14.3, requires_grad=True)
+    bias = torch.tensor(-1.5, requires_grad=True) if with_bias else None
+    ours = weighted_contrastive_loss(left, right, torch.full((8,), 3.0), scale, bias, kind="ce")
+    ours_grads = torch.autograd.grad(ours, [left, right, scale] + ([bias] if with_bias else []))
+    ref = ClipLoss()(right, left, scale, bias)
+    ref_grads = torch.autograd.grad(ref, [left, right, scale] + ([bias] if with_bias else []))
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_siglip_equal_weights_is_open_clip_sigliploss():
+    left, right = feats()
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    ours = weighted_contrastive_loss(left, right, torch.full((8,), 0.25), scale, bias, kind="siglip")
+    ours_grads = torch.autograd.grad(ours, [left, right, scale, bias])
+    ref = SigLipLoss()(left, right, scale, bias)
+    ref_grads = torch.autograd.grad(ref, [left, right, scale, bias])
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ce", "siglip"])
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_matches_loop_reference_with_weights_and_duplicates(kind, with_ids):
+    left, right = feats(n=7, seed=3)
+    w = torch.tensor([1.0, 0.2, 3.0, 0.0, 1.5, 0.7, 2.0])
+    lid = torch.tensor([0, 1, 0, 2, 3, 1, 4]) if with_ids else None
+    rid = torch.tensor([10, 11, 12, 13, 10, 14, 15]) if with_ids else None
+    s, b = 12.0, (-2.0 if kind == "siglip" else None)
+    ours = weighted_contrastive_loss(left, right, w, torch.tensor(s), None if b is None else torch.tensor(b),
+                                     kind=kind, left_ids=lid, right_ids=rid)
+    ref = naive(left.detach().double(), right.detach().double(), w.tolist(), s, b, kind,
+                None if lid is None else lid.tolist(), None if rid is None else rid.tolist())
+    assert ours.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_ce_weights_are_scale_free_and_select_rows():
+    left, right = feats()
+    s = torch.tensor(10.0)
+    w = torch.rand(8, generator=torch.Generator().manual_seed(1))
+    a = weighted_contrastive_loss(left, right, w, s)
+    b = weighted_contrastive_loss(left, right, w * 7.0, s)
+    torch.testing.assert_close(a, b)
+    # Only row 2 weighted: the loss is that row's two CE terms, still against all 8 columns.
+    one_hot = torch.zeros(8)
+    one_hot[2] = 5.0
+    only = weighted_contrastive_loss(left, right, one_hot, s)
+    logits = s * left @ right.T
+    expect = 0.5 * (F.cross_entropy(logits[2:3], torch.tensor([2])) + F.cross_entropy(logits.T[2:3], torch.tensor([2])))
+    torch.testing.assert_close(only, expect)
+
+
+@pytest.mark.parametrize("kind", ["ce", "siglip"])
+def test_zero_weight_row_adds_no_term_but_stays_a_negative(kind):
+    left, right = feats()
+    s = torch.tensor(10.0)
+    b = torch.tensor(-3.0) if kind == "siglip" else None
+    w = torch.ones(8)
+    w[5] = 0.0
+    loss = weighted_contrastive_loss(left, right, w, s, b, kind=kind)
+    grad_left5, grad_right5 = torch.autograd.grad(loss, [left, right])
+    # Still a negative: the other rows' terms depend on row 5's features.
+    assert grad_left5[5].abs().sum() > 0 and grad_right5[5].abs().sum() > 0
+    # But dropping the row entirely (no negative either) gives a different loss.
+    keep = [i for i in range(8) if i != 5]
+    dropped = weighted_contrastive_loss(left[keep], right[keep], torch.ones(7), s, b, kind=kind)
+    assert abs(loss.item() - dropped.item()) > 1e-4
+    if kind == "ce":
+        # The row's own positive term is gone: moving right[5] towards left[5] changes nothing
+        # through row 5's own CE terms, so the loss equals the hand-written sum over the others.
+        logits = s * left @ right.T
+        ce = F.cross_entropy(logits, torch.arange(8), reduction="none") + F.cross_entropy(
+            logits.T, torch.arange(8), reduction="none")
+        torch.testing.assert_close(loss, 0.5 * ce[keep].sum() / 7)
+
+
+@pytest.mark.parametrize("kind", ["ce", "siglip"])
+def test_all_zero_weights_give_zero_loss_not_nan(kind):
+    left, right = feats()
+    b = torch.tensor(-3.0) if kind == "siglip" else None
+    loss = weighted_contrastive_loss(left, right, torch.zeros(8), torch.tensor(10.0), b, kind=kind)
+    assert torch.isfinite(loss)
+    gl, = torch.autograd.grad(loss, [left])
+    assert torch.isfinite(gl).all()
+    if kind == "ce":
+        assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["ce", "siglip"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_duplicate_partner_is_not_a_negative(kind, side):
+    """Rows 0 and 1 share a query text (or a document): pair (0, 1) must leave the loss."""
+    left, right = feats()
+    ids = torch.arange(8)
+    ids[1] = 0
+    s = torch.tensor(10.0)
+    b = torch.tensor(-3.0) if kind == "siglip" else None
+    kw = {"left_ids": ids} if side == "left" else {"right_ids": ids}
+    masked = weighted_contrastive_loss(left, right, torch.ones(8), s, b, kind=kind, **kw)
+    unmasked = weighted_contrastive_loss(left, right, torch.ones(8), s, b, kind=kind)
+    assert masked.item() < unmasked.item()
+
+    # d loss / d logit[0, 1] (and [1, 0]): an extra feature coordinate moves exactly one
+    # logit by delta, nothing else.
+    def pair_gradient(i, j, **ids_kw):
+        delta = torch.zeros((), requires_grad=True)
+        q = torch.cat([left.detach(), torch.zeros(8, 1)], dim=1)
+        d = torch.cat([right.detach(), torch.zeros(8, 1)], dim=1)
+        onehot_q = torch.zeros(8, 7)
+        onehot_q[i, -1] = 1.0
+        d[j, -1] = 1.0
+        loss = weighted_contrastive_loss(q + onehot_q * delta / s, d, torch.ones(8), s, b, kind=kind, **ids_kw)
+        return torch.autograd.grad(loss, [delta])[0].item()
+
+    for i, j in ((0, 1), (1, 0)):
+        assert pair_gradient(i, j, **kw) == 0.0
+        assert abs(pair_gradient(i, j)) > 1e-4
+    # The positives themselves still count.
+    assert abs(pair_gradient(0, 0, **kw)) > 1e-4
+
+
+def test_loss_is_float32_under_bf16_autocast():
+    left, right = feats()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = weighted_contrastive_loss(left.bfloat16(), right.bfloat16(), torch.ones(8), torch.tensor(10.0))
+    assert loss.dtype == torch.float32
+
+
+def test_scale_grad_keeps_value_and_scales_gradient():
+    x = torch.tensor(2.5, requires_grad=True)
+    y = scale_grad(x, 0.25)
+    assert y.item() == 2.5
+    (3 * y).backward()
+    assert x.grad.item() == pytest.approx(0.75)
+
+
+def test_rejects_unknown_kind_and_bad_shapes():
+    left, right = feats()
+    with pytest.raises(ValueError, match="unknown loss kind"):
+        weighted_contrastive_loss(left, right, torch.ones(8), torch.tensor(1.0), kind="hinge")
+    with pytest.raises(ValueError, match="weights"):
+        weighted_contrastive_loss(left, right, torch.ones(7), torch.tensor(1.0))
