@@ -10,7 +10,7 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml trainer/install.sh
 	$(PYTHON) -m venv $(VENV)
-	PYTHON=$(VENV)/bin/python sh trainer/install.sh --dev
+	PYTHON=$(abspath $(VENV))/bin/python sh trainer/install.sh --dev
 	touch $@
 
 ## Train the example TrainJob locally (tiny model, synthetic data made on first use).

@@ -3,27 +3,10 @@
 The same cases (tests/cases/trainjob_rules.yaml) are sent to the real API server in tests/k8s.
 """
 
-import copy
-from pathlib import Path
-
 import pytest
-import yaml
+from rulecases import CASES, trainjob
 
 from kontrast.api import apply_defaults, validate
-
-CASES = yaml.safe_load((Path(__file__).parents[1] / "cases" / "trainjob_rules.yaml").read_text())
-
-
-def trainjob(patch: dict) -> dict:
-    spec = copy.deepcopy(CASES["base"])
-    for key, value in patch.items():
-        if value is None:
-            spec.pop(key, None)
-        else:
-            spec[key] = value
-    return {"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
-            "metadata": {"name": "rules"}, "spec": spec}
-
 
 def test_base_is_valid():
     assert validate(apply_defaults(trainjob({}))) == []

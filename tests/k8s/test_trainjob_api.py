@@ -12,24 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from harness.kube import ApiError
+from rulecases import CASES, trainjob
 
 pytestmark = pytest.mark.k8s
 
-CASES = yaml.safe_load((Path(__file__).parents[1] / "cases" / "trainjob_rules.yaml").read_text())
 CRD_NAME = "trainjobs.kontrast.dev"
-
-
-def trainjob(patch: dict, name: str = "rules") -> dict:
-    spec = copy.deepcopy(CASES["base"])
-    for key, value in patch.items():
-        if value is None:
-            spec.pop(key, None)
-        else:
-            spec[key] = value
-    return {"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
-            "metadata": {"name": name}, "spec": spec}
 
 
 def path(namespace: str, name: str | None = None) -> str:

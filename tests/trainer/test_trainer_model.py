@@ -207,3 +207,22 @@ def test_max_pooler_is_correct_where_open_clips_is_broken():
         broken(out, mask)                                               # long mask: crashes
     wrong = broken(out, mask.bool())                                    # bool mask: max over padding
     assert torch.equal(wrong[0], torch.tensor([9.0, 9.0])) and not torch.equal(wrong, expected)
+
+
+@pytest.mark.parametrize("unlocked", [0, 1])
+@pytest.mark.parametrize("freeze_ln", [True, False])
+def test_lock_text_on_an_hf_tower(build, hf_model_json, unlocked, freeze_ln):
+    """open_clip 3.3.0's HFTextEncoder.lock raises KeyError for BERT with unlocked layers; ours
+    freezes the embeddings and all but the last `unlocked` layers, LayerNorms as asked."""
+    from kontrast.trainer.locks import apply_locks
+
+    model = build(model=str(hf_model_json)).model
+    apply_locks(model, {"lockText": True, "lockTextUnlockedLayers": unlocked,
+                        "lockTextFreezeLayerNorm": freeze_ln})
+    bert = model.text.transformer
+    for name, p in bert.embeddings.named_parameters():
+        assert p.requires_grad == ("LayerNorm" in name and not freeze_ln), name
+    for name, p in bert.encoder.layer[0].named_parameters():
+        assert p.requires_grad == (unlocked == 1 or ("LayerNorm" in name and not freeze_ln)), name
+    assert all(p.requires_grad for p in model.text.proj.parameters())
+    assert all(p.requires_grad for p in model.visual.parameters())

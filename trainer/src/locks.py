@@ -121,7 +121,8 @@ def lock_hf_text_tower(text: nn.Module, unlocked_layers: int, freeze_layer_norm:
     except KeyError:
         pass
     embeddings, layers = _hf_layers(text)
-    for module in [embeddings, *layers][:-unlocked_layers]:
+    modules = [embeddings, *layers]
+    for module in modules[:len(modules) - unlocked_layers]:
         for n, p in module.named_parameters():
             p.requires_grad = (not freeze_layer_norm) if "LayerNorm" in n.split(".") else False
 
