@@ -232,18 +232,15 @@ def parse_examples(table: Table, spec: Mapping[str, Any], *, require_positive_we
         if why:
             problems.add(DataProblem(file, why, row=row, line=line, column=wkey))
             ok = False
-        lw = _side_weights(lw_base, [bool(v) for v in lefts])
-        if lw is None:
-            used = [k for k, b in zip(left_keys, lw_base) if b > 0]
-            problems.add(DataProblem(file, f"the row is empty on the whole left side (no value in {used})",
-                                     row=row, line=line, column=used[0] if len(used) == 1 else None))
-            ok = False
-        rw = _side_weights(rw_base, [bool(v) for v in rights])
-        if rw is None:
-            used = [k for k, b in zip(right_keys, rw_base) if b > 0]
-            problems.add(DataProblem(file, f"the row is empty on the whole right side (no value in {used})",
-                                     row=row, line=line, column=used[0] if len(used) == 1 else None))
-            ok = False
+        side_weights = {}
+        for side, keys, base, vals in (("left", left_keys, lw_base, lefts), ("right", right_keys, rw_base, rights)):
+            side_weights[side] = _side_weights(base, [bool(v) for v in vals])
+            if side_weights[side] is None:
+                used = [k for k, b in zip(keys, base) if b > 0]
+                problems.add(DataProblem(file, f"the row is empty on the whole {side} side (no value in {used})",
+                                         row=row, line=line, column=used[0] if len(used) == 1 else None))
+                ok = False
+        lw, rw = side_weights["left"], side_weights["right"]
         if not ok:
             continue
         image = join_location(base_dir, rights[0]) if rights[0] else None

@@ -77,22 +77,18 @@ def conform(value: Any, schema: Mapping[str, Any]) -> Any:
             return None
         items = [conform(v, schema.get("items") or {}) for v in value]
         return [i for i in items if i is not None]
-    if kind == "integer":
+    if kind in ("integer", "number"):
         if isinstance(value, bool):
             return None
         try:
             f = float(value)
         except (TypeError, ValueError):
             return None
-        return int(f) if math.isfinite(f) and f == int(f) else None
-    if kind == "number":
-        if isinstance(value, bool):
+        if not math.isfinite(f):
             return None
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            return None
-        return f if math.isfinite(f) else None
+        if kind == "number":
+            return f
+        return int(f) if f == int(f) else None
     if kind == "string":
         return value if isinstance(value, str) else str(value)
     if kind == "boolean":
