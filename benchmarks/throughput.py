@@ -28,27 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from openclip_peer import peer_args, peer_data  # noqa: E402
 from common import ensure_importable, machine, make_clip, median, model_config, our_batch, our_trainer, synthetic, timed  # noqa: E402
 
-
-class _Loader:
-    """What train_one_epoch reads from data['train'].dataloader."""
-
-    def __init__(self, batches):
-        self.batches = batches
-        self.num_batches = len(batches)
-        self.num_samples = sum(len(b[0]) for b in batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
-class _Data:
-    def __init__(self, loader):
-        self.dataloader = loader
-
-    def set_epoch(self, epoch):
-        pass
 
 
 def open_clip_runner(cfg, batches, precision: str, device: str, lr: float):
@@ -63,10 +45,8 @@ def open_clip_runner(cfg, batches, precision: str, device: str, lr: float):
         [{"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
          {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad], "weight_decay": 0.2}],
         lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    args = argparse.Namespace(device=device, precision=precision, accum_freq=1, distill=False, skip_scheduler=True,
-                              grad_clip_norm=None, horovod=False, log_every_n_steps=10 ** 9,
-                              batch_size=len(batches[0][0]), world_size=1, rank=0, local_rank=0, wandb=False)
-    data = {"train": _Data(_Loader(batches))}
+    args = peer_args(batch_size=len(batches[0][0]), device=device, precision=precision)
+    data = peer_data(batches)
     loss = ClipLoss()
     scaler = torch.amp.GradScaler(device=device) if precision == "amp" else None
 

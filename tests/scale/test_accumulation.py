@@ -7,6 +7,7 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 from open_clip_train.train import train_one_epoch
+from openclip_peer import peer_args, peer_data
 
 from scale import helpers
 from scale.helpers import tiny_clip, two_tower_batch
@@ -53,34 +54,6 @@ def test_accumulated_gradients_equal_full_batch_including_scale_and_bias(kind, s
         torch.testing.assert_close(acc[name], full[name], rtol=2e-4, atol=1e-6, msg=name)
 
 
-class _Loader:
-    """The two attributes and iteration that open_clip_train's train_one_epoch reads."""
-
-    def __init__(self, batches):
-        self.batches = batches
-        self.num_batches = len(batches)
-        self.num_samples = sum(len(b[0]) for b in batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
-class _Data:
-    def __init__(self, loader):
-        self.dataloader = loader
-
-    def set_epoch(self, epoch):
-        pass
-
-
-def open_clip_args(accum_freq, batch_size):
-    import argparse
-
-    return argparse.Namespace(device="cpu", precision="fp32", accum_freq=accum_freq, distill=False,
-                              skip_scheduler=True, grad_clip_norm=None, horovod=False, log_every_n_steps=100,
-                              batch_size=batch_size, world_size=1, rank=0, local_rank=0, wandb=False)
-
-
 def sgd_delta(model, run):
     """Parameter change of one plain SGD step (lr 1e-3): -lr * gradient, seen from outside."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -99,9 +72,9 @@ def test_open_clip_train_accumulation_inflates_scale_and_bias_gradients_ours_doe
     def open_clip_step(accum_freq):
         model = tiny_clip(init_logit_bias=bias)
         per = 8 // accum_freq
-        loader = _Loader([(images[i * per:(i + 1) * per], texts[i * per:(i + 1) * per]) for i in range(accum_freq)])
-        return sgd_delta(model, lambda opt: train_one_epoch(model, {"train": _Data(loader)}, loss, 0, opt, None, None,
-                                                            None, open_clip_args(accum_freq, per)))
+        data = peer_data([(images[i * per:(i + 1) * per], texts[i * per:(i + 1) * per]) for i in range(accum_freq)])
+        return sgd_delta(model, lambda opt: train_one_epoch(model, data, loss, 0, opt, None, None, None,
+                                                            peer_args(batch_size=per, accum_freq=accum_freq)))
 
     def our_step(accum_freq):
         model = tiny_clip(init_logit_bias=bias)
