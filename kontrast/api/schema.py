@@ -33,7 +33,3 @@ def openapi_schema() -> dict[str, Any]:
 def spec_schema() -> dict[str, Any]:
     return openapi_schema()["properties"]["spec"]
 
-
-def spec_defaults() -> dict[str, Any]:
-    """Top-level spec defaults as the API server applies them (for callers that need one value)."""
-    return {name: prop["default"] for name, prop in spec_schema()["properties"].items() if "default" in prop}
