@@ -10,17 +10,19 @@ Order of a run (every rank unless noted), the order of ``_train``:
 2. ``resume`` from the newest complete checkpoint in ``output`` (rank 0 picks it, all load it).
 3. Evaluate the starting model on evalData (rank 0; others wait), unless resuming.
 4. ``train_epoch``: this rank's shard of a per-epoch permutation, cut into optimizer steps
-   of batchSize x accumFreq rows, each cut into micro-batches; ``optimizer_step`` runs one
-   (``train_step``: one micro-batch is a plain forward/backward; several use
-   ``accumulation.contrastive_step``'s feature caching, whose gradients equal the full
-   batch's), then gradient clipping, the optimizer step, and the logit scale clamp to
-   [0, ln 100].
+   of batchSize x accumFreq rows, each cut into micro-batches (``sampler.StepSampler``);
+   ``optimizer_step`` runs one (``train_step``: one micro-batch is a plain forward/backward;
+   several use ``accumulation.contrastive_step``'s feature caching, whose gradients equal
+   the full batch's), then gradient clipping, the optimizer step, and the logit scale clamp
+   to [0, ln 100]. After each step ``save_policy`` says whether to save a resumable
+   checkpoint (checkpointEvery) or to save and stop (SIGTERM).
 5. ``save`` every saveFrequency epochs and after the last (rank 0); ``summarise``: evaluate
    the final model, write summary.json (rank 0).
 
-Randomness is re-seeded from (seed, epoch, rank) at the start of every epoch and
-augmentations are seeded per sample (data.sample_seed), so a resumed run continues exactly
-as the uninterrupted run would have, and the same seed gives the same loss curve on CPU.
+Randomness is re-seeded from (seed, step, rank) before every optimizer step and
+augmentations are seeded per sample (data.sample_seed); with the sampler's order and the
+stateless schedule, a run resumed at any step, mid-epoch included, continues exactly as the
+uninterrupted run would have, and the same seed gives the same loss curve on CPU.
 """
 
 from __future__ import annotations
@@ -40,17 +42,19 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import storage
 from .data import Examples, PairDataset, collate, find_image_problems, load_examples, raise_problems
-from .distributed import World, all_reduce_min, broadcast_object, init_from_env, shard_indices, unwrap, wrap_ddp
-from .errors import DataError, DataProblem, PermanentError
+from .distributed import World, all_reduce_min, broadcast_object, init_from_env, unwrap, wrap_ddp
+from .errors import DataError, DataProblem, Interrupted, PermanentError
 from .evaluate import build_eval_set, evaluate
+from .accumulation import contrastive_step, param_bytes, probe_micro_batch
 from .fusion import FusedModel
 from .locks import apply_locks, make_adamw, param_groups
-from .accumulation import contrastive_step, param_bytes, probe_micro_batch
 from .model import ModelBundle, build_model
+from .params import Params
 from .precision import Precision, precision_warnings, resolve_precision
 from .report import JsonlReporter, Reporter, Reporters, utc_now
+from .sampler import StepSampler, steps_per_epoch
+from .save_policy import SavePolicy, stop_on_sigterm
 from .schedule import Schedule, make_schedule
-from .params import Params
 from .spec import Resolved
 
 log = logging.getLogger(__name__)
@@ -68,8 +72,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, rank]).generate_state(1)[0])
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of optimizer step ``step`` on ``rank``: re-seeding every step makes a run
+    resumed at any step draw what the uninterrupted run drew (dropout, patch dropout)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, step, rank]).generate_state(1)[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,16 +101,6 @@ def load_data(location: str, params: Params, world: World, *, require_positive_w
     return examples
 
 
-def step_batches(indices: Sequence[int], step_rows: int, micro: int) -> list[list[int]]:
-    """Micro-batches of index lists: whole optimizer steps only (the remainder is dropped,
-    so every rank takes the same number of steps)."""
-    out = []
-    for s in range(len(indices) // step_rows):
-        rows = list(indices[s * step_rows:(s + 1) * step_rows])
-        out.extend(rows[j:j + micro] for j in range(0, step_rows, micro))
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # the plan of a run
 
@@ -123,8 +119,7 @@ def plan_run(params: Params, n_rows: int, world: World, micro: Optional[int] = N
     micro = micro or params.batch_size
     if step_rows % micro:
         raise ValueError(f"micro-batch {micro} must divide batchSize x accumFreq = {step_rows}")
-    per_rank = n_rows // world.world_size
-    steps = per_rank // step_rows
+    steps = steps_per_epoch(n_rows, world.world_size, step_rows)
     if steps == 0:
         raise DataError([DataProblem(
             file, f"{n_rows} usable rows are fewer than one optimizer step needs: batchSize "
@@ -225,10 +220,12 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: Any                     #: a GradScaler (amp on CUDA) or None
     train_ds: PairDataset
+    sampler: StepSampler            #: which rows each step of an epoch takes
     plan: RunPlan
     eval_ds: Optional[PairDataset]
     eval_set: Any
     info: dict[str, Any]            #: the resolved values reported in status.resolved
+    identity: dict[str, Any]        #: which run this is, recorded in its checkpoints
 
     @property
     def clip(self) -> torch.nn.Module:
@@ -244,12 +241,21 @@ class Progress:
     """Where the run stands: what a checkpoint records and a resumed run restores."""
 
     epoch: int = 0                  #: epochs completed
+    epoch_step: int = 0             #: optimizer steps done in the current epoch
     step: int = 0                   #: optimizer steps completed
     eval_before: Optional[dict[str, float]] = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: Optional[str] = None
+    saved_step: Optional[int] = None  #: the step of the newest resumable checkpoint
     last_loss: Optional[float] = None
     meter: _Meter = field(default_factory=_Meter)
+
+    def advance(self, steps_per_epoch: int) -> None:
+        """Count one optimizer step; the last step of an epoch completes it."""
+        self.step += 1
+        self.epoch_step += 1
+        if self.epoch_step == steps_per_epoch:
+            self.epoch, self.epoch_step = self.epoch + 1, 0
 
 
 def train(resolved: Resolved, *, world: Optional[World] = None, device: Optional[str] = None,
@@ -260,7 +266,8 @@ def train(resolved: Resolved, *, world: Optional[World] = None, device: Optional
     (the terminal, the cluster status).
 
     ``max_epochs`` stops after that many epochs of this invocation (used to simulate an
-    interrupted run in tests; the schedule still spans spec.epochs).
+    interrupted run in tests; the schedule still spans spec.epochs). SIGTERM during the epochs
+    saves a checkpoint and raises ``Interrupted``.
     """
     started = time.monotonic()
     own_world = world is None
@@ -291,11 +298,14 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
         progress.eval_before = run_eval(run, report, "before", 0)
     epochs = run.params.epochs
     last_epoch = epochs if max_epochs is None else min(epochs, progress.epoch + max_epochs)
+    policy = SavePolicy(run.params.checkpoint_every, world)
     run.net.train()
-    for epoch in range(progress.epoch, last_epoch):
-        train_epoch(run, progress, epoch, report)
-        if progress.epoch % run.params.save_frequency == 0 or progress.epoch == epochs:
-            save(run, progress, report)
+    with stop_on_sigterm(policy):
+        while progress.epoch < last_epoch:
+            train_epoch(run, progress, report, policy)
+            if progress.epoch % run.params.save_frequency == 0 or progress.epoch == epochs:
+                save(run, progress, report, model_file=True)
+                policy.saved()
     if last_epoch < epochs:
         log.info("stopped after epoch %d of %d (max_epochs)", last_epoch, epochs)
         return {"step": progress.step, "epoch": last_epoch, "stopped": True}
@@ -328,10 +338,13 @@ def setup(resolved: Resolved, world: World) -> Run:
         log.warning(plan.schedule.warning())
     eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=params.seed)
                if eval_ex is not None else None)
+    global_batch = plan.step_rows * world.world_size
     return Run(resolved=resolved, params=params, world=world, precision=precision, bundle=bundle, fused=fused,
-               net=net, optimizer=optimizer, scaler=precision.make_scaler(), train_ds=train_ds, plan=plan,
+               net=net, optimizer=optimizer, scaler=precision.make_scaler(), train_ds=train_ds,
+               sampler=StepSampler(len(train_ds), world, params.seed, plan.step_rows, plan.micro), plan=plan,
                eval_ds=eval_ds, eval_set=build_eval_set(eval_ex) if eval_ex is not None else None,
-               info=_resolved_info(params, bundle, plan, world, precision))
+               info=_resolved_info(params, bundle, plan, world, precision),
+               identity=ckpt.run_identity(resolved.name, resolved.uid, resolved.spec, global_batch))
 
 
 def _precision(params: Params, device: torch.device) -> Precision:
@@ -387,27 +400,40 @@ def _resolved_info(params: Params, bundle: ModelBundle, plan: RunPlan, world: Wo
     return {k: v for k, v in info.items() if v is not None}
 
 
+
 # --------------------------------------------------------------------------------------------
 # resume
 
 def resume(run: Run) -> Progress:
     """The progress of the newest complete checkpoint in ``output`` (rank 0 finds it, every
-    rank loads it into the model, optimizer and scaler), or a fresh start."""
+    rank checks that this run wrote it and loads it into the model, optimizer and scaler), or
+    a fresh start."""
     found = ckpt.load_latest(run.params.output) if run.world.is_main else None
     location = broadcast_object(found[1] if found else None)
     if location is None:
         return Progress()
     state = found[0] if run.world.is_main else ckpt.load_checkpoint_file(location)
+    ckpt.check_identity(state.get("run"), run.identity, location)
     _load_state(run, state, location)
-    epoch = int(state["epoch"])
-    step = epoch * run.plan.steps_per_epoch
-    if int(state.get("step", step)) != step:
-        log.warning("checkpoint %s was written after step %s; with this data and world size epoch %d "
-                    "ends at step %d, which the schedule continues from", location, state.get("step"),
-                    epoch, step)
-    log.info("resuming from %s (epoch %d, step %d)", location, epoch, step)
-    return Progress(epoch=epoch, step=step, eval_before=state.get("eval_before"),
-                    checkpoints=list(state.get("checkpoints") or []), resumed_from=location)
+    progress = _progress_of(state, run.plan.steps_per_epoch, location)
+    log.info("resuming from %s (epoch %d, step %d)", location, progress.epoch, progress.step)
+    return progress
+
+
+def _progress_of(state: dict[str, Any], steps_per_epoch: int, location: str) -> Progress:
+    """Where a checkpoint's run stood, in this run's steps (the same unless the data changed)."""
+    epoch, epoch_step = int(state["epoch"]), min(int(state.get("epoch_step", 0)), steps_per_epoch)
+    if epoch_step == steps_per_epoch:
+        epoch, epoch_step = epoch + 1, 0
+    step = epoch * steps_per_epoch + epoch_step
+    if int(state["step"]) != step:
+        log.warning("checkpoint %s was written after step %s; with this data and world size that point of "
+                    "epoch %d is step %d, which the schedule continues from", location, state["step"],
+                    epoch + 1, step)
+    # Retention deletes older files after a checkpoint is published: list what is left.
+    kept = [c for c in state.get("checkpoints") or [] if storage.exists(c["uri"])]
+    return Progress(epoch=epoch, epoch_step=epoch_step, step=step, eval_before=state.get("eval_before"),
+                    checkpoints=kept, resumed_from=location, saved_step=step)
 
 
 def _load_state(run: Run, state: dict[str, Any], location: str) -> None:
@@ -434,27 +460,34 @@ def start_info(run: Run, progress: Progress) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # training
 
-def train_epoch(run: Run, progress: Progress, epoch: int, report: Reporters) -> None:
-    """One epoch: re-seed from (seed, epoch, rank), then every optimizer step of this rank's
-    shard of the epoch's permutation."""
-    seed_everything(epoch_seed(run.params.seed, epoch, run.world.rank))
+def train_epoch(run: Run, progress: Progress, report: Reporters, policy: SavePolicy) -> None:
+    """The rest of the current epoch (all of it unless resumed in its middle), one optimizer
+    step at a time; saves when ``policy`` says so, and after saving raises ``Interrupted``
+    when it says stop."""
+    epoch = progress.epoch
     run.train_ds.set_epoch(epoch)
-    batches = step_batches(shard_indices(len(run.train_ds), run.world, epoch, run.params.seed),
-                           run.plan.step_rows, run.plan.micro)
+    run.sampler.set_epoch(epoch, progress.epoch_step)
     loader = torch.utils.data.DataLoader(
-        run.train_ds, batch_sampler=batches, num_workers=run.params.workers, collate_fn=collate,
+        run.train_ds, batch_sampler=run.sampler, num_workers=run.params.workers, collate_fn=collate,
         pin_memory=run.world.device.type == "cuda")
     it = iter(loader)
-    for _ in range(run.plan.steps_per_epoch):
+    for _ in range(progress.epoch_step, run.plan.steps_per_epoch):
+        seed_everything(step_seed(run.params.seed, progress.step, run.world.rank))
         t0 = time.monotonic()
         micro_batches = [_to(next(it), run.world.device) for _ in range(run.plan.micro_steps)]
         lr = run.plan.schedule.lr(progress.step)
         progress.last_loss = optimizer_step(run, micro_batches, lr, progress.step)
-        progress.step += 1
+        progress.advance(run.plan.steps_per_epoch)
         progress.meter.add(time.monotonic() - t0)
         if run.world.is_main:
             report.on_step(step_info(run, progress, epoch, lr))
-    progress.epoch = epoch + 1
+        save_now, stop = policy.poll(progress.step)
+        if save_now:
+            save(run, progress, report, model_file=False)
+            policy.saved()
+        if stop:
+            raise Interrupted(f"stopped after optimizer step {progress.step}, saved to "
+                              f"{ckpt.resumable_location(run.params.output, progress.step)}")
 
 
 def optimizer_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], lr: float, step: int) -> float:
@@ -515,23 +548,40 @@ def run_eval(run: Run, report: Reporters, phase: str, epoch: int) -> Optional[di
 # --------------------------------------------------------------------------------------------
 # save and summarise
 
-def save(run: Run, progress: Progress, report: Reporters) -> None:
-    """Publish a checkpoint of the progress so far (rank 0; the others wait for it)."""
+def save(run: Run, progress: Progress, report: Reporters, *, model_file: bool) -> None:
+    """Publish a resumable checkpoint of the progress so far (unless one exists for this
+    step) and, at the epoch ends saveFrequency asks for, the model-only epoch file; then drop
+    resumable checkpoints beyond keepCheckpoints (rank 0; the others wait for it)."""
     if run.world.is_main:
-        entry = {"uri": ckpt.checkpoint_location(run.params.output, progress.epoch), "epoch": progress.epoch,
-                 "step": progress.step, "time": utc_now()}
-        progress.checkpoints = (progress.checkpoints + [entry])[-20:]
-        payload = {
-            "epoch": progress.epoch, "step": progress.step, "name": run.resolved.name,
-            "model": run.params.model, "state_dict": run.clip.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "eval_before": progress.eval_before,
-            "checkpoints": progress.checkpoints, "kontrast_version": _version(),
-        }
-        if run.scaler is not None:
-            payload["scaler"] = run.scaler.state_dict()
-        ckpt.save_checkpoint(run.params.output, payload)
-        report.on_checkpoint(entry)
+        _publish(run, progress, report, model_file)
+    progress.saved_step = progress.step
     run.world.barrier()
+
+
+def _publish(run: Run, progress: Progress, report: Reporters, model_file: bool) -> None:
+    output, now = run.params.output, utc_now()
+    resumable = progress.saved_step != progress.step
+    new = []
+    if resumable:
+        new.append({"uri": ckpt.resumable_location(output, progress.step), "epoch": progress.epoch,
+                    "step": progress.step, "time": now})
+    if model_file:
+        new.append({"uri": ckpt.model_location(output, progress.epoch), "epoch": progress.epoch,
+                    "step": progress.step, "time": now})
+    progress.checkpoints = progress.checkpoints + new
+    model = {"epoch": progress.epoch, "step": progress.step, "name": run.resolved.name, "model": run.params.model,
+             "state_dict": run.clip.state_dict(), "run": run.identity, "kontrast_version": _version()}
+    if resumable:
+        ckpt.save_resumable(output, {
+            **model, "epoch_step": progress.epoch_step, "optimizer": run.optimizer.state_dict(),
+            **({"scaler": run.scaler.state_dict()} if run.scaler is not None else {}),
+            "eval_before": progress.eval_before, "checkpoints": progress.checkpoints})
+    if model_file:
+        ckpt.save_model(output, model)
+    deleted = set(ckpt.prune(output, run.params.keep_checkpoints))
+    progress.checkpoints = [c for c in progress.checkpoints if c["uri"] not in deleted]
+    for entry in new:
+        report.on_checkpoint(entry)
 
 
 def summarise(run: Run, progress: Progress, report: Reporters, started: float) -> dict[str, Any]:
