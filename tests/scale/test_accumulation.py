@@ -13,8 +13,8 @@ from numeric import EXACT, assert_all_rel_close, assert_detects, assert_rel_clos
 from scale import helpers
 from scale.helpers import tiny_clip, two_tower_batch
 
-from kontrast.trainer import memory
-from kontrast.trainer.memory import contrastive_step, search_micro_batch, split_micro_batches
+from kontrast.trainer import accumulation
+from kontrast.trainer.accumulation import contrastive_step, search_micro_batch, split_micro_batches
 
 
 def clip_batch(n=8, seed=0):
@@ -60,7 +60,7 @@ def test_accumulated_gradients_equal_full_batch_including_scale_and_bias(kind, s
 
     _, skipped = grads_after(model, forward, slices(sizes)[:-1], kind)
     assert_detects(worst_rel_err(skipped, full)[0])
-    monkeypatch.setattr(memory, "scale_grad", lambda x, factor: x)
+    monkeypatch.setattr(accumulation, "scale_grad", lambda x, factor: x)
     _, unscaled = grads_after(model, forward, slices(sizes), kind)
     assert_detects(rel_err(unscaled["logit_scale"], full["logit_scale"]))
     assert_detects(rel_err(unscaled["logit_bias"], full["logit_bias"]))
