@@ -30,7 +30,7 @@ from kontrast.api import GROUP, PLURAL, VERSION
 
 from . import metrics as metrics_mod
 from . import render
-from .status import PENDING, is_active
+from .lifecycle import PENDING, is_active
 from .config import ENV_DEADLINE_CHECK, ENV_KUBECONFIG, OperatorConfig
 from .kube import Kube, load_configuration
 from .metrics import Metrics

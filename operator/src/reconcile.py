@@ -2,7 +2,7 @@
 
 Every trigger (TrainJob created/updated/resumed, a child Job or Pod changed, the deadline
 timer) runs the same level-based reconcile: read the TrainJob and its children from the API
-server, let :func:`status.decide` choose, then do exactly what the plan says. Re-running it is
+server, let :func:`lifecycle.decide` choose, then do exactly what the plan says. Re-running it is
 always safe: creation treats AlreadyExists (of our own child) as success, deletes treat
 NotFound as success, and the status patch only carries fields that changed.
 """
@@ -14,7 +14,7 @@ import logging
 import threading
 from typing import Any, Callable, Mapping, Optional
 
-from . import render, status
+from . import lifecycle, render
 from .config import OperatorConfig
 from .kube import ChildConflict, Kube, api_error_message
 from .metrics import Metrics
@@ -43,7 +43,7 @@ class Reconciler:
             self._locks.pop((namespace, name), None)
         self.metrics.set_phase(namespace, name, None)
 
-    def reconcile(self, namespace: str, name: str, now: Optional[dt.datetime] = None) -> Optional[status.Plan]:
+    def reconcile(self, namespace: str, name: str, now: Optional[dt.datetime] = None) -> Optional[lifecycle.Plan]:
         with self._lock(namespace, name):
             try:
                 plan = self._reconcile(namespace, name, now or dt.datetime.now(dt.timezone.utc))
@@ -54,18 +54,18 @@ class Reconciler:
             self.metrics.reconciled(True)
             return plan
 
-    def _reconcile(self, namespace: str, name: str, now: dt.datetime) -> Optional[status.Plan]:
+    def _reconcile(self, namespace: str, name: str, now: dt.datetime) -> Optional[lifecycle.Plan]:
         tj = self.kube.get_trainjob(namespace, name)
         if tj is None:
             self.forget(namespace, name)
             return None
         jobs = self.kube.list_jobs(tj)
         pods = self.kube.list_pods(tj)
-        plan = status.decide(tj, jobs, pods, now)
+        plan = lifecycle.decide(tj, jobs, pods, now)
         self.execute(tj, plan)
         return plan
 
-    def execute(self, tj: Mapping[str, Any], plan: status.Plan) -> None:
+    def execute(self, tj: Mapping[str, Any], plan: lifecycle.Plan) -> None:
         meta = tj["metadata"]
         ns, name = meta["namespace"], meta["name"]
         old_status = tj.get("status") or {}
@@ -79,19 +79,13 @@ class Reconciler:
                 # Record why in status (not only in a log), keep everything else as it was: the
                 # failed attempt stays the newest Job, so nothing is counted twice.
                 message = f"could not create the children: {api_error_message(exc)}"
-                conds = status.Conditions(old_status.get("conditions") or [], status_now(), meta.get("generation"))
-                conds.set("Created", False, "CreateFailed", message)
-                patch = {"conditions": conds.as_list(), "message": status._truncate(message),
-                         "observedGeneration": meta.get("generation")}
-                if not old_status.get("phase"):
-                    patch["phase"] = status.PENDING
-                self._patch_status(ns, name, patch)
+                self._patch_status(ns, name, lifecycle.create_failed(tj, message, status_now()))
                 self.post_event(tj, "Warning", "CreateFailed", message)
                 self.metrics.error("ChildConflict" if isinstance(exc, ChildConflict) else "CreateFailed")
                 raise
             for obj in created:
                 log.info("created %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
-            if plan.create.reason in ("Restarted", "PodFailed", "Disrupted"):
+            if plan.create.reason in ("PodFailed", "Disrupted"):
                 self.metrics.restarted(plan.create.reason)
 
         if plan.release:

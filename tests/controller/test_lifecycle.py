@@ -1,4 +1,4 @@
-"""status.py: observed children + status -> new status and actions (pure)."""
+"""lifecycle.py: observed children + status -> new status and actions (pure)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from kontrast import contract
 from kontrast.operator import render
-from kontrast.operator.status import Plan, decide, pod_failure
+from kontrast.operator.lifecycle import Plan, decide, pod_failure
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 
@@ -409,3 +409,31 @@ def test_kueue_jobs_are_never_released_by_the_operator():
     obj = apply(obj, decide(obj, [], [], at(0)))
     plan = decide(obj, [job(0, suspend=True)], [], at(5))
     assert plan.release is None
+
+
+# --- the rules one by one -------------------------------------------------------------------
+def test_each_rule_reads_only_the_snapshot():
+    from kontrast.operator import lifecycle
+
+    obj, jobs, pods = running()
+    o = lifecycle.observe(obj, jobs, pods, at(20))
+    assert o.current is jobs[0] and len(o.pods) == 2 and o.next_attempt == 1 and o.restarts == 0
+    # rules that do not apply say so; the last rule always decides
+    for rule in (lifecycle.deleted, lifecycle.terminal, lifecycle.suspended, lifecycle.resumed,
+                 lifecycle.first_creation, lifecycle.succeeded, lifecycle.gang_restart):
+        assert rule(o) is None, rule.__name__
+    assert lifecycle.progress(o).phase == "Running"
+    assert lifecycle.RULES[-1] is lifecycle.progress and lifecycle.RULES[0] is lifecycle.deleted
+
+
+def test_restart_rule_alone_spends_or_fails():
+    from kontrast.operator import lifecycle
+
+    obj, jobs, pods = running()
+    o = lifecycle.observe(obj, jobs, pods, at(20))
+    d = lifecycle.restart(o, "PodFailed", "pod x exited with code 1", spend=True)
+    assert (d.phase, d.restarts, d.create.attempt) == ("Restarting", 1, 1)
+    obj["spec"]["scheduling"]["maxRestarts"] = 0
+    o = lifecycle.observe(obj, jobs, pods, at(20))
+    assert lifecycle.restart(o, "PodFailed", "x", spend=True).phase == "Failed"
+    assert lifecycle.restart(o, "Disrupted", "x", spend=False).phase == "Restarting"
