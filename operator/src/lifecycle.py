@@ -23,6 +23,7 @@ State lives in the cluster, never in the operator's memory:
 from __future__ import annotations
 
 import dataclasses
+import math
 import datetime as dt
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -109,11 +110,6 @@ class Conditions:
         if self._generation is not None:
             cond["observedGeneration"] = self._generation
         self._by_type[ctype] = cond
-
-    def clear(self, ctype: str, reason: str, message: str = "") -> None:
-        """Set False only if the condition exists (conditions appear when they first matter)."""
-        if ctype in self._by_type:
-            self.set(ctype, False, reason, message)
 
     def is_true(self, ctype: str) -> bool:
         c = self._by_type.get(ctype)
@@ -203,6 +199,23 @@ def _running(pod: Mapping[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") == "Running" and not _deleting(pod)
 
 
+def _lives(pod: Mapping[str, Any]) -> bool:
+    """Whether a pod's processes may still run (it holds its hostname, ports and GPUs)."""
+    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+
+
+def controller_uid(obj: Mapping[str, Any]) -> Optional[str]:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+def job_queue(job: Mapping[str, Any]) -> Optional[str]:
+    """The Kueue LocalQueue a worker Job was handed to (its own label, not today's spec)."""
+    return ((job.get("metadata") or {}).get("labels") or {}).get(render.KUEUE_QUEUE_LABEL)
+
+
 # --- what was observed --------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Observed:
@@ -217,10 +230,17 @@ class Observed:
     status: Mapping[str, Any]  # the TrainJob's status as read
     jobs: tuple[Mapping[str, Any], ...]  # every worker Job, oldest attempt first
     current: Optional[Mapping[str, Any]]  # the newest Job, unless it is being deleted
-    next_attempt: int
+    next_attempt: int  # above every attempt seen, on Jobs and on pods that outlived theirs
     restarts: int  # budget spent: the larger of status.restarts and the newest Job's record
-    pods: tuple[Mapping[str, Any], ...]  # the pods of the current attempt
+    pods: tuple[Mapping[str, Any], ...]  # the pods the current Job controls (by uid)
+    older_pods: tuple[Mapping[str, Any], ...]  # live pods of any other Job (or TrainJob of this name)
     failures: tuple[PodFailure, ...]  # how pods of the current attempt failed
+    #: Why the current Job cannot create its pods (its FailedCreate events: quota, PodSecurity).
+    failed_creates: tuple[str, ...] = ()
+    #: Kinds of the base children (ServiceAccount, Role, ...) found missing; repaired at once.
+    missing_children: frozenset[str] = frozenset()
+    #: Restart a Running job whose progress has not moved for this long (None: never).
+    hang_after: Optional[float] = None
 
     @property
     def phase(self) -> Optional[str]:
@@ -233,20 +253,44 @@ class Observed:
 
     @property
     def queue(self) -> Optional[str]:
+        """The LocalQueue named by today's spec (a new or released attempt goes there)."""
         return self.sched.get("queueName")
 
     @property
     def hold(self) -> bool:
-        """Whether a new attempt must start held: older attempts still exist (no Kueue)."""
-        return bool(self.jobs) and not self.queue
+        """Whether a new attempt must start held: older attempts or their pods still exist.
+
+        Held attempts carry no Kueue label, so Kueue cannot admit them early either."""
+        return bool(self.jobs) or bool(self.older_pods)
 
     @property
     def current_suspended(self) -> bool:
         return self.current is not None and bool((self.current.get("spec") or {}).get("suspend"))
 
+    @property
+    def queued(self) -> bool:
+        """Kueue holds the current attempt: suspended, and handed to a queue by its own label."""
+        return self.current_suspended and bool(job_queue(self.current))
+
+    @property
+    def held(self) -> bool:
+        """The operator holds the current attempt: suspended and not (yet) handed to Kueue."""
+        return self.current_suspended and not job_queue(self.current)
+
+    @property
+    def all_running(self) -> bool:
+        return sum(1 for p in self.pods if _running(p)) >= self.nodes
+
+    @property
+    def pods_missing(self) -> bool:
+        """The current attempt runs (not suspended) but has fewer pods than nodes."""
+        return self.current is not None and not self.current_suspended and len(self.pods) < self.nodes
+
+    def condition(self, ctype: str) -> Optional[Mapping[str, Any]]:
+        return next((c for c in self.status.get("conditions") or [] if c.get("type") == ctype), None)
+
     def condition_true(self, ctype: str) -> bool:
-        return any(c.get("type") == ctype and c.get("status") == "True"
-                   for c in self.status.get("conditions") or [])
+        return (self.condition(ctype) or {}).get("status") == "True"
 
     def cleanup_wanted(self, succeeded: bool) -> bool:
         return self.sched["cleanup"] == "Always" or (self.sched["cleanup"] == "OnSuccess" and succeeded)
@@ -260,6 +304,12 @@ class Observed:
         """The phase while an attempt is not (yet) running: Restarting during a restart."""
         return RESTARTING if self.condition_true("Restarting") else PENDING
 
+    def last_progress(self) -> Optional[dt.datetime]:
+        """When the trainer last reported progress, or the attempt started running if later."""
+        times = [parse_time((self.status.get("progress") or {}).get("updatedAt")),
+                 parse_time((self.condition("Running") or {}).get("lastTransitionTime"))]
+        return max((t for t in times if t is not None), default=None)
+
 
 def _spent(job: Optional[Mapping[str, Any]]) -> int:
     if job is None:
@@ -271,13 +321,19 @@ def _spent(job: Optional[Mapping[str, Any]]) -> int:
 
 
 def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
-            now: dt.datetime) -> Observed:
+            now: dt.datetime, **extra: Any) -> Observed:
+    """The snapshot; ``extra`` fills the optional fields (failed_creates, missing_children, hang_after)."""
     meta, spec = tj["metadata"], tj.get("spec") or {}
     status = dict(tj.get("status") or {})
     jobs = tuple(sorted(jobs, key=attempt_of))
+    pods = tuple(pods)
     latest = jobs[-1] if jobs else None
     current = latest if latest is not None and not _deleting(latest) else None
-    attempt_pods = tuple(p for p in pods if current is not None and attempt_of(p) == attempt_of(current))
+    current_uid = ((current or {}).get("metadata") or {}).get("uid")
+    # Pods belong to the Job that controls them, never to an attempt number or a name: a
+    # re-created Job or TrainJob of the same name must not inherit the old pods' failures.
+    mine = [bool(current_uid) and controller_uid(p) == current_uid for p in pods]
+    attempt_pods = tuple(p for p, m in zip(pods, mine) if m)
     return Observed(
         now=now,
         name=meta["name"],
@@ -288,10 +344,12 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
         status=status,
         jobs=jobs,
         current=current,
-        next_attempt=attempt_of(latest) + 1 if latest is not None else 0,
+        next_attempt=max([attempt_of(o) for o in (*jobs, *pods)], default=-1) + 1,
         restarts=max(int(status.get("restarts") or 0), _spent(latest)),
         pods=attempt_pods,
+        older_pods=tuple(p for p, m in zip(pods, mine) if not m and _lives(p)),
         failures=tuple(f for f in (pod_failure(p) for p in attempt_pods) if f is not None),
+        **extra,
     )
 
 
@@ -300,48 +358,19 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
 class Create:
     """Create the children of one attempt (idempotent: existing ones are kept).
 
-    ``hold``: create the worker Job suspended, because older attempts still exist; a later
-    reconcile releases it (``Plan.release``) once their pods are gone.
+    ``hold``: create the worker Job suspended and without Kueue's label, because older
+    attempts or their pods still exist; a later reconcile releases it (``Plan.release``).
+    ``active_deadline_seconds``: what is left of the TrainJob's deadline, so the Job
+    controller enforces it too.
     """
     attempt: int
     restarts: int
     reason: str
     hold: bool = False
-
-
-#: (type, True/False, reason, message): set a condition. False with ``clear=True`` (see
-#: :meth:`Conditions.clear`) only touches a condition that already exists.
-@dataclasses.dataclass(frozen=True)
-class Cond:
-    type: str
-    status: bool
-    reason: str
-    message: str = ""
-    clear: bool = False
-
-
-def clear(ctype: str, reason: str, message: str = "") -> Cond:
-    return Cond(ctype, False, reason, message, clear=True)
+    active_deadline_seconds: Optional[int] = None
 
 
 _KEEP: Any = object()  # a status field the decision leaves as it was
-
-
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    """What one rule decided. Fields left at their default change nothing."""
-
-    phase: str
-    message: Any = _KEEP
-    conditions: tuple[Cond, ...] = ()
-    start_time: Any = _KEEP
-    completion_time: Any = _KEEP
-    restarts: Optional[int] = None
-    create: Optional[Create] = None
-    delete_jobs: Optional[tuple[str, ...]] = None  # None: the stale attempts (live, not current)
-    cleanup: bool = False  # delete every child but the TrainJob (after completion)
-    release: Optional[str] = None  # unsuspend this held worker Job
-    requeue_after: Optional[float] = None  # reconcile again after this many seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +380,30 @@ class Event:
     message: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What one rule decided. Fields left at their default change nothing.
+
+    Conditions are not listed here: :func:`conditions` derives all of them from the phase,
+    so they cannot disagree with it. ``reason``/``detail`` describe the phase's own condition
+    (None: keep it as it is) and the reason of conditions that flip to False.
+    """
+
+    phase: str
+    reason: Optional[str] = None
+    detail: str = ""
+    message: Any = _KEEP
+    start_time: Any = _KEEP
+    completion_time: Any = _KEEP
+    restarts: Optional[int] = None
+    create: Optional[Create] = None
+    delete_jobs: Optional[tuple[str, ...]] = None  # None: the stale attempts (live, not current)
+    cleanup: bool = False  # delete every child but the TrainJob (after completion)
+    release: Optional[str] = None  # hand this held worker Job on (to Kueue, or unsuspend it)
+    requeue_after: Optional[float] = None  # reconcile again after this many seconds
+    events: tuple[Event, ...] = ()  # besides the events of conditions that flip
+
+
 @dataclasses.dataclass
 class Plan:
     status: dict[str, Any]
@@ -358,7 +411,9 @@ class Plan:
     delete_jobs: list[str] = dataclasses.field(default_factory=list)
     cleanup: bool = False  # delete every child but the TrainJob (after completion)
     events: list[Event] = dataclasses.field(default_factory=list)
-    release: Optional[str] = None  # unsuspend this held worker Job
+    release: Optional[str] = None  # hand this held worker Job on
+    release_queue: Optional[str] = None  # ... to this Kueue LocalQueue (None: unsuspend it)
+    repair: tuple[str, ...] = ()  # kinds of missing base children to create again
     requeue_after: Optional[float] = None  # reconcile again after this many seconds
 
     def status_patch(self, current: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -396,12 +451,9 @@ def suspended(o: Observed) -> Optional[Decision]:
     if not o.sched["suspend"]:
         return None
     return Decision(
-        phase=SUSPENDED, delete_jobs=_all_live(o),
-        message="Suspended: set spec.scheduling.suspend to false to resume from the newest checkpoint",
-        conditions=(Cond("Suspended", True, "Suspended",
-                         "spec.scheduling.suspend is true: the training pods are stopped; checkpoints are kept"),
-                    clear("Running", "Suspended", "training is suspended"),
-                    clear("Restarting", "Suspended", "training is suspended")))
+        phase=SUSPENDED, reason="Suspended", delete_jobs=_all_live(o),
+        detail="spec.scheduling.suspend is true: the training pods are stopped; checkpoints are kept",
+        message="Suspended: set spec.scheduling.suspend to false to resume from the newest checkpoint")
 
 
 def resumed(o: Observed) -> Optional[Decision]:
@@ -409,21 +461,17 @@ def resumed(o: Observed) -> Optional[Decision]:
     if o.phase != SUSPENDED and not o.condition_true("Suspended"):
         return None
     return Decision(
-        phase=PENDING, delete_jobs=_all_live(o),
-        create=Create(o.next_attempt, o.restarts, "Resumed", hold=o.hold),
-        conditions=(Cond("Suspended", False, "Resumed",
-                         "spec.scheduling.suspend is false: resuming from the newest checkpoint"),),
+        phase=PENDING, reason="Resumed", detail="spec.scheduling.suspend is false: resuming from the newest checkpoint",
+        delete_jobs=_all_live(o), create=Create(o.next_attempt, o.restarts, "Resumed", hold=o.hold),
         start_time=None, completion_time=None, message=o.waiting_message())
 
 
 def first_creation(o: Observed) -> Optional[Decision]:
-    """First reconcile: create everything."""
+    """First reconcile: create everything (held while pods of a same-named predecessor live)."""
     if o.jobs or o.condition_true("Created") or o.phase not in (None, PENDING):
         return None
-    return Decision(
-        phase=PENDING, create=Create(0, o.restarts, "Created"), message=o.waiting_message(),
-        conditions=(Cond("Created", True, "ChildrenCreated",
-                         f"created the worker Job {render.job_name(o.name, 0, o.nodes)} for {o.nodes} node(s)"),))
+    return Decision(phase=PENDING, create=Create(o.next_attempt, o.restarts, "Created", hold=o.hold),
+                    message=o.waiting_message())
 
 
 def succeeded(o: Observed) -> Optional[Decision]:
@@ -432,12 +480,9 @@ def succeeded(o: Observed) -> Optional[Decision]:
     job_status = o.current.get("status") or {}
     cleans = o.cleanup_wanted(True)
     return Decision(
-        phase=SUCCEEDED, message="Training completed",
+        phase=SUCCEEDED, reason="Completed", detail="all nodes finished training", message="Training completed",
         completion_time=job_status.get("completionTime") or fmt_time(o.now),
         start_time=o.status.get("startTime") or job_status.get("startTime"),
-        conditions=(Cond("Succeeded", True, "Completed", "all nodes finished training"),
-                    clear("Running", "Completed", "training finished"),
-                    clear("Restarting", "Completed", "training finished")),
         cleanup=cleans, delete_jobs=_all_live(o) if cleans else None)
 
 
@@ -445,26 +490,35 @@ def _failed(o: Observed, reason: str, message: str, stop: bool) -> Decision:
     """Failed for good: the pods are kept for debugging unless cleanup or ``stop`` says not."""
     cleans = o.cleanup_wanted(False)
     return Decision(
-        phase=FAILED, message=truncate(message), completion_time=fmt_time(o.now),
-        conditions=(Cond("Failed", True, reason, message),
-                    clear("Running", reason, "training failed"),
-                    clear("Restarting", reason, "training failed")),
+        phase=FAILED, reason=reason, detail=message, message=truncate(message), completion_time=fmt_time(o.now),
         cleanup=cleans, delete_jobs=_all_live(o) if cleans or stop else None)
-
-
-def deadline_exceeded(o: Observed) -> Optional[Decision]:
-    """Active deadline, counted from the start (a resume starts the count again)."""
-    deadline = o.sched.get("activeDeadlineSeconds")
-    start = parse_time(o.status.get("startTime"))
-    if not deadline or start is None or (o.now - start).total_seconds() < float(deadline):
-        return None
-    return _failed(o, "DeadlineExceeded",
-                   f"the job ran longer than spec.scheduling.activeDeadlineSeconds ({deadline}s)", stop=True)
 
 
 def _job_failed(o: Observed) -> Optional[Mapping[str, Any]]:
     """The current Job's Failed condition, if it failed."""
     return _cond(o.current, "Failed") if o.current is not None and _true(o.current, "Failed") else None
+
+
+def deadline_left(o: Observed, start: Optional[str]) -> Optional[float]:
+    """Seconds left of spec.scheduling.activeDeadlineSeconds, counted from ``start``."""
+    deadline = o.sched.get("activeDeadlineSeconds")
+    if not deadline:
+        return None
+    started = parse_time(start)
+    return float(deadline) - ((o.now - started).total_seconds() if started else 0.0)
+
+
+def deadline_exceeded(o: Observed) -> Optional[Decision]:
+    """Active deadline, counted from the start (a resume or a Kueue re-queue starts it again).
+
+    The worker Job carries what is left as its own activeDeadlineSeconds, so the Job
+    controller may stop it first: its DeadlineExceeded is this rule's too, not a restart."""
+    left = deadline_left(o, o.status.get("startTime"))
+    job_deadline = (_job_failed(o) or {}).get("reason") == "DeadlineExceeded"
+    if not job_deadline and (left is None or o.status.get("startTime") is None or left > 0):
+        return None
+    return _failed(o, "DeadlineExceeded", f"the job ran longer than spec.scheduling.activeDeadlineSeconds "
+                   f"({o.sched.get('activeDeadlineSeconds')}s)", stop=True)
 
 
 def permanent_error(o: Observed) -> Optional[Decision]:
@@ -487,12 +541,24 @@ def gang_restart(o: Observed) -> Optional[Decision]:
     if o.current is None or o.current_suspended or not (disrupted or job_cond is not None):
         return None
     if disrupted:
-        reason, spend, cause = "Disrupted", False, disrupted[0].describe()
-    else:
-        ordinary = [f for f in o.failures if not f.disrupted]
-        reason, spend = "PodFailed", True
-        cause = ordinary[0].describe() if ordinary else (job_cond or {}).get("message") or "the worker Job failed"
-    return restart(o, reason, cause, spend)
+        return restart(o, "Disrupted", disrupted[0].describe(), spend=False)
+    ordinary = [f for f in o.failures if not f.disrupted]
+    cause = ordinary[0].describe() if ordinary else (job_cond or {}).get("message") or "the worker Job failed"
+    return restart(o, "PodFailed", cause, spend=True)
+
+
+def hung(o: Observed) -> Optional[Decision]:
+    """The watchdog: a Running job whose progress has not moved for ``hang_after`` restarts."""
+    last = o.last_progress()
+    if o.hang_after is None or o.phase != RUNNING or not o.all_running or last is None:
+        return None
+    quiet = (o.now - last).total_seconds()
+    if quiet < o.hang_after:
+        return None
+    cause = (f"no progress reported for {quiet:.0f}s (the operator's hang limit is {o.hang_after:.0f}s): "
+             "the trainer looks hung")
+    decision = restart(o, "Hung", cause, spend=True)
+    return dataclasses.replace(decision, events=(Event("Warning", "Hung", cause),))
 
 
 def restart(o: Observed, reason: str, cause: str, spend: bool) -> Decision:
@@ -501,16 +567,14 @@ def restart(o: Observed, reason: str, cause: str, spend: bool) -> Decision:
     if spend and o.restarts >= limit:
         return _failed(o, "RestartLimitExceeded",
                        f"{cause} (restart budget spent: {o.restarts} of spec.scheduling.maxRestarts={limit})",
-                       stop=False)
+                       stop=reason == "Hung")
     restarts = o.restarts + 1 if spend else o.restarts
     budget = f"restart {restarts} of {limit}" if spend else "does not count against maxRestarts"
     return Decision(
-        phase=RESTARTING, restarts=restarts, delete_jobs=_all_live(o),
-        create=Create(o.next_attempt, restarts, reason, hold=o.hold),
-        message=truncate(f"Restarting: {cause}"),
-        conditions=(Cond("Restarting", True, reason,
-                         f"{cause}; restarting all nodes from the newest checkpoint ({budget})"),
-                    clear("Running", reason, "restarting")))
+        phase=RESTARTING, reason=reason, restarts=restarts, delete_jobs=_all_live(o),
+        detail=f"{cause}; restarting all nodes from the newest checkpoint ({budget})",
+        create=Create(o.next_attempt, restarts, reason, hold=True),
+        message=truncate(f"Restarting: {cause}"))
 
 
 def missing_job(o: Observed) -> Optional[Decision]:
@@ -519,36 +583,35 @@ def missing_job(o: Observed) -> Optional[Decision]:
         return None
     return Decision(
         phase=o.pending_phase(), create=Create(o.next_attempt, o.restarts, "Recreated", hold=o.hold),
-        message="the worker Job was missing: recreated it (resumes from the newest checkpoint)",
-        conditions=(Cond("Created", True, "ChildrenCreated",
-                         f"created the worker Job {render.job_name(o.name, o.next_attempt, o.nodes)}"),))
+        message="the worker Job was missing: recreated it (resumes from the newest checkpoint)")
 
 
 def held_attempt(o: Observed) -> Optional[Decision]:
-    """A held attempt: released once the older attempts' pods are gone (or waited for long enough)."""
-    if not o.current_suspended or o.queue:
+    """A held attempt: handed on once the older attempts' pods are gone (or waited for long enough)."""
+    if not o.held:
         return None
-    older = [j for j in o.jobs if j is not o.current]
-    waiting = [j for j in older if not _deleting(j) or _deletion_age(j, o.now) < TERMINATION_WAIT_SECONDS]
+    waiting = [_name(j) for j in o.jobs if j is not o.current and _deletion_age(j, o.now) < TERMINATION_WAIT_SECONDS]
+    waiting += [_name(p) for p in o.older_pods if _deletion_age(p, o.now) < TERMINATION_WAIT_SECONDS]
     if not waiting:
         return dataclasses.replace(progress(o), release=_name(o.current))
-    ages = [_deletion_age(j, o.now) for j in waiting if _deleting(j)]
+    ages = [_deletion_age(x, o.now) for x in (*o.jobs, *o.older_pods) if _deleting(x) and x is not o.current]
     return Decision(
-        phase=o.pending_phase(),
-        message=f"waiting for the pods of {', '.join(_name(j) for j in waiting)} to stop",
+        phase=o.pending_phase(), message=truncate(f"waiting for {', '.join(waiting)} to stop"),
         requeue_after=max(1.0, TERMINATION_WAIT_SECONDS - min(ages)) if ages else None)
 
 
-def _deletion_age(job: Mapping[str, Any], now: dt.datetime) -> float:
-    return (now - parse_time(job["metadata"]["deletionTimestamp"])).total_seconds()
+def _deletion_age(obj: Mapping[str, Any], now: dt.datetime) -> float:
+    """Seconds since ``obj``'s deletion was due (-inf while nobody deletes it)."""
+    stamp = parse_time((obj.get("metadata") or {}).get("deletionTimestamp"))
+    return (now - stamp).total_seconds() if stamp else float("-inf")
 
 
 def queued(o: Observed) -> Optional[Decision]:
-    """Kueue holds the attempt (suspended) until it admits it."""
-    if not o.current_suspended:
+    """Kueue holds the attempt (suspended) until it admits it. A preempted, re-queued attempt
+    starts the deadline's count again, as a suspend does."""
+    if not o.queued:
         return None
-    return Decision(phase=o.pending_phase(), message=o.waiting_message(),
-                    conditions=(clear("Running", "Queued", "waiting for admission"),))
+    return Decision(phase=o.pending_phase(), message=o.waiting_message(), start_time=None)
 
 
 def progress(o: Observed) -> Decision:
@@ -557,51 +620,104 @@ def progress(o: Observed) -> Decision:
     start = o.status.get("startTime") or job_status.get("startTime") or (fmt_time(o.now) if o.pods else None)
     running = [p for p in o.pods if _running(p)]
     if len(running) >= o.nodes:
-        conds = (Cond("Running", True, "PodsRunning", f"all {o.nodes} node(s) are running"),)
-        if o.condition_true("Restarting"):
-            conds = (Cond("Restarting", False, "Restarted",
-                          f"all {o.nodes} node(s) are running again (attempt {attempt_of(o.current)})"), *conds)
-        return Decision(phase=RUNNING, start_time=start, message=f"Training on {o.nodes} node(s)", conditions=conds)
+        return Decision(phase=RUNNING, reason="PodsRunning", detail=f"all {o.nodes} node(s) are running",
+                        start_time=start, message=f"Training on {o.nodes} node(s)")
     stuck = [w for w in (pod_waiting(p) for p in o.pods) if w]
+    if o.pods_missing and o.failed_creates:
+        stuck.append(f"the Job cannot create pods: {o.failed_creates[0]}")
     message = truncate(f"{len(running)} of {o.nodes} node(s) running" + (f"; {'; '.join(stuck)}" if stuck else ""))
     # While Running, a replacement pod may be starting; the gang restarts if training breaks.
     phase = RESTARTING if o.condition_true("Restarting") else RUNNING if o.condition_true("Running") else PENDING
-    return Decision(phase=phase, start_time=start, message=message)
+    # Pods that cannot be created produce no event of their own: look again soon.
+    return Decision(phase=phase, start_time=start, message=message,
+                    requeue_after=POD_CREATE_RECHECK_SECONDS if o.pods_missing else None)
 
+
+#: How soon to look again while the current Job has fewer pods than nodes (quota, admission).
+POD_CREATE_RECHECK_SECONDS = 15.0
 
 RULES: tuple[Rule, ...] = (
     deleted, terminal, suspended, resumed, first_creation, succeeded, deadline_exceeded,
-    permanent_error, gang_restart, missing_job, held_attempt, queued, progress,
+    permanent_error, gang_restart, hung, missing_job, held_attempt, queued, progress,
 )
 
 
 # --- from a decision to a plan --------------------------------------------------------------
 def decide(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
-           now: dt.datetime) -> Plan:
-    o = observe(tj, jobs, pods, now)
+           now: dt.datetime, **extra: Any) -> Plan:
+    return decide_observed(observe(tj, jobs, pods, now, **extra))
+
+
+def decide_observed(o: Observed) -> Plan:
     decision = next(d for d in (rule(o) for rule in RULES) if d is not None)
     return plan(o, decision)
 
 
+#: The condition that is True in each phase (Pending has none).
+PHASE_CONDITION = {RUNNING: "Running", RESTARTING: "Restarting", SUSPENDED: "Suspended",
+                   SUCCEEDED: "Succeeded", FAILED: "Failed"}
+
+
+def conditions(o: Observed, d: Decision, message: str) -> list[dict[str, Any]]:
+    """Every condition from the decided phase and the observed children, so none can drift:
+    exactly the phase's own condition is True among Running, Restarting, Suspended,
+    Succeeded and Failed; Created is True while a worker Job exists or is being created
+    and its pods could be created."""
+    conds = Conditions(o.status.get("conditions") or [], o.now, o.generation)
+    own = PHASE_CONDITION.get(d.phase)
+    if own and (d.reason or not conds.is_true(own)):
+        conds.set(own, True, d.reason or d.phase, d.detail or message)
+    for ctype in PHASE_CONDITION.values():
+        if ctype != own and conds.is_true(ctype):
+            conds.set(ctype, False, d.reason or d.phase, d.detail or message)
+    if o.pods_missing and o.failed_creates:
+        conds.set("Created", False, "FailedCreate", f"the worker Job cannot create pods: {o.failed_creates[0]}")
+    elif (o.jobs or d.create) and not conds.is_true("Created"):
+        job = _name(o.current) if o.current is not None and not d.create else render.job_name(
+            o.name, d.create.attempt if d.create else o.next_attempt, o.nodes)
+        conds.set("Created", True, "ChildrenCreated", f"created the worker Job {job} for {o.nodes} node(s)")
+    return conds.as_list()
+
+
 def plan(o: Observed, d: Decision) -> Plan:
     """The decision as status fields, actions and the events of the conditions that flipped."""
-    conds = Conditions(o.status.get("conditions") or [], o.now, o.generation)
-    for c in d.conditions:
-        if c.clear:
-            conds.clear(c.type, c.reason, c.message)
-        else:
-            conds.set(c.type, c.status, c.reason, c.message)
     st = {k: o.status.get(k) for k in OWNED_FIELDS}
-    st.update(phase=d.phase, observedGeneration=o.generation, conditions=conds.as_list(),
-              restarts=o.restarts if d.restarts is None else d.restarts)
     for key, value in (("message", d.message), ("startTime", d.start_time), ("completionTime", d.completion_time)):
         if value is not _KEEP:
             st[key] = value
+    st.update(phase=d.phase, observedGeneration=o.generation, conditions=conditions(o, d, st.get("message") or ""),
+              restarts=o.restarts if d.restarts is None else d.restarts)
+    create = d.create
+    if create is not None:
+        left = deadline_left(o, st.get("startTime"))
+        create = dataclasses.replace(create, active_deadline_seconds=max(1, math.ceil(left)) if left else None)
     stale = tuple(_name(j) for j in o.live if j is not o.current)
+    active = d.phase not in TERMINAL and not o.deleting
     return Plan(
-        status=st, create=d.create, delete_jobs=list(stale if d.delete_jobs is None else d.delete_jobs),
-        cleanup=d.cleanup, release=d.release, requeue_after=d.requeue_after,
-        events=_transition_events(o.status.get("conditions") or [], st["conditions"]))
+        status=st, create=create, delete_jobs=list(stale if d.delete_jobs is None else d.delete_jobs),
+        cleanup=d.cleanup, release=d.release, release_queue=o.queue if d.release else None,
+        repair=tuple(k for k in BASE_KINDS if k in o.missing_children) if active and create is None else (),
+        requeue_after=_wake_up(o, d, st),
+        events=[*_transition_events(o.status.get("conditions") or [], st["conditions"]), *d.events])
+
+
+#: The base children (everything but the worker Jobs), in the order they are created.
+BASE_KINDS = ("ServiceAccount", "Role", "RoleBinding", "Service", "ConfigMap")
+
+
+def _wake_up(o: Observed, d: Decision, st: Mapping[str, Any]) -> Optional[float]:
+    """When a time-based rule (deadline, hang watchdog, waits) must look again, if sooner
+    than any event: an explicit wake-up instead of polling."""
+    if d.phase in TERMINAL or d.phase == SUSPENDED or o.deleting:
+        return None
+    times = [d.requeue_after]
+    if st.get("startTime") and not o.queued:
+        times.append(deadline_left(o, st["startTime"]))
+    last = o.last_progress()
+    if o.hang_after is not None and d.phase == RUNNING and last is not None:
+        times.append(o.hang_after - (o.now - last).total_seconds())
+    times = [t for t in times if t is not None]
+    return max(1.0, min(times)) if times else None
 
 
 def create_failed(tj: Mapping[str, Any], message: str, now: dt.datetime) -> dict[str, Any]:
@@ -619,6 +735,7 @@ def create_failed(tj: Mapping[str, Any], message: str, now: dt.datetime) -> dict
 _EVENTS = {
     # (condition, status): (event type, event reason)
     ("Created", "True"): ("Normal", "Created"),
+    ("Created", "False"): ("Warning", "FailedCreate"),
     ("Running", "True"): ("Normal", "Running"),
     ("Restarting", "True"): ("Warning", "Restarting"),
     ("Succeeded", "True"): ("Normal", "Succeeded"),
@@ -629,23 +746,15 @@ _EVENTS = {
 
 
 def _transition_events(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]]) -> list[Event]:
-    """An event for each condition that flipped (or changed reason, e.g. a second restart)."""
+    """An event for each condition that flipped (or changed message, e.g. a second restart)."""
     before = {c["type"]: c for c in old}
     out = []
     for c in new:
         key = (c["type"], c["status"])
         prev = before.get(c["type"])
         changed = prev is None or prev.get("status") != c["status"] or (
-            c["status"] == "True" and c["type"] == "Restarting" and prev.get("message") != c.get("message"))
-        if key in _EVENTS and changed:
-            if key == ("Suspended", "False") and prev is None:
-                continue
+            key in (("Restarting", "True"), ("Created", "False")) and prev.get("message") != c.get("message"))
+        if key in _EVENTS and changed and not (c["status"] == "False" and prev is None):
             etype, reason = _EVENTS[key]
             out.append(Event(etype, reason, c.get("message") or c.get("reason", "")))
     return out
-
-
-def is_active(tj: Mapping[str, Any]) -> bool:
-    """Whether a TrainJob's pods may be running (the deadline timer watches only these)."""
-    phase = (tj.get("status") or {}).get("phase")
-    return phase not in TERMINAL and phase != SUSPENDED
