@@ -121,7 +121,7 @@ class Reconciler:
             # Record why in status (not only in a log), keep everything else as it was: the
             # failed attempt stays the newest Job, so nothing is counted twice.
             message = f"could not create the children: {api_error_message(exc)}"
-            self._patch_status(meta["namespace"], meta["name"], lifecycle.create_failed(tj, message, status_now()))
+            self._patch_status(meta["namespace"], meta["name"], lifecycle.create_failed(tj, message, dt.datetime.now(dt.timezone.utc)))
             self.post_event(tj, "Warning", "CreateFailed", message)
             self.metrics.error("ChildConflict" if isinstance(exc, ChildConflict) else "CreateFailed")
             raise
@@ -135,7 +135,3 @@ class Reconciler:
             if getattr(exc, "status", None) == 404:
                 return
             raise
-
-
-def status_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
@@ -380,6 +380,3 @@ def children(tj: Mapping[str, Any], attempt: int, restarts: int, config: Operato
     return [*base_children(tj, config),
             worker_job(tj, attempt, restarts, config, reason, hold, active_deadline_seconds)]
 
-
-def kinds(objs: Iterable[Mapping[str, Any]]) -> list[str]:
-    return [o["kind"] for o in objs]
