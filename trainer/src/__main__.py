@@ -98,13 +98,11 @@ def _reporters(resolved: Resolved, progress: bool):
 
 
 def _check(resolved: Resolved, device: Optional[str]) -> None:
-    from .distributed import World
-    from .train import load_data
+    from .data import load_data
 
-    world = World()
-    load_data(resolved.train_data, resolved.spec, world, require_positive_weight=True)
+    load_data(resolved.train_data, resolved.spec, require_positive_weight=True, progress=True)
     if resolved.eval_data:
-        load_data(resolved.eval_data, resolved.spec, world, require_positive_weight=False)
+        load_data(resolved.eval_data, resolved.spec, require_positive_weight=False, progress=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

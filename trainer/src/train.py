@@ -37,7 +37,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import storage
-from .data import Examples, PairDataset, collate, find_image_problems, load_examples, raise_problems
+from . import data
+from .data import Examples, PairDataset, TrainLoader, collate
 from .distributed import World, all_reduce_min, broadcast_object, init_from_env, shard_indices, unwrap, wrap_ddp
 from .errors import DataError, DataProblem, PermanentError
 from .evaluate import build_eval_set, evaluate
@@ -71,26 +72,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 # --------------------------------------------------------------------------------------------
 # data
-
-def load_data(location: str, spec, world: World, *, require_positive_weight: bool) -> Examples:
-    """Parse and fully check one data file; raise the same DataError on every rank if anything
-    is wrong (each rank decodes 1/W of the images and the problems are shared)."""
-    examples = load_examples(location, spec, require_positive_weight=require_positive_weight)
-    checked, problems = find_image_problems(examples, part=world.rank, parts=world.world_size)
-    if world.world_size > 1:
-        gathered: list = [None] * world.world_size
-        dist.all_gather_object(gathered, problems)
-        problems = [p for part in gathered for p in part]
-    raise_problems(problems)
-    if examples.uses_images:
-        log.info("%s: %d rows, %d distinct queries, %d distinct documents; checked all %d distinct images",
-                 location, len(examples), len(set(examples.left_ids.tolist())),
-                 len(set(examples.right_ids.tolist())), checked)
-    else:
-        log.info("%s: %d rows; the image field has weight 0, so no image is read or checked", location,
-                 len(examples))
-    return examples
-
 
 def step_batches(indices: Sequence[int], step_rows: int, micro: int) -> list[list[int]]:
     """Micro-batches of index lists: whole optimizer steps only (the remainder is dropped,
@@ -274,9 +255,11 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
                  dev.type, spec["batchSize"])
 
     # 1. data ---------------------------------------------------------------------------
-    train_ex = load_data(resolved.train_data, spec, world, require_positive_weight=True)
-    eval_ex = (load_data(resolved.eval_data, spec, world, require_positive_weight=False)
-               if resolved.eval_data else None)
+    train_ex, train_report = data.load_data(resolved.train_data, spec, require_positive_weight=True,
+                                            progress=world.is_main)
+    eval_ex, eval_report = (data.load_data(resolved.eval_data, spec, require_positive_weight=False,
+                                           progress=world.is_main) if resolved.eval_data else (None, None))
+    bad_images = [r.status() for r in (train_report, eval_report) if r is not None and r.bad]
 
     # 2. model and optimizer ------------------------------------------------------------
     seed_everything(spec["seed"])
@@ -294,13 +277,16 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
         right_active=[w > 0 for w in spec["rightWeights"]],
         frozen_right=spec["frozenRight"],
         input_dtype=precision.input_dtype,
+        image_norm=data.image_normalization(bundle.preprocess_val),
     ).to(dev)
     net = wrap_ddp(fused, world)
     optimizer = make_adamw(param_groups(clip, spec["wd"]), lr=spec["lr"],
                            betas=(spec["beta1"], resolved.beta2), eps=resolved.eps)
     scaler = precision.make_scaler()
 
-    train_ds = PairDataset(train_ex, bundle.preprocess_train, bundle.tokenizer, bundle.image_size, seed=spec["seed"])
+    image_cache = data.ImageCache(data.cache_folder(spec))
+    train_ds = PairDataset(train_ex, bundle.preprocess_train, bundle.tokenizer, bundle.image_size, seed=spec["seed"],
+                           cache=image_cache)
     micro = choose_micro_batch(resolved, world, fused, train_ds, precision, optimizer)
     plan = plan_run(spec, len(train_ex), world, micro, file=resolved.train_data)
     warning = plan.schedule.warning()
@@ -308,7 +294,8 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
         log.warning(warning)
     info = _resolved_info(resolved, bundle, plan, world, precision)
 
-    eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=spec["seed"])
+    eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=spec["seed"],
+                           cache=image_cache)
                if eval_ex is not None else None)
     eval_set = build_eval_set(eval_ex) if eval_ex is not None else None
 
@@ -345,6 +332,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
         "name": resolved.name, "output": resolved.output, "resolved": info,
         "epochs": spec["epochs"], "totalSteps": plan.schedule.total_steps,
         "startStep": step, "startEpoch": start_epoch, "resumedFrom": location,
+        **({"data": {"badImages": bad_images}} if bad_images else {}),
     })
 
     def run_eval(phase: str, epoch: int) -> Optional[dict[str, float]]:
@@ -371,15 +359,13 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     global_rows = plan.step_rows * world.world_size
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     net.train()
+    loader = TrainLoader(train_ds, spec["workers"], pin_memory=dev.type == "cuda")
     for epoch in range(start_epoch, last_epoch):
         seed_everything(epoch_seed(spec["seed"], epoch, world.rank))
         train_ds.set_epoch(epoch)
         indices = shard_indices(len(train_ds), world, epoch, spec["seed"])
         batches = step_batches(indices, plan.step_rows, plan.micro)
-        loader = torch.utils.data.DataLoader(
-            train_ds, batch_sampler=batches, num_workers=spec["workers"], collate_fn=collate,
-            pin_memory=dev.type == "cuda")
-        it = iter(loader)
+        it = loader.epoch(epoch, batches)
         for _ in range(plan.steps_per_epoch):
             t0 = time.monotonic()
             micro_batches = [_to(next(it), dev) for _ in range(plan.micro_steps)]
@@ -416,7 +402,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
                     "loss": loss_value, "lr": lr, "microBatchSize": plan.micro,
                     "updatedAt": utc_now(),
                 })
-        del it, loader
+        del it
         completed = epoch + 1
         if completed % spec["saveFrequency"] == 0 or completed == epochs:
             if world.is_main:
