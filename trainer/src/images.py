@@ -93,9 +93,10 @@ def fetch_bytes(location: str) -> bytes:
         raise TransientImageError(f"{type(exc).__name__}: {exc}") from None
 
 
-def with_retries(fetch: Callable[[str], bytes], location: str, *, retries: int = RETRIES,
+def with_retries(fetch: Callable[[str], bytes], location: str, *, retries: Optional[int] = None,
                  sleep: Callable[[float], None] = time.sleep) -> bytes:
     """``fetch(location)``, retrying transient errors with exponential backoff and jitter."""
+    retries = RETRIES if retries is None else retries
     for attempt in range(retries + 1):
         try:
             return fetch(location)
