@@ -234,16 +234,29 @@ _CHILD = """
 import sys, time
 from kontrast.trainer.table import load_examples
 import kontrast.trainer.table as table
-real = table.check_table
+real = table._build_in_child
 def slow(*a, **k):
     print("built", flush=True)
     time.sleep(1.0)
     return real(*a, **k)
-table.check_table = slow
+table._build_in_child = slow
+table.IN_PROCESS_MAX_BYTES = 0   # the build in a child process, as for large files
 ex = load_examples(sys.argv[1], {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"],
                                  "rightWeights": [0.75, 0.25], "weightKey": "score"})
 print(ex.path, len(ex), flush=True)
 """
+
+
+def test_large_files_are_checked_in_a_child_process_with_the_same_errors(tmp_path, monkeypatch):
+    import kontrast.trainer.table as table
+
+    monkeypatch.setattr(table, "IN_PROCESS_MAX_BYTES", 0)
+    path = write(tmp_path, "query,image,title,score\nq,a.png,t,1\nq,a.png,\"two\nlines\",x\n", "csv")
+    with pytest.raises(DataError) as info:
+        load_examples(str(path), SPEC)
+    assert str(info.value).endswith("row 2 (line 4), column 'score': the weight 'x' is not a number")
+    path = write(tmp_path, "query,image,title,score\nq,a.png,t,1\nr,a.png,t,2\n", "csv")
+    assert load_examples(str(path), SPEC).weights.tolist() == [1.0, 2.0]
 
 
 def test_two_processes_share_one_table_file(tmp_path, cache):

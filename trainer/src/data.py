@@ -26,8 +26,9 @@ from .errors import DataError, ProblemCollector
 from .images import BadImageReport, ImageCache, Policy, prefetch, problems_of, too_many
 from .table import Examples, default_cache, load_examples, parse_examples, parse_table, with_lines
 
-__all__ = ["Examples", "PairDataset", "SideDataset", "TrainLoader", "collate", "load_data", "normalize_images",
-           "uint8_transform", "cache_folder"]
+__all__ = ["Examples", "PairDataset", "SideDataset", "TrainLoader", "collate", "load_data", "load_examples",
+           "parse_table", "parse_examples", "normalize_images", "image_normalization", "uint8_transform",
+           "cache_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,16 @@ def load_data(location: str, spec: Mapping[str, Any], *, require_positive_weight
         examples = _apply_policy(examples, report, Policy.of(spec))
     if examples.uses_images:
         log.info("%s: %d rows, %d distinct queries, %d distinct documents; checked all %d distinct images",
-                 location, len(examples), len(np.unique(examples.left_ids)), len(np.unique(examples.right_ids)),
+                 location, len(examples), _distinct(examples.left_ids), _distinct(examples.right_ids),
                  len(images))
     else:
         log.info("%s: %d rows; the image field has weight 0, so no image is read or checked", location,
                  len(examples))
     return examples, report
+
+
+def _distinct(ids: np.ndarray) -> int:
+    return int(np.count_nonzero(np.bincount(ids))) if len(ids) else 0
 
 
 def _apply_policy(examples: Examples, report: BadImageReport, policy: Policy) -> Examples:
@@ -90,7 +95,7 @@ def _apply_policy(examples: Examples, report: BadImageReport, policy: Policy) ->
         collector.raise_if_any()
     if why is not None:
         raise DataError([_fraction_problem(examples.file, column, why, report)])
-    dropped = examples.rows_using([b.location for b in report.bad])
+    dropped = examples.rows_using([b.row for b in report.bad])
     report.skipped_rows = len(dropped)
     kept = examples.without(dropped)
     log.warning("%s: skipping %d row(s) that use %d bad image(s) of %d (data.onBadImage: skip); first: %s",

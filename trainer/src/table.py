@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 #: Bumped whenever the layout of the node-shared table file changes.
 TABLE_FORMAT = 1
 MAX_PROBLEMS = 20
+#: Data files above this size are checked in a child process (see shared_table_file).
+IN_PROCESS_MAX_BYTES = 16 << 20
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 _NON_FINITE = r"^[+-]?(nan|inf|infinity)$"
@@ -272,11 +275,26 @@ def parse_weights(raw: pa.ChunkedArray, column: str, problems: _Problems) -> np.
         non_finite = ~np.isfinite(values) & ~empty
     else:
         text = text_column(pa.table({column: raw}), column)
+        try:   # the common case, every weight a number: one cast, no regular expressions
+            values = pc.cast(text, pa.float64()).to_numpy()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            values = None
+        if values is not None:
+            return _check_numbers(values, text, column, problems)
         empty = pc.equal(text, "").to_numpy(zero_copy_only=False)
         number = pc.match_substring_regex(text, _NUMBER).to_numpy(zero_copy_only=False)
         non_finite = pc.match_substring_regex(text, _NON_FINITE, ignore_case=True).to_numpy(zero_copy_only=False)
         non_number = ~number & ~non_finite & ~empty
         values = pc.cast(pc.if_else(number, text, "0"), pa.float64()).to_numpy()
+    return _report_weights(values, text, column, problems, empty, non_number, non_finite)
+
+
+def _check_numbers(values: np.ndarray, text: pa.Array, column: str, problems: "_Problems") -> np.ndarray:
+    none = np.zeros(len(values), bool)
+    return _report_weights(values, text, column, problems, none, none, ~np.isfinite(values))
+
+
+def _report_weights(values, text, column, problems, empty, non_number, non_finite) -> np.ndarray:
     negative = np.isfinite(values) & (values < 0) & ~empty & ~non_number
 
     def shown(i: int) -> str:
@@ -319,21 +337,26 @@ def resolve_images(values: pa.Array, base_dir: str) -> pa.Array:
     return out
 
 
+def codes(values: pa.Array) -> np.ndarray:
+    """Dense int64 codes of the values, numbered by first appearance (Arrow's hash table)."""
+    return pc.dictionary_encode(values).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def dense_ids(columns: Sequence[pa.Array]) -> np.ndarray:
     """int64 ids equal exactly for rows equal in every column, numbered by first appearance."""
     n = len(columns[0]) if columns else 0
     ids = np.zeros(n, dtype=np.int64)
     for col in columns:
-        codes = pc.dictionary_encode(col).indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        ids = _first_appearance(ids * (int(codes.max(initial=0)) + 1) + codes)
+        c = codes(col)
+        ids = codes(pa.array(ids * (int(c.max(initial=0)) + 1) + c))   # < n * n: fits in int64
     return ids
 
 
-def _first_appearance(keys: np.ndarray) -> np.ndarray:
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    return rank[inverse.reshape(-1)]
+def first_rows(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each distinct code among ``codes[rows]``, the first of ``rows`` that has it (ascending)."""
+    first = np.full(int(codes.max(initial=-1)) + 1, -1, dtype=np.int64)
+    first[codes[rows[::-1]]] = rows[::-1]           # the last write, i.e. the earliest row, wins
+    return np.sort(first[first >= 0])
 
 
 def check_table(raw: pa.Table, file: str, cols: Columns, *, require_positive_weight: bool = True) -> pa.Table:
@@ -372,6 +395,7 @@ def check_table(raw: pa.Table, file: str, cols: Columns, *, require_positive_wei
         **{f"right{i}": t for i, t in enumerate(right[1:], start=1)},
         "left_weights": _fixed_list(resolved["left"]),
         "right_weights": _fixed_list(resolved["right"]),
+        "image_code": pa.array(codes(images).astype(np.int32)),
         "weight": pa.array(weights.astype(np.float32)),
         "left_id": pa.array(dense_ids(query)),
         "right_id": pa.array(dense_ids(doc)),
@@ -413,7 +437,12 @@ def table_key(location: str, cols: Columns, require_positive_weight: bool) -> st
 
 def shared_table_file(location: str, cols: Columns, cache: str, *, require_positive_weight: bool = True) -> Path:
     """The node's checked table file for ``location``: built by the first process to get the
-    lock (atomically: written beside, then renamed), mapped by everyone."""
+    lock, mapped by everyone.
+
+    A file larger than ``IN_PROCESS_MAX_BYTES`` is built in a child process, so the parsed
+    file and its temporaries never enter a training process's heap (whose allocator would
+    keep much of them); smaller ones are built in place, saving the child's start-up.
+    """
     folder = Path(cache) / "tables"
     folder.mkdir(parents=True, exist_ok=True)
     key = table_key(location, cols, require_positive_weight)
@@ -424,18 +453,57 @@ def shared_table_file(location: str, cols: Columns, cache: str, *, require_posit
             log.debug("%s: reusing the checked table %s", location, target)
             return target
         started = time.monotonic()
-        table = check_table(read_raw(location), location, cols, require_positive_weight=require_positive_weight)
-        tmp = folder / f".{key}.{os.getpid()}.tmp"
-        try:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table, max_chunksize=table.num_rows or None)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        del table
-        pa.default_memory_pool().release_unused()
+        size = int(source_stamp(location).get("size") or 0)
+        if size > IN_PROCESS_MAX_BYTES:
+            _build_in_child(location, cols, target, require_positive_weight)
+        else:
+            build_table_file(location, cols, target, require_positive_weight)
         log.info("%s: checked and wrote the node's table file in %.1f s", location, time.monotonic() - started)
     return target
+
+
+def build_table_file(location: str, cols: Columns, target: Path, require_positive_weight: bool) -> None:
+    """Read, check and write the table file atomically (written beside it, then renamed)."""
+    table = check_table(read_raw(location), location, cols, require_positive_weight=require_positive_weight)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=table.num_rows or None)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _build_in_child(location: str, cols: Columns, target: Path, require_positive_weight: bool) -> None:
+    import subprocess
+    import sys
+
+    request = json.dumps({"location": location, "columns": cols.__dict__, "target": str(target),
+                          "positive": require_positive_weight})
+    done = subprocess.run([sys.executable, "-m", "kontrast.trainer.table"], input=request, text=True,
+                          capture_output=True)
+    if done.returncode == 0:
+        return
+    try:
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(f"building the table of {location} failed:\n{done.stderr[-4000:]}") from None
+    raise DataError([DataProblem(**p) for p in answer["problems"]], answer["truncated"])
+
+
+def _child_main() -> int:
+    """``python -m kontrast.trainer.table``: build one table file (request JSON on stdin); a
+    DataError comes back as JSON on stdout with exit code 78."""
+    from dataclasses import asdict
+
+    request = json.loads(sys.stdin.read())
+    cols = Columns(**{k: tuple(v) if isinstance(v, list) else v for k, v in request["columns"].items()})
+    try:
+        build_table_file(request["location"], cols, Path(request["target"]), request["positive"])
+    except DataError as exc:
+        print(json.dumps({"problems": [asdict(p) for p in exc.problems], "truncated": exc.truncated}))
+        return 78
+    return 0
 
 
 def map_table(path: str | Path) -> pa.Table:
@@ -486,10 +554,10 @@ class Examples:
         self.images = text("image")
         self.left_weights = rows(_matrix(t.column("left_weights")))
         self.right_weights = rows(_matrix(t.column("right_weights")))
-        self.weights = rows(t.column("weight").chunk(0).to_numpy())
-        self.left_ids = rows(t.column("left_id").chunk(0).to_numpy())
-        self.right_ids = rows(t.column("right_id").chunk(0).to_numpy())
-        self.row_numbers = (np.arange(t.num_rows) if keep is None else keep) + 1   #: 1-based data rows
+        self.weights = rows(_numbers(t.column("weight")))
+        self.left_ids = rows(_numbers(t.column("left_id")))
+        self.right_ids = rows(_numbers(t.column("right_id")))
+        self.image_codes = _numbers(t.column("image_code"))   #: of every table row, dropped or not
 
     def __reduce__(self):
         return (Examples, (self.file, self.columns, self.path, self.keep, None if self.path else self.table))
@@ -537,24 +605,28 @@ class Examples:
         """
         used = np.flatnonzero(self.right_weights[:, 0] > 0)
         table_rows = used if self.keep is None else self.keep[used]
-        if not len(used):
-            return pa.array([], pa.large_string()), table_rows
-        column = self.images.array
-        codes = pc.dictionary_encode(column.take(pa.array(table_rows))).indices.to_numpy(zero_copy_only=False)
-        _, first = np.unique(codes, return_index=True)
-        first = table_rows[np.sort(first)]
-        return column.take(pa.array(first)), first
+        first = first_rows(self.image_codes, table_rows)
+        return self.images.array.take(pa.array(first, pa.int64())), first
 
-    def rows_using(self, images: Sequence[str]) -> np.ndarray:
-        """Table rows whose (used) image is one of ``images``."""
-        hit = pc.is_in(self.images.array, value_set=pa.array(list(images), pa.large_string()))
-        hit = hit.to_numpy(zero_copy_only=False)
-        return np.flatnonzero(hit & (_matrix(self.table.column("right_weights"))[:, 0] > 0))
+    def rows_using(self, table_rows: Sequence[int]) -> np.ndarray:
+        """Table rows whose (used) image is the image of one of ``table_rows``."""
+        bad = np.isin(self.image_codes, self.image_codes[np.asarray(table_rows, dtype=np.int64)])
+        return np.flatnonzero(bad & (_matrix(self.table.column("right_weights"))[:, 0] > 0))
+
+
+def _numbers(col: pa.ChunkedArray) -> np.ndarray:
+    """A primitive column without nulls as a numpy view of its (mapped) buffer."""
+    arr = col.chunk(0)
+    dtype = {pa.float32(): np.float32, pa.int32(): np.int32, pa.int64(): np.int64}[arr.type]
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr) + arr.offset)[arr.offset:]
 
 
 def _matrix(col: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size list column of float32 as an [n, k] numpy view of its buffer."""
     arr = col.chunk(0)
-    return arr.values.to_numpy().reshape(len(arr), arr.type.list_size)
+    k = arr.type.list_size
+    values = np.frombuffer(arr.values.buffers()[1], dtype=np.float32)
+    return values[arr.values.offset:][arr.offset * k:(arr.offset + len(arr)) * k].reshape(len(arr), k)
 
 
 def load_examples(location: str, spec: Mapping[str, Any], *, cache: Optional[str] = None,
@@ -577,3 +649,7 @@ def parse_examples(raw: pa.Table, spec: Mapping[str, Any], *, require_positive_w
     cols = Columns.of(spec)
     checked = check_table(raw, file, cols, require_positive_weight=require_positive_weight)
     return Examples(file, cols, None, table=checked)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
