@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import multiprocessing
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +20,7 @@ import torch
 from kontrast.trainer.data import PairDataset, load_data
 from kontrast.trainer.errors import DataError
 from kontrast.trainer.table import load_examples, parse_examples, parse_table
+from specs import params_of
 
 SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"],
         "rightWeights": [0.75, 0.25], "weightKey": "score"}
@@ -46,7 +49,7 @@ def write(folder, text: str, fmt: str):
 def load(request, tmp_path):
     """text -> Examples, through a file of the parametrised format."""
     def _load(text: str, spec=SPEC, **kw):
-        return load_examples(str(write(tmp_path, text, request.param)), spec, **kw)
+        return load_examples(str(write(tmp_path, text, request.param)), params_of(spec), **kw)
 
     _load.fmt = request.param
     return _load
@@ -86,7 +89,7 @@ def test_bad_numeric_weights_in_parquet(tmp_path, value, words):
     pq.write_table(pa.table({"query": ["a", "b"], "image": ["a.png", "b.png"], "title": ["t", "t"],
                              "score": pa.array([1.0, value], pa.float64())}), path)
     with pytest.raises(DataError, match=words) as info:
-        load_examples(str(path), SPEC)
+        load_examples(str(path), params_of(SPEC))
     assert (info.value.row, info.value.column) == (2, "score")
 
 
@@ -161,19 +164,19 @@ def test_id_columns_identify_queries_and_documents(load):
 
 def test_image_paths_resolve_against_the_data_folder():
     ex = parse_examples(parse_table("/data/sub/train.csv", "query,image,title,score\nq,img/a.png,t,1\n"
-                                    "q,/abs/b.png,t,1\nq,s3://bucket/c.png,t,1\nq,file:///x/d.png,t,1\n"), SPEC)
+                                    "q,/abs/b.png,t,1\nq,s3://bucket/c.png,t,1\nq,file:///x/d.png,t,1\n"), params_of(SPEC))
     assert [ex.image(i) for i in range(4)] == ["/data/sub/img/a.png", "/abs/b.png", "s3://bucket/c.png", "/x/d.png"]
     ex = parse_examples(parse_table("s3://bucket/set/train.csv", "query,image,title,score\nq,img/a.png,t,1\n"
-                                    "q,/top.png,t,1\n"), SPEC)
+                                    "q,/top.png,t,1\n"), params_of(SPEC))
     assert [ex.image(i) for i in range(2)] == ["s3://bucket/set/img/a.png", "s3://bucket/top.png"]
 
 
 def test_row_and_line_numbers_with_a_multiline_field(tmp_path):
     path = write(tmp_path, 'query,image,title,score\nq,a.png,"two\nlines",1\n\nq,a.png,t,bad\n', "csv")
     with pytest.raises(DataError) as info:
-        load_examples(str(path), SPEC)
+        load_examples(str(path), params_of(SPEC))
     assert (info.value.row, info.value.problems[0].line) == (2, 5) and "row 2 (line 5)" in str(info.value)
-    ex = load_examples(str(write(tmp_path, 'query,image,title,score\nq,a.png,"two\nlines",1\n', "csv")), SPEC)
+    ex = load_examples(str(write(tmp_path, 'query,image,title,score\nq,a.png,"two\nlines",1\n', "csv")), params_of(SPEC))
     assert ex.right_texts(0) == ["two\nlines"]
 
 
@@ -181,53 +184,53 @@ def test_row_and_line_numbers_with_a_multiline_field(tmp_path):
 def test_rows_with_the_wrong_number_of_fields(tmp_path, row):
     path = write(tmp_path, f"query,image,title,score\nq,a.png,t,1\n{row}\n", "csv")
     with pytest.raises(DataError, match=f"{len(row.split(','))} fields but the header has 4") as info:
-        load_examples(str(path), SPEC)
+        load_examples(str(path), params_of(SPEC))
     assert info.value.row == 2
 
 
 def test_duplicate_column_bom_and_empty_files(tmp_path):
     path = write(tmp_path, "query,image,query,title,score\nq,a.png,q,t,1\n", "csv")
     with pytest.raises(DataError, match="names column 'query' twice"):
-        load_examples(str(path), SPEC)
+        load_examples(str(path), params_of(SPEC))
     path = tmp_path / "bom.csv"
     path.write_bytes("\ufeffquery,image,title,score\nq,a.png,t,1\n".encode("utf-8"))
-    assert load_examples(str(path), SPEC).left_texts(0) == ["q"]
+    assert load_examples(str(path), params_of(SPEC)).left_texts(0) == ["q"]
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(DataError, match="the file is empty"):
-        load_examples(str(tmp_path / "empty.csv"), SPEC)
+        load_examples(str(tmp_path / "empty.csv"), params_of(SPEC))
     (tmp_path / "header.csv").write_text("query,image,title,score\n")
     with pytest.raises(DataError, match="a header but no data rows"):
-        load_examples(str(tmp_path / "header.csv"), SPEC)
+        load_examples(str(tmp_path / "header.csv"), params_of(SPEC))
     pq.write_table(pa.table({k: pa.array([], pa.string()) for k in ("query", "image", "title", "score")}),
                    tmp_path / "header.parquet")
     with pytest.raises(DataError, match="a header but no data rows"):
-        load_examples(str(tmp_path / "header.parquet"), SPEC)
+        load_examples(str(tmp_path / "header.parquet"), params_of(SPEC))
     with pytest.raises(DataError, match="file not found") as info:
-        load_examples(str(tmp_path / "missing.csv"), SPEC)
+        load_examples(str(tmp_path / "missing.csv"), params_of(SPEC))
     assert info.value.file.endswith("missing.csv")
 
 
 def test_tsv_and_compressed_csv(tmp_path, h):
     path = h.write_csv(tmp_path / "d.tsv", [["query", "image", "title", "score"], ["red, mug", "a.png", "t", "1"]],
                        delimiter="\t")
-    assert load_examples(str(path), SPEC).left_texts(0) == ["red, mug"]
+    assert load_examples(str(path), params_of(SPEC)).left_texts(0) == ["red, mug"]
     import gzip
 
     (tmp_path / "d.csv.gz").write_bytes(gzip.compress(b"query,image,title,score\nq,a.png,t,2\n"))
-    assert load_examples(str(tmp_path / "d.csv.gz"), SPEC).weights.tolist() == [2.0]
+    assert load_examples(str(tmp_path / "d.csv.gz"), params_of(SPEC)).weights.tolist() == [2.0]
 
 
 def test_the_checked_table_is_built_once_and_memory_mapped(tmp_path, cache):
     path = write(tmp_path, "query,image,title,score\nq,a.png,t,1\n", "csv")
-    a = load_examples(str(path), SPEC)
+    a = load_examples(str(path), params_of(SPEC))
     files = list((cache / "tables").glob("*.arrow"))
     assert len(files) == 1 and a.path == str(files[0])
     mtime = files[0].stat().st_mtime_ns
-    b = load_examples(str(path), SPEC)
+    b = load_examples(str(path), params_of(SPEC))
     assert b.path == a.path and files[0].stat().st_mtime_ns == mtime   # mapped, not rebuilt
     assert not a.weights.flags.owndata   # a view of the mapped pages, not a copy
     path.write_text("query,image,title,score\nq,a.png,t,3\n")     # a changed file gets a new table
-    assert load_examples(str(path), SPEC).weights.tolist() == [3.0]
+    assert load_examples(str(path), params_of(SPEC)).weights.tolist() == [3.0]
 
 
 _CHILD = """
@@ -241,8 +244,9 @@ def slow(*a, **k):
     return real(*a, **k)
 table._build_in_child = slow
 table.IN_PROCESS_MAX_BYTES = 0   # the build in a child process, as for large files
-ex = load_examples(sys.argv[1], {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"],
-                                 "rightWeights": [0.75, 0.25], "weightKey": "score"})
+from specs import params_of
+ex = load_examples(sys.argv[1], params_of({"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"],
+                                           "rightWeights": [0.75, 0.25], "weightKey": "score"}))
 print(ex.path, len(ex), flush=True)
 """
 
@@ -253,15 +257,16 @@ def test_large_files_are_checked_in_a_child_process_with_the_same_errors(tmp_pat
     monkeypatch.setattr(table, "IN_PROCESS_MAX_BYTES", 0)
     path = write(tmp_path, "query,image,title,score\nq,a.png,t,1\nq,a.png,\"two\nlines\",x\n", "csv")
     with pytest.raises(DataError) as info:
-        load_examples(str(path), SPEC)
+        load_examples(str(path), params_of(SPEC))
     assert str(info.value).endswith("row 2 (line 4), column 'score': the weight 'x' is not a number")
     path = write(tmp_path, "query,image,title,score\nq,a.png,t,1\nr,a.png,t,2\n", "csv")
-    assert load_examples(str(path), SPEC).weights.tolist() == [1.0, 2.0]
+    assert load_examples(str(path), params_of(SPEC)).weights.tolist() == [1.0, 2.0]
 
 
 def test_two_processes_share_one_table_file(tmp_path, cache):
     path = write(tmp_path, "query,image,title,score\n" + "q,a.png,t,1\n" * 50, "csv")
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(path)], stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}   # tests/, for specs.py
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(path)], stdout=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]
     outs = [p.communicate(timeout=120)[0].split() for p in procs]
     assert all(p.returncode == 0 for p in procs)
@@ -276,7 +281,7 @@ def _worker_reads(ex, i, q):
 
 def test_examples_pickle_as_their_file(tmp_path):
     path = write(tmp_path, "query,image,title,score\nq,a.png,t,1\nr,b.png,t,2\n", "csv")
-    ex = load_examples(str(path), SPEC)
+    ex = load_examples(str(path), params_of(SPEC))
     import pickle
 
     assert len(pickle.dumps(ex)) < 1000      # the path, not the data
@@ -297,7 +302,7 @@ def test_dataset_items_are_uint8_and_seeded(tmp_path, h):
     Image.fromarray(noise).save(tmp_path / "a.png")
     rows = [["query", "image", "title", "score"], ["red mug", "a.png", "red mug", "2.5"], ["blue", "", "t", "1"]]
     spec = {**SPEC, "data": {"cache": str(tmp_path / "c")}}
-    ex, report = load_data(str(h.write_csv(tmp_path / "t.csv", rows)), spec, require_positive_weight=True)
+    ex, report = load_data(str(h.write_csv(tmp_path / "t.csv", rows)), params_of(spec), require_positive_weight=True)
     assert report.checked == 1 and not report.bad
     ds = PairDataset(ex, transforms.Compose([transforms.RandomResizedCrop(8, scale=(0.5, 1.0)), transforms.ToTensor(),
                                              transforms.Normalize((0.5,) * 3, (0.25,) * 3)]),

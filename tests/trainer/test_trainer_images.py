@@ -17,6 +17,7 @@ import kontrast.trainer.images as images
 from kontrast.trainer.data import load_data
 from kontrast.trainer.errors import DataError
 from kontrast.trainer.images import ImageCache, TransientImageError, with_retries
+from specs import params_of
 
 SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"],
         "rightWeights": [0.75, 0.25], "weightKey": "score"}
@@ -122,7 +123,7 @@ def test_transient_errors_past_the_retries_are_not_data_errors(small_data, serve
     path = image_paths(data)[0]
     server.fail[path] = [503] * 10
     with pytest.raises(TransientImageError, match="HTTP 503") as info:
-        load_data(str(data), SPEC, require_positive_weight=True)
+        load_data(str(data), params_of(SPEC), require_positive_weight=True)
     assert not isinstance(info.value, DataError) and server.hits[path] == 3
 
 
@@ -145,7 +146,7 @@ def test_bad_images_fail_the_run_naming_rows(small_data, server, tmp_path):
     missing = image_paths(data)[0]
     server.fail[missing] = [404] * 3
     with pytest.raises(DataError) as info:
-        load_data(str(data), SPEC, require_positive_weight=True)
+        load_data(str(data), params_of(SPEC), require_positive_weight=True)
     err = info.value
     assert err.column == "image" and err.row is not None and "404" in str(err) and missing in str(err)
     assert server.hits[missing] == 1          # a 404 is not retried
@@ -158,7 +159,7 @@ def test_undecodable_bytes_are_a_bad_image(tmp_path, h):
                                                 ["a", "ok.png", "t", "1"], ["b", "broken.png", "t", "1"],
                                                 ["c", "ok.png", "t", "1"], ["d", "gone.png", "t", "1"]])
     with pytest.raises(DataError) as info:
-        load_data(str(path), SPEC, require_positive_weight=True)
+        load_data(str(path), params_of(SPEC), require_positive_weight=True)
     err = info.value
     assert [(p.row, p.line, p.column) for p in err.problems] == [(2, 3, "image"), (4, 5, "image")]
     assert "broken.png" in str(err.problems[0]) and "file not found" in str(err.problems[1])
@@ -171,7 +172,7 @@ def test_skip_drops_the_rows_and_reports_them(run_training, base_spec, small_dat
     with open(data, newline="") as f:
         using = sum(r["image"].endswith(bad) for r in csv.DictReader(f))
     spec = {**SPEC, "data": {"onBadImage": "skip", "maxBadFraction": 0.2}}
-    ex, report = load_data(str(data), spec, require_positive_weight=True)
+    ex, report = load_data(str(data), params_of(spec), require_positive_weight=True)
     assert len(ex) == 32 - using and report.skipped_rows == using and len(report.bad) == 1
     assert all(not ex.image(i).endswith(bad) for i in range(len(ex)))
     status = report.status()
@@ -196,7 +197,7 @@ def test_skip_fails_past_the_fraction(small_data, server, tmp_path):
         server.fail[p] = [404] * 5
     spec = {**SPEC, "data": {"onBadImage": "skip", "maxBadFraction": 0.05}}
     with pytest.raises(DataError, match=r"3 of \d+ distinct images .* more than data.maxBadFraction \(5.00%\)") as info:
-        load_data(str(data), spec, require_positive_weight=True)
+        load_data(str(data), params_of(spec), require_positive_weight=True)
     assert paths[0] in str(info.value)
 
 

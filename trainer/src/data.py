@@ -24,6 +24,7 @@ from PIL import Image
 
 from .errors import DataError, ProblemCollector
 from .images import BadImageReport, ImageCache, Policy, prefetch, problems_of, too_many
+from .params import Params
 from .table import Examples, default_cache, load_examples, parse_examples, parse_table, with_lines
 
 __all__ = ["Examples", "PairDataset", "SideDataset", "TrainLoader", "collate", "load_data", "load_examples",
@@ -35,9 +36,9 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # settings beside the table
 
-def cache_folder(spec: Mapping[str, Any]) -> str:
+def cache_folder(params: Params) -> str:
     """data.cache, else $KONTRAST_CACHE, else ~/.cache/kontrast."""
-    return (spec.get("data") or {}).get("cache") or default_cache()
+    return params.data.get("cache") or default_cache()
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,12 +57,12 @@ def _gather(items: list) -> list:
     return items
 
 
-def load_data(location: str, spec: Mapping[str, Any], *, require_positive_weight: bool,
+def load_data(location: str, params: Params, *, require_positive_weight: bool,
               progress: bool = False) -> tuple[Examples, BadImageReport]:
     """Check one data file and prefetch its images; every rank raises the same DataError if
     anything is wrong, or drops the same rows under ``data.onBadImage: skip``."""
-    cache = cache_folder(spec)
-    examples = load_examples(location, spec, cache=cache, require_positive_weight=require_positive_weight)
+    cache = cache_folder(params)
+    examples = load_examples(location, params, cache=cache, require_positive_weight=require_positive_weight)
     images, first_rows = examples.used_images()
     part, parts = _local_share()
     mine = slice(part, None, parts)
@@ -70,7 +71,7 @@ def load_data(location: str, spec: Mapping[str, Any], *, require_positive_weight
     bad = sorted({b.location: b for b in _gather(bad)}.values(), key=lambda b: b.row)
     report = BadImageReport(location, len(images), bad=bad)
     if bad:
-        examples = _apply_policy(examples, report, Policy.of(spec))
+        examples = _apply_policy(examples, report, Policy.of(params))
     if examples.uses_images:
         log.info("%s: %d rows, %d distinct queries, %d distinct documents; checked all %d distinct images",
                  location, len(examples), _distinct(examples.left_ids), _distinct(examples.right_ids),

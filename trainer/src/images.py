@@ -44,7 +44,7 @@ from typing import Callable, Optional, Sequence
 from PIL import Image
 
 from .errors import DataProblem
-from .spec import has_scheme
+from .locations import has_scheme
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,9 @@ class Policy:
     max_fraction: float = 0.0
 
     @classmethod
-    def of(cls, spec) -> "Policy":
-        data = spec.get("data") or {}
-        return cls(data.get("onBadImage", "fail"), float(data.get("maxBadFraction", 0.0)))
+    def of(cls, params) -> "Policy":
+        """From ``params.data`` (the CRD supplies the defaults)."""
+        return cls(params.data["onBadImage"], float(params.data["maxBadFraction"]))
 
 
 @dataclass

@@ -47,14 +47,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import DataError, DataProblem, ProblemCollector
-from .spec import has_scheme, parent_location, resolve_location
+
+if TYPE_CHECKING:
+    from .params import Params
+from .locations import has_scheme, parent_location
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +85,10 @@ class Columns:
     doc_id_key: Optional[str] = None
 
     @classmethod
-    def of(cls, spec: Mapping[str, Any]) -> "Columns":
-        return cls(tuple(spec["leftKeys"]), tuple(spec["rightKeys"]), tuple(map(float, spec["leftWeights"])),
-                   tuple(map(float, spec["rightWeights"])), spec["weightKey"], spec.get("queryIdKey"),
-                   spec.get("docIdKey"))
+    def of(cls, params: "Params") -> "Columns":
+        return cls(tuple(params.left_keys), tuple(params.right_keys), tuple(map(float, params.left_weights)),
+                   tuple(map(float, params.right_weights)), params.weight_key, params.query_id_key,
+                   params.doc_id_key)
 
     def wanted(self) -> list[tuple[str, str]]:
         """(column, the spec field naming it), in the order problems are reported."""
@@ -318,7 +321,7 @@ def side_weights(present: np.ndarray, base: Sequence[float]) -> tuple[np.ndarray
 def resolve_images(values: pa.Array, base_dir: str) -> pa.Array:
     """Image cells as locations: relative ones joined to the data file's folder (vectorised);
     the rare other forms (pvc://, file://, ~, /x on a URL base) go through spec.join_location."""
-    from .spec import join_location
+    from .locations import join_location
 
     url = pc.match_substring_regex(values, _URL)
     absolute = pc.starts_with(values, "/")
@@ -629,10 +632,10 @@ def _matrix(col: pa.ChunkedArray) -> np.ndarray:
     return values[arr.values.offset:][arr.offset * k:(arr.offset + len(arr)) * k].reshape(len(arr), k)
 
 
-def load_examples(location: str, spec: Mapping[str, Any], *, cache: Optional[str] = None,
+def load_examples(location: str, params: "Params", *, cache: Optional[str] = None,
                   require_positive_weight: bool = True) -> Examples:
     """Check ``location`` (once per node) and map its table."""
-    cols = Columns.of(spec)
+    cols = Columns.of(params)
     path = shared_table_file(location, cols, cache or default_cache(), require_positive_weight=require_positive_weight)
     return Examples(location, cols, path)
 
@@ -643,10 +646,10 @@ def parse_table(file: str, text: str) -> pa.Table:
     return raw.replace_schema_metadata({"kontrast.file": file})
 
 
-def parse_examples(raw: pa.Table, spec: Mapping[str, Any], *, require_positive_weight: bool = True) -> Examples:
+def parse_examples(raw: pa.Table, params: "Params", *, require_positive_weight: bool = True) -> Examples:
     """Check a table from ``parse_table`` and keep the result in memory (no table file)."""
     file = raw.schema.metadata[b"kontrast.file"].decode()
-    cols = Columns.of(spec)
+    cols = Columns.of(params)
     checked = check_table(raw, file, cols, require_positive_weight=require_positive_weight)
     return Examples(file, cols, None, table=checked)
 
