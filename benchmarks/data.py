@@ -17,7 +17,8 @@ RandomResizedCrop) and tokenizer:
 images) as CSV and as Parquet; for each reader, a fresh process per rank loads the file
 until it is ready to train (table checked, every distinct image checked) and reports wall
 time, peak RSS, and the growth of its private memory (Private_Clean + Private_Dirty from
-/proc/self/smaps_rollup) and PSS over the process's baseline after imports. "main" is the
+/proc/self/smaps_rollup), of its anonymous memory (heap: what no other process can share)
+and PSS over the process's baseline after imports. "main" is the
 reader of main at the commit below (``git show``), run from a temporary copy; "ours cold"
 builds the node's table file, "ours warm" maps an existing one.
 
@@ -43,6 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE_REV = "c1f80de"   #: main before the columnar reader
 SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"], "rightWeights": [0.75, 0.25],
         "weightKey": "score"}
+
+
+def params(**data):
+    """Our reader's parameters: SPEC, with ``data`` (cache, policy), defaults from the CRD."""
+    from kontrast.trainer.params import Params
+
+    return Params.from_spec({"model": "ViT-B-32", "trainData": "/x.csv", "output": "/out", **SPEC,
+                             "data": data}, Path("/"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +130,7 @@ def bench_loader(args) -> None:
     from open_clip_train.data import CsvDataset
 
     from kontrast.trainer.data import PairDataset, TrainLoader, load_data
+    from kontrast.trainer.images import ImageCache
 
     tmp = Path(tempfile.mkdtemp(prefix="kontrast-bench-"))
     paths = make_jpegs(tmp / "imgs", args.images)
@@ -151,13 +161,9 @@ def bench_loader(args) -> None:
                     w.writerow(["query", "image", "title", "score"])
                     for i, p in enumerate(paths):
                         w.writerow([f"query {i}", loc(p), f"product title {i}", "1"])
-            spec = {**SPEC, "data": {"cache": str(cache)}}
             t0 = time.perf_counter()
-            ex, _ = load_data(str(web), spec, require_positive_weight=True)
-            ds = PairDataset(ex, transform, tokenizer, 224, cache=None)
-            from kontrast.trainer.images import ImageCache
-
-            ds.cache = ImageCache(cache)
+            ex, _ = load_data(str(web), params(cache=str(cache)), require_positive_weight=True)
+            ds = PairDataset(ex, transform, tokenizer, 224, cache=ImageCache(cache))
             loader = TrainLoader(ds, workers, pin_memory=False)
             order = list(range(len(ds)))
             batches = [order[i:i + 32] for i in range(0, len(order), 32)]
@@ -168,7 +174,7 @@ def bench_loader(args) -> None:
             warm = n / (time.perf_counter() - t0)
             del loader
 
-            ex_local, _ = load_data(str(local), {**SPEC, "data": {"cache": str(cache)}}, require_positive_weight=True)
+            ex_local, _ = load_data(str(local), params(cache=str(cache)), require_positive_weight=True)
             ds_local = PairDataset(ex_local, transform, tokenizer, 224)
             loc_loader = TrainLoader(ds_local, workers, pin_memory=False)
             t0 = time.perf_counter()
@@ -192,7 +198,7 @@ def _memory() -> dict:
     with open("/proc/self/smaps_rollup") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Shared_Clean"):
+            if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Shared_Clean", "Anonymous"):
                 out[key] = int(value.split()[0]) / 1024
     return out
 
@@ -215,16 +221,19 @@ def child(args) -> None:
         checked = check_images(ex)
         n = len(ex)
     else:
-        ex, report = load_data(args.file, {**SPEC, "data": {"cache": args.cache}}, require_positive_weight=True)
+        ex, report = load_data(args.file, params(cache=args.cache), require_positive_weight=True)
         checked, n = report.checked, len(ex)
     wall = time.perf_counter() - t0
     after = _memory()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    builder = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024   # the table build, if run here
     private = lambda m: m["Private_Clean"] + m["Private_Dirty"]  # noqa: E731
     print(json.dumps({"rows": n, "images": checked, "wall_s": round(wall, 2), "peak_rss_mib": round(peak),
+                      "builder_peak_rss_mib": round(builder),
                       "baseline_rss_mib": round(before["Rss"]),
                       "private_growth_mib": round(private(after) - private(before), 1),
-                      "pss_growth_mib": round(after["Pss"] - before["Pss"], 1)}), flush=True)
+                      "pss_growth_mib": round(after["Pss"] - before["Pss"], 1),
+                      "anon_growth_mib": round(after["Anonymous"] - before["Anonymous"], 1)}), flush=True)
 
 
 def extract_baseline(folder: Path) -> None:

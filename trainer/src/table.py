@@ -42,7 +42,6 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
