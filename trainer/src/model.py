@@ -200,6 +200,41 @@ def _checkpoint_has(path: Optional[str], key: str) -> bool:
 
 # --------------------------------------------------------------------------------------------
 
+class CappedTokenizer:
+    """Keeps at most ``cap`` tokens of each text and pads them to the tower's full width.
+
+    open_clip's CLIP text tower adds its whole positional embedding, so every token tensor
+    must have the native width; the tokens past ``cap`` are padding, exactly what open_clip
+    feeds for a text that short.
+    """
+
+    def __init__(self, native: Any, cap: int):
+        self.native, self.cap = native, cap
+        self.context_length = native.context_length
+        inner = getattr(native, "tokenizer", None)
+        self.pad_id = int(getattr(inner, "pad_token_id", None) or 0)
+
+    def __call__(self, texts, context_length: Optional[int] = None) -> torch.Tensor:
+        tokens = self.native(texts, context_length=self.cap)
+        pad = self.context_length - tokens.shape[1]
+        return torch.nn.functional.pad(tokens, (0, pad), value=self.pad_id)
+
+
+def fed_context_length(asked: int, native: int, pretrained: bool) -> tuple[int, Optional[str]]:
+    """Tokens fed to the text tower, and a warning when ``contextLength`` asks for more than a
+    pretrained tower has positions for.
+
+    A pretrained tower keeps its positional embedding as trained (resizing it would
+    interpolate the embedding and change the starting model), so ``contextLength`` only caps
+    the tokens fed to it. A randomly initialised model is built with ``contextLength``
+    positions, so there the two are equal.
+    """
+    if not pretrained or asked <= native:
+        return asked, None
+    return native, (f"contextLength={asked} exceeds the pretrained text tower's {native} positions; "
+                    f"feeding at most {native} tokens (the tower is never resized)")
+
+
 def build_model(resolved: Resolved, precision: Precision, device: torch.device | str = "cpu") -> ModelBundle:
     """open_clip model + transforms + tokenizer for a resolved TrainJob.
 
@@ -230,7 +265,8 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
                     "Hugging Face text towers)", pooling, name)
     if pooling and hf_text:
         text_cfg = copy.deepcopy(cfg["text_cfg"])
-        text_cfg["context_length"] = spec["contextLength"]
+        if not resolved.pretrained:
+            text_cfg["context_length"] = spec["contextLength"]
         text_cfg["hf_model_pretrained"] = False
         # open_clip's max_pooler is broken; build with the mean pooler and swap ours in below.
         text_cfg["hf_pooler_type"] = "mean_pooler" if pooling == "max" else POOLERS[pooling]
@@ -246,7 +282,7 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
             force_quick_gelu=spec["forceQuickGELU"],
             force_custom_text=spec["forceCustomText"],
             force_patch_dropout=spec.get("forcePatchDropout"),
-            force_context_length=spec["contextLength"],
+            force_context_length=None if resolved.pretrained else spec["contextLength"],
             image_mean=tuple(spec["imageMean"]) if spec.get("imageMean") else None,
             image_std=tuple(spec["imageStd"]) if spec.get("imageStd") else None,
             pretrained_text=False,
@@ -282,8 +318,14 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
         # Only when enabled: HF towers' set_grad_checkpointing ignores its argument.
         model.set_grad_checkpointing(True)
 
-    tokenizer = open_clip.get_tokenizer(name, context_length=spec["contextLength"])
+    tokens, warning = fed_context_length(spec["contextLength"], model.context_length, bool(resolved.pretrained))
+    if warning:
+        log.warning(warning)
+    native = open_clip.get_tokenizer(name, context_length=model.context_length)
+    tokenizer = native if tokens == model.context_length else CappedTokenizer(native, tokens)
     info: dict[str, Any] = {
+        "contextLength": tokens,
+        "warnings": [warning] if warning else None,
         "logitScale": float(model.logit_scale.detach().float().exp().reshape(-1)[0]),
         "logitBias": (float(model.logit_bias.detach().float().reshape(-1)[0])
                       if model.logit_bias is not None and siglip else None),

@@ -45,7 +45,7 @@ from .fusion import FusedModel
 from .locks import apply_locks, make_adamw, param_groups
 from .memory import contrastive_step, param_bytes, probe_micro_batch
 from .model import ModelBundle, build_model
-from .precision import Precision, precision_warnings, resolve_precision
+from .precision import Precision, lost_update_warning, precision_warnings, resolve_precision
 from .report import JsonlReporter, Reporter, Reporters, utc_now
 from .schedule import Schedule, make_schedule
 from .spec import Resolved
@@ -148,7 +148,7 @@ def choose_micro_batch(resolved: Resolved, world: World, fused=None, dataset=Non
         with precision.autocast():
             return _forward(fused, batch)[:3]
 
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    trainable = trainable_params(optimizer)
     micro = probe_micro_batch(step_rows, forward_rows, fused, world.device,
                               optimizer_bytes=2 * param_bytes(trainable), world_size=world.world_size,
                               local_loss=spec["localLoss"])
@@ -208,8 +208,12 @@ class _Meter:
         return sum(recent) / len(recent) if recent else None
 
 
+def trainable_params(optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
 def _resolved_info(resolved: Resolved, bundle: ModelBundle, plan: RunPlan, world: World,
-                   precision: Precision) -> dict[str, Any]:
+                   precision: Precision, warnings: Sequence[str] = ()) -> dict[str, Any]:
     info = {
         "beta2": resolved.beta2,
         "eps": resolved.eps,
@@ -224,6 +228,8 @@ def _resolved_info(resolved: Resolved, bundle: ModelBundle, plan: RunPlan, world
         "peakLr": plan.schedule.peak_lr(),
         "device": str(world.device),
         "precision": precision.describe(),
+        "contextLength": bundle.info.get("contextLength"),
+        "warnings": warnings or None,
     }
     return {k: v for k, v in info.items() if v is not None}
 
@@ -306,7 +312,12 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     warning = plan.schedule.warning()
     if warning:
         log.warning(warning)
-    info = _resolved_info(resolved, bundle, plan, world, precision)
+    lost = lost_update_warning(precision, spec["lr"], trainable_params(optimizer))
+    if lost:
+        log.warning(lost)
+    warnings = [*precision_warnings(precision, resolved.eps), *([lost] if lost else []),
+                *(bundle.info.get("warnings") or []), *([warning] if warning else [])]
+    info = _resolved_info(resolved, bundle, plan, world, precision, warnings)
 
     eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=spec["seed"])
                if eval_ex is not None else None)
@@ -350,12 +361,11 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     def run_eval(phase: str, epoch: int) -> Optional[dict[str, float]]:
         if eval_ds is None:
             return None
-        metrics = None
+        # Every rank encodes and searches its share (evaluate is collective).
+        metrics = evaluate(unwrap(net), eval_ds, eval_set, batch_size=min(EVAL_BATCH, max(spec["batchSize"], 32)),
+                           device=dev, precision=precision).metrics
         if world.is_main:
-            metrics = evaluate(unwrap(net), eval_ds, eval_set, batch_size=min(EVAL_BATCH, max(spec["batchSize"], 32)),
-                               device=dev, precision=precision)
             report.on_eval({"phase": phase, "epoch": epoch, "metrics": metrics})
-        world.barrier()
         return metrics
 
     # 4. evaluate the starting model ------------------------------------------------------
@@ -369,7 +379,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     meter = _Meter()
     last_loss = None
     global_rows = plan.step_rows * world.world_size
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    trainable = trainable_params(optimizer)
     net.train()
     for epoch in range(start_epoch, last_epoch):
         seed_everything(epoch_seed(spec["seed"], epoch, world.rank))
