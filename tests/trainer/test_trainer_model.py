@@ -277,3 +277,36 @@ def test_context_length_caps_the_tokens_fed_to_a_pretrained_tower(build, tmp_pat
     assert tokens.shape == (1, 16) and (tokens[0, 8:] == 0).all() and (tokens[0, :8] != 0).all()
     assert b.info["contextLength"] == 8 and not b.info["warnings"]
     assert b.model.encode_text(tokens).shape == (1, 16)
+
+
+def test_pretrained_url_cache_is_keyed_by_the_whole_url_and_downloaded_once(tmp_path, monkeypatch):
+    import threading
+
+    import fsspec
+
+    from kontrast.trainer import model as model_module
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket-a/model.pt", b"A" * 1000)
+    fs.pipe("/bucket-b/model.pt", b"B" * 1000)
+    opened = []
+    real_open = fsspec.open
+
+    def counting_open(url, *args, **kwargs):
+        opened.append(url)
+        return real_open(url, *args, **kwargs)
+
+    monkeypatch.setattr(fsspec, "open", counting_open)
+    cache = tmp_path / "cache"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        model_module.cached_download("memory://bucket-a/model.pt", cache))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert opened == ["memory://bucket-a/model.pt"]          # one download for four processes
+    assert len(set(results)) == 1 and results[0].read_bytes() == b"A" * 1000
+    other = model_module.cached_download("memory://bucket-b/model.pt", cache)
+    assert other != results[0] and other.read_bytes() == b"B" * 1000
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]   # no temporary file left

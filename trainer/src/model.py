@@ -25,10 +25,12 @@ Everything goes through open_clip's own factory (``create_model_and_transforms``
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -168,18 +170,40 @@ def _local_pretrained(resolved: Resolved) -> Optional[str]:
     p = resolved.pretrained
     if not p or resolved.pretrained_is_tag or not has_scheme(p):
         return p
+    return str(cached_download(p, Path(tempfile.gettempdir()) / "kontrast-pretrained"))
+
+
+def cache_name(url: str) -> str:
+    """A cache file name unique to the whole URL (s3://a/model.pt and s3://b/model.pt differ)."""
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    return f"{digest}-{PurePosixPath(url.split('://', 1)[-1]).name or 'model'}"
+
+
+def cached_download(url: str, cache: Path) -> Path:
+    """The file at ``url``, downloaded once per machine into ``cache``.
+
+    The processes of a node share the cache: an exclusive lock on a per-URL lock file lets
+    one of them download while the others wait and then find the file. The download goes to
+    a private temporary file that is renamed into place, so no reader sees half a file.
+    """
+    import fcntl
+
     import fsspec
 
-    cache = Path(tempfile.gettempdir()) / "kontrast-pretrained"
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / PurePosixPath(p.split("://", 1)[1]).name
-    if not target.exists():
-        tmp = target.with_suffix(target.suffix + ".part")
-        with fsspec.open(p, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 24):
-                dst.write(chunk)
-        os.replace(tmp, target)
-    return str(target)
+    target = cache / cache_name(url)
+    with open(cache / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{target.name}.")
+            try:
+                with fsspec.open(url, "rb") as src, os.fdopen(fd, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    return target
 
 
 def _checkpoint_has(path: Optional[str], key: str) -> bool:
