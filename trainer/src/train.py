@@ -48,7 +48,7 @@ from .fusion import FusedModel
 from .locks import apply_locks, make_adamw, param_groups
 from .accumulation import contrastive_step, param_bytes, probe_micro_batch
 from .model import ModelBundle, build_model
-from .precision import Precision, precision_warnings, resolve_precision
+from .precision import Precision, lost_update_warning, precision_warnings, resolve_precision
 from .report import JsonlReporter, Reporter, Reporters, utc_now
 from .schedule import Schedule, make_schedule
 from .params import Params
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 LOGIT_SCALE_MAX = math.log(100.0)
 EVAL_BATCH = 256
+BEST_BY = "ndcg@10"         #: the metric that names status.checkpoints.best
+MAX_HISTORY = 200           #: evaluations kept in status.metrics.history
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +232,8 @@ class Progress:
     step: int = 0                   #: optimizer steps completed
     eval_before: Optional[dict[str, float]] = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)    #: evaluations so far, oldest first
+    best: Optional[dict[str, Any]] = None   #: the saved checkpoint with the best nDCG@10 so far
     resumed_from: Optional[str] = None
     last_loss: Optional[float] = None
     meter: _Meter = field(default_factory=_Meter)
@@ -271,14 +275,13 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     progress = resume(run)
     report.on_start(start_info(run, progress))
     if progress.resumed_from is None:
-        progress.eval_before = run_eval(run, report, "before", 0)
+        progress.eval_before = record_eval(run, progress, report, "before", measure(run))
     epochs = run.params.epochs
     last_epoch = epochs if max_epochs is None else min(epochs, progress.epoch + max_epochs)
     run.net.train()
     for epoch in range(progress.epoch, last_epoch):
         train_epoch(run, progress, epoch, report)
-        if progress.epoch % run.params.save_frequency == 0 or progress.epoch == epochs:
-            save(run, progress, report)
+        end_epoch(run, progress, report)
     if last_epoch < epochs:
         log.info("stopped after epoch %d of %d (max_epochs)", last_epoch, epochs)
         return {"step": progress.step, "epoch": last_epoch, "stopped": True}
@@ -312,23 +315,30 @@ def setup(resolved: Resolved, world: World) -> Run:
                            cache=image_cache)
     micro = choose_micro_batch(params, world, fused, train_ds, precision, optimizer)
     plan = plan_run(params, len(train_ex), world, micro, file=params.train_data)
-    if plan.schedule.warning():
-        log.warning(plan.schedule.warning())
+    warnings = _warnings(params, precision, bundle, plan, optimizer)
     eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=params.seed,
                            cache=image_cache)
                if eval_ex is not None else None)
     return Run(resolved=resolved, params=params, world=world, precision=precision, bundle=bundle, fused=fused,
                net=net, optimizer=optimizer, scaler=precision.make_scaler(), train_ds=train_ds,
                loader=TrainLoader(train_ds, params.workers, pin_memory=world.device.type == "cuda"), plan=plan,
-               eval_ds=eval_ds, eval_set=build_eval_set(eval_ex) if eval_ex is not None else None,
-               info=_resolved_info(params, bundle, plan, world, precision),
+               eval_ds=eval_ds, eval_set=build_eval_set(eval_ex, params.eval_grades) if eval_ex is not None else None,
+               info=_resolved_info(params, bundle, plan, world, precision, warnings),
                data_report={"badImages": bad_images} if bad_images else {})
+
+
+def _warnings(params: Params, precision: Precision, bundle: ModelBundle, plan: RunPlan, optimizer) -> list[str]:
+    """Advice about this run's settings, logged and reported in status.resolved.warnings."""
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    found = [*precision_warnings(precision, params.eps), lost_update_warning(precision, params.lr, trainable),
+             plan.schedule.warning()]
+    for message in filter(None, found):
+        log.warning(message)
+    return [m for m in [*found, *(bundle.info.get("warnings") or [])] if m]
 
 
 def _precision(params: Params, device: torch.device) -> Precision:
     precision = resolve_precision(params.precision, device.type)
-    for message in precision_warnings(precision, params.eps):
-        log.warning(message)
     if params.dynamic_batch_size and device.type != "cuda":
         log.info("dynamicBatchSize has no effect on %s: every forward pass uses batchSize=%d rows",
                  device.type, params.batch_size)
@@ -361,7 +371,7 @@ def _unused_visual(params: Params) -> bool:
 
 
 def _resolved_info(params: Params, bundle: ModelBundle, plan: RunPlan, world: World,
-                   precision: Precision) -> dict[str, Any]:
+                   precision: Precision, warnings: Sequence[str] = ()) -> dict[str, Any]:
     info = {
         "beta2": params.beta2,
         "eps": params.eps,
@@ -376,6 +386,8 @@ def _resolved_info(params: Params, bundle: ModelBundle, plan: RunPlan, world: Wo
         "peakLr": plan.schedule.peak_lr(),
         "device": str(world.device),
         "precision": precision.describe(),
+        "contextLength": bundle.info.get("contextLength"),
+        "warnings": list(warnings) or None,
     }
     return {k: v for k, v in info.items() if v is not None}
 
@@ -400,7 +412,8 @@ def resume(run: Run) -> Progress:
                     epoch, step)
     log.info("resuming from %s (epoch %d, step %d)", location, epoch, step)
     return Progress(epoch=epoch, step=step, eval_before=state.get("eval_before"),
-                    checkpoints=list(state.get("checkpoints") or []), resumed_from=location)
+                    checkpoints=list(state.get("checkpoints") or []), history=list(state.get("eval_history") or []),
+                    best=state.get("best"), resumed_from=location)
 
 
 def _load_state(run: Run, state: dict[str, Any], location: str) -> None:
@@ -489,18 +502,49 @@ def step_info(run: Run, progress: Progress, epoch: int, lr: float) -> dict[str, 
     }
 
 
-def run_eval(run: Run, report: Reporters, phase: str, epoch: int) -> Optional[dict[str, float]]:
-    """Retrieval metrics of the current model on evalData (rank 0; the others wait)."""
+def measure(run: Run) -> Optional[dict[str, float]]:
+    """Retrieval metrics of the current model on evalData. Collective: every rank encodes and
+    searches its share (``evaluate``), so no rank idles in a barrier under the process-group
+    timeout while another evaluates."""
     if run.eval_ds is None:
         return None
-    metrics = None
+    return evaluate(unwrap(run.net), run.eval_ds, run.eval_set,
+                    batch_size=min(EVAL_BATCH, max(run.params.batch_size, 32)),
+                    device=run.world.device, precision=run.precision).metrics
+
+
+def is_new_best(progress: Progress, metrics: Optional[dict[str, float]]) -> bool:
+    return metrics is not None and (progress.best is None or metrics[BEST_BY] > progress.best[BEST_BY])
+
+
+def record_eval(run: Run, progress: Progress, report: Reporters, phase: str,
+                metrics: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+    """Add an evaluation of the model at ``progress.epoch`` to the history, and make it the best
+    when it beats the best by nDCG@10 (the caller has saved that epoch's checkpoint)."""
+    if metrics is None:
+        return None
+    epoch = progress.epoch
+    progress.history = (progress.history + [{"epoch": epoch, "phase": phase, "metrics": metrics}])[-MAX_HISTORY:]
+    saved = [c for c in progress.checkpoints if c["epoch"] == epoch]
+    if saved and is_new_best(progress, metrics):
+        progress.best = {"uri": saved[-1]["uri"], "epoch": epoch, BEST_BY: metrics[BEST_BY]}
     if run.world.is_main:
-        metrics = evaluate(unwrap(run.net), run.eval_ds, run.eval_set,
-                           batch_size=min(EVAL_BATCH, max(run.params.batch_size, 32)),
-                           device=run.world.device, precision=run.precision)
-        report.on_eval({"phase": phase, "epoch": epoch, "metrics": metrics})
-    run.world.barrier()
+        report.on_eval({"phase": phase, "epoch": epoch, "metrics": metrics, "history": progress.history,
+                        "best": progress.best})
     return metrics
+
+
+def end_epoch(run: Run, progress: Progress, report: Reporters) -> None:
+    """Evaluate every evalEvery epochs (the last epoch's evaluation is the final one), then
+    checkpoint every saveFrequency epochs, after the last, and whenever the evaluation found a
+    new best model (so status.checkpoints.best always names a saved checkpoint)."""
+    params = run.params
+    last = progress.epoch == params.epochs
+    due = params.eval_every > 0 and progress.epoch % params.eval_every == 0 and not last
+    metrics = measure(run) if due else None
+    if last or progress.epoch % params.save_frequency == 0 or is_new_best(progress, metrics):
+        save(run, progress, report)
+    record_eval(run, progress, report, "epoch", metrics)
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +560,8 @@ def save(run: Run, progress: Progress, report: Reporters) -> None:
             "epoch": progress.epoch, "step": progress.step, "name": run.resolved.name,
             "model": run.params.model, "state_dict": run.clip.state_dict(),
             "optimizer": run.optimizer.state_dict(), "eval_before": progress.eval_before,
-            "checkpoints": progress.checkpoints, "kontrast_version": _version(),
+            "checkpoints": progress.checkpoints, "eval_history": progress.history, "best": progress.best,
+            "kontrast_version": _version(),
         }
         if run.scaler is not None:
             payload["scaler"] = run.scaler.state_dict()
@@ -527,7 +572,7 @@ def save(run: Run, progress: Progress, report: Reporters) -> None:
 
 def summarise(run: Run, progress: Progress, report: Reporters, started: float) -> dict[str, Any]:
     """Evaluate the final model and write summary.json (rank 0); every rank returns it."""
-    eval_after = run_eval(run, report, "after", run.params.epochs)
+    eval_after = record_eval(run, progress, report, "after", measure(run))
     summary = {
         "name": run.resolved.name,
         "model": run.params.model,
@@ -541,6 +586,8 @@ def summarise(run: Run, progress: Progress, report: Reporters, started: float) -
         "resolved": run.info,
         "parameters": dict(run.resolved.spec),
         "checkpoints": progress.checkpoints,
+        "evalHistory": progress.history,
+        "best": progress.best,
         "summaryUri": storage.join(run.params.output, "summary.json"),
     }
     if run.world.is_main:
