@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import open_clip
 import torch
 import torch.distributed as dist
 
@@ -41,6 +42,7 @@ from .data import Examples, PairDataset, collate, find_image_problems, load_exam
 from .distributed import World, all_reduce_min, broadcast_object, init_from_env, shard_indices, unwrap, wrap_ddp
 from .errors import DataError, DataProblem, PermanentError
 from .evaluate import build_eval_set, evaluate
+from .export import CONFIG_KEY, MODEL_DIR, export_run, open_clip_config
 from .fusion import FusedModel
 from .locks import apply_locks, make_adamw, param_groups
 from .memory import contrastive_step, param_bytes, probe_micro_batch
@@ -307,6 +309,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     if warning:
         log.warning(warning)
     info = _resolved_info(resolved, bundle, plan, world, precision)
+    export_config = open_clip_config(clip, open_clip.get_model_config(bundle.name), spec, bundle.tokenizer)
 
     eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=spec["seed"])
                if eval_ex is not None else None)
@@ -345,6 +348,8 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
         "name": resolved.name, "output": resolved.output, "resolved": info,
         "epochs": spec["epochs"], "totalSteps": plan.schedule.total_steps,
         "startStep": step, "startEpoch": start_epoch, "resumedFrom": location,
+        "parameters": dict(spec),
+        "data": {"trainRows": len(train_ex), "evalRows": len(eval_ex) if eval_ex is not None else None},
     })
 
     def run_eval(phase: str, epoch: int) -> Optional[dict[str, float]]:
@@ -427,7 +432,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
                     "epoch": completed, "step": step, "name": resolved.name, "model": resolved.model,
                     "state_dict": clip.state_dict(), "optimizer": optimizer.state_dict(),
                     "eval_before": eval_before, "checkpoints": checkpoints,
-                    "kontrast_version": _version(),
+                    "kontrast_version": _version(), CONFIG_KEY: export_config,
                 }
                 if scaler is not None:
                     payload["scaler"] = scaler.state_dict()
@@ -455,9 +460,11 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
         "parameters": dict(spec),
         "checkpoints": checkpoints,
         "summaryUri": storage.join(resolved.output, "summary.json"),
+        "modelUri": storage.join(resolved.output, MODEL_DIR) if checkpoints else None,
     }
     if world.is_main:
         storage.write_text(summary["summaryUri"], json.dumps(summary, indent=2) + "\n")
+        export_run(resolved.output, summary)
         report.on_end(summary)
     world.barrier()
     return summary
