@@ -107,8 +107,10 @@ def embed(fused, pairs: PairDataset, rows, side: str, *, batch_size: int, device
 
 
 def evaluate(fused, pairs: PairDataset, eval_set: EvalSet, *, batch_size: int, device, precision,
-             workers: int = 0) -> dict[str, float]:
-    """Metrics of ``fused`` (a FusedModel) on an eval set; restores the train/eval mode."""
+             workers: int = 0, on_embeddings=None) -> dict[str, float]:
+    """Metrics of ``fused`` (a FusedModel) on an eval set; restores the train/eval mode.
+
+    ``on_embeddings(queries, documents)``, if given, sees the encodings (the report's gallery)."""
     was_training = fused.training
     fused.eval()
     try:
@@ -118,4 +120,6 @@ def evaluate(fused, pairs: PairDataset, eval_set: EvalSet, *, batch_size: int, d
                   precision=precision, workers=workers)
     finally:
         fused.train(was_training)
+    if on_embeddings is not None:
+        on_embeddings(q, d)
     return ranking_metrics((q @ d.T).numpy(), eval_set.relevance)

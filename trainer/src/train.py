@@ -42,14 +42,17 @@ from .data import Examples, PairDataset, collate, find_image_problems, load_exam
 from .distributed import World, all_reduce_min, broadcast_object, init_from_env, shard_indices, unwrap, wrap_ddp
 from .errors import DataError, DataProblem, PermanentError
 from .evaluate import build_eval_set, evaluate
-from .export import CONFIG_KEY, MODEL_DIR, export_run, open_clip_config
+from .export import CONFIG_KEY, export_run, open_clip_config
+from .gallery import Gallery
 from .fusion import FusedModel
 from .locks import apply_locks, make_adamw, param_groups
 from .memory import contrastive_step, param_bytes, probe_micro_batch
 from .model import ModelBundle, build_model
 from .precision import Precision, precision_warnings, resolve_precision
+from .report_html import TENSORBOARD, run_outputs, write_report
 from .report import JsonlReporter, Reporter, Reporters, utc_now
 from .schedule import Schedule, make_schedule
+from .tensorboard import tensorboard_reporter
 from .spec import Resolved
 
 log = logging.getLogger(__name__)
@@ -192,6 +195,18 @@ def train_step(net, micro_batches: list[dict[str, torch.Tensor]], *, kind: str, 
     return contrastive_step(forward, micro_batches, kind=kind, local_loss=local_loss, model=net, backward=backward)
 
 
+def _grad_norm(params: list[torch.Tensor], clip_norm: Optional[float]) -> Optional[float]:
+    """The global gradient L2 norm before clipping (clipped to ``clip_norm`` when set): the
+    first number to check when a run misbehaves. None if it is not finite."""
+    if clip_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, norm_type=2.0)
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros(())
+    value = float(norm)
+    return round(value, 6) if math.isfinite(value) else None
+
+
 # --------------------------------------------------------------------------------------------
 # the run
 
@@ -253,6 +268,8 @@ def train(resolved: Resolved, *, world: Optional[World] = None, device: Optional
     if world.is_main:
         # progress.jsonl is part of the output folder's contract, whoever else listens.
         sinks = [JsonlReporter(storage.join(resolved.output, "progress.jsonl")), *reporters]
+        board = tensorboard_reporter(storage.join(resolved.output, TENSORBOARD))
+        sinks += [board] if board is not None else []
     report = Reporters(sinks)
     try:
         return _train(resolved, world, report, started, max_epochs)
@@ -314,6 +331,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=spec["seed"])
                if eval_ex is not None else None)
     eval_set = build_eval_set(eval_ex) if eval_ex is not None else None
+    gallery = Gallery(resolved.output, eval_ex, eval_set) if eval_set is not None and world.is_main else None
 
     # 3. resume -------------------------------------------------------------------------
     start_epoch, step = 0, 0
@@ -358,7 +376,8 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
         metrics = None
         if world.is_main:
             metrics = evaluate(unwrap(net), eval_ds, eval_set, batch_size=min(EVAL_BATCH, max(spec["batchSize"], 32)),
-                               device=dev, precision=precision)
+                               device=dev, precision=precision,
+                               on_embeddings=lambda q, d: gallery.record(phase, q, d))
             report.on_eval({"phase": phase, "epoch": epoch, "metrics": metrics})
         world.barrier()
         return metrics
@@ -388,6 +407,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
         for _ in range(plan.steps_per_epoch):
             t0 = time.monotonic()
             micro_batches = [_to(next(it), dev) for _ in range(plan.micro_steps)]
+            data_wait = time.monotonic() - t0
             lr = plan.schedule.lr(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -397,8 +417,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
             loss_value = float(loss)
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            if spec.get("gradClipNorm") is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, spec["gradClipNorm"], norm_type=2.0)
+            grad_norm = _grad_norm(trainable, spec.get("gradClipNorm"))
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -410,7 +429,8 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
                 clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
             step += 1
             last_loss = loss_value
-            meter.add(time.monotonic() - t0)
+            step_seconds = time.monotonic() - t0
+            meter.add(step_seconds)
             if world.is_main:
                 mean = meter.mean()
                 report.on_step({
@@ -419,6 +439,8 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
                     "samplesPerSecond": round(global_rows / mean, 2) if mean else None,
                     "etaSeconds": round(mean * (total - step), 1) if mean else None,
                     "loss": loss_value, "lr": lr, "microBatchSize": plan.micro,
+                    "gradNorm": grad_norm, "logitScale": round(float(clip.logit_scale.detach().exp()), 4),
+                    "dataWaitSeconds": round(data_wait, 4), "computeSeconds": round(step_seconds - data_wait, 4),
                     "updatedAt": utc_now(),
                 })
         del it, loader
@@ -460,11 +482,12 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
         "parameters": dict(spec),
         "checkpoints": checkpoints,
         "summaryUri": storage.join(resolved.output, "summary.json"),
-        "modelUri": storage.join(resolved.output, MODEL_DIR) if checkpoints else None,
+        "outputs": run_outputs(resolved.output, model=bool(checkpoints)),
     }
     if world.is_main:
         storage.write_text(summary["summaryUri"], json.dumps(summary, indent=2) + "\n")
         export_run(resolved.output, summary)
+        write_report(resolved.output)
         report.on_end(summary)
     world.barrier()
     return summary
