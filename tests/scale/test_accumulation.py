@@ -12,7 +12,7 @@ from openclip_peer import peer_args, peer_data
 from scale import helpers
 from scale.helpers import tiny_clip, two_tower_batch
 
-from kontrast.trainer.memory import contrastive_step, search_micro_batch, split_micro_batches
+from kontrast.trainer.accumulation import contrastive_step, search_micro_batch, split_micro_batches
 
 
 def clip_batch(n=8, seed=0):

@@ -102,8 +102,8 @@ def test_export_of_an_hf_text_tower_carries_its_tokenizer(run_training, base_spe
 
 def test_a_finished_run_exports_its_model_with_a_card(run_training, base_spec):
     summary, resolved = run_training({**base_spec, "epochs": 2})
-    folder = Path(resolved.output) / "model"
-    assert summary["modelUri"] == str(folder)
+    folder = Path(resolved.params.output) / "model"
+    assert summary["outputs"]["model"] == str(folder)
     assert_no_pickles(folder)
     card = (folder / "README.md").read_text()
     for needle in ("tiny-test-vit", "| train |", "| 64 |", "| right | title | 0.5 |", "| after | 2 |",

@@ -13,6 +13,7 @@ from kontrast.trainer.fusion import FusedModel, fuse
 from kontrast.trainer.model import build_model
 from kontrast.trainer.precision import resolve_precision
 from kontrast.trainer.train import train_step
+from specs import params_of
 
 FP32 = resolve_precision("fp32", "cpu")
 
@@ -34,7 +35,7 @@ def tiny(resolve_spec, base_spec):
 
 
 def batch_for(bundle, text: str, spec, images: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    ex = parse_examples(parse_table("/tmp/x.csv", text), spec)
+    ex = parse_examples(parse_table("/tmp/x.csv", text), params_of(spec))
     ds = PairDataset(ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size,
                      image_loader=lambda loc: _img(images[loc]))
     return collate([ds[i] for i in range(len(ds))])

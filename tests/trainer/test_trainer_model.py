@@ -11,6 +11,7 @@ import torch
 
 from kontrast.trainer.model import MaskedMaxPooler, build_model
 from kontrast.trainer.precision import resolve_precision
+from specs import params_of
 
 
 @pytest.fixture
@@ -18,7 +19,7 @@ def build(resolve_spec, base_spec):
     def _build(**overrides):
         r = resolve_spec({**base_spec, **overrides})
         torch.manual_seed(0)
-        return build_model(r, resolve_precision(r["precision"], "cpu"))
+        return build_model(r, resolve_precision(r.params.precision, "cpu"))
     return _build
 
 
@@ -198,8 +199,8 @@ def test_lock_text_on_an_hf_tower(build, hf_model_json, unlocked, freeze_ln):
     from kontrast.trainer.locks import apply_locks
 
     model = build(model=str(hf_model_json)).model
-    apply_locks(model, {"lockText": True, "lockTextUnlockedLayers": unlocked,
-                        "lockTextFreezeLayerNorm": freeze_ln})
+    apply_locks(model, params_of({"lockText": True, "lockTextUnlockedLayers": unlocked,
+                        "lockTextFreezeLayerNorm": freeze_ln}))
     bert = model.text.transformer
     for name, p in bert.embeddings.named_parameters():
         assert p.requires_grad == ("LayerNorm" in name and not freeze_ln), name

@@ -27,7 +27,7 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from . import storage
 from .modelcard import model_card
 from .run_files import read_run
-from .spec import has_scheme
+from .locations import has_scheme
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +37,18 @@ CONFIG_KEY = "open_clip_config"
 MODEL_DIR = "model"
 
 
-def open_clip_config(model: torch.nn.Module, model_cfg: dict[str, Any], spec: Any,
+def open_clip_config(model: torch.nn.Module, model_cfg: dict[str, Any], params: Any,
                      tokenizer: Any = None) -> dict[str, Any]:
     """``{"model_cfg", "preprocess_cfg"}`` that rebuild ``model`` (built from ``model_cfg``
-    with the TrainJob ``spec``) and its evaluation transforms through open_clip's factory."""
+    with the run's ``Params``) and its evaluation transforms through open_clip's factory."""
     cfg = copy.deepcopy(model_cfg)
     text_cfg = cfg["text_cfg"]
-    text_cfg["context_length"] = spec["contextLength"]
+    text_cfg["context_length"] = params.context_length
     text_cfg.pop("hf_model_pretrained", None)      # the factory decides; weights come from the file
     cfg.get("vision_cfg", {}).pop("patch_dropout", None)   # a training-only setting
-    if spec["forceQuickGELU"]:
+    if params.force_quick_gelu:
         cfg["quick_gelu"] = True
-    if spec["forceCustomText"]:
+    if params.force_custom_text:
         cfg["custom_text"] = True
     if getattr(model, "logit_bias", None) is not None:
         # Only the parameter's existence matters: its trained value is in the weights.
@@ -66,7 +66,7 @@ def open_clip_config(model: torch.nn.Module, model_cfg: dict[str, Any], spec: An
         "interpolation": pp.get("interpolation", "bicubic"),
         "resize_mode": pp.get("resize_mode", "shortest"),
         # Read by people, ignored by open_clip's merge (it takes the text_cfg's):
-        "context_length": spec["contextLength"],
+        "context_length": params.context_length,
         "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
     }
     if isinstance(preprocess["size"], (tuple, list)):

@@ -13,7 +13,7 @@ import logging
 from typing import Optional
 
 from .report import Reporter
-from .spec import has_scheme
+from .locations import has_scheme
 
 log = logging.getLogger(__name__)
 
