@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fsspec
 import open_clip
 import pytest
 import torch
@@ -12,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kontrast.cli import main as cli_main
-from kontrast.trainer.export import CONFIG_KEY
+from kontrast.trainer.export import CONFIG_KEY, chosen_checkpoint, export_checkpoint
 from kontrast.trainer.model import build_model
 from kontrast.trainer.precision import resolve_precision
 
@@ -62,21 +63,28 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_export_loads_in_open_clip_with_the_runs_preprocessing(variant, run_training, resolve_spec, base_spec,
-                                                              small_data, tmp_path):
-    spec = {**base_spec, "epochs": 1, **VARIANTS[variant]}
+def train_and_export(run_training, spec: dict, out: Path):
+    """Train one epoch without evaluation and export the checkpoint with the CLI; returns
+    (checkpoint, resolved, the exported open_clip_config.json)."""
+    spec = {**spec, "epochs": 1}
     spec.pop("evalData")
     summary, resolved = run_training(spec)
     checkpoint = summary["checkpoints"][-1]["uri"]
-    out = tmp_path / "exported"
     assert cli_main(["export", checkpoint, str(out)]) == 0
     assert_no_pickles(out)
-    assert_same_embeddings(trained_model(resolved, checkpoint), out, small_data / "images" / sorted(
-        p.name for p in (small_data / "images").iterdir())[0], ["red striped mug", "blue ball"])
-    cfg = json.loads((out / "open_clip_config.json").read_text())
+    return checkpoint, resolved, json.loads((out / "open_clip_config.json").read_text())
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_export_loads_in_open_clip_with_the_runs_preprocessing(variant, run_training, base_spec, small_data,
+                                                              tmp_path):
+    out = tmp_path / "exported"
+    checkpoint, resolved, cfg = train_and_export(run_training, {**base_spec, **VARIANTS[variant]}, out)
+    image = small_data / "images" / sorted(p.name for p in (small_data / "images").iterdir())[0]
+    assert_same_embeddings(trained_model(resolved, checkpoint), out, image, ["red striped mug", "blue ball"])
     assert cfg["model_cfg"]["text_cfg"]["context_length"] == 8
-    assert cfg["preprocess_cfg"]["mean"] == pytest.approx(spec.get("imageMean", cfg["preprocess_cfg"]["mean"]))
+    if "imageMean" in VARIANTS[variant]:
+        assert cfg["preprocess_cfg"]["mean"] == pytest.approx(VARIANTS[variant]["imageMean"])
     if variant == "siglip":
         model = open_clip.create_model(f"local-dir:{out}")
         trained_bias = torch.load(checkpoint, weights_only=True)["state_dict"]["logit_bias"]
@@ -86,15 +94,10 @@ def test_export_loads_in_open_clip_with_the_runs_preprocessing(variant, run_trai
 
 def test_export_of_an_hf_text_tower_carries_its_tokenizer(run_training, base_spec, hf_model_json, small_data,
                                                           tmp_path):
-    spec = {**base_spec, "model": str(hf_model_json), "epochs": 1, "poolingMethod": "cls"}
-    spec.pop("evalData")
-    summary, resolved = run_training(spec)
-    checkpoint = summary["checkpoints"][-1]["uri"]
     out = tmp_path / "exported"
-    assert cli_main(["export", checkpoint, str(out)]) == 0
-    assert_no_pickles(out)
+    spec = {**base_spec, "model": str(hf_model_json), "poolingMethod": "cls"}
+    checkpoint, resolved, cfg = train_and_export(run_training, spec, out)
     assert (out / "vocab.txt").exists() and (out / "tokenizer_config.json").exists()
-    cfg = json.loads((out / "open_clip_config.json").read_text())
     assert cfg["model_cfg"]["text_cfg"]["hf_pooler_type"] == "cls_pooler"
     image = next((small_data / "images").iterdir())
     assert_same_embeddings(trained_model(resolved, checkpoint), out, image, ["red striped mug", "blue ball"])
@@ -114,6 +117,20 @@ def test_a_finished_run_exports_its_model_with_a_card(run_training, base_spec):
     assert exported.keys() == last["state_dict"].keys()
     assert all(torch.equal(exported[k], last["state_dict"][k]) for k in exported)
     assert last[CONFIG_KEY]["model_cfg"]["embed_dim"] == 16
+    remote = f"memory://{folder}/remote"                              # an object store (fsspec)
+    export_checkpoint(summary["checkpoints"][-1]["uri"], remote)
+    fs = fsspec.filesystem("memory")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(remote[len("memory://"):], detail=False)) == sorted(
+        p.name for p in folder.iterdir())
+
+
+def test_the_best_checkpoint_is_exported_when_evaluation_names_one():
+    saved = [{"uri": f"/o/checkpoints/epoch_{i}.pt", "epoch": i} for i in (1, 2, 3)]
+    assert chosen_checkpoint({"checkpoints": saved}) == "/o/checkpoints/epoch_3.pt"
+    assert chosen_checkpoint({"checkpoints": {"saved": saved, "best": saved[0]}}) == "/o/checkpoints/epoch_1.pt"
+    assert chosen_checkpoint({"checkpoints": {"saved": saved, "latest": saved[1]}}) == "/o/checkpoints/epoch_2.pt"
+    assert chosen_checkpoint({"checkpoints": saved, "best": saved[1]}) == "/o/checkpoints/epoch_2.pt"
+    assert chosen_checkpoint({"checkpoints": []}) is None
 
 
 def test_export_refuses_a_checkpoint_without_config(tmp_path, capsys):

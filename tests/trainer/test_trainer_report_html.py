@@ -90,7 +90,8 @@ def test_report_renders_curves_and_the_gallery_in_chromium(finished_run, tmp_pat
                    if str(r["doc"]) in q["relevant"])
     assert relevant_marked == expected > 0
     screenshot = Image.open(shot).convert("L")
-    assert screenshot.size == (1200, 2400) and len(screenshot.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20   # something was drawn
+    colours = screenshot.getcolors(maxcolors=1 << 16) or range(1 << 16)
+    assert screenshot.size == (1200, 2400) and len(colours) > 20       # something was drawn
 
 
 def test_report_command_rebuilds_a_run_in_progress(run_training, base_spec, tmp_path, capsys):
@@ -103,7 +104,7 @@ def test_report_command_rebuilds_a_run_in_progress(run_training, base_spec, tmp_
     dom, console = render(out / "report.html", tmp_path)
     assert console == "" and "In progress: step 4 of 12, epoch 1 of 3" in dom
     assert len(data_images(dom, "thumb")) == QUERIES * TOP_K     # the starting model's row only
-    assert 'data-phase="after"' not in dom
+    assert 'data-phase="before"' in dom and 'data-phase="after"' not in dom
 
 
 def test_report_command_names_a_folder_that_is_not_a_run(tmp_path, capsys):

@@ -27,14 +27,6 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value).replace("|", "\\|")
 
 
-def _metric_rows(evals: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    keys: list[str] = []
-    for e in evals:
-        keys += [k for k, v in (e.get("metrics") or {}).items() if isinstance(v, float) and k not in keys]
-    rows = [[e.get("phase"), e.get("epoch")] + [(e.get("metrics") or {}).get(k) for k in keys] for e in evals]
-    return ["phase", "epoch"] + keys, rows
-
-
 def _data_section(params: dict[str, Any], data: dict[str, Any]) -> str:
     rows = [["train", params.get("trainData"), data.get("trainRows")],
             ["eval", params.get("evalData"), data.get("evalRows")]]
@@ -91,8 +83,7 @@ def model_card(config: dict[str, Any], run: Optional[RunFiles], *, checkpoint: s
     name = summary.get("name") or start.get("name") or "kontrast-model"
     base = params.get("model") or summary.get("model") or "?"
     pretrained = params.get("pretrained") or "random initialisation"
-    evals = run.of("eval") if run else []
-    header, rows = _metric_rows(evals)
+    header, rows = run.eval_table() if run else ([], [])
     parts = [
         f"---\nlibrary_name: open_clip\ntags: [clip, kontrast, retrieval]\n---\n\n# {name}",
         f"Fine-tuned with kontrast from `{base}` ({pretrained}). Exported from `{checkpoint}` "
@@ -110,5 +101,6 @@ def model_card(config: dict[str, Any], run: Optional[RunFiles], *, checkpoint: s
                      "tower was locked.")
     if (config["model_cfg"].get("text_cfg") or {}).get("hf_pooler_type") == "max_pooler":
         parts.append("Note: open_clip 3.3.0's `max_pooler` masks the wrong tokens; kontrast trained with a "
-                     "corrected max pooler, so load it with an open_clip whose MaxPooler is fixed, or swap in kontrast's `MaskedMaxPooler`.")
+                     "corrected max pooler, so load it with an open_clip whose MaxPooler is fixed, or swap "
+                     "in kontrast's `MaskedMaxPooler`.")
     return "\n\n".join(parts) + "\n"

@@ -160,20 +160,15 @@ def _status_line(run: RunFiles) -> str:
 
 
 def _metrics_section(run: RunFiles) -> str:
-    evals = run.of("eval")
-    if not evals:
-        return "<p class='muted'>No evaluation yet (or no evalData).</p>"
-    keys: list[str] = []
-    for e in evals:
-        keys += [k for k, v in (e.get("metrics") or {}).items() if isinstance(v, float) and k not in keys]
-    rows = [[e.get("phase"), e.get("epoch")] + [(e.get("metrics") or {}).get(k) for k in keys] for e in evals]
-    return _table(["phase", "epoch", *keys], rows)
+    header, rows = run.eval_table()
+    return _table(header, rows) if rows else "<p class='muted'>No evaluation yet (or no evalData).</p>"
 
 
 def _doc_card(doc: dict[str, Any], info: dict[str, Any], relevant: dict[str, float]) -> str:
     grade = relevant.get(str(doc["doc"]))
     image = f"<img class='thumb' src='{info['image']}' alt=''>" if info.get("image") else ""
-    badge = f"<div class='grade'>relevant: grade {_fmt(grade)}</div>" if grade else "<div class='muted'>not relevant</div>"
+    badge = (f"<div class='grade'>relevant: grade {_fmt(grade)}</div>" if grade
+             else "<div class='muted'>not relevant</div>")
     return (f"<div class='doc{' relevant' if grade else ''}'>{image}<div>{_e(info.get('title'))}</div>"
             f"{badge}<div class='score'>score {doc['score']:.3f}</div></div>")
 
@@ -188,7 +183,8 @@ def _gallery_section(gallery: Optional[dict[str, Any]]) -> str:
         rows = []
         for phase, results in q.get("results", {}).items():
             cards = "".join(_doc_card(r, docs.get(str(r["doc"]), {}), q.get("relevant", {})) for r in results)
-            rows.append(f"<div class='row' data-phase='{_e(phase)}'><div class='label'>{_e(phase)}</div>{cards}</div>")
+            rows.append(f"<div class='row' data-phase='{_e(phase)}'><div class='label'>{_e(phase)}</div>"
+                        f"{cards}</div>")
         parts.append(f"<div class='query'><h3>{_e(q.get('text'))}</h3>"
                      f"<div class='muted'>{len(q.get('relevant', {}))} relevant document(s)</div>{''.join(rows)}</div>")
     return "".join(parts)

@@ -34,6 +34,15 @@ class RunFiles:
         starts = self.of("start")
         return starts[-1] if starts else {}
 
+    def eval_table(self) -> tuple[list[str], list[list[Any]]]:
+        """Header and rows (phase, epoch, each metric) of every evaluation, in order."""
+        evals = self.of("eval")
+        keys: list[str] = []
+        for e in evals:
+            keys += [k for k, v in (e.get("metrics") or {}).items() if isinstance(v, float) and k not in keys]
+        rows = [[e.get("phase"), e.get("epoch")] + [(e.get("metrics") or {}).get(k) for k in keys] for e in evals]
+        return ["phase", "epoch", *keys], rows
+
     def steps(self) -> list[dict[str, Any]]:
         """Step events, later ones winning when a resumed run repeats a step."""
         by_step: dict[int, dict[str, Any]] = {}
