@@ -103,22 +103,25 @@ def test_export_of_an_hf_text_tower_carries_its_tokenizer(run_training, base_spe
     assert_same_embeddings(trained_model(resolved, checkpoint), out, image, ["red striped mug", "blue ball"])
 
 
-def test_a_finished_run_exports_its_model_with_a_card(run_training, base_spec):
-    summary, resolved = run_training({**base_spec, "epochs": 2})
+def test_a_finished_run_exports_its_best_model_with_a_card(run_training, base_spec):
+    summary, resolved = run_training({**base_spec, "epochs": 3, "evalEvery": 1, "saveFrequency": 3})
     folder = Path(resolved.params.output) / "model"
     assert summary["outputs"]["model"] == str(folder)
     assert_no_pickles(folder)
     card = (folder / "README.md").read_text()
-    for needle in ("tiny-test-vit", "| train |", "| 64 |", "| right | title | 0.5 |", "| after | 2 |",
-                   "ndcg@10", "| batchSize | 16 |", "local-dir:", "upload_folder", '"type": "open_clip"'):
+    for needle in ("tiny-test-vit", "| train |", "| 64 |", "| right | title | 0.5 |", "| before | 0 |",
+                   "| epoch | 1 |", "| after | 3 |", "ndcg@10", "| batchSize | 16 |", "local-dir:", "upload_folder",
+                   '"type": "open_clip"'):
         assert needle in card, needle
+    best = summary["best"]["uri"]
+    assert chosen_checkpoint(summary) == best
     exported = load_file(folder / "open_clip_model.safetensors")
-    last = torch.load(summary["checkpoints"][-1]["uri"], weights_only=True)
-    assert exported.keys() == last["state_dict"].keys()
-    assert all(torch.equal(exported[k], last["state_dict"][k]) for k in exported)
-    assert last[CONFIG_KEY]["model_cfg"]["embed_dim"] == 16
+    chosen = torch.load(best, weights_only=True)
+    assert exported.keys() == chosen["state_dict"].keys()
+    assert all(torch.equal(exported[k], chosen["state_dict"][k]) for k in exported)
+    assert chosen[CONFIG_KEY]["model_cfg"]["embed_dim"] == 16
     remote = f"memory://{folder}/remote"                              # an object store (fsspec)
-    export_checkpoint(summary["checkpoints"][-1]["uri"], remote)
+    export_checkpoint(best, remote)
     fs = fsspec.filesystem("memory")
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(remote[len("memory://"):], detail=False)) == sorted(
         p.name for p in folder.iterdir())

@@ -1,8 +1,8 @@
 """Before/after retrieval examples for the report: a few eval queries and their top-k documents.
 
-At each evaluation the evaluator hands over its query and document embeddings; this keeps,
-for a handful of queries only, the k best documents and their scores (``G x D`` scores, never
-``queries x documents``), with the documents' titles and small inline thumbnails. The result
+Before and after training, the evaluator's top-k lists (``evaluate.EvalResult``) give, for a
+handful of queries, the k best documents and their scores; this keeps them with the
+documents' titles and small inline thumbnails (only the documents shown are read). The result
 lives in ``<output>/gallery.json`` so ``kontrast report`` can rebuild the page without the
 model, the data or the images.
 """
@@ -16,7 +16,6 @@ import logging
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
 from . import storage
 from .run_files import GALLERY
@@ -28,19 +27,18 @@ TOP_K = 5        #: documents shown per query and model
 THUMB_PX = 96    #: thumbnail edge
 
 
-def pick_queries(relevance, n: int = QUERIES) -> list[int]:
-    """The first ``n`` queries with a relevant document (deterministic, spread over the file)."""
-    has_relevant = np.flatnonzero(np.asarray(relevance).max(axis=1) > 0)
+def pick_queries(qrels, n: int = QUERIES) -> list[int]:
+    """``n`` queries with a relevant document, spread evenly over the eval file (deterministic)."""
+    has_relevant = np.unique(qrels.query)
     if len(has_relevant) <= n:
         return has_relevant.tolist()
     return has_relevant[np.linspace(0, len(has_relevant) - 1, n).round().astype(int)].tolist()
 
 
-def top_k(queries: torch.Tensor, documents: torch.Tensor, k: int = TOP_K) -> tuple[list, list]:
-    """Indices and scores of the k best documents for each query row (cosine scores)."""
-    scores = queries.float() @ documents.float().T
-    best = torch.topk(scores, min(k, documents.shape[0]), dim=1)
-    return best.indices.tolist(), best.values.tolist()
+def relevant_of(qrels, query: int) -> dict[str, float]:
+    """Document index (as a JSON key) -> grade of one query's relevant documents."""
+    lo, hi = np.searchsorted(qrels.query, [query, query + 1])
+    return {str(int(d)): float(g) for d, g in zip(qrels.doc[lo:hi], qrels.grade[lo:hi])}
 
 
 def thumbnail(location: Optional[str]) -> Optional[str]:
@@ -68,7 +66,7 @@ class Gallery:
         self.examples = examples
         self.eval_set = eval_set
         self.k = k
-        self.queries = pick_queries(eval_set.relevance, n)
+        self.queries = pick_queries(eval_set.qrels, n)
         self.data = self._existing() or {"k": k, "queries": self._query_entries(), "documents": {}}
 
     def _existing(self) -> Optional[dict[str, Any]]:
@@ -81,26 +79,23 @@ class Gallery:
     def _query_entries(self) -> list[dict[str, Any]]:
         entries = []
         for q in self.queries:
-            row = self.eval_set.query_rows[q]
-            rel = np.asarray(self.eval_set.relevance[q])
+            row = int(self.eval_set.query_rows[q])
             entries.append({"index": q, "text": " | ".join(t for t in self.examples.left_texts[row] if t),
-                            "relevant": {str(d): float(rel[d]) for d in np.flatnonzero(rel > 0)},
-                            "results": {}})
+                            "relevant": relevant_of(self.eval_set.qrels, q), "results": {}})
         return entries
 
     def _document(self, d: int) -> dict[str, Any]:
-        row = self.eval_set.doc_rows[d]
+        row = int(self.eval_set.doc_rows[d])
         return {"title": " | ".join(t for t in self.examples.right_texts[row] if t),
                 "image": thumbnail(self.examples.images[row])}
 
-    def record(self, phase: str, queries: torch.Tensor, documents: torch.Tensor) -> None:
-        """Keep the top-k of ``phase`` ("before", "after", ...) and rewrite gallery.json."""
-        if not self.queries:
-            return
-        indices, scores = top_k(queries[self.queries], documents, self.k)
-        for entry, idx, sc in zip(self.data["queries"], indices, scores):
-            entry["results"][phase] = [{"doc": int(d), "score": float(s)} for d, s in zip(idx, sc)]
-            for d in idx:
+    def record(self, phase: str, top_docs: np.ndarray, top_scores: np.ndarray) -> None:
+        """Keep the top-k of ``phase`` ("before", "after") from the evaluator's [queries, K]
+        lists (-1 pads) and rewrite gallery.json."""
+        for entry, q in zip(self.data["queries"], self.queries):
+            shown = [(int(d), float(s)) for d, s in zip(top_docs[q], top_scores[q]) if d >= 0][:self.k]
+            entry["results"][phase] = [{"doc": d, "score": s} for d, s in shown]
+            for d, _ in shown:
                 if str(d) not in self.data["documents"]:
-                    self.data["documents"][str(d)] = self._document(int(d))
+                    self.data["documents"][str(d)] = self._document(d)
         storage.write_text(self.location, json.dumps(self.data) + "\n")

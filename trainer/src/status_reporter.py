@@ -222,6 +222,10 @@ class StatusReporter(Reporter):
             patch["metrics"][event["phase"]] = metrics
         if event.get("epoch") is not None:
             patch["metrics"]["epoch"] = event["epoch"]
+        if event.get("history"):
+            patch["metrics"]["history"] = [dict(h) for h in event["history"]]
+        if event.get("best"):
+            patch["checkpoints"] = {"best": dict(event["best"])}
         self._queue(patch, now=True)
 
     def on_end(self, summary):

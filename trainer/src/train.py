@@ -50,7 +50,7 @@ from .gallery import Gallery
 from .locks import apply_locks, make_adamw, param_groups
 from .accumulation import contrastive_step, param_bytes, probe_micro_batch
 from .model import ModelBundle, build_model
-from .precision import Precision, precision_warnings, resolve_precision
+from .precision import Precision, lost_update_warning, precision_warnings, resolve_precision
 from .report import JsonlReporter, Reporter, Reporters, utc_now
 from .report_html import TENSORBOARD, run_outputs, write_report
 from .schedule import Schedule, make_schedule
@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 LOGIT_SCALE_MAX = math.log(100.0)
 EVAL_BATCH = 256
+BEST_BY = "ndcg@10"         #: the metric that names status.checkpoints.best
+MAX_HISTORY = 200           #: evaluations kept in status.metrics.history
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +257,8 @@ class Progress:
     step: int = 0                   #: optimizer steps completed
     eval_before: Optional[dict[str, float]] = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)    #: evaluations so far, oldest first
+    best: Optional[dict[str, Any]] = None   #: the saved checkpoint with the best nDCG@10 so far
     resumed_from: Optional[str] = None
     last_loss: Optional[float] = None
     last_grad_norm: Optional[float] = None
@@ -301,14 +305,13 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     progress = resume(run)
     report.on_start(start_info(run, progress))
     if progress.resumed_from is None:
-        progress.eval_before = run_eval(run, report, "before", 0)
+        progress.eval_before = record_eval(run, progress, report, "before", measure(run, "before"))
     epochs = run.params.epochs
     last_epoch = epochs if max_epochs is None else min(epochs, progress.epoch + max_epochs)
     run.net.train()
     for epoch in range(progress.epoch, last_epoch):
         train_epoch(run, progress, epoch, report)
-        if progress.epoch % run.params.save_frequency == 0 or progress.epoch == epochs:
-            save(run, progress, report)
+        end_epoch(run, progress, report)
     if last_epoch < epochs:
         log.info("stopped after epoch %d of %d (max_epochs)", last_epoch, epochs)
         return {"step": progress.step, "epoch": last_epoch, "stopped": True}
@@ -337,24 +340,32 @@ def setup(resolved: Resolved, world: World) -> Run:
     train_ds = PairDataset(train_ex, bundle.preprocess_train, bundle.tokenizer, bundle.image_size, seed=params.seed)
     micro = choose_micro_batch(params, world, fused, train_ds, precision, optimizer)
     plan = plan_run(params, len(train_ex), world, micro, file=params.train_data)
-    if plan.schedule.warning():
-        log.warning(plan.schedule.warning())
+    warnings = _warnings(params, precision, bundle, plan, optimizer)
     eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=params.seed)
                if eval_ex is not None else None)
-    eval_set = build_eval_set(eval_ex) if eval_ex is not None else None
+    eval_set = build_eval_set(eval_ex, params.eval_grades) if eval_ex is not None else None
     return Run(resolved=resolved, params=params, world=world, precision=precision, bundle=bundle, fused=fused,
                net=net, optimizer=optimizer, scaler=precision.make_scaler(), train_ds=train_ds, plan=plan,
-               eval_ds=eval_ds, eval_set=eval_set, info=_resolved_info(params, bundle, plan, world, precision),
+               eval_ds=eval_ds, eval_set=eval_set,
+               info=_resolved_info(params, bundle, plan, world, precision, warnings),
                data={"trainRows": len(train_ex), "evalRows": len(eval_ex) if eval_ex is not None else None},
                export_config=open_clip_config(bundle.model, open_clip.get_model_config(bundle.name), params,
                                               bundle.tokenizer),
                gallery=Gallery(params.output, eval_ex, eval_set) if eval_set is not None and world.is_main else None)
 
 
+def _warnings(params: Params, precision: Precision, bundle: ModelBundle, plan: RunPlan, optimizer) -> list[str]:
+    """Advice about this run's settings, logged and reported in status.resolved.warnings."""
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    found = [*precision_warnings(precision, params.eps), lost_update_warning(precision, params.lr, trainable),
+             plan.schedule.warning()]
+    for message in filter(None, found):
+        log.warning(message)
+    return [m for m in [*found, *(bundle.info.get("warnings") or [])] if m]
+
+
 def _precision(params: Params, device: torch.device) -> Precision:
     precision = resolve_precision(params.precision, device.type)
-    for message in precision_warnings(precision, params.eps):
-        log.warning(message)
     if params.dynamic_batch_size and device.type != "cuda":
         log.info("dynamicBatchSize has no effect on %s: every forward pass uses batchSize=%d rows",
                  device.type, params.batch_size)
@@ -385,7 +396,7 @@ def _unused_visual(params: Params) -> bool:
 
 
 def _resolved_info(params: Params, bundle: ModelBundle, plan: RunPlan, world: World,
-                   precision: Precision) -> dict[str, Any]:
+                   precision: Precision, warnings: Sequence[str] = ()) -> dict[str, Any]:
     info = {
         "beta2": params.beta2,
         "eps": params.eps,
@@ -400,6 +411,8 @@ def _resolved_info(params: Params, bundle: ModelBundle, plan: RunPlan, world: Wo
         "peakLr": plan.schedule.peak_lr(),
         "device": str(world.device),
         "precision": precision.describe(),
+        "contextLength": bundle.info.get("contextLength"),
+        "warnings": list(warnings) or None,
     }
     return {k: v for k, v in info.items() if v is not None}
 
@@ -424,7 +437,8 @@ def resume(run: Run) -> Progress:
                     epoch, step)
     log.info("resuming from %s (epoch %d, step %d)", location, epoch, step)
     return Progress(epoch=epoch, step=step, eval_before=state.get("eval_before"),
-                    checkpoints=list(state.get("checkpoints") or []), resumed_from=location)
+                    checkpoints=list(state.get("checkpoints") or []), history=list(state.get("eval_history") or []),
+                    best=state.get("best"), resumed_from=location)
 
 
 def _load_state(run: Run, state: dict[str, Any], location: str) -> None:
@@ -533,19 +547,53 @@ def step_info(run: Run, progress: Progress, epoch: int, lr: float) -> dict[str, 
     }
 
 
-def run_eval(run: Run, report: Reporters, phase: str, epoch: int) -> Optional[dict[str, float]]:
-    """Retrieval metrics of the current model on evalData (rank 0; the others wait)."""
+def measure(run: Run, gallery_phase: Optional[str] = None) -> Optional[dict[str, float]]:
+    """Retrieval metrics of the current model on evalData. Collective: every rank encodes and
+    searches its share (``evaluate``), so no rank idles in a barrier under the process-group
+    timeout while another evaluates. With ``gallery_phase`` ("before", "after") rank 0 also
+    keeps the report's examples from the same top-k lists."""
     if run.eval_ds is None:
         return None
-    metrics = None
+    result = evaluate(unwrap(run.net), run.eval_ds, run.eval_set,
+                      batch_size=min(EVAL_BATCH, max(run.params.batch_size, 32)),
+                      device=run.world.device, precision=run.precision)
+    if gallery_phase and run.gallery is not None:
+        run.gallery.record(gallery_phase, result.top_docs, result.top_scores)
+    return result.metrics
+
+
+def is_new_best(progress: Progress, metrics: Optional[dict[str, float]]) -> bool:
+    return metrics is not None and (progress.best is None or metrics[BEST_BY] > progress.best[BEST_BY])
+
+
+def record_eval(run: Run, progress: Progress, report: Reporters, phase: str,
+                metrics: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+    """Add an evaluation of the model at ``progress.epoch`` to the history, and make it the best
+    when it beats the best by nDCG@10 (the caller has saved that epoch's checkpoint)."""
+    if metrics is None:
+        return None
+    epoch = progress.epoch
+    progress.history = (progress.history + [{"epoch": epoch, "phase": phase, "metrics": metrics}])[-MAX_HISTORY:]
+    saved = [c for c in progress.checkpoints if c["epoch"] == epoch]
+    if saved and is_new_best(progress, metrics):
+        progress.best = {"uri": saved[-1]["uri"], "epoch": epoch, BEST_BY: metrics[BEST_BY]}
     if run.world.is_main:
-        metrics = evaluate(unwrap(run.net), run.eval_ds, run.eval_set,
-                           batch_size=min(EVAL_BATCH, max(run.params.batch_size, 32)),
-                           device=run.world.device, precision=run.precision,
-                           on_embeddings=lambda q, d: run.gallery.record(phase, q, d))
-        report.on_eval({"phase": phase, "epoch": epoch, "metrics": metrics})
-    run.world.barrier()
+        report.on_eval({"phase": phase, "epoch": epoch, "metrics": metrics, "history": progress.history,
+                        "best": progress.best})
     return metrics
+
+
+def end_epoch(run: Run, progress: Progress, report: Reporters) -> None:
+    """Evaluate every evalEvery epochs (the last epoch's evaluation is the final one), then
+    checkpoint every saveFrequency epochs, after the last, and whenever the evaluation found a
+    new best model (so status.checkpoints.best always names a saved checkpoint)."""
+    params = run.params
+    last = progress.epoch == params.epochs
+    due = params.eval_every > 0 and progress.epoch % params.eval_every == 0 and not last
+    metrics = measure(run) if due else None
+    if last or progress.epoch % params.save_frequency == 0 or is_new_best(progress, metrics):
+        save(run, progress, report)
+    record_eval(run, progress, report, "epoch", metrics)
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,8 +609,8 @@ def save(run: Run, progress: Progress, report: Reporters) -> None:
             "epoch": progress.epoch, "step": progress.step, "name": run.resolved.name,
             "model": run.params.model, "state_dict": run.clip.state_dict(),
             "optimizer": run.optimizer.state_dict(), "eval_before": progress.eval_before,
-            "checkpoints": progress.checkpoints, "kontrast_version": _version(),
-            CONFIG_KEY: run.export_config,
+            "checkpoints": progress.checkpoints, "eval_history": progress.history, "best": progress.best,
+            "kontrast_version": _version(), CONFIG_KEY: run.export_config,
         }
         if run.scaler is not None:
             payload["scaler"] = run.scaler.state_dict()
@@ -573,7 +621,7 @@ def save(run: Run, progress: Progress, report: Reporters) -> None:
 
 def summarise(run: Run, progress: Progress, report: Reporters, started: float) -> dict[str, Any]:
     """Evaluate the final model and write summary.json (rank 0); every rank returns it."""
-    eval_after = run_eval(run, report, "after", run.params.epochs)
+    eval_after = record_eval(run, progress, report, "after", measure(run, "after"))
     summary = {
         "name": run.resolved.name,
         "model": run.params.model,
@@ -587,6 +635,8 @@ def summarise(run: Run, progress: Progress, report: Reporters, started: float) -
         "resolved": run.info,
         "parameters": dict(run.resolved.spec),
         "checkpoints": progress.checkpoints,
+        "evalHistory": progress.history,
+        "best": progress.best,
         "summaryUri": storage.join(run.params.output, "summary.json"),
         "outputs": run_outputs(run.params.output, model=bool(progress.checkpoints)),
     }
