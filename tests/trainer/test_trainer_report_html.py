@@ -94,7 +94,7 @@ def test_report_renders_curves_and_the_gallery_in_chromium(finished_run, tmp_pat
     assert screenshot.size == (1200, 2400) and len(colours) > 20       # something was drawn
 
 
-def test_report_command_rebuilds_a_run_in_progress(run_training, base_spec, tmp_path, capsys):
+def test_report_command_rebuilds_a_run_in_progress_and_a_resumed_run_keeps_its_before(run_training, base_spec, tmp_path, capsys):
     run_training({**base_spec, "epochs": 3}, max_epochs=1)
     out = Path(base_spec["output"])
     assert not (out / "summary.json").exists() and not (out / "report.html").exists()
@@ -105,6 +105,14 @@ def test_report_command_rebuilds_a_run_in_progress(run_training, base_spec, tmp_
     assert console == "" and "In progress: step 4 of 12, epoch 1 of 3" in dom
     assert len(data_images(dom, "thumb")) == QUERIES * TOP_K     # the starting model's row only
     assert 'data-phase="before"' in dom and 'data-phase="after"' not in dom
+    before = json.loads((out / "gallery.json").read_text())
+
+    summary, _ = run_training({**base_spec, "epochs": 3})             # resume to the end
+    after = json.loads((out / "gallery.json").read_text())
+    assert [q["results"]["before"] for q in after["queries"]] == [q["results"]["before"] for q in before["queries"]]
+    assert all(len(q["results"]["after"]) == TOP_K for q in after["queries"])
+    dom, console = render(out / "report.html", tmp_path)
+    assert console == "" and "Finished: 12 steps, 3 epochs" in dom and 'data-phase="after"' in dom
 
 
 def test_report_command_names_a_folder_that_is_not_a_run(tmp_path, capsys):
