@@ -247,6 +247,8 @@ class StatusReporter(Reporter):
         if isinstance(saved, list) and saved:
             self._saved = list(saved)[-MAX_SAVED:]
             patch["checkpoints"] = {"latest": saved[-1], "saved": list(self._saved)}
+        if summary.get("outputs"):
+            patch["outputs"] = dict(summary["outputs"])
         self._queue(patch, now=True)
 
     def close(self):
