@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from kontrast import __version__
+from kontrast import __version__, contract
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/kontrast/trainer:{__version__}"
 
@@ -30,7 +30,9 @@ ENV_TRAINER_PULL_POLICY = "KONTRAST_TRAINER_IMAGE_PULL_POLICY"
 ENV_DEFAULTS = "KONTRAST_POD_DEFAULTS"  # JSON object: POD_FIELDS plus shmSize, podSecurityContext
 ENV_ENFORCED = "KONTRAST_POD_ENFORCED"  # JSON object: POD_FIELDS a TrainJob cannot override
 ENV_WATCH_NAMESPACES = "KONTRAST_WATCH_NAMESPACES"  # comma-separated; empty = all namespaces
-ENV_DEADLINE_CHECK = "KONTRAST_DEADLINE_CHECK_SECONDS"
+ENV_RESYNC = "KONTRAST_RESYNC_SECONDS"  # every TrainJob not finished is reconciled this often
+ENV_HANG = "KONTRAST_HANG_SECONDS"  # restart a Running job whose progress is older (0: never)
+ENV_STATUS_INTERVAL = contract.STATUS_INTERVAL_ENV  # the trainer's progress patch interval
 ENV_METRICS_PORT = "KONTRAST_METRICS_PORT"  # 0 disables the /metrics endpoint
 ENV_KUBECONFIG = "KONTRAST_OPERATOR_KUBECONFIG"  # else KUBECONFIG, else in-cluster
 
@@ -67,8 +69,13 @@ class OperatorConfig:
     shm_size: str = BUILTIN_SHM_SIZE
     #: torchrun rendezvous port on the index-0 pod.
     master_port: int = 29500
-    #: How often the active-deadline timer looks at running jobs (seconds).
-    deadline_check_seconds: float = 5.0
+    #: Every TrainJob not finished is reconciled at least this often (seconds), so a change
+    #: whose event was lost (an API outage, retries given up) is still seen.
+    resync_seconds: float = 120.0
+    #: The hang watchdog: restart a Running job whose progress is older than this (0: off).
+    hang_seconds: float = 1800.0
+    #: Seconds between the trainer's progress patches (passed to the pods).
+    status_interval_seconds: float = 20.0
     metrics_port: int = 8081
     watch_namespaces: tuple[str, ...] = ()
 
@@ -86,10 +93,15 @@ class OperatorConfig:
             enforced=pod_fields(_json_object(env, ENV_ENFORCED), ENV_ENFORCED),
             pod_security_context=BUILTIN_POD_SECURITY_CONTEXT if security is None else security,
             shm_size=shm_size,
-            deadline_check_seconds=float(env.get(ENV_DEADLINE_CHECK) or 5.0),
+            resync_seconds=float(env.get(ENV_RESYNC) or cls.resync_seconds),
+            hang_seconds=float(env.get(ENV_HANG) or cls.hang_seconds),
+            status_interval_seconds=float(env.get(ENV_STATUS_INTERVAL) or cls.status_interval_seconds),
             metrics_port=int(env.get(ENV_METRICS_PORT) or 8081),
             watch_namespaces=namespaces,
         )
+
+    def hang_after(self) -> float | None:
+        return self.hang_seconds or None
 
 
 def _json_object(env: Mapping[str, str], name: str) -> dict[str, Any]:

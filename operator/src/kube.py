@@ -132,10 +132,23 @@ class Kube:
                 f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not controlled by this TrainJob")
         return False
 
-    def release_job(self, namespace: str, name: str) -> None:
-        """Unsuspend a held worker Job."""
-        self.request("PATCH", _path("batch/v1", "Job", namespace, name), body={"spec": {"suspend": False}},
+    def release_job(self, namespace: str, name: str, queue: Optional[str] = None) -> None:
+        """Hand a held worker Job on: to Kueue (its queue label; Kueue unsuspends it when it
+        admits it), or, without a queue, unsuspend it."""
+        body = ({"metadata": {"labels": {render.KUEUE_QUEUE_LABEL: queue}}} if queue
+                else {"spec": {"suspend": False}})
+        self.request("PATCH", _path("batch/v1", "Job", namespace, name), body=body,
                      content_type="application/merge-patch+json")
+
+    def failed_creates(self, job: Mapping[str, Any]) -> list[str]:
+        """Why a Job could not create its pods, newest first: its FailedCreate events
+        (ResourceQuota, PodSecurity, LimitRange... reject pods only there)."""
+        meta = job["metadata"]
+        selector = f"involvedObject.uid={meta['uid']},reason=FailedCreate"
+        items = self.request("GET", f"/api/v1/namespaces/{meta['namespace']}/events",
+                             query={"fieldSelector": selector})["items"]
+        items.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", reverse=True)
+        return [e.get("message") or "" for e in items]
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, foreground: bool = False) -> bool:
         body = {"kind": "DeleteOptions", "apiVersion": "v1",

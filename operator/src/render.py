@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
@@ -312,6 +312,7 @@ def _env(tj: Mapping[str, Any], attempt: int, config: OperatorConfig,
         {"name": "PET_MASTER_PORT", "value": str(config.master_port)},
         {"name": contract.JOB_NAME_ENV, "value": meta["name"]},
         {"name": contract.JOB_NAMESPACE_ENV, "value": meta["namespace"]},
+        {"name": contract.STATUS_INTERVAL_ENV, "value": f"{config.status_interval_seconds:g}"},
         {"name": contract.TERMINATION_LOG_ENV, "value": contract.TERMINATION_LOG},
         {"name": contract.PVC_ROOT_ENV, "value": contract.PVC_ROOT_DEFAULT},
         {"name": "KONTRAST_ATTEMPT", "value": str(attempt)},
@@ -384,7 +385,8 @@ def worker_labels(tj: Mapping[str, Any], attempt: int) -> dict[str, str]:
 
 
 def worker_job(tj: Mapping[str, Any], attempt: int, restarts: int, config: OperatorConfig,
-               reason: str = "Created", hold: bool = False) -> dict[str, Any]:
+               reason: str = "Created", hold: bool = False,
+               active_deadline_seconds: int | None = None) -> dict[str, Any]:
     """The Indexed Job of one attempt: ``nodes`` pods that train together.
 
     backoffLimit 0: the operator, not the Job controller, restarts training, always the whole
@@ -392,7 +394,9 @@ def worker_job(tj: Mapping[str, Any], attempt: int, restarts: int, config: Opera
     permanent exit code and ignores disruptions (preemption, eviction, node drain).
 
     Suspended when Kueue admits it (queueName), or when ``hold``: the operator releases it once
-    the pods of older attempts are gone.
+    the pods of older attempts are gone (a held Job gets Kueue's label only then, so Kueue
+    cannot start it early). ``active_deadline_seconds``: what is left of the TrainJob's
+    deadline, enforced by the Job controller too.
     """
     meta, spec = tj["metadata"], tj["spec"]
     name = meta["name"]
@@ -400,7 +404,7 @@ def worker_job(tj: Mapping[str, Any], attempt: int, restarts: int, config: Opera
     sched = scheduling(spec)
     queue = sched.get("queueName")
     job_labels = {LABEL_ATTEMPT: str(attempt)}
-    if queue:
+    if queue and not hold:
         job_labels[KUEUE_QUEUE_LABEL] = queue
     settings = pod_settings(spec, config)
     # The user's and the chart's labels and annotations first: kontrast's own always win.
@@ -416,6 +420,7 @@ def worker_job(tj: Mapping[str, Any], attempt: int, restarts: int, config: Opera
             "completions": nodes,
             "parallelism": nodes,
             "backoffLimit": 0,
+            **({"activeDeadlineSeconds": active_deadline_seconds} if active_deadline_seconds else {}),
             "suspend": bool(queue) or hold,
             "podFailurePolicy": {"rules": [
                 {"action": "FailJob", "onExitCodes": {
@@ -436,9 +441,8 @@ def base_children(tj: Mapping[str, Any], config: OperatorConfig) -> list[dict[st
 
 
 def children(tj: Mapping[str, Any], attempt: int, restarts: int, config: OperatorConfig,
-             reason: str = "Created", hold: bool = False) -> list[dict[str, Any]]:
-    return [*base_children(tj, config), worker_job(tj, attempt, restarts, config, reason, hold)]
+             reason: str = "Created", hold: bool = False,
+             active_deadline_seconds: int | None = None) -> list[dict[str, Any]]:
+    return [*base_children(tj, config),
+            worker_job(tj, attempt, restarts, config, reason, hold, active_deadline_seconds)]
 
-
-def kinds(objs: Iterable[Mapping[str, Any]]) -> list[str]:
-    return [o["kind"] for o in objs]

@@ -248,3 +248,16 @@ def test_chart_values_are_documented_json_serialisable():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     json.dumps(values)
     assert values["trainer"]["defaults"]["shmSize"] == OperatorConfig().shm_size
+
+
+def test_lifecycle_values_reach_the_operator_and_its_pods(helm):
+    docs = template(helm, "--set", "trainer.statusIntervalSeconds=30", "--set", "operator.resyncSeconds=60",
+                    "--set", "operator.hangTimeoutSeconds=0")
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    cfg = OperatorConfig.from_env({k: v for k, v in env.items() if v is not None})
+    assert (cfg.status_interval_seconds, cfg.resync_seconds, cfg.hang_after()) == (30.0, 60.0, None)
+    defaults = OperatorConfig.from_env({k: v for k, v in {e["name"]: e.get("value") for e in next(
+        d for d in template(helm) if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }.items() if v is not None})
+    assert 15 <= defaults.status_interval_seconds <= 30 and defaults.hang_seconds > 0

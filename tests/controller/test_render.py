@@ -45,7 +45,7 @@ def by_kind(objs):
 def test_children_kinds_names_and_ownership():
     tj = trainjob()
     objs = render.children(tj, attempt=0, restarts=0, config=CONFIG)
-    assert render.kinds(objs) == ["ServiceAccount", "Role", "RoleBinding", "Service", "ConfigMap", "Job"]
+    assert [o["kind"] for o in objs] == ["ServiceAccount", "Role", "RoleBinding", "Service", "ConfigMap", "Job"]
     names = {o["kind"]: o["metadata"]["name"] for o in objs}
     assert names == {"ServiceAccount": "clip-trainer", "Role": "clip-trainer", "RoleBinding": "clip-trainer",
                      "Service": "clip-workers", "ConfigMap": "clip-trainjob", "Job": "clip-0"}
@@ -390,3 +390,17 @@ def test_scheduling_defaults_come_from_the_crd():
 def test_held_attempt_starts_suspended():
     assert render.worker_job(trainjob(), 1, 0, CONFIG, hold=True)["spec"]["suspend"] is True
     assert render.worker_job(trainjob(), 1, 0, CONFIG, hold=False)["spec"]["suspend"] is False
+
+
+def test_held_attempt_gets_kueues_label_only_when_released():
+    tj = trainjob(scheduling={"queueName": "team-a"})
+    held = render.worker_job(tj, 1, 0, CONFIG, hold=True)
+    assert held["spec"]["suspend"] is True and render.KUEUE_QUEUE_LABEL not in held["metadata"]["labels"]
+
+
+def test_job_carries_the_deadline_left_and_pods_the_status_interval():
+    job = render.worker_job(trainjob(), 0, 0, OperatorConfig(status_interval_seconds=25), active_deadline_seconds=90)
+    assert job["spec"]["activeDeadlineSeconds"] == 90
+    assert "activeDeadlineSeconds" not in render.worker_job(trainjob(), 0, 0, CONFIG)["spec"]
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KONTRAST_STATUS_INTERVAL"] == "25"

@@ -9,13 +9,14 @@ import torch
 from kontrast.trainer.data import (PairDataset, check_images, load_examples, parse_table, parse_examples,
                                    read_table)
 from kontrast.trainer.errors import DataError
+from specs import params_of
 
 SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"],
         "rightWeights": [0.75, 0.25], "weightKey": "score"}
 
 
 def parse(text: str, spec=SPEC, file="/data/train.csv", **kw):
-    return parse_examples(parse_table(file, text), spec, **kw)
+    return parse_examples(parse_table(file, text), params_of(spec), **kw)
 
 
 def error_of(text: str, spec=SPEC, **kw) -> DataError:
@@ -114,7 +115,7 @@ def test_too_many_fields():
 def test_tsv_and_file_errors(tmp_path, h):
     path = h.write_csv(tmp_path / "d.tsv", [["query", "image", "title", "score"], ["red, mug", "a.png", "t", "1"]],
                        delimiter="\t")
-    ex = load_examples(str(path), SPEC)
+    ex = load_examples(str(path), params_of(SPEC))
     assert ex.left_texts == [["red, mug"]]
     with pytest.raises(DataError, match="file not found") as info:
         read_table(str(tmp_path / "missing.csv"))
@@ -127,7 +128,7 @@ def test_unreadable_and_missing_images_are_named(tmp_path, h):
     path = h.write_csv(tmp_path / "train.csv", [["query", "image", "title", "score"],
                                                 ["a", "ok.png", "t", "1"], ["b", "broken.png", "t", "1"],
                                                 ["c", "ok.png", "t", "1"], ["d", "gone.png", "t", "1"]])
-    ex = load_examples(str(path), SPEC)
+    ex = load_examples(str(path), params_of(SPEC))
     with pytest.raises(DataError) as info:
         check_images(ex)
     err = info.value
@@ -141,12 +142,12 @@ def test_every_distinct_used_image_is_checked(tmp_path, h):
         h.write_image(tmp_path / f"{name}.png")
     rows = [["query", "image", "title", "score"], ["q", "a.png", "t", "1"], ["q", "b.png", "t", "1"],
             ["q", "a.png", "t", "1"], ["q", "c.png", "t", "1"]]
-    ex = load_examples(str(h.write_csv(tmp_path / "t.csv", rows)), SPEC)
+    ex = load_examples(str(h.write_csv(tmp_path / "t.csv", rows)), params_of(SPEC))
     seen = []
     assert check_images(ex, loader=lambda loc: seen.append(loc)) == 3
     assert sorted(seen) == [str(tmp_path / f"{n}.png") for n in "abc"]
     # image weight 0 in the table: images are never read, so none is checked
-    ex = load_examples(str(tmp_path / "t.csv"), {**SPEC, "rightWeights": [0.0, 1.0]})
+    ex = load_examples(str(tmp_path / "t.csv"), params_of({**SPEC, "rightWeights": [0.0, 1.0]}))
     assert check_images(ex, loader=lambda loc: seen.append(loc)) == 0
 
 
@@ -159,7 +160,7 @@ def test_dataset_items(tmp_path, h):
     noise = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "a.png")
     rows = [["query", "image", "title", "score"], ["red mug", "a.png", "red mug", "2.5"], ["blue", "", "t", "1"]]
-    ex = load_examples(str(h.write_csv(tmp_path / "t.csv", rows)), SPEC)
+    ex = load_examples(str(h.write_csv(tmp_path / "t.csv", rows)), params_of(SPEC))
     ds = PairDataset(ex, transforms.Compose([transforms.RandomResizedCrop(8, scale=(0.5, 1.0)),
                                              transforms.ToTensor()]),
                      SimpleTokenizer(context_length=6), image_size=8, seed=1)
@@ -192,7 +193,7 @@ def test_images_from_http_and_fsspec_urls(tmp_path, h):
         base = f"http://127.0.0.1:{server.server_address[1]}"
         rows = [["query", "image", "title", "score"], ["a", f"{base}/web.png", "t", "1"],
                 ["b", "memory://bucket/imgs/mem.png", "t", "1"], ["c", f"{base}/missing.png", "t", "1"]]
-        ex = load_examples(str(h.write_csv(tmp_path / "t.csv", rows)), SPEC)
+        ex = load_examples(str(h.write_csv(tmp_path / "t.csv", rows)), params_of(SPEC))
         with pytest.raises(DataError) as info:
             check_images(ex)
         assert [(p.row, p.column) for p in info.value.problems] == [(3, "image")]

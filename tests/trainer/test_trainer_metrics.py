@@ -9,6 +9,7 @@ import pytest
 
 from kontrast.trainer.data import parse_examples, parse_table
 from kontrast.trainer.evaluate import build_eval_set, ranking_metrics
+from specs import params_of
 
 
 def test_metrics_match_hand_computation():
@@ -53,6 +54,6 @@ def test_ties_keep_document_order_and_perfect_ranking_scores_one():
 def test_eval_set_uses_distinct_queries_documents_and_graded_weights():
     spec = {"leftKeys": ["q"], "leftWeights": [1], "rightKeys": ["img", "t"], "rightWeights": [1, 1], "weightKey": "w"}
     text = "q,img,t,w\nred,/a.png,A,3\nred,/b.png,B,1\nblue,/a.png,A,0\nred,/a.png,A,2\nblue,/c.png,C,2\n"
-    es = build_eval_set(parse_examples(parse_table("/e.csv", text), spec, require_positive_weight=False))
+    es = build_eval_set(parse_examples(parse_table("/e.csv", text), params_of(spec), require_positive_weight=False))
     assert es.query_rows == [0, 2] and es.doc_rows == [0, 1, 4]
     np.testing.assert_array_equal(es.relevance, [[3, 1, 0], [0, 0, 2]])   # duplicate pair: the higher weight

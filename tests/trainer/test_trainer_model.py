@@ -9,9 +9,11 @@ from types import SimpleNamespace
 import open_clip
 import pytest
 import torch
+from numeric import assert_all_rel_close
 
 from kontrast.trainer.model import MaskedMaxPooler, build_model
 from kontrast.trainer.precision import resolve_precision
+from specs import params_of
 
 
 @pytest.fixture
@@ -19,7 +21,7 @@ def build(resolve_spec, base_spec):
     def _build(**overrides):
         r = resolve_spec({**base_spec, **overrides})
         torch.manual_seed(0)
-        return build_model(r, resolve_precision(r["precision"], "cpu"))
+        return build_model(r, resolve_precision(r.params.precision, "cpu"))
     return _build
 
 
@@ -120,8 +122,7 @@ def test_grad_checkpointing_recomputes_blocks_with_equal_gradients(build):
         grads[flag] = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
         calls[flag] = n["calls"]
     assert calls == {False: 1, True: 2}   # the block's forward runs again in the backward pass
-    for k in grads[False]:
-        torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-5, atol=1e-7)
+    assert_all_rel_close(grads[True], grads[False])
 
 
 def test_precision_values():
@@ -217,8 +218,8 @@ def test_lock_text_on_an_hf_tower(build, hf_model_json, unlocked, freeze_ln):
     from kontrast.trainer.locks import apply_locks
 
     model = build(model=str(hf_model_json)).model
-    apply_locks(model, {"lockText": True, "lockTextUnlockedLayers": unlocked,
-                        "lockTextFreezeLayerNorm": freeze_ln})
+    apply_locks(model, params_of({"lockText": True, "lockTextUnlockedLayers": unlocked,
+                        "lockTextFreezeLayerNorm": freeze_ln}))
     bert = model.text.transformer
     for name, p in bert.embeddings.named_parameters():
         assert p.requires_grad == ("LayerNorm" in name and not freeze_ln), name

@@ -32,14 +32,15 @@ import math
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .errors import DataError, DataProblem, ProblemCollector
-from .spec import has_scheme, join_location, parent_location
+from .locations import has_scheme, join_location, parent_location
+from .params import Params
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +152,16 @@ def load_image(location: str) -> Image.Image:
 # --------------------------------------------------------------------------------------------
 # pure parsing
 
-def _column_index(table: Table, spec: Mapping[str, Any], problems: ProblemCollector) -> dict[str, int]:
+def _column_index(table: Table, spec: Params, problems: ProblemCollector) -> dict[str, int]:
     index: dict[str, int] = {}
     seen: dict[str, int] = {}
     for i, h in enumerate(table.header):
         if h in seen:
             problems.add(DataProblem(table.file, f"the header names column {h!r} twice", row=0, line=1, column=h))
         seen.setdefault(h, i)
-    wanted = [(k, f"spec.leftKeys[{i}]") for i, k in enumerate(spec["leftKeys"])]
-    wanted += [(k, f"spec.rightKeys[{i}]") for i, k in enumerate(spec["rightKeys"])]
-    wanted += [(spec["weightKey"], "spec.weightKey")]
+    wanted = [(k, f"spec.leftKeys[{i}]") for i, k in enumerate(spec.left_keys)]
+    wanted += [(k, f"spec.rightKeys[{i}]") for i, k in enumerate(spec.right_keys)]
+    wanted += [(spec.weight_key, "spec.weightKey")]
     for key, field in wanted:
         if key in seen:
             index[key] = seen[key]
@@ -196,7 +197,7 @@ def parse_weight(value: str) -> tuple[Optional[float], Optional[str]]:
     return w, None
 
 
-def parse_examples(table: Table, spec: Mapping[str, Any], *, require_positive_weight: bool = True,
+def parse_examples(table: Table, spec: Params, *, require_positive_weight: bool = True,
                    max_problems: int = 20) -> Examples:
     """Validate and parse a table against the TrainJob's columns and weights (pure)."""
     problems = ProblemCollector(max_problems)
@@ -204,8 +205,8 @@ def parse_examples(table: Table, spec: Mapping[str, Any], *, require_positive_we
     col = _column_index(table, spec, problems)
     problems.raise_if_any()
 
-    left_keys, right_keys, wkey = list(spec["leftKeys"]), list(spec["rightKeys"]), spec["weightKey"]
-    lw_base, rw_base = list(spec["leftWeights"]), list(spec["rightWeights"])
+    left_keys, right_keys, wkey = list(spec.left_keys), list(spec.right_keys), spec.weight_key
+    lw_base, rw_base = list(spec.left_weights), list(spec.right_weights)
     base_dir = parent_location(file)
     width = len(table.header)
 
@@ -281,7 +282,7 @@ def parse_examples(table: Table, spec: Mapping[str, Any], *, require_positive_we
     )
 
 
-def load_examples(location: str, spec: Mapping[str, Any], *, require_positive_weight: bool = True) -> Examples:
+def load_examples(location: str, spec: Params, *, require_positive_weight: bool = True) -> Examples:
     return parse_examples(read_table(location), spec, require_positive_weight=require_positive_weight)
 
 

@@ -40,7 +40,8 @@ from torch import nn
 
 from .errors import SpecError
 from .precision import Precision
-from .spec import Resolved, has_scheme
+from .locations import has_scheme
+from .spec import Resolved
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def model_name(resolved: Resolved) -> str:
     """The open_clip name of the TrainJob's architecture (registering a JSON config)."""
     if resolved.model_config:
         return register_model_config(resolved.model_config)
-    return resolved.model
+    return resolved.params.model
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,18 +156,19 @@ def model_name(resolved: Resolved) -> str:
 
 def _checkpoint_file(name: str, resolved: Resolved) -> Optional[str]:
     """A local file holding the pretrained weights (downloads a tag only if open_clip would)."""
-    if not resolved.pretrained:
+    params = resolved.params
+    if not params.pretrained:
         return None
-    if resolved.pretrained_is_tag:
-        cfg = open_clip.get_pretrained_cfg(name, resolved.pretrained)
+    if params.pretrained_is_tag:
+        cfg = open_clip.get_pretrained_cfg(name, params.pretrained)
         return open_clip.download_pretrained(cfg) if cfg else None
-    return resolved.pretrained
+    return params.pretrained
 
 
 def _local_pretrained(resolved: Resolved) -> Optional[str]:
     """open_clip reads ``pretrained`` files with os.path.isfile: copy URLs to a local cache."""
-    p = resolved.pretrained
-    if not p or resolved.pretrained_is_tag or not has_scheme(p):
+    p = resolved.params.pretrained
+    if not p or resolved.params.pretrained_is_tag or not has_scheme(p):
         return p
     import fsspec
 
@@ -205,9 +207,9 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
 
     Call after seeding: with random initialisation the weights come from the global RNG.
     """
-    spec = resolved.spec
+    params = resolved.params
     name = model_name(resolved)
-    siglip = spec["weightedLoss"] == "siglip"
+    siglip = params.weighted_loss == "siglip"
     cfg = open_clip.factory.get_model_config(name)
     if cfg is None and name not in open_clip.list_models():
         raise SpecError("model", f"unknown open_clip architecture {name!r}; give a built-in name "
@@ -215,22 +217,22 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
     hf_text = bool(cfg and cfg.get("text_cfg", {}).get("hf_model_name"))
 
     kwargs: dict[str, Any] = {}
-    if spec.get("logitScale") is not None:
-        kwargs["init_logit_scale"] = math.log(spec["logitScale"])
+    if params.logit_scale is not None:
+        kwargs["init_logit_scale"] = math.log(params.logit_scale)
     elif siglip:
         kwargs["init_logit_scale"] = math.log(SIGLIP_INIT_SCALE)
-    if spec.get("logitBias") is not None:
-        kwargs["init_logit_bias"] = float(spec["logitBias"])
+    if params.logit_bias is not None:
+        kwargs["init_logit_bias"] = float(params.logit_bias)
     elif siglip:
         kwargs["init_logit_bias"] = SIGLIP_INIT_BIAS
 
-    pooling = spec.get("poolingMethod")
+    pooling = params.pooling_method
     if pooling and not hf_text:
         log.warning("poolingMethod=%s is ignored: %s has a built-in text tower (poolingMethod applies to "
                     "Hugging Face text towers)", pooling, name)
     if pooling and hf_text:
         text_cfg = copy.deepcopy(cfg["text_cfg"])
-        text_cfg["context_length"] = spec["contextLength"]
+        text_cfg["context_length"] = params.context_length
         text_cfg["hf_model_pretrained"] = False
         # open_clip's max_pooler is broken; build with the mean pooler and swap ours in below.
         text_cfg["hf_pooler_type"] = "mean_pooler" if pooling == "max" else POOLERS[pooling]
@@ -243,12 +245,12 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
             pretrained=pretrained,
             precision=precision.model_precision,
             device=device,
-            force_quick_gelu=spec["forceQuickGELU"],
-            force_custom_text=spec["forceCustomText"],
-            force_patch_dropout=spec.get("forcePatchDropout"),
-            force_context_length=spec["contextLength"],
-            image_mean=tuple(spec["imageMean"]) if spec.get("imageMean") else None,
-            image_std=tuple(spec["imageStd"]) if spec.get("imageStd") else None,
+            force_quick_gelu=params.force_quick_gelu,
+            force_custom_text=params.force_custom_text,
+            force_patch_dropout=params.force_patch_dropout,
+            force_context_length=params.context_length,
+            image_mean=params.image_mean,
+            image_std=params.image_std,
             pretrained_text=False,
             output_dict=True,
             **kwargs,
@@ -264,25 +266,25 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
             text.pooler = MaskedMaxPooler()
 
     with torch.no_grad():
-        if resolved.pretrained:
-            if spec.get("logitScale") is not None:
-                model.logit_scale.fill_(math.log(spec["logitScale"]))
+        if params.pretrained:
+            if params.logit_scale is not None:
+                model.logit_scale.fill_(math.log(params.logit_scale))
             if model.logit_bias is not None:
-                if spec.get("logitBias") is not None:
-                    model.logit_bias.fill_(float(spec["logitBias"]))
+                if params.logit_bias is not None:
+                    model.logit_bias.fill_(float(params.logit_bias))
                 elif siglip and not _checkpoint_has(_checkpoint_file(name, resolved), "logit_bias"):
                     # open_clip inserts 0 for a checkpoint without a bias (its issue #712).
                     model.logit_bias.fill_(SIGLIP_INIT_BIAS)
     if not siglip and model.logit_bias is not None:
-        if spec.get("logitBias") is not None:
+        if params.logit_bias is not None:
             log.warning("logitBias has no effect with weightedLoss ce (softmax ignores a constant shift)")
         model.logit_bias.requires_grad_(False)
 
-    if spec["gradCheckpointing"]:
+    if params.grad_checkpointing:
         # Only when enabled: HF towers' set_grad_checkpointing ignores its argument.
         model.set_grad_checkpointing(True)
 
-    tokenizer = open_clip.get_tokenizer(name, context_length=spec["contextLength"])
+    tokenizer = open_clip.get_tokenizer(name, context_length=params.context_length)
     info: dict[str, Any] = {
         "logitScale": float(model.logit_scale.detach().float().exp().reshape(-1)[0]),
         "logitBias": (float(model.logit_bias.detach().float().reshape(-1)[0])

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, TextIO
 
 from . import storage
-from .spec import has_scheme
+from .locations import has_scheme
 
 log = logging.getLogger(__name__)
 

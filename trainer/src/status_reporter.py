@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Mapping, Optional
 
-from kontrast.contract import JOB_NAME_ENV, JOB_NAMESPACE_ENV
+from kontrast.contract import JOB_NAME_ENV, JOB_NAMESPACE_ENV, STATUS_INTERVAL_ENV
 
 from .report import Reporter
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 SA_DIR_ENV = "KONTRAST_SERVICEACCOUNT_DIR"  # tests and unusual mounts
-INTERVAL_ENV = "KONTRAST_STATUS_INTERVAL"
 DEFAULT_INTERVAL = 5.0
 MAX_SAVED = 20
 GROUP, VERSION, PLURAL = "kontrast.dev", "v1alpha1", "trainjobs"
@@ -192,7 +191,7 @@ class StatusReporter(Reporter):
 
     @classmethod
     def from_env(cls) -> "StatusReporter":
-        interval = float(os.environ.get(INTERVAL_ENV) or DEFAULT_INTERVAL)
+        interval = float(os.environ.get(STATUS_INTERVAL_ENV) or DEFAULT_INTERVAL)
         return cls(StatusClient.from_env(), interval=interval)
 
     # hooks ---------------------------------------------------------------------------------

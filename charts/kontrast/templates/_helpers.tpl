@@ -74,13 +74,13 @@ a Role per namespace otherwise). Least privilege, verb by verb:
   verbs: [get, list, watch]
 - apiGroups: [""]
   resources: [services, configmaps, serviceaccounts]
-  verbs: [get, create, delete]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, create, delete]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [list, create, patch]
 {{- end -}}
 
 {{/* A policy binding's scope: the watched namespaces, or every namespace. */}}
