@@ -43,6 +43,8 @@ ANNOTATION_RESTARTS = "kontrast.dev/restarts"
 ANNOTATION_REASON = "kontrast.dev/start-reason"
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: Kueue's WorkloadPriorityClass label: the one label a TrainJob passes to its worker Job.
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 TRAINER_CONTAINER = "trainer"
@@ -340,6 +342,9 @@ def worker_job(tj: Mapping[str, Any], attempt: int, restarts: int, config: Opera
     job_labels = {LABEL_ATTEMPT: str(attempt)}
     if queue and not hold:
         job_labels[KUEUE_QUEUE_LABEL] = queue
+    priority = (meta.get("labels") or {}).get(KUEUE_PRIORITY_LABEL)
+    if priority:
+        job_labels[KUEUE_PRIORITY_LABEL] = priority
     pod_labels = {**_labels(tj, "worker"), LABEL_ATTEMPT: str(attempt)}
     return {
         "apiVersion": "batch/v1",
