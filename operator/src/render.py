@@ -44,6 +44,8 @@ ANNOTATION_RESTARTS = "kontrast.dev/restarts"
 ANNOTATION_REASON = "kontrast.dev/start-reason"
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: Kueue's WorkloadPriorityClass label: the one label a TrainJob passes to its worker Job.
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 TRAINER_CONTAINER = "trainer"
@@ -406,6 +408,9 @@ def worker_job(tj: Mapping[str, Any], attempt: int, restarts: int, config: Opera
     job_labels = {LABEL_ATTEMPT: str(attempt)}
     if queue and not hold:
         job_labels[KUEUE_QUEUE_LABEL] = queue
+    priority = (meta.get("labels") or {}).get(KUEUE_PRIORITY_LABEL)
+    if priority:
+        job_labels[KUEUE_PRIORITY_LABEL] = priority
     settings = pod_settings(spec, config)
     # The user's and the chart's labels and annotations first: kontrast's own always win.
     pod_labels = {**settings.get("podLabels", {}), **worker_labels(tj, attempt)}

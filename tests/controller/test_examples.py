@@ -51,3 +51,29 @@ def test_gpu_example_is_multinode_with_a_gpu_per_process():
     assert set(refs.values()) == {secret}
     assert spec["output"].startswith(("s3://", "pvc://"))
     assert job["spec"]["completions"] == spec["nodes"]
+
+
+def test_kueue_example_names_the_example_queue_and_priority():
+    (tj,) = trainjobs("kueue/trainjob.yaml")
+    queues = {(d["kind"], d["metadata"]["name"]): d
+              for d in yaml.safe_load_all((REPO / "examples" / "kueue" / "queues.yaml").read_text()) if d}
+    job = render.worker_job(tj, 0, 0, OperatorConfig())
+    labels = job["metadata"]["labels"]
+    local_queue = queues[("LocalQueue", labels[render.KUEUE_QUEUE_LABEL])]
+    cluster_queue = queues[("ClusterQueue", local_queue["spec"]["clusterQueue"])]
+    assert ("WorkloadPriorityClass", labels[render.KUEUE_PRIORITY_LABEL]) in queues
+    # Every resource a pod asks for is covered by the ClusterQueue (else Kueue never admits
+    # it), and the quota fits exactly one such job.
+    requests = job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    (group,) = cluster_queue["spec"]["resourceGroups"]
+    assert set(requests) <= set(group["coveredResources"])
+    (flavor,) = group["flavors"]
+    quota = {r["name"]: r["nominalQuota"] for r in flavor["resources"]}
+    assert int(quota["cpu"]) == int(requests["cpu"]) * job["spec"]["parallelism"]
+
+
+def test_readme_quotes_the_kueue_examples_verbatim():
+    readme = (REPO / "README.md").read_text()
+    for name in ("queues.yaml", "trainjob.yaml"):
+        text = (REPO / "examples" / "kueue" / name).read_text().rstrip()
+        assert f"```yaml\n{text}\n```" in readme, name

@@ -329,6 +329,23 @@ def test_kueue_queue_label_and_suspended_job():
     assert job["spec"]["suspend"] is True
 
 
+def test_kueue_pod_set_and_priority_class():
+    """Kueue reads one pod set of `nodes` pods (parallelism = completions) with the per-pod
+    requests, and the WorkloadPriorityClass from the Job's label: the TrainJob's own label is
+    passed through, no other TrainJob label is."""
+    tj = trainjob(scheduling={"queueName": "team-a", "resources": {"requests": {"cpu": "4", "nvidia.com/gpu": 4},
+                                                                    "limits": {"nvidia.com/gpu": 4}}})
+    tj["metadata"]["labels"][render.KUEUE_PRIORITY_LABEL] = "urgent"
+    job = render.worker_job(tj, 0, 0, CONFIG)
+    assert job["metadata"]["labels"][render.KUEUE_PRIORITY_LABEL] == "urgent"
+    assert "team" not in job["metadata"]["labels"]
+    assert job["spec"]["parallelism"] == job["spec"]["completions"] == 2
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"] == {"cpu": "4", "nvidia.com/gpu": 4}
+    plain = render.worker_job(trainjob(scheduling={"queueName": "team-a"}), 0, 0, CONFIG)
+    assert render.KUEUE_PRIORITY_LABEL not in plain["metadata"]["labels"]
+
+
 def test_long_and_odd_names_stay_valid_and_distinct():
     long_a = "a" * 200 + ".x"
     long_b = "a" * 200 + ".y"
