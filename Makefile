@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml trainer/install.sh
 train: venv
 	$(VENV)/bin/kontrast train examples/trainjob.yaml
 
-## Build (or reuse from the cache) kube-apiserver, etcd, kube-controller-manager, kubectl, helm.
+## Build (or reuse from the cache) kube-apiserver, etcd, kube-controller-manager, kubectl, helm
+## and SeaweedFS's weed (the S3 server of the s3 tests).
 testbin:
 	bash tools/k8s-testbin/build.sh
 
@@ -28,10 +29,10 @@ chromium:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-## Every test: unit, real control plane (k8s), operator end to end (e2e), distributed.
+## Every test: unit, real control plane (k8s), operator end to end (e2e), distributed, S3 (s3).
 test: venv testbin chromium
 	$(VENV)/bin/pytest
 
-## The tests that need neither the control plane nor several processes.
+## The tests that need neither the control plane, several processes, nor the S3 server.
 test-fast: venv chromium
-	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed"
+	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed and not s3"

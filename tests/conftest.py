@@ -1,1 +1,1 @@
-pytest_plugins = ["harness.fixtures"]
+pytest_plugins = ["harness.fixtures", "harness.s3"]

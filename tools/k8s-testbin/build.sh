@@ -6,18 +6,21 @@
 #
 # Builds kube-apiserver, kube-controller-manager and kubectl (k8s.io/kubernetes, through a
 # wrapper module whose staging `replace` lines are derived from that release's go.mod),
-# etcd (at the version that release pins, in its own wrapper) and helm (go install).
+# etcd (at the version that release pins, in its own wrapper), helm (go install) and
+# SeaweedFS's `weed` (the S3 server of the object-storage tests, in its own wrapper).
 #
 # Cache: ${KONTRAST_TESTBIN:-$HOME/.cache/kontrast/testbin}/<name>-<version>/ per component,
 # plus bin-<k8s>/ with links to all of them. The last line on stdout is that bin dir.
 # A warm run runs no `go` command at all. Logs go to stderr.
 #
 # Env: K8S_VERSION (default 1.34.4), HELM_VERSION (3.19.5), ETCD_VERSION (default: what
-# k8s.io/kubernetes pins for go.etcd.io/etcd/client/v3), KONTRAST_TESTBIN.
+# k8s.io/kubernetes pins for go.etcd.io/etcd/client/v3), SEAWEEDFS_VERSION (a pseudo-version:
+# SeaweedFS's tags are not semver), KONTRAST_TESTBIN.
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-1.34.4}
 HELM_VERSION=${HELM_VERSION:-3.19.5}
+SEAWEEDFS_VERSION=${SEAWEEDFS_VERSION:-v0.0.0-20261109003541-7506e5f91cd6}
 ROOT=${KONTRAST_TESTBIN:-$HOME/.cache/kontrast/testbin}
 K8S_MINOR=$(echo "$K8S_VERSION" | cut -d. -f2)
 
@@ -33,6 +36,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 k8s_dir=$ROOT/kubernetes-v$K8S_VERSION
 helm_dir=$ROOT/helm-v$HELM_VERSION
+weed_dir=$ROOT/seaweedfs-$SEAWEEDFS_VERSION
 bin_dir=$ROOT/bin-k8s-v$K8S_VERSION
 mkdir -p "$ROOT"
 
@@ -113,6 +117,31 @@ build_helm() {
     rm -rf "$helm_dir" && mv "$helm_dir.tmp" "$helm_dir"
 }
 
+# --- SeaweedFS weed (S3 gateway for the s3 tests) -------------------------------------
+build_seaweedfs() {
+    local work=$WORK/seaweedfs module=github.com/seaweedfs/seaweedfs
+    mkdir -p "$work"
+    log "building SeaweedFS weed $SEAWEEDFS_VERSION (slow when cold)"
+    local gomod
+    gomod=$(cd "$work" && go mod download -json "$module@$SEAWEEDFS_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    [ -s "$gomod" ] || { log "no go.mod for $module@$SEAWEEDFS_VERSION"; return 1; }
+    # A dependency's replace lines are ignored (and `go install pkg@version` refuses a module
+    # that has any), so the wrapper carries SeaweedFS's own module-to-module replaces.
+    {
+        echo "module local.test/seaweedfs-testbin"
+        echo
+        sed -n 's/^go \(.*\)/go \1/p' "$gomod" | head -1
+        echo
+        echo "require $module $SEAWEEDFS_VERSION"
+        echo
+        grep -E '^replace [^ ]+ => [^ .][^ ]* v' "$gomod" || true
+    } >"$work/go.mod"
+    rm -rf "$weed_dir.tmp" && mkdir -p "$weed_dir.tmp"
+    (cd "$work" && go get "$module/weed@$SEAWEEDFS_VERSION" &&
+        go build -trimpath -ldflags "-s -w" -o "$weed_dir.tmp/weed" "$module/weed")
+    rm -rf "$weed_dir" && mv "$weed_dir.tmp" "$weed_dir"
+}
+
 if [ ! -x "$k8s_dir/kube-apiserver" ] || [ ! -x "$k8s_dir/kube-controller-manager" ] ||
     [ ! -x "$k8s_dir/kubectl" ] || [ ! -s "$k8s_dir/etcd-version" ]; then
     build_kubernetes
@@ -121,11 +150,13 @@ ETCD_VERSION=${ETCD_VERSION:-$(cat "$k8s_dir/etcd-version")}
 etcd_dir=$ROOT/etcd-v$ETCD_VERSION
 [ -x "$etcd_dir/etcd" ] || build_etcd "$etcd_dir" "$ETCD_VERSION"
 [ -x "$helm_dir/helm" ] || build_helm
+[ -x "$weed_dir/weed" ] || build_seaweedfs
 
 mkdir -p "$bin_dir"
 for f in kube-apiserver kube-controller-manager kubectl; do ln -sfn "$k8s_dir/$f" "$bin_dir/$f"; done
 ln -sfn "$etcd_dir/etcd" "$bin_dir/etcd"
 ln -sfn "$helm_dir/helm" "$bin_dir/helm"
+ln -sfn "$weed_dir/weed" "$bin_dir/weed"
 
 log "kube-apiserver $("$bin_dir/kube-apiserver" --version 2>&1), etcd $("$bin_dir/etcd" --version | head -1 | awk '{print $3}'), $("$bin_dir/helm" version --short 2>&1)"
 echo "$bin_dir"
