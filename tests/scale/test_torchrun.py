@@ -45,7 +45,7 @@ def write_job(folder: Path, name: str, **overrides) -> Path:
     }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
-                                    "metadata": {"name": name}, "spec": spec}))
+                                    "metadata": {"name": name.lower()}, "spec": spec}))
     return path
 
 
