@@ -21,6 +21,9 @@ PVC_ROOT_DEFAULT = "/mnt/kontrast/pvc"
 #: Set by the operator in training pods so rank 0 reports into the TrainJob's status.
 JOB_NAME_ENV = "KONTRAST_TRAINJOB_NAME"
 JOB_NAMESPACE_ENV = "KONTRAST_TRAINJOB_NAMESPACE"
+#: Seconds between rank 0's progress patches of the TrainJob status (the chart's
+#: trainer.statusIntervalSeconds, passed by the operator to every training pod).
+STATUS_INTERVAL_ENV = "KONTRAST_STATUS_INTERVAL"
 
 #: Kubernetes copies this file's content into the pod status when the container ends; the
 #: trainer writes the reason of a permanent failure there, and the operator shows it in the

@@ -4,7 +4,7 @@ Layout (pure functions decide, thin edges act):
 
 - ``config``   the operator's settings (trainer image, pod defaults), read from the environment
 - ``render``   TrainJob -> child manifests (pure)
-- ``status``   TrainJob + observed children -> new status and the actions to take (pure)
+- ``lifecycle`` TrainJob + observed children -> new status and the actions to take (pure)
 - ``kube``     the thin edge: API calls, idempotent create, deletes, status patches
 - ``reconcile`` observe -> decide -> act, serialised per TrainJob
 - ``handlers`` the kopf handlers (run with ``python -m kontrast.operator``)

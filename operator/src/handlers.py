@@ -3,15 +3,20 @@
 Run with ``python -m kontrast.operator`` (or ``kopf run -m kontrast.operator.handlers
 --standalone``). One replica, standalone: nothing to elect, no peering CRDs to install.
 
-Triggers:
+Triggers, all funnelled through :func:`trigger` (one retry policy, bursts collapse):
 
-- TrainJob created, updated (only ``spec.scheduling`` may change) or seen at operator start
-  (resume): reconcile; on an error kopf retries with backoff.
-- Child Jobs and Pods (kontrast labels) changed: reconcile their TrainJob. Bursts of pod
-  events collapse into one follow-up reconcile instead of one each.
-- The active deadline: a timer, only on TrainJobs that have a deadline and may be running,
-  so it fires without any event arriving. (kopf puts a finalizer on exactly those while the
-  timer applies and removes it when the job finishes or suspends.)
+- TrainJob created, updated (only ``spec.scheduling`` may change) or seen at operator start.
+- Child Jobs and Pods changed; the Kueue Workload of a child Job changed (queued, admitted,
+  preempted: what the TrainJob's Queued condition reports); a base child (ServiceAccount, Role, RoleBinding, Service,
+  ConfigMap) deleted, so it is created again at once.
+- A wake-up the last decision asked for (a deadline, the hang watchdog, a held attempt) and
+  the periodic resync of every TrainJob not finished: explicit ``call_later`` timers in the
+  operator's memory, not kopf timers, so no finalizer ever blocks a deletion.
+
+Every watch on children is scoped on the API server by the ``kontrast.dev/trainjob`` label
+(``settings.watching.label_selectors``), so the operator's traffic does not grow with the
+cluster's unrelated pods and Jobs. The operator's state (client, reconciler, wake-ups, which
+base children exist) lives in kopf's ``memo``, rebuilt at each start.
 
 Handlers return None: kopf would store return values in status, which the CRD's schema
 prunes. Handler progress and the diff base live in ``kontrast.dev/`` annotations.
@@ -28,37 +33,31 @@ import kopf
 
 from kontrast.api import GROUP, PLURAL, VERSION
 
+from . import kueue
 from . import metrics as metrics_mod
 from . import render
-from .status import PENDING, is_active
-from .config import ENV_DEADLINE_CHECK, ENV_KUBECONFIG, OperatorConfig
+from .config import ENV_KUBECONFIG, OperatorConfig
 from .kube import Kube, load_configuration
+from .lifecycle import PENDING, TERMINAL, controller_uid
 from .metrics import Metrics
 from .reconcile import Reconciler
 
 log = logging.getLogger("kontrast.operator")
 
 ANNOTATION_PREFIX = "kontrast.dev"
-FINALIZER = "kontrast.dev/deadline-timer"
+#: The one retry policy: a failed reconcile is tried again after these delays, then at the
+#: next resync.
 RETRY_DELAYS = (1, 2, 5, 10, 30)
-#: How often the deadline timer looks (read at import: kopf registers handlers then).
-DEADLINE_CHECK_SECONDS = float(os.environ.get(ENV_DEADLINE_CHECK) or 5.0)
-
-
-class _State:
-    """Per-operator-run state (rebuilt at each start, so an in-process restart starts clean)."""
-
-    def __init__(self) -> None:
-        self.config: OperatorConfig = OperatorConfig()
-        self.kube: Optional[Kube] = None
-        self.reconciler: Optional[Reconciler] = None
-        self.metrics = Metrics()
-        self.metrics_runner: Any = None
-        self.running: set[tuple[str, str]] = set()
-        self.dirty: set[tuple[str, str]] = set()
-
-
-STATE = _State()
+#: Children the operator watches, by (group, version, plural) and kind; all carry LABEL_TRAINJOB.
+BASE_CHILDREN = {
+    ("", "v1", "serviceaccounts"): "ServiceAccount",
+    ("rbac.authorization.k8s.io", "v1", "roles"): "Role",
+    ("rbac.authorization.k8s.io", "v1", "rolebindings"): "RoleBinding",
+    ("", "v1", "services"): "Service",
+    ("", "v1", "configmaps"): "ConfigMap",
+}
+WATCHED_CHILDREN = (("batch", "v1", "jobs"), ("", "v1", "pods"), *BASE_CHILDREN)
+WORKLOADS = (kueue.GROUP, kueue.VERSION, kueue.PLURAL)
 
 
 def _post_event(tj: Mapping[str, Any], etype: str, reason: str, message: str) -> None:
@@ -97,12 +96,19 @@ def login(**_: Any) -> kopf.ConnectionInfo:
     )
 
 
+def scope_watches(settings: kopf.OperatorSettings) -> None:
+    """Let the API server filter every child watch by the TrainJob label."""
+    for group, version, plural in WATCHED_CHILDREN:
+        settings.watching.label_selectors[group, version, plural] = render.LABEL_TRAINJOB
+    # Workloads carry no label of ours; Kueue labels every Workload of a Job with its uid.
+    settings.watching.label_selectors[WORKLOADS] = kueue.JOB_UID_LABEL
+
+
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
-    settings.persistence.finalizer = FINALIZER
     settings.peering.standalone = True
     # Strict mode: serve the TrainJob CRD found at startup and the namespaces named on the
     # command line; no cluster-wide list/watch of CRDs or namespaces (least privilege).
@@ -112,99 +118,110 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 8
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    scope_watches(settings)
 
-    STATE.__init__()
-    STATE.config = OperatorConfig.from_env()
-    STATE.kube = Kube(load_configuration(_kubeconfig()))
-    STATE.reconciler = Reconciler(STATE.kube, STATE.config, STATE.metrics, _post_event)
-    if STATE.config.metrics_port:
+    memo.config = OperatorConfig.from_env()
+    memo.kube = Kube(load_configuration(_kubeconfig()))
+    memo.metrics = Metrics()
+    memo.reconciler = Reconciler(memo.kube, memo.config, memo.metrics, _post_event)
+    memo.running, memo.dirty = set(), set()
+    memo.wakeups = {}  # (namespace, name) -> asyncio.TimerHandle
+    memo.children = {}  # TrainJob uid -> {(kind, name)} of its base children that exist
+    memo.job_owners = {}  # worker Job uid -> TrainJob name (to route Kueue Workload events)
+    memo.metrics_runner = None
+    if memo.config.metrics_port:
         try:
-            STATE.metrics_runner = await metrics_mod.serve(STATE.metrics, "0.0.0.0", STATE.config.metrics_port)
+            memo.metrics_runner = await metrics_mod.serve(memo.metrics, "0.0.0.0", memo.config.metrics_port)
         except OSError as exc:
             log.warning("metrics endpoint disabled: %s", exc)
-    log.info("kontrast operator started; trainer image %s", STATE.config.trainer_image)
+    log.info("kontrast operator started; trainer image %s", memo.config.trainer_image)
 
 
 @kopf.on.cleanup()
-async def cleanup(**_: Any) -> None:
-    if STATE.metrics_runner is not None:
-        await STATE.metrics_runner.cleanup()
-        STATE.metrics_runner = None
-    if STATE.kube is not None:
-        STATE.kube.close()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    for handle in memo.wakeups.values():
+        handle.cancel()
+    if memo.metrics_runner is not None:
+        await memo.metrics_runner.cleanup()
+    memo.kube.close()
 
 
-async def _reconcile_now(namespace: str, name: str) -> None:
-    assert STATE.reconciler is not None
-    plan = await asyncio.to_thread(STATE.reconciler.reconcile, namespace, name)
-    if plan is not None and plan.requeue_after:
-        # A time-based rule (e.g. waiting for old pods at most so long): an explicit wake-up,
-        # not a hope that some event arrives.
-        loop = asyncio.get_running_loop()
-        loop.call_later(plan.requeue_after, lambda: asyncio.ensure_future(trigger(namespace, name)))
-
-
-async def trigger(namespace: str, name: str) -> None:
-    """Reconcile soon; events arriving meanwhile collapse into one more pass. Errors retry."""
+def _wake_up(memo: kopf.Memo, namespace: str, name: str, delay: float) -> None:
+    """Reconcile again in ``delay`` seconds (replacing any wake-up already planned)."""
     key = (namespace, name)
-    if key in STATE.running:
-        STATE.dirty.add(key)
+    old = memo.wakeups.pop(key, None)
+    if old is not None:
+        old.cancel()
+    loop = asyncio.get_running_loop()
+    memo.wakeups[key] = loop.call_later(delay, lambda: asyncio.ensure_future(trigger(memo, namespace, name)))
+
+
+async def _reconcile_now(memo: kopf.Memo, namespace: str, name: str) -> None:
+    # A snapshot taken on the event loop; None for a TrainJob none of whose children were seen
+    # yet (just created, or the operator just started), so nothing is repaired by mistake.
+    present = {uid: frozenset(kind for kind, _ in kids) for uid, kids in memo.children.items()}
+    plan = await asyncio.to_thread(memo.reconciler.reconcile, namespace, name, present=present.get)
+    if plan is None or plan.status.get("phase") in TERMINAL:
+        handle = memo.wakeups.pop((namespace, name), None)
+        if handle is not None:
+            handle.cancel()
         return
-    STATE.running.add(key)
+    # The next pass: when a time-based rule needs it, at the latest at the periodic resync.
+    _wake_up(memo, namespace, name, min(plan.requeue_after or memo.config.resync_seconds,
+                                        memo.config.resync_seconds))
+
+
+async def trigger(memo: kopf.Memo, namespace: str, name: str) -> None:
+    """Reconcile soon; events arriving meanwhile collapse into one more pass. Errors retry
+    after RETRY_DELAYS, then at the next resync."""
+    key = (namespace, name)
+    if key in memo.running:
+        memo.dirty.add(key)
+        return
+    memo.running.add(key)
     try:
         attempt = 0
         while True:
-            STATE.dirty.discard(key)
+            memo.dirty.discard(key)
             try:
-                await _reconcile_now(namespace, name)
+                await _reconcile_now(memo, namespace, name)
                 attempt = 0
-            except Exception as exc:  # an event handler has no retries of its own
+            except Exception as exc:  # noqa: BLE001 - every error gets the same retries
                 if attempt >= len(RETRY_DELAYS):
-                    log.error("giving up reconciling %s/%s after errors: %s", namespace, name, exc)
+                    log.error("reconciling %s/%s keeps failing (%s); next try at the resync", namespace, name, exc)
+                    _wake_up(memo, namespace, name, memo.config.resync_seconds)
                     return
                 log.warning("reconciling %s/%s failed (%s); retrying in %ss", namespace, name, exc,
                             RETRY_DELAYS[attempt])
                 await asyncio.sleep(RETRY_DELAYS[attempt])
                 attempt += 1
-                STATE.dirty.add(key)
-            if key not in STATE.dirty:
+                memo.dirty.add(key)
+            if key not in memo.dirty:
                 return
     finally:
-        STATE.running.discard(key)
+        memo.running.discard(key)
 
 
 # --- TrainJobs ----------------------------------------------------------------------------
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def trainjob_changed(namespace: str, name: str, **_: Any) -> None:
-    try:
-        await _reconcile_now(namespace, name)
-    except Exception as exc:
-        raise kopf.TemporaryError(f"reconcile failed: {exc}", delay=10) from exc
+async def trainjob_changed(memo: kopf.Memo, namespace: str, name: str, **_: Any) -> None:
+    await trigger(memo, namespace, name)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def trainjob_seen(event: Mapping[str, Any], namespace: str, name: str, status: Mapping[str, Any], **_: Any) -> None:
+def trainjob_seen(event: Mapping[str, Any], memo: kopf.Memo, namespace: str, name: str, uid: str,
+                  status: Mapping[str, Any], **_: Any) -> None:
     """Keep the jobs-by-phase gauge current (cheap: no API call)."""
     if event.get("type") == "DELETED":
-        if STATE.reconciler is not None:
-            STATE.reconciler.forget(namespace, name)
-        else:
-            STATE.metrics.set_phase(namespace, name, None)
+        memo.reconciler.forget(namespace, name)
+        memo.children.pop(uid, None)
+        handle = memo.wakeups.pop((namespace, name), None)
+        if handle is not None:
+            handle.cancel()
     else:
-        STATE.metrics.set_phase(namespace, name, (status or {}).get("phase") or PENDING)
-
-
-def _has_deadline(spec: Mapping[str, Any], status: Mapping[str, Any], meta: Mapping[str, Any], **_: Any) -> bool:
-    return (bool((spec.get("scheduling") or {}).get("activeDeadlineSeconds"))
-            and is_active({"status": dict(status or {})}) and not meta.get("deletionTimestamp"))
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=DEADLINE_CHECK_SECONDS, initial_delay=1.0, when=_has_deadline)
-async def deadline_timer(namespace: str, name: str, **_: Any) -> None:
-    """Reconcile jobs with a deadline even when nothing else happens (kubeflow/trainer#3358)."""
-    await trigger(namespace, name)
+        memo.metrics.set_phase(namespace, name, (status or {}).get("phase") or PENDING)
 
 
 # --- children -----------------------------------------------------------------------------
@@ -213,14 +230,48 @@ def _owner(meta: Mapping[str, Any]) -> Optional[str]:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_TRAINJOB: kopf.PRESENT})
-async def job_event(meta: Mapping[str, Any], namespace: str, **_: Any) -> None:
-    owner = _owner(meta)
-    if owner:
-        await trigger(namespace, owner)
-
-
 @kopf.on.event("", "v1", "pods", labels={render.LABEL_TRAINJOB: kopf.PRESENT})
-async def pod_event(meta: Mapping[str, Any], namespace: str, **_: Any) -> None:
+async def worker_event(memo: kopf.Memo, meta: Mapping[str, Any], namespace: str, **_: Any) -> None:
     owner = _owner(meta)
     if owner:
-        await trigger(namespace, owner)
+        await trigger(memo, namespace, owner)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_TRAINJOB: kopf.PRESENT}, id="job_owner")
+def job_owner(event: Mapping[str, Any], memo: kopf.Memo, meta: Mapping[str, Any], uid: str, **_: Any) -> None:
+    """Remember which TrainJob each worker Job belongs to, for the Workload events."""
+    if event.get("type") == "DELETED":
+        memo.job_owners.pop(uid, None)
+    elif _owner(meta):
+        memo.job_owners[uid] = _owner(meta)
+
+
+@kopf.on.event(*WORKLOADS, labels={kueue.JOB_UID_LABEL: kopf.PRESENT})
+async def workload_event(memo: kopf.Memo, labels: Mapping[str, str], namespace: str, **_: Any) -> None:
+    """Kueue queued, admitted or evicted a worker Job: its TrainJob says so. (Without Kueue's
+    CRDs at start, kopf only warns that it cannot watch Workloads.)"""
+    owner = memo.job_owners.get(labels.get(kueue.JOB_UID_LABEL, ""))
+    if owner:
+        await trigger(memo, namespace, owner)
+
+
+def _base_child_handler(kind: str):
+    async def base_child_event(event: Mapping[str, Any], memo: kopf.Memo, meta: Mapping[str, Any],
+                               namespace: str, name: str, **_: Any) -> None:
+        """Track which base children exist; one that disappears is created again at once."""
+        uid, owner = controller_uid({"metadata": meta}), _owner(meta)
+        if not uid or not owner:
+            return
+        kids = memo.children.setdefault(uid, set())
+        if event.get("type") == "DELETED":
+            kids.discard((kind, name))
+            await trigger(memo, namespace, owner)
+        else:
+            kids.add((kind, name))
+    base_child_event.__name__ = base_child_event.__qualname__ = f"{kind.lower()}_event"
+    return base_child_event
+
+
+for (_group, _version, _plural), _kind in BASE_CHILDREN.items():
+    kopf.on.event(_group, _version, _plural, labels={render.LABEL_TRAINJOB: kopf.PRESENT},
+                  id=f"{_kind.lower()}_event")(_base_child_handler(_kind))

@@ -18,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kontrast.api import GROUP, PLURAL, VERSION
 
-from . import render
+from . import kueue, render
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,36 @@ class Kube:
                 f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not controlled by this TrainJob")
         return False
 
-    def release_job(self, namespace: str, name: str) -> None:
-        """Unsuspend a held worker Job."""
-        self.request("PATCH", _path("batch/v1", "Job", namespace, name), body={"spec": {"suspend": False}},
+    def release_job(self, namespace: str, name: str, queue: Optional[str] = None) -> None:
+        """Hand a held worker Job on: to Kueue (its queue label; Kueue unsuspends it when it
+        admits it), or, without a queue, unsuspend it."""
+        body = ({"metadata": {"labels": {render.KUEUE_QUEUE_LABEL: queue}}} if queue
+                else {"spec": {"suspend": False}})
+        self.request("PATCH", _path("batch/v1", "Job", namespace, name), body=body,
                      content_type="application/merge-patch+json")
+
+    def workload(self, job: Mapping[str, Any]) -> Optional[dict]:
+        """Kueue's Workload of a Job (found by the job-uid label Kueue puts on it), or None,
+        also when Kueue is not installed."""
+        meta = job["metadata"]
+        path = f"/apis/{kueue.GROUP}/{kueue.VERSION}/namespaces/{meta['namespace']}/{kueue.PLURAL}"
+        try:
+            items = self.request("GET", path, query={"labelSelector": f"{kueue.JOB_UID_LABEL}={meta['uid']}"})["items"]
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return kueue.workload_of(job, items)
+
+    def failed_creates(self, job: Mapping[str, Any]) -> list[str]:
+        """Why a Job could not create its pods, newest first: its FailedCreate events
+        (ResourceQuota, PodSecurity, LimitRange... reject pods only there)."""
+        meta = job["metadata"]
+        selector = f"involvedObject.uid={meta['uid']},reason=FailedCreate"
+        items = self.request("GET", f"/api/v1/namespaces/{meta['namespace']}/events",
+                             query={"fieldSelector": selector})["items"]
+        items.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", reverse=True)
+        return [e.get("message") or "" for e in items]
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, foreground: bool = False) -> bool:
         body = {"kind": "DeleteOptions", "apiVersion": "v1",

@@ -1,10 +1,16 @@
 """Observe -> decide -> act, once per trigger, serialised per TrainJob.
 
-Every trigger (TrainJob created/updated/resumed, a child Job or Pod changed, the deadline
-timer) runs the same level-based reconcile: read the TrainJob and its children from the API
-server, let :func:`status.decide` choose, then do exactly what the plan says. Re-running it is
-always safe: creation treats AlreadyExists (of our own child) as success, deletes treat
-NotFound as success, and the status patch only carries fields that changed.
+Every trigger (TrainJob created/updated/resumed, a child changed, a wake-up the last
+decision asked for, the periodic resync) runs the same level-based reconcile: read the
+TrainJob and its children from the API server, let :func:`lifecycle.decide_observed` choose,
+then do exactly what the plan says. Re-running it is always safe: creation treats
+AlreadyExists (of our own child) as success, deletes treat NotFound as success, and the
+status patch only carries fields that changed.
+
+Order of the actions: create (the new attempt records the restart budget it spent), hand
+a held attempt on, repair missing children, write the status, and only then delete Jobs or
+clean up. A status patch that fails therefore leaves every child in place, and the next
+pass decides the same again: a success is never followed by a second training run.
 """
 
 from __future__ import annotations
@@ -12,9 +18,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Collection, Mapping, Optional
 
-from . import render, status
+from . import lifecycle, render
 from .config import OperatorConfig
 from .kube import ChildConflict, Kube, api_error_message
 from .metrics import Metrics
@@ -43,10 +49,14 @@ class Reconciler:
             self._locks.pop((namespace, name), None)
         self.metrics.set_phase(namespace, name, None)
 
-    def reconcile(self, namespace: str, name: str, now: Optional[dt.datetime] = None) -> Optional[status.Plan]:
+    def reconcile(self, namespace: str, name: str, now: Optional[dt.datetime] = None,
+                  present: Optional[Callable[[str], Optional[Collection[str]]]] = None) -> Optional[lifecycle.Plan]:
+        """``present(uid)``: the kinds of base children that exist for the TrainJob with that
+        uid (from the operator's watches), or None when not known; missing ones are created
+        again."""
         with self._lock(namespace, name):
             try:
-                plan = self._reconcile(namespace, name, now or dt.datetime.now(dt.timezone.utc))
+                plan = self._reconcile(namespace, name, now or dt.datetime.now(dt.timezone.utc), present)
             except Exception as exc:
                 self.metrics.reconciled(False)
                 self.metrics.error(type(exc).__name__)
@@ -54,66 +64,71 @@ class Reconciler:
             self.metrics.reconciled(True)
             return plan
 
-    def _reconcile(self, namespace: str, name: str, now: dt.datetime) -> Optional[status.Plan]:
+    def _reconcile(self, namespace: str, name: str, now: dt.datetime,
+                   present: Optional[Callable[[str], Optional[Collection[str]]]]) -> Optional[lifecycle.Plan]:
         tj = self.kube.get_trainjob(namespace, name)
         if tj is None:
             self.forget(namespace, name)
             return None
-        jobs = self.kube.list_jobs(tj)
-        pods = self.kube.list_pods(tj)
-        plan = status.decide(tj, jobs, pods, now)
+        seen = present(tj["metadata"]["uid"]) if present else None
+        missing = frozenset(lifecycle.BASE_KINDS) - frozenset(seen) if seen is not None else frozenset()
+        o = lifecycle.observe(tj, self.kube.list_jobs(tj), self.kube.list_pods(tj), now,
+                              missing_children=missing, hang_after=self.config.hang_after())
+        if o.pods_missing:
+            # Pods that cannot be created (quota, PodSecurity) show only as the Job's events.
+            o = lifecycle.dataclasses.replace(o, failed_creates=tuple(self.kube.failed_creates(o.current)))
+        if o.queued:
+            o = lifecycle.dataclasses.replace(o, workload=self.kube.workload(o.current))
+        plan = lifecycle.decide_observed(o)
         self.execute(tj, plan)
         return plan
 
-    def execute(self, tj: Mapping[str, Any], plan: status.Plan) -> None:
+    def execute(self, tj: Mapping[str, Any], plan: lifecycle.Plan) -> None:
         meta = tj["metadata"]
         ns, name = meta["namespace"], meta["name"]
-        old_status = tj.get("status") or {}
-
         if plan.create is not None:
-            objs = render.children(tj, plan.create.attempt, plan.create.restarts, self.config, plan.create.reason,
-                                   plan.create.hold)
-            try:
-                created = [o for o in objs if self.kube.create(o)]
-            except Exception as exc:
-                # Record why in status (not only in a log), keep everything else as it was: the
-                # failed attempt stays the newest Job, so nothing is counted twice.
-                message = f"could not create the children: {api_error_message(exc)}"
-                conds = status.Conditions(old_status.get("conditions") or [], status_now(), meta.get("generation"))
-                conds.set("Created", False, "CreateFailed", message)
-                patch = {"conditions": conds.as_list(), "message": status._truncate(message),
-                         "observedGeneration": meta.get("generation")}
-                if not old_status.get("phase"):
-                    patch["phase"] = status.PENDING
-                self._patch_status(ns, name, patch)
-                self.post_event(tj, "Warning", "CreateFailed", message)
-                self.metrics.error("ChildConflict" if isinstance(exc, ChildConflict) else "CreateFailed")
-                raise
-            for obj in created:
-                log.info("created %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
-            if plan.create.reason in ("Restarted", "PodFailed", "Disrupted"):
-                self.metrics.restarted(plan.create.reason)
-
+            c = plan.create
+            self._create(tj, render.children(tj, c.attempt, c.restarts, self.config, c.reason, c.hold,
+                                             c.active_deadline_seconds))
+            if c.reason in ("PodFailed", "Disrupted", "Hung"):
+                self.metrics.restarted(c.reason)
         if plan.release:
-            self.kube.release_job(ns, plan.release)
-            log.info("released Job %s/%s (older attempts are gone)", ns, plan.release)
+            self.kube.release_job(ns, plan.release, plan.release_queue)
+            log.info("released Job %s/%s (older attempts are gone)%s", ns, plan.release,
+                     f" to LocalQueue {plan.release_queue}" if plan.release_queue else "")
+        if plan.repair:
+            self._create(tj, [o for o in render.base_children(tj, self.config) if o["kind"] in plan.repair])
 
-        for job in plan.delete_jobs:
-            if self.kube.delete_job(ns, job):
-                log.info("deleted Job %s/%s", ns, job)
-
-        if plan.cleanup:
-            # Everything but the Jobs (already deleted above) and, of course, the TrainJob.
-            self.kube.delete_children(reversed(render.base_children(tj, self.config)))
-            log.info("cleaned up the children of %s/%s", ns, name)
-
-        patch = plan.status_patch(old_status)
+        patch = plan.status_patch(tj.get("status") or {})
         if patch:
             self._patch_status(ns, name, patch)
         self.metrics.set_phase(ns, name, plan.status.get("phase"))
 
+        for job in plan.delete_jobs:
+            if self.kube.delete_job(ns, job):
+                log.info("deleted Job %s/%s", ns, job)
+        if plan.cleanup:
+            # Everything but the Jobs (already deleted above) and, of course, the TrainJob.
+            self.kube.delete_children(reversed(render.base_children(tj, self.config)))
+            log.info("cleaned up the children of %s/%s", ns, name)
         for event in plan.events:
             self.post_event(tj, event.type, event.reason, event.message)
+
+    def _create(self, tj: Mapping[str, Any], objs: list[dict[str, Any]]) -> None:
+        """Create ``objs`` (existing ones of ours are fine); on failure say why in status."""
+        meta = tj["metadata"]
+        try:
+            created = [o for o in objs if self.kube.create(o)]
+        except Exception as exc:
+            # Record why in status (not only in a log), keep everything else as it was: the
+            # failed attempt stays the newest Job, so nothing is counted twice.
+            message = f"could not create the children: {api_error_message(exc)}"
+            self._patch_status(meta["namespace"], meta["name"], lifecycle.create_failed(tj, message, dt.datetime.now(dt.timezone.utc)))
+            self.post_event(tj, "Warning", "CreateFailed", message)
+            self.metrics.error("ChildConflict" if isinstance(exc, ChildConflict) else "CreateFailed")
+            raise
+        for obj in created:
+            log.info("created %s %s/%s", obj["kind"], meta["namespace"], obj["metadata"]["name"])
 
     def _patch_status(self, ns: str, name: str, patch: Mapping[str, Any]) -> None:
         try:
@@ -122,7 +137,3 @@ class Reconciler:
             if getattr(exc, "status", None) == 404:
                 return
             raise
-
-
-def status_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

@@ -57,3 +57,14 @@ def test_wrong_kind_and_api_version():
     problems = validate(apply_defaults(obj))
     assert any(p.startswith("apiVersion:") for p in problems)
     assert any(p.startswith("kind:") for p in problems)
+
+
+@pytest.mark.parametrize("case", CASES["names"], ids=[c["name"] for c in CASES["names"]])
+def test_names_whose_children_would_be_invalid_or_collide_are_rejected(case):
+    problems = validate(apply_defaults(trainjob({}, name=case["name"])))
+    assert any(case["says"] in p for p in problems), problems
+
+
+@pytest.mark.parametrize("name", CASES["good_names"])
+def test_good_names_are_accepted(name):
+    assert validate(apply_defaults(trainjob({}, name=name))) == []

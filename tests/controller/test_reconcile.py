@@ -17,11 +17,20 @@ NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 
 class FakeKube:
-    def __init__(self, tj, fail_kind=None):
+    def __init__(self, tj, fail_kind=None, failed_creates=(), fail_status=False):
         self.tj = tj
         self.objects: dict[tuple[str, str], dict] = {}
         self.calls: list[tuple] = []
         self.fail_kind = fail_kind
+        self.failed = list(failed_creates)
+        self.fail_status = fail_status
+
+    def failed_creates(self, job):
+        self.calls.append(("events", job["metadata"]["name"]))
+        return self.failed
+
+    def release_job(self, ns, name, queue=None):
+        self.calls.append(("release", name, queue))
 
     def get_trainjob(self, ns, name):
         return self.tj
@@ -39,6 +48,7 @@ class FakeKube:
             raise ChildConflict(f"{obj['kind']} {obj['metadata']['name']} exists and is not ours")
         if key in self.objects:
             return False
+        obj.setdefault("metadata", {}).setdefault("uid", f"uid-{key[1]}")
         self.objects[key] = obj
         return True
 
@@ -53,6 +63,8 @@ class FakeKube:
 
     def patch_trainjob_status(self, ns, name, patch):
         self.calls.append(("status", tuple(sorted(patch))))
+        if self.fail_status:
+            raise RuntimeError("the API server is unavailable")
         st = self.tj.setdefault("status", {})
         for k, v in patch.items():
             if v is None:
@@ -129,3 +141,65 @@ def test_metrics_text():
 
 def test_child_labels_select_only_this_trainjob():
     assert render.selector_labels(tj()) == {"kontrast.dev/trainjob": "clip"}
+
+
+def test_terminal_status_is_written_before_any_child_is_deleted():
+    kube = FakeKube(tj())
+    rec = Reconciler(kube, OperatorConfig())
+    rec.reconcile("ml", "clip", NOW)
+    kube.objects[("Job", "clip-0")]["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    kube.fail_status = True
+    with pytest.raises(RuntimeError):
+        rec.reconcile("ml", "clip", NOW)
+    assert not [c for c in kube.calls if c[0] == "delete"]  # nothing deleted without the record
+    assert ("Job", "clip-0") in kube.objects
+    kube.fail_status = False
+    kube.calls.clear()
+    rec.reconcile("ml", "clip", NOW)
+    kinds = [c[0] for c in kube.calls if c[0] in ("status", "delete")]
+    assert kinds[0] == "status" and "delete" in kinds and kube.tj["status"]["phase"] == "Succeeded"
+    kube.calls.clear()
+    rec.reconcile("ml", "clip", NOW)  # children gone: Succeeded stays, nothing is created
+    assert not [c for c in kube.calls if c[0] == "create"] and kube.tj["status"]["phase"] == "Succeeded"
+
+
+def test_missing_base_children_are_created_again():
+    kube = FakeKube(tj())
+    rec = Reconciler(kube, OperatorConfig())
+    rec.reconcile("ml", "clip", NOW)
+    del kube.objects[("RoleBinding", "clip-trainer")]
+    kube.calls.clear()
+    rec.reconcile("ml", "clip", NOW, present={"u1": {"ServiceAccount", "Role", "Service", "ConfigMap"}}.get)
+    assert [c for c in kube.calls if c[0] == "create"] == [("create", "RoleBinding", "clip-trainer")]
+    assert ("RoleBinding", "clip-trainer") in kube.objects
+    kube.calls.clear()
+    rec.reconcile("ml", "clip", NOW, present={}.get)  # children not seen yet: nothing repaired
+    assert not [c for c in kube.calls if c[0] == "create"]
+
+
+def test_pods_that_cannot_be_created_say_why_in_the_created_condition():
+    quota = 'pods "clip-0-0-x" is forbidden: exceeded quota: none, requested: pods=1, used: pods=0, limited: pods=0'
+    kube = FakeKube(tj(), failed_creates=[quota])
+    rec = Reconciler(kube, OperatorConfig())
+    rec.reconcile("ml", "clip", NOW)
+    plan = rec.reconcile("ml", "clip", NOW)
+    created = {c["type"]: c for c in kube.tj["status"]["conditions"]}["Created"]
+    assert created["status"] == "False" and created["reason"] == "FailedCreate" and "exceeded quota" in created["message"]
+    assert "exceeded quota" in kube.tj["status"]["message"]
+    assert plan.requeue_after == 15.0  # no event comes when pods cannot be created: look again
+    kube.failed = []
+    rec.reconcile("ml", "clip", NOW)
+    assert {c["type"]: c for c in kube.tj["status"]["conditions"]}["Created"]["status"] == "True"
+
+
+def test_every_child_watch_is_filtered_by_the_api_server():
+    import kopf
+
+    from kontrast.operator import handlers
+
+    settings = kopf.OperatorSettings()
+    handlers.scope_watches(settings)
+    scoped = {(s.group, s.version, s.any_name): v for s, v in settings.watching.label_selectors.items()}
+    assert scoped == {**{key: "kontrast.dev/trainjob" for key in handlers.WATCHED_CHILDREN},
+                      handlers.WORKLOADS: "kueue.x-k8s.io/job-uid"}  # only Kueue's Workloads of Jobs
+    assert ("", "v1", "pods") in scoped and ("batch", "v1", "jobs") in scoped

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
@@ -62,13 +63,17 @@ class Operator:
         self.kubeconfig = kubeconfig
         self.metrics_port = metrics_port
         self.runner = None
+        self.extra_env: dict[str, str] = {}
         self.outputs: list[str] = []
         self._saved_env: dict[str, Optional[str]] = {}
 
     def _env(self) -> dict[str, str]:
         return {"KONTRAST_OPERATOR_KUBECONFIG": str(self.kubeconfig),
                 "KONTRAST_METRICS_PORT": str(self.metrics_port),
-                "KONTRAST_DEADLINE_CHECK_SECONDS": "1"}
+                # A short resync and progress interval keep the tests quick; the watchdog is
+                # off except in its own test (a tiny model's first step may be slow here).
+                "KONTRAST_RESYNC_SECONDS": "5", "KONTRAST_STATUS_INTERVAL": "1", "KONTRAST_HANG_SECONDS": "0",
+                **self.extra_env}
 
     def start(self) -> "Operator":
         from kopf.testing import KopfRunner
@@ -79,11 +84,8 @@ class Operator:
         self.runner = KopfRunner(["run", "--standalone", "--all-namespaces", "--verbose",
                                   "-m", "kontrast.operator.handlers"], timeout=60)
         self.runner.__enter__()
-        # The startup handler builds the client; the watches start right after.
-        from kontrast.operator import handlers
-
-        wait_for(lambda: handlers.STATE.reconciler is not None and handlers.STATE.kube is not None, 60,
-                 "the operator to start")
+        # The startup handler serves the metrics last; the watches start right after.
+        wait_for(self._serving, 60, "the operator to start")
         time.sleep(1.0)
         return self
 
@@ -98,9 +100,13 @@ class Operator:
                 self.outputs.append(runner.output)
             except Exception:  # no result when it crashed
                 pass
-            from kontrast.operator import handlers
 
-            handlers.STATE.reconciler = None
+    def _serving(self) -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).read()
+            return True
+        except OSError:
+            return False
 
     def restore_env(self) -> None:
         for k, v in self._saved_env.items():

@@ -245,13 +245,14 @@ def test_operator_restart_mid_run_then_delete(tjs, operator, tiny):
         tjs.get("steady")
 
 
-def test_active_deadline_is_enforced_by_a_timer(tjs, tiny):
+def test_active_deadline_is_enforced_without_polling_or_a_finalizer(tjs, tiny):
     tjs.create(trainjob("late", tiny, epochs=200, scheduling={"activeDeadlineSeconds": 15}))
-    # The timer puts its finalizer on while the deadline applies.
-    wait_for(lambda: tjs.get("late")["metadata"].get("finalizers"), 60, "the deadline timer's finalizer")
+    # The worker Job carries the deadline too, so the Job controller enforces it as well.
+    (job,) = wait_for(lambda: tjs.jobs("late"), 60, "the worker Job")
+    assert 1 <= job["spec"]["activeDeadlineSeconds"] <= 15
     st = tjs.wait_phase("late", "Failed", timeout=120)
     assert tjs.cond("late", "Failed")["reason"] == "DeadlineExceeded"
     assert st["restarts"] == 0
     wait_for(lambda: not tjs.pods("late"), 120, "the pods to stop")
-    # No deadline left to watch: the finalizer goes, so deletion never waits for the operator.
-    wait_for(lambda: not tjs.get("late")["metadata"].get("finalizers"), 60, "the finalizer to go")
+    # Deletion never waits for the operator: no finalizer, ever.
+    assert not tjs.get("late")["metadata"].get("finalizers")

@@ -179,3 +179,15 @@ def test_status_subresource_cannot_change_spec(control_plane, ns, stored):
     out = kube.patch(path(ns, stored) + "/status", {"spec": {"lr": 0.5}, "status": {"phase": "Pending"}})
     assert out["status"]["phase"] == "Pending"
     assert out["spec"]["lr"] != 0.5
+
+
+@pytest.mark.parametrize("case", CASES["names"], ids=[c["name"] for c in CASES["names"]])
+def test_server_rejects_names_whose_children_would_be_invalid_or_collide(control_plane, ns, case):
+    with pytest.raises(ApiError) as err:
+        control_plane.kube().post(path(ns), trainjob({}, name=case["name"]), dryRun="All")
+    assert err.value.status == 422 and case["says"] in err.value.message, err.value.message
+
+
+@pytest.mark.parametrize("name", CASES["good_names"])
+def test_server_accepts_good_names(control_plane, ns, name):
+    control_plane.kube().post(path(ns), trainjob({}, name=name), dryRun="All")

@@ -25,10 +25,12 @@ Everything goes through open_clip's own factory (``create_model_and_transforms``
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -170,18 +172,40 @@ def _local_pretrained(resolved: Resolved) -> Optional[str]:
     p = resolved.params.pretrained
     if not p or resolved.params.pretrained_is_tag or not has_scheme(p):
         return p
+    return str(cached_download(p, Path(tempfile.gettempdir()) / "kontrast-pretrained"))
+
+
+def cache_name(url: str) -> str:
+    """A cache file name unique to the whole URL (s3://a/model.pt and s3://b/model.pt differ)."""
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    return f"{digest}-{PurePosixPath(url.split('://', 1)[-1]).name or 'model'}"
+
+
+def cached_download(url: str, cache: Path) -> Path:
+    """The file at ``url``, downloaded once per machine into ``cache``.
+
+    The processes of a node share the cache: an exclusive lock on a per-URL lock file lets
+    one of them download while the others wait and then find the file. The download goes to
+    a private temporary file that is renamed into place, so no reader sees half a file.
+    """
+    import fcntl
+
     import fsspec
 
-    cache = Path(tempfile.gettempdir()) / "kontrast-pretrained"
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / PurePosixPath(p.split("://", 1)[1]).name
-    if not target.exists():
-        tmp = target.with_suffix(target.suffix + ".part")
-        with fsspec.open(p, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 24):
-                dst.write(chunk)
-        os.replace(tmp, target)
-    return str(target)
+    target = cache / cache_name(url)
+    with open(cache / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{target.name}.")
+            try:
+                with fsspec.open(url, "rb") as src, os.fdopen(fd, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    return target
 
 
 def _checkpoint_has(path: Optional[str], key: str) -> bool:
@@ -201,6 +225,41 @@ def _checkpoint_has(path: Optional[str], key: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+
+class CappedTokenizer:
+    """Keeps at most ``cap`` tokens of each text and pads them to the tower's full width.
+
+    open_clip's CLIP text tower adds its whole positional embedding, so every token tensor
+    must have the native width; the tokens past ``cap`` are padding, exactly what open_clip
+    feeds for a text that short.
+    """
+
+    def __init__(self, native: Any, cap: int):
+        self.native, self.cap = native, cap
+        self.context_length = native.context_length
+        inner = getattr(native, "tokenizer", None)
+        self.pad_id = int(getattr(inner, "pad_token_id", None) or 0)
+
+    def __call__(self, texts, context_length: Optional[int] = None) -> torch.Tensor:
+        tokens = self.native(texts, context_length=self.cap)
+        pad = self.context_length - tokens.shape[1]
+        return torch.nn.functional.pad(tokens, (0, pad), value=self.pad_id)
+
+
+def fed_context_length(asked: int, native: int, pretrained: bool) -> tuple[int, Optional[str]]:
+    """Tokens fed to the text tower, and a warning when ``contextLength`` asks for more than a
+    pretrained tower has positions for.
+
+    A pretrained tower keeps its positional embedding as trained (resizing it would
+    interpolate the embedding and change the starting model), so ``contextLength`` only caps
+    the tokens fed to it. A randomly initialised model is built with ``contextLength``
+    positions, so there the two are equal.
+    """
+    if not pretrained or asked <= native:
+        return asked, None
+    return native, (f"contextLength={asked} exceeds the pretrained text tower's {native} positions; "
+                    f"feeding at most {native} tokens (the tower is never resized)")
+
 
 def build_model(resolved: Resolved, precision: Precision, device: torch.device | str = "cpu") -> ModelBundle:
     """open_clip model + transforms + tokenizer for a resolved TrainJob.
@@ -232,7 +291,8 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
                     "Hugging Face text towers)", pooling, name)
     if pooling and hf_text:
         text_cfg = copy.deepcopy(cfg["text_cfg"])
-        text_cfg["context_length"] = params.context_length
+        if not params.pretrained:
+            text_cfg["context_length"] = params.context_length
         text_cfg["hf_model_pretrained"] = False
         # open_clip's max_pooler is broken; build with the mean pooler and swap ours in below.
         text_cfg["hf_pooler_type"] = "mean_pooler" if pooling == "max" else POOLERS[pooling]
@@ -248,7 +308,7 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
             force_quick_gelu=params.force_quick_gelu,
             force_custom_text=params.force_custom_text,
             force_patch_dropout=params.force_patch_dropout,
-            force_context_length=params.context_length,
+            force_context_length=None if params.pretrained else params.context_length,
             image_mean=params.image_mean,
             image_std=params.image_std,
             pretrained_text=False,
@@ -284,8 +344,14 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
         # Only when enabled: HF towers' set_grad_checkpointing ignores its argument.
         model.set_grad_checkpointing(True)
 
-    tokenizer = open_clip.get_tokenizer(name, context_length=params.context_length)
+    tokens, warning = fed_context_length(params.context_length, model.context_length, bool(params.pretrained))
+    if warning:
+        log.warning(warning)
+    native = open_clip.get_tokenizer(name, context_length=model.context_length)
+    tokenizer = native if tokens == model.context_length else CappedTokenizer(native, tokens)
     info: dict[str, Any] = {
+        "contextLength": tokens,
+        "warnings": [warning] if warning else None,
         "logitScale": float(model.logit_scale.detach().float().exp().reshape(-1)[0]),
         "logitBias": (float(model.logit_bias.detach().float().reshape(-1)[0])
                       if model.logit_bias is not None and siglip else None),

@@ -84,6 +84,8 @@ class Params:
     # Data and output locations, resolved (local path or fsspec URL).
     train_data: str
     eval_data: Optional[str] = None
+    eval_every: int                             #: epochs between evaluations during training (0: none)
+    eval_grades: str                            #: weight | gcl (metrics.grades_for)
     data: Mapping[str, Any]                     #: cache, onBadImage, maxBadFraction (see images.py)
     output: str
     storage_secret_ref: Optional[Mapping[str, Any]] = None   #: read by the operator, not the trainer

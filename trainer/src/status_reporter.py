@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Mapping, Optional
 
-from kontrast.contract import JOB_NAME_ENV, JOB_NAMESPACE_ENV
+from kontrast.contract import JOB_NAME_ENV, JOB_NAMESPACE_ENV, STATUS_INTERVAL_ENV
 
 from .report import Reporter
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 SA_DIR_ENV = "KONTRAST_SERVICEACCOUNT_DIR"  # tests and unusual mounts
-INTERVAL_ENV = "KONTRAST_STATUS_INTERVAL"
 DEFAULT_INTERVAL = 5.0
 MAX_SAVED = 20
 GROUP, VERSION, PLURAL = "kontrast.dev", "v1alpha1", "trainjobs"
@@ -192,7 +191,7 @@ class StatusReporter(Reporter):
 
     @classmethod
     def from_env(cls) -> "StatusReporter":
-        interval = float(os.environ.get(INTERVAL_ENV) or DEFAULT_INTERVAL)
+        interval = float(os.environ.get(STATUS_INTERVAL_ENV) or DEFAULT_INTERVAL)
         return cls(StatusClient.from_env(), interval=interval)
 
     # hooks ---------------------------------------------------------------------------------
@@ -225,6 +224,10 @@ class StatusReporter(Reporter):
             patch["metrics"][event["phase"]] = metrics
         if event.get("epoch") is not None:
             patch["metrics"]["epoch"] = event["epoch"]
+        if event.get("history"):
+            patch["metrics"]["history"] = [dict(h) for h in event["history"]]
+        if event.get("best"):
+            patch["checkpoints"] = {"best": dict(event["best"])}
         self._queue(patch, now=True)
 
     def on_end(self, summary):
@@ -244,6 +247,8 @@ class StatusReporter(Reporter):
         if isinstance(saved, list) and saved:
             self._saved = list(saved)[-MAX_SAVED:]
             patch["checkpoints"] = {"latest": saved[-1], "saved": list(self._saved)}
+        if summary.get("outputs"):
+            patch["outputs"] = dict(summary["outputs"])
         self._queue(patch, now=True)
 
     def close(self):

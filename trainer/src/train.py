@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import open_clip
 import torch
 
 from . import checkpoint as ckpt
@@ -44,20 +45,26 @@ from .data import PairDataset, TrainLoader, collate
 from .distributed import World, all_reduce_min, broadcast_object, init_from_env, shard_indices, unwrap, wrap_ddp
 from .errors import DataError, DataProblem, PermanentError
 from .evaluate import build_eval_set, evaluate
+from .export import CONFIG_KEY, export_run, open_clip_config
 from .fusion import FusedModel
+from .gallery import Gallery
 from .locks import apply_locks, make_adamw, param_groups
 from .accumulation import contrastive_step, param_bytes, probe_micro_batch
 from .model import ModelBundle, build_model
-from .precision import Precision, precision_warnings, resolve_precision
+from .precision import Precision, lost_update_warning, precision_warnings, resolve_precision
 from .report import JsonlReporter, Reporter, Reporters, utc_now
+from .report_html import TENSORBOARD, run_outputs, write_report
 from .schedule import Schedule, make_schedule
 from .params import Params
 from .spec import Resolved
+from .tensorboard import tensorboard_reporter
 
 log = logging.getLogger(__name__)
 
 LOGIT_SCALE_MAX = math.log(100.0)
 EVAL_BATCH = 256
+BEST_BY = "ndcg@10"         #: the metric that names status.checkpoints.best
+MAX_HISTORY = 200           #: evaluations kept in status.metrics.history
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +219,9 @@ class Run:
     eval_set: Any
     info: dict[str, Any]            #: the resolved values reported in status.resolved
     data_report: dict[str, Any]     #: status.data: bad images skipped (empty when none)
+    rows: dict[str, Any]            #: row counts of the data files (the report and model card)
+    export_config: dict[str, Any]   #: open_clip_config.json of the exported model (kept in checkpoints)
+    gallery: Optional[Gallery]      #: before/after top-k examples for the report (rank 0, with evalData)
 
     @property
     def clip(self) -> torch.nn.Module:
@@ -230,8 +240,13 @@ class Progress:
     step: int = 0                   #: optimizer steps completed
     eval_before: Optional[dict[str, float]] = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)    #: evaluations so far, oldest first
+    best: Optional[dict[str, Any]] = None   #: the saved checkpoint with the best nDCG@10 so far
     resumed_from: Optional[str] = None
     last_loss: Optional[float] = None
+    last_grad_norm: Optional[float] = None
+    last_data_wait: float = 0.0     #: seconds the last step waited for its batches
+    last_step_seconds: float = 0.0
     meter: _Meter = field(default_factory=_Meter)
 
 
@@ -252,6 +267,8 @@ def train(resolved: Resolved, *, world: Optional[World] = None, device: Optional
     if world.is_main:
         # progress.jsonl is part of the output folder's contract, whoever else listens.
         sinks = [JsonlReporter(storage.join(resolved.params.output, "progress.jsonl")), *reporters]
+        board = tensorboard_reporter(storage.join(resolved.params.output, TENSORBOARD))
+        sinks += [board] if board is not None else []
     report = Reporters(sinks)
     try:
         return _train(resolved, world, report, started, max_epochs)
@@ -271,14 +288,13 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     progress = resume(run)
     report.on_start(start_info(run, progress))
     if progress.resumed_from is None:
-        progress.eval_before = run_eval(run, report, "before", 0)
+        progress.eval_before = record_eval(run, progress, report, "before", measure(run, "before"))
     epochs = run.params.epochs
     last_epoch = epochs if max_epochs is None else min(epochs, progress.epoch + max_epochs)
     run.net.train()
     for epoch in range(progress.epoch, last_epoch):
         train_epoch(run, progress, epoch, report)
-        if progress.epoch % run.params.save_frequency == 0 or progress.epoch == epochs:
-            save(run, progress, report)
+        end_epoch(run, progress, report)
     if last_epoch < epochs:
         log.info("stopped after epoch %d of %d (max_epochs)", last_epoch, epochs)
         return {"step": progress.step, "epoch": last_epoch, "stopped": True}
@@ -312,23 +328,35 @@ def setup(resolved: Resolved, world: World) -> Run:
                            cache=image_cache)
     micro = choose_micro_batch(params, world, fused, train_ds, precision, optimizer)
     plan = plan_run(params, len(train_ex), world, micro, file=params.train_data)
-    if plan.schedule.warning():
-        log.warning(plan.schedule.warning())
+    warnings = _warnings(params, precision, bundle, plan, optimizer)
     eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=params.seed,
                            cache=image_cache)
                if eval_ex is not None else None)
+    eval_set = build_eval_set(eval_ex, params.eval_grades) if eval_ex is not None else None
     return Run(resolved=resolved, params=params, world=world, precision=precision, bundle=bundle, fused=fused,
                net=net, optimizer=optimizer, scaler=precision.make_scaler(), train_ds=train_ds,
                loader=TrainLoader(train_ds, params.workers, pin_memory=world.device.type == "cuda"), plan=plan,
-               eval_ds=eval_ds, eval_set=build_eval_set(eval_ex) if eval_ex is not None else None,
-               info=_resolved_info(params, bundle, plan, world, precision),
-               data_report={"badImages": bad_images} if bad_images else {})
+               eval_ds=eval_ds, eval_set=eval_set,
+               info=_resolved_info(params, bundle, plan, world, precision, warnings),
+               data_report={"badImages": bad_images} if bad_images else {},
+               rows={"trainRows": len(train_ex), "evalRows": len(eval_ex) if eval_ex is not None else None},
+               export_config=open_clip_config(bundle.model, open_clip.get_model_config(bundle.name), params,
+                                              bundle.tokenizer),
+               gallery=Gallery(params.output, eval_ex, eval_set) if eval_set is not None and world.is_main else None)
+
+
+def _warnings(params: Params, precision: Precision, bundle: ModelBundle, plan: RunPlan, optimizer) -> list[str]:
+    """Advice about this run's settings, logged and reported in status.resolved.warnings."""
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    found = [*precision_warnings(precision, params.eps), lost_update_warning(precision, params.lr, trainable),
+             plan.schedule.warning()]
+    for message in filter(None, found):
+        log.warning(message)
+    return [m for m in [*found, *(bundle.info.get("warnings") or [])] if m]
 
 
 def _precision(params: Params, device: torch.device) -> Precision:
     precision = resolve_precision(params.precision, device.type)
-    for message in precision_warnings(precision, params.eps):
-        log.warning(message)
     if params.dynamic_batch_size and device.type != "cuda":
         log.info("dynamicBatchSize has no effect on %s: every forward pass uses batchSize=%d rows",
                  device.type, params.batch_size)
@@ -361,7 +389,7 @@ def _unused_visual(params: Params) -> bool:
 
 
 def _resolved_info(params: Params, bundle: ModelBundle, plan: RunPlan, world: World,
-                   precision: Precision) -> dict[str, Any]:
+                   precision: Precision, warnings: Sequence[str] = ()) -> dict[str, Any]:
     info = {
         "beta2": params.beta2,
         "eps": params.eps,
@@ -376,6 +404,8 @@ def _resolved_info(params: Params, bundle: ModelBundle, plan: RunPlan, world: Wo
         "peakLr": plan.schedule.peak_lr(),
         "device": str(world.device),
         "precision": precision.describe(),
+        "contextLength": bundle.info.get("contextLength"),
+        "warnings": list(warnings) or None,
     }
     return {k: v for k, v in info.items() if v is not None}
 
@@ -400,7 +430,8 @@ def resume(run: Run) -> Progress:
                     epoch, step)
     log.info("resuming from %s (epoch %d, step %d)", location, epoch, step)
     return Progress(epoch=epoch, step=step, eval_before=state.get("eval_before"),
-                    checkpoints=list(state.get("checkpoints") or []), resumed_from=location)
+                    checkpoints=list(state.get("checkpoints") or []), history=list(state.get("eval_history") or []),
+                    best=state.get("best"), resumed_from=location)
 
 
 def _load_state(run: Run, state: dict[str, Any], location: str) -> None:
@@ -422,6 +453,7 @@ def start_info(run: Run, progress: Progress) -> dict[str, Any]:
         "epochs": run.params.epochs, "totalSteps": run.plan.schedule.total_steps,
         "startStep": progress.step, "startEpoch": progress.epoch, "resumedFrom": progress.resumed_from,
         **({"data": run.data_report} if run.data_report else {}),
+        "parameters": dict(run.resolved.spec), "rows": run.rows,
     }
 
 
@@ -439,19 +471,22 @@ def train_epoch(run: Run, progress: Progress, epoch: int, report: Reporters) -> 
     for _ in range(run.plan.steps_per_epoch):
         t0 = time.monotonic()
         micro_batches = [_to(next(it), run.world.device) for _ in range(run.plan.micro_steps)]
+        progress.last_data_wait = time.monotonic() - t0
         lr = run.plan.schedule.lr(progress.step)
-        progress.last_loss = optimizer_step(run, micro_batches, lr, progress.step)
+        progress.last_loss, progress.last_grad_norm = optimizer_step(run, micro_batches, lr, progress.step)
         progress.step += 1
-        progress.meter.add(time.monotonic() - t0)
+        progress.last_step_seconds = time.monotonic() - t0
+        progress.meter.add(progress.last_step_seconds)
         if run.world.is_main:
             report.on_step(step_info(run, progress, epoch, lr))
     progress.epoch = epoch + 1
 
 
-def optimizer_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], lr: float, step: int) -> float:
+def optimizer_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], lr: float,
+                   step: int) -> tuple[float, Optional[float]]:
     """One optimizer step at learning rate ``lr``: forward and backward over the micro-batches,
     unscale, clip, step (skipped on a non-finite loss without a scaler, which skips by itself),
-    clamp the logit scale. Returns the loss."""
+    clamp the logit scale. Returns the loss and the gradient norm before clipping."""
     optimizer, scaler, params = run.optimizer, run.scaler, run.params
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -460,8 +495,7 @@ def optimizer_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], lr: f
                             precision=run.precision, scaler=scaler, world=run.world))
     if scaler is not None:
         scaler.unscale_(optimizer)
-    if params.grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(run.trainable, params.grad_clip_norm, norm_type=2.0)
+    grad_norm = _grad_norm(run.trainable, params.grad_clip_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -471,7 +505,19 @@ def optimizer_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], lr: f
         log.warning("step %d: non-finite loss %s; skipping the update", step + 1, loss)
     with torch.no_grad():
         run.clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-    return loss
+    return loss, grad_norm
+
+
+def _grad_norm(params: list[torch.Tensor], clip_norm: Optional[float]) -> Optional[float]:
+    """The global gradient L2 norm before clipping (and the clipping to ``clip_norm`` when set):
+    the first number to check when a run misbehaves. None when it is not finite."""
+    if clip_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, norm_type=2.0)
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros(())
+    value = float(norm)
+    return round(value, 6) if math.isfinite(value) else None
 
 
 def step_info(run: Run, progress: Progress, epoch: int, lr: float) -> dict[str, Any]:
@@ -485,22 +531,60 @@ def step_info(run: Run, progress: Progress, epoch: int, lr: float) -> dict[str, 
         "samplesPerSecond": round(global_rows / mean, 2) if mean else None,
         "etaSeconds": round(mean * (total - step), 1) if mean else None,
         "loss": progress.last_loss, "lr": lr, "microBatchSize": run.plan.micro,
+        "gradNorm": progress.last_grad_norm, "logitScale": round(float(run.clip.logit_scale.detach().exp()), 4),
+        "dataWaitSeconds": round(progress.last_data_wait, 4),
+        "computeSeconds": round(progress.last_step_seconds - progress.last_data_wait, 4),
         "updatedAt": utc_now(),
     }
 
 
-def run_eval(run: Run, report: Reporters, phase: str, epoch: int) -> Optional[dict[str, float]]:
-    """Retrieval metrics of the current model on evalData (rank 0; the others wait)."""
+def measure(run: Run, gallery_phase: Optional[str] = None) -> Optional[dict[str, float]]:
+    """Retrieval metrics of the current model on evalData. Collective: every rank encodes and
+    searches its share (``evaluate``), so no rank idles in a barrier under the process-group
+    timeout while another evaluates. With ``gallery_phase`` ("before", "after") rank 0 also
+    keeps the report's examples from the same top-k lists."""
     if run.eval_ds is None:
         return None
-    metrics = None
+    result = evaluate(unwrap(run.net), run.eval_ds, run.eval_set,
+                      batch_size=min(EVAL_BATCH, max(run.params.batch_size, 32)),
+                      device=run.world.device, precision=run.precision)
+    if gallery_phase and run.gallery is not None:
+        run.gallery.record(gallery_phase, result.top_docs, result.top_scores)
+    return result.metrics
+
+
+def is_new_best(progress: Progress, metrics: Optional[dict[str, float]]) -> bool:
+    return metrics is not None and (progress.best is None or metrics[BEST_BY] > progress.best[BEST_BY])
+
+
+def record_eval(run: Run, progress: Progress, report: Reporters, phase: str,
+                metrics: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+    """Add an evaluation of the model at ``progress.epoch`` to the history, and make it the best
+    when it beats the best by nDCG@10 (the caller has saved that epoch's checkpoint)."""
+    if metrics is None:
+        return None
+    epoch = progress.epoch
+    progress.history = (progress.history + [{"epoch": epoch, "phase": phase, "metrics": metrics}])[-MAX_HISTORY:]
+    saved = [c for c in progress.checkpoints if c["epoch"] == epoch]
+    if saved and is_new_best(progress, metrics):
+        progress.best = {"uri": saved[-1]["uri"], "epoch": epoch, BEST_BY: metrics[BEST_BY]}
     if run.world.is_main:
-        metrics = evaluate(unwrap(run.net), run.eval_ds, run.eval_set,
-                           batch_size=min(EVAL_BATCH, max(run.params.batch_size, 32)),
-                           device=run.world.device, precision=run.precision)
-        report.on_eval({"phase": phase, "epoch": epoch, "metrics": metrics})
-    run.world.barrier()
+        report.on_eval({"phase": phase, "epoch": epoch, "metrics": metrics, "history": progress.history,
+                        "best": progress.best})
     return metrics
+
+
+def end_epoch(run: Run, progress: Progress, report: Reporters) -> None:
+    """Evaluate every evalEvery epochs (the last epoch's evaluation is the final one), then
+    checkpoint every saveFrequency epochs, after the last, and whenever the evaluation found a
+    new best model (so status.checkpoints.best always names a saved checkpoint)."""
+    params = run.params
+    last = progress.epoch == params.epochs
+    due = params.eval_every > 0 and progress.epoch % params.eval_every == 0 and not last
+    metrics = measure(run) if due else None
+    if last or progress.epoch % params.save_frequency == 0 or is_new_best(progress, metrics):
+        save(run, progress, report)
+    record_eval(run, progress, report, "epoch", metrics)
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +600,8 @@ def save(run: Run, progress: Progress, report: Reporters) -> None:
             "epoch": progress.epoch, "step": progress.step, "name": run.resolved.name,
             "model": run.params.model, "state_dict": run.clip.state_dict(),
             "optimizer": run.optimizer.state_dict(), "eval_before": progress.eval_before,
-            "checkpoints": progress.checkpoints, "kontrast_version": _version(),
+            "checkpoints": progress.checkpoints, "eval_history": progress.history, "best": progress.best,
+            "kontrast_version": _version(), CONFIG_KEY: run.export_config,
         }
         if run.scaler is not None:
             payload["scaler"] = run.scaler.state_dict()
@@ -527,7 +612,7 @@ def save(run: Run, progress: Progress, report: Reporters) -> None:
 
 def summarise(run: Run, progress: Progress, report: Reporters, started: float) -> dict[str, Any]:
     """Evaluate the final model and write summary.json (rank 0); every rank returns it."""
-    eval_after = run_eval(run, report, "after", run.params.epochs)
+    eval_after = record_eval(run, progress, report, "after", measure(run, "after"))
     summary = {
         "name": run.resolved.name,
         "model": run.params.model,
@@ -541,10 +626,15 @@ def summarise(run: Run, progress: Progress, report: Reporters, started: float) -
         "resolved": run.info,
         "parameters": dict(run.resolved.spec),
         "checkpoints": progress.checkpoints,
+        "evalHistory": progress.history,
+        "best": progress.best,
         "summaryUri": storage.join(run.params.output, "summary.json"),
+        "outputs": run_outputs(run.params.output, model=bool(progress.checkpoints)),
     }
     if run.world.is_main:
         storage.write_text(summary["summaryUri"], json.dumps(summary, indent=2) + "\n")
+        export_run(run.params.output, summary)
+        write_report(run.params.output)
         report.on_end(summary)
     run.world.barrier()
     return summary

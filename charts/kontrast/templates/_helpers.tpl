@@ -55,6 +55,7 @@ a Role per namespace otherwise). Least privilege, verb by verb:
   pods: read only (exit codes, termination messages, disruptions).
 - services, configmaps, serviceaccounts, roles, rolebindings: the per-job children.
 - events: milestones and failures on the TrainJob.
+- workloads (Kueue): read only, to say in status why Kueue holds a worker Job.
 */}}
 {{- define "kontrast.rules" -}}
 - apiGroups: [kontrast.dev]
@@ -74,11 +75,26 @@ a Role per namespace otherwise). Least privilege, verb by verb:
   verbs: [get, list, watch]
 - apiGroups: [""]
   resources: [services, configmaps, serviceaccounts]
-  verbs: [get, create, delete]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, create, delete]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [list, create, patch]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list, watch]
+{{- end -}}
+
+{{/* A policy binding's scope: the watched namespaces, or every namespace. */}}
+{{- define "kontrast.policyNamespaces" -}}
+{{- with .Values.watchNamespaces -}}
+matchResources:
+  namespaceSelector:
+    matchExpressions:
+      - key: kubernetes.io/metadata.name
+        operator: In
+        values: {{ toJson . }}
+{{- end -}}
 {{- end -}}

@@ -1,4 +1,4 @@
-"""status.py: observed children + status -> new status and actions (pure)."""
+"""lifecycle.py: observed children + status -> new status and actions (pure)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from kontrast import contract
 from kontrast.operator import render
-from kontrast.operator.status import Plan, decide, pod_failure
+from kontrast.operator.lifecycle import Plan, decide, pod_failure
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 
@@ -30,14 +30,16 @@ def tj(status=None, nodes=2, generation=1, **sched):
     }
 
 
-def job(attempt, restarts=0, conditions=(), deleting=False, suspend=False, start=None, completion=None):
+def job(attempt, restarts=0, conditions=(), deleting=False, suspend=False, start=None, completion=None, queue=None):
     j = {
-        "metadata": {"name": f"clip-{attempt}", "labels": {render.LABEL_ATTEMPT: str(attempt)},
+        "metadata": {"name": f"clip-{attempt}", "uid": f"job-uid-{attempt}", "labels": {render.LABEL_ATTEMPT: str(attempt)},
                      "annotations": {render.ANNOTATION_RESTARTS: str(restarts)}},
         "spec": {"suspend": suspend},
         "status": {"conditions": [{"type": t, "status": "True", "reason": r, "message": m}
                                   for t, r, m in conditions]},
     }
+    if queue:
+        j["metadata"]["labels"][render.KUEUE_QUEUE_LABEL] = queue
     if start:
         j["status"]["startTime"] = start
     if completion:
@@ -51,6 +53,8 @@ def pod(attempt, index, phase="Running", exit_code=None, message="", reason="", 
     p = {
         "metadata": {"name": f"clip-{attempt}-{index}-abcde",
                      "labels": {render.LABEL_ATTEMPT: str(attempt)},
+                     "ownerReferences": [{"kind": "Job", "name": f"clip-{attempt}", "uid": f"job-uid-{attempt}",
+                                          "controller": True}],
                      "annotations": {render.COMPLETION_INDEX_ANNOTATION: str(index)}},
         "status": {"phase": phase, "conditions": [], "containerStatuses": []},
     }
@@ -333,7 +337,7 @@ def test_kueue_suspended_job_is_pending():
     obj = tj(queueName="team-a")
     obj = apply(obj, decide(obj, [], [], at(0)))
     assert "Kueue" in obj["status"]["message"]
-    plan = decide(obj, [job(0, suspend=True)], [], at(5))
+    plan = decide(obj, [job(0, suspend=True, queue="team-a")], [], at(5))
     assert plan.status["phase"] == "Pending" and plan.create is None and plan.status.get("startTime") is None
 
 
@@ -407,5 +411,224 @@ def test_new_attempt_is_held_until_old_pods_are_gone():
 def test_kueue_jobs_are_never_released_by_the_operator():
     obj = tj(queueName="team-a")
     obj = apply(obj, decide(obj, [], [], at(0)))
-    plan = decide(obj, [job(0, suspend=True)], [], at(5))
+    plan = decide(obj, [job(0, suspend=True, queue="team-a")], [], at(5))
     assert plan.release is None
+
+
+# --- the rules one by one -------------------------------------------------------------------
+def test_each_rule_reads_only_the_snapshot():
+    from kontrast.operator import lifecycle
+
+    obj, jobs, pods = running()
+    o = lifecycle.observe(obj, jobs, pods, at(20))
+    assert o.current is jobs[0] and len(o.pods) == 2 and o.next_attempt == 1 and o.restarts == 0
+    # rules that do not apply say so; the last rule always decides
+    for rule in (lifecycle.deleted, lifecycle.terminal, lifecycle.suspended, lifecycle.resumed,
+                 lifecycle.first_creation, lifecycle.succeeded, lifecycle.gang_restart):
+        assert rule(o) is None, rule.__name__
+    assert lifecycle.progress(o).phase == "Running"
+    assert lifecycle.RULES[-1] is lifecycle.progress and lifecycle.RULES[0] is lifecycle.deleted
+
+
+def test_restart_rule_alone_spends_or_fails():
+    from kontrast.operator import lifecycle
+
+    obj, jobs, pods = running()
+    o = lifecycle.observe(obj, jobs, pods, at(20))
+    d = lifecycle.restart(o, "PodFailed", "pod x exited with code 1", spend=True)
+    assert (d.phase, d.restarts, d.create.attempt) == ("Restarting", 1, 1)
+    obj["spec"]["scheduling"]["maxRestarts"] = 0
+    o = lifecycle.observe(obj, jobs, pods, at(20))
+    assert lifecycle.restart(o, "PodFailed", "x", spend=True).phase == "Failed"
+    assert lifecycle.restart(o, "Disrupted", "x", spend=False).phase == "Restarting"
+
+
+# --- pods belong to their Job, by uid ---------------------------------------------------------
+def foreign(pod_obj, uid="job-uid-of-a-deleted-job"):
+    pod_obj["metadata"]["ownerReferences"][0]["uid"] = uid
+    return pod_obj
+
+
+def test_pods_of_a_deleted_job_are_not_blamed_on_the_new_attempt_and_hold_it():
+    obj, jobs, pods = running()
+    # `kubectl delete job clip-0`: the Job is gone, its pods still terminate (one failed).
+    old = [foreign(pod(0, 0, "Running")), foreign(pod(0, 1, "Failed", exit_code=137))]
+    plan = decide(obj, [], old, at(30))
+    assert plan.create.attempt == 1, "the attempt number stays above the pods that outlived their Job"
+    assert plan.create.hold and plan.status["restarts"] == 0 and plan.status["phase"] == "Pending"
+    assert cond(plan, "Running")["status"] == "False"  # Pending with Running=True cannot happen
+    obj = apply(obj, plan)
+    held = job(1, suspend=True)
+    plan = decide(obj, [held], old, at(31))
+    assert plan.release is None and "clip-0-0-abcde" in plan.status["message"]
+    assert plan.create is None and plan.status["restarts"] == 0  # the old failure is not ours
+    plan = decide(obj, [held], [old[1]], at(40))  # only a Failed (finished) pod is left
+    assert plan.release == "clip-1"
+
+
+def test_a_same_named_trainjobs_pods_hold_the_first_attempt():
+    # Argo CD Replace=true: the TrainJob was deleted and created again; its old pods still run.
+    old = [foreign(pod(0, 0, "Running"), "old-trainjobs-job")]
+    plan = decide(tj(), [], old, at(0))
+    assert plan.create.attempt == 1 and plan.create.hold
+
+
+def test_a_pod_that_never_confirms_its_end_blocks_only_so_long():
+    obj, jobs, pods = running()
+    old = foreign(pod(0, 0, "Running"))
+    old["metadata"]["deletionTimestamp"] = ts(0)
+    assert decide(obj, [job(1, suspend=True)], [old], at(60)).release is None
+    assert decide(obj, [job(1, suspend=True)], [old], at(121)).release == "clip-1"
+
+
+# --- conditions from one observed state -----------------------------------------------------
+def test_created_suspended_then_resumed_gets_created():
+    obj = apply(tj(suspend=True), decide(tj(suspend=True), [], [], at(0)))
+    assert cond(obj["status"], "Created") is None
+    obj["spec"]["scheduling"]["suspend"] = False
+    plan = decide(obj, [], [], at(5))
+    assert cond(plan, "Created")["status"] == "True"
+    assert [e.reason for e in plan.events] == ["Created", "Resumed"]
+
+
+def test_create_failed_is_replaced_by_a_later_success():
+    from kontrast.operator.lifecycle import create_failed
+
+    obj, jobs, pods = running()
+    plan = decide(obj, [job(0, conditions=[("Failed", "", "")])], [pod(0, 0, "Failed", 1)], at(30))
+    failed_create = dict(obj, status={**apply(obj, plan)["status"],
+                                      **create_failed(apply(obj, plan), "could not create: forbidden", at(30))})
+    assert cond(failed_create["status"], "Created")["status"] == "False"
+    plan = decide(failed_create, [job(0, deleting=True), job(1, 1, suspend=True)], [], at(40))
+    assert cond(plan, "Created")["status"] == "True" and cond(plan, "Created")["reason"] == "ChildrenCreated"
+
+
+def test_exactly_the_phase_condition_is_true():
+    from kontrast.operator.lifecycle import PHASE_CONDITION
+
+    obj, jobs, pods = running()
+    cases = [decide(obj, jobs, pods, at(20)),
+             decide(obj, [], [], at(20)),
+             decide(obj, [job(0, conditions=[("Failed", "", "")])], [pod(0, 0, "Failed", 1)], at(20)),
+             decide(obj, [job(0, conditions=[("Complete", "", "")])], [], at(20))]
+    for plan in cases:
+        true = {c["type"] for c in plan.status["conditions"] if c["status"] == "True"} - {"Created"}
+        own = PHASE_CONDITION.get(plan.status["phase"])
+        assert true == ({own} if own else set()), (plan.status["phase"], true)
+
+
+# --- Kueue: the Job's own label decides -----------------------------------------------------
+def test_queue_added_while_held_hands_the_attempt_to_kueue():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    plan = decide(obj, [job(1, 1, suspend=True)], [], at(40))  # held: no queue label of its own
+    assert plan.release == "clip-1" and plan.release_queue == "team-a"
+
+
+def test_queue_removed_never_unsuspends_a_job_kueue_holds():
+    obj = tj()  # queueName removed from the spec ...
+    obj = apply(obj, decide(obj, [], [], at(0)))
+    plan = decide(obj, [job(0, suspend=True, queue="team-a")], [], at(5))  # ... but the Job is Kueue's
+    assert plan.release is None and plan.status["phase"] == "Pending"
+
+
+def test_kueue_requeue_starts_the_deadline_again():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"].update(activeDeadlineSeconds=60, queueName="team-a")
+    plan = decide(obj, [job(0, suspend=True, queue="team-a")], [], at(50))  # preempted, re-queued
+    assert plan.status["phase"] == "Pending" and plan.status["startTime"] is None
+    assert plan.requeue_after is None  # no deadline wake-up while queued
+    assert decide(apply(obj, plan), [job(0, suspend=True, queue="team-a")], [], at(500)).status["phase"] == "Pending"
+
+
+# --- deadline by wake-up, and the Job's own deadline ------------------------------------------
+def test_deadline_wakes_up_at_the_time_left_and_the_job_carries_it():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["activeDeadlineSeconds"] = 100
+    assert decide(obj, jobs, pods, at(31)).requeue_after == pytest.approx(70)  # started at 1s
+    assert decide(tj(activeDeadlineSeconds=100), [], [], at(0)).create.active_deadline_seconds == 100
+    failed = [job(0, conditions=[("Failed", "BackoffLimitExceeded", "")])]
+    plan = decide(obj, failed, [pod(0, 0, "Failed", 1)], at(41))  # a restart gets what is left
+    assert plan.create.active_deadline_seconds == 60
+
+
+def test_the_jobs_own_deadline_fails_the_trainjob_without_a_restart():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["activeDeadlineSeconds"] = 100
+    failed = [job(0, conditions=[("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")])]
+    plan = decide(obj, failed, [], at(99))
+    assert plan.status["phase"] == "Failed" and cond(plan, "Failed")["reason"] == "DeadlineExceeded"
+    assert plan.create is None and plan.delete_jobs == ["clip-0"]
+
+
+# --- the hang watchdog ------------------------------------------------------------------------
+def test_hung_running_job_restarts_spending_budget_with_an_event():
+    obj, jobs, pods = running(t=10)
+    obj["status"]["progress"] = {"step": 3, "updatedAt": ts(20)}
+    assert decide(obj, jobs, pods, at(100), hang_after=90).status["phase"] == "Running"
+    assert decide(obj, jobs, pods, at(100), hang_after=90).requeue_after == pytest.approx(10)
+    plan = decide(obj, jobs, pods, at(111), hang_after=90)
+    assert plan.status["phase"] == "Restarting" and plan.status["restarts"] == 1
+    assert cond(plan, "Restarting")["reason"] == "Hung" and plan.create.reason == "Hung"
+    assert "Hung" in [e.reason for e in plan.events]
+    assert decide(obj, jobs, pods, at(10_000)).status["phase"] == "Running"  # no watchdog: never
+
+
+# --- Kueue: what the Workload says, queue changes ----------------------------------------------
+def workload(*conditions, attempt=0):
+    return {"metadata": {"ownerReferences": [{"kind": "Job", "uid": f"job-uid-{attempt}", "controller": True}]},
+            "status": {"conditions": [{"type": t, "status": s, "reason": r, "message": m} for t, s, r, m in conditions]}}
+
+
+QUOTA = "couldn't assign flavors to pod set main: insufficient unused quota for cpu in flavor default-flavor"
+
+
+def test_queued_condition_carries_the_workloads_reason_until_admitted():
+    obj = tj(queueName="team-a")
+    obj = apply(obj, decide(obj, [], [], at(0)))
+    pending = workload(("QuotaReserved", "False", "Pending", QUOTA))
+    plan = decide(obj, [job(0, suspend=True, queue="team-a")], [], at(5), workload=pending)
+    queued = cond(plan, "Queued")
+    assert (queued["status"], queued["reason"], queued["message"]) == ("True", "Pending", QUOTA)
+    assert plan.status["phase"] == "Pending" and QUOTA in plan.status["message"]
+    # Admitted: Kueue unsuspended the Job and its pods run.
+    plan = decide(apply(obj, plan), [job(0, start=ts(6), queue="team-a")], [pod(0, 0), pod(0, 1)], at(10))
+    assert plan.status["phase"] == "Running"
+    assert (cond(plan, "Queued")["status"], cond(plan, "Queued")["reason"]) == ("False", "Admitted")
+
+
+def test_preempted_job_is_queued_not_failed_and_spends_no_budget():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    # Kueue evicted the Workload and suspended the Job; the Job controller stopped the pods.
+    preempted = workload(("Evicted", "True", "Preempted", "Preempted to accommodate a workload"),
+                         ("QuotaReserved", "False", "Pending", QUOTA))
+    stopped = [pod(0, i, "Failed", 143) for i in range(2)]
+    plan = decide(obj, [job(0, suspend=True, queue="team-a", start=ts(1))], stopped, at(30), workload=preempted)
+    assert plan.status["phase"] == "Pending" and plan.status["restarts"] == 0
+    assert plan.create is None and not plan.delete_jobs
+    assert cond(plan, "Queued")["reason"] == "Preempted"
+    assert cond(plan, "Running")["status"] == "False"
+    assert cond(plan, "Failed") is None
+
+
+def test_queue_changed_while_queued_replaces_the_attempt():
+    obj = tj(queueName="team-a")
+    obj = apply(obj, decide(obj, [], [], at(0)))
+    for new_queue in ("team-b", None):
+        obj["spec"]["scheduling"]["queueName"] = new_queue
+        plan = decide(obj, [job(0, suspend=True, queue="team-a")], [], at(5))
+        # The queued Job (and with it its Workload) goes; the next attempt starts held, without
+        # Kueue's label, and is handed on once the old Job is gone: nobody flips a suspend twice.
+        assert plan.delete_jobs == ["clip-0"] and plan.release is None
+        assert plan.create.attempt == 1 and plan.create.hold and plan.create.reason == "QueueChanged"
+        assert plan.status["restarts"] == 0
+        plan = decide(obj, [job(1, suspend=True)], [], at(10))
+        assert plan.release == "clip-1" and plan.release_queue == new_queue
+
+
+def test_running_attempt_keeps_its_queue():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-b"
+    plan = decide(obj, [job(0, start=ts(1), queue="team-a")], pods, at(20))
+    assert plan.create is None and not plan.delete_jobs and plan.status["phase"] == "Running"
