@@ -262,12 +262,12 @@ def bench_startup(args) -> None:
     extract_baseline(baseline)
     images = [p.name for p in make_jpegs(tmp / "data", 500, size=(64, 64))]
     for rows in args.rows:
-        for suffix in (".csv", ".parquet"):
+        for suffix in args.formats:
             file = tmp / "data" / f"catalogue-{rows}{suffix}"
             write_catalogue(file, rows, images)
             size = file.stat().st_size / 2 ** 20
             for ranks in args.ranks:
-                readers = ["ours cold", "ours warm"] + (["main"] if suffix == ".csv" else [])
+                readers = [r for r in args.readers if r != "main" or suffix == ".csv"]
                 for reader in readers:
                     cache = tmp / f"cache-{rows}-{suffix}-{ranks}"
                     if reader == "ours cold":
@@ -291,6 +291,8 @@ def main() -> None:
     st = sub.add_parser("startup")
     st.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
     st.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    st.add_argument("--formats", nargs="+", default=[".csv", ".parquet"])
+    st.add_argument("--readers", nargs="+", default=["ours cold", "ours warm", "main"])
     ch = sub.add_parser("child")
     ch.add_argument("--reader", required=True)
     ch.add_argument("--file", required=True)
