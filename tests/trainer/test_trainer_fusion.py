@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from numeric import assert_rel_close
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from kontrast.trainer.data import PairDataset, collate, parse_examples, parse_table
+from kontrast.trainer.data import (PairDataset, collate, image_normalization, normalize_images, parse_examples,
+                                   parse_table)
 from kontrast.trainer.distributed import World
 from kontrast.trainer.fusion import FusedModel, fuse
 from kontrast.trainer.model import build_model
@@ -91,7 +92,7 @@ def test_one_pass_forward_equals_separate_encoders(tiny):
     with torch.no_grad():
         assert_rel_close(left, fused.encode_left(batch["left_tokens"], batch["left_weights"]))
         assert_rel_close(right, fused.encode_right(batch["image"], batch["right_tokens"], batch["right_weights"]))
-        manual = F.normalize(0.6 * F.normalize(tiny.model.encode_image(batch["image"]), dim=-1)
+        manual = F.normalize(0.6 * F.normalize(tiny.model.encode_image(normalize_images(batch["image"], *image_normalization(tiny.preprocess_val))), dim=-1)
                              + 0.4 * F.normalize(tiny.model.encode_text(batch["right_tokens"][:, 0]), dim=-1), dim=-1)
     assert_rel_close(right[0], manual[0])
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-6) and bias is None

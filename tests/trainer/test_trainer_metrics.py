@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from kontrast.trainer.data import parse_examples, parse_table
-<<<<<<< HEAD
 from kontrast.trainer.evaluate import build_eval_set
 from kontrast.trainer.metrics import gcl_grades, make_qrels, ranking_metrics
+from specs import params_of
 
 
 def qrels_of(relevance):
@@ -22,10 +22,6 @@ def qrels_of(relevance):
 def ranked(scores):
     """Reference ranking: a full stable sort of each query's scores."""
     return np.argsort(-np.asarray(scores, dtype=float), axis=1, kind="stable")
-=======
-from kontrast.trainer.evaluate import build_eval_set, ranking_metrics
-from specs import params_of
->>>>>>> trainer-core
 
 
 def test_metrics_match_hand_computation():
@@ -106,8 +102,7 @@ SPEC = {"leftKeys": ["q"], "leftWeights": [1], "rightKeys": ["img", "t"], "right
 
 def test_eval_set_uses_distinct_queries_documents_and_graded_weights():
     text = "q,img,t,w\nred,/a.png,A,3\nred,/b.png,B,1\nblue,/a.png,A,0\nred,/a.png,A,2\nblue,/c.png,C,2\n"
-<<<<<<< HEAD
-    es = build_eval_set(parse_examples(parse_table("/e.csv", text), SPEC, require_positive_weight=False))
+    es = build_eval_set(parse_examples(parse_table("/e.csv", text), params_of(SPEC), require_positive_weight=False))
     assert es.query_rows.tolist() == [0, 2] and es.doc_rows.tolist() == [0, 1, 4]
     # Sparse: only the relevant pairs, a duplicate pair at its higher weight.
     assert list(zip(es.qrels.query.tolist(), es.qrels.doc.tolist(), es.qrels.grade.tolist())) == [
@@ -116,10 +111,5 @@ def test_eval_set_uses_distinct_queries_documents_and_graded_weights():
 
 def test_eval_set_gcl_grades():
     text = "q,img,t,w\nred,/a.png,A,3\nred,/b.png,B,1\nblue,/c.png,C,2\n"
-    es = build_eval_set(parse_examples(parse_table("/e.csv", text), SPEC), grades="gcl")
+    es = build_eval_set(parse_examples(parse_table("/e.csv", text), params_of(SPEC)), grades="gcl")
     assert es.qrels.grade.tolist() == [100.0, 1.0, 50.0]
-=======
-    es = build_eval_set(parse_examples(parse_table("/e.csv", text), params_of(spec), require_positive_weight=False))
-    assert es.query_rows == [0, 2] and es.doc_rows == [0, 1, 4]
-    np.testing.assert_array_equal(es.relevance, [[3, 1, 0], [0, 0, 2]])   # duplicate pair: the higher weight
->>>>>>> trainer-core

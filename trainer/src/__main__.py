@@ -100,14 +100,12 @@ def _reporters(resolved: Resolved, progress: bool):
 
 
 def _check(resolved: Resolved, device: Optional[str]) -> None:
-    from .distributed import World
-    from .train import load_data
+    from .data import load_data
 
-    world = World()
     params = resolved.params
-    load_data(params.train_data, params, world, require_positive_weight=True)
+    load_data(params.train_data, params, require_positive_weight=True, progress=True)
     if params.eval_data:
-        load_data(params.eval_data, params, world, require_positive_weight=False)
+        load_data(params.eval_data, params, require_positive_weight=False, progress=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -55,16 +55,21 @@ class FusedModel(nn.Module):
     ``left_active`` / ``right_active``: which fields have a non-zero table weight.
     ``frozen_right``: encode the right side with a frozen, gradient-free copy of the
     starting model (documents already indexed with it stay valid).
+    ``image_norm``: (mean, std) for uint8 image batches, which are normalised here, on the
+    device (``data.normalize_images``; default open_clip's OpenAI mean/std, which models
+    without their own use); float images are taken as already normalised.
     """
 
     def __init__(self, clip: nn.Module, left_active: Sequence[bool], right_active: Sequence[bool],
-                 frozen_right: bool = False, input_dtype: Optional[torch.dtype] = None):
+                 frozen_right: bool = False, input_dtype: Optional[torch.dtype] = None,
+                 image_norm: Optional[tuple[Sequence[float], Sequence[float]]] = None):
         super().__init__()
         self.clip = clip
         self.left_idx = [i for i, a in enumerate(left_active) if a]
         self.image_active = bool(right_active[0])
         self.right_text_idx = [i for i, a in enumerate(list(right_active)[1:]) if a]
         self.input_dtype = input_dtype
+        self.image_norm = image_norm
         self.right_clip: Optional[nn.Module] = None
         if frozen_right:
             self.right_clip = frozen_copy(clip)
@@ -82,6 +87,12 @@ class FusedModel(nn.Module):
         return clip.encode_text(tokens.reshape(b * f, ctx)).reshape(b, f, -1)
 
     def _image(self, clip: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            from .data import normalize_images
+
+            from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+            images = normalize_images(images, *(self.image_norm or (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)))
         if self.input_dtype is not None:
             images = images.to(self.input_dtype)
         return clip.encode_image(images).unsqueeze(1)

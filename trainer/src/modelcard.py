@@ -88,7 +88,7 @@ def model_card(config: dict[str, Any], run: Optional[RunFiles], *, checkpoint: s
         f"---\nlibrary_name: open_clip\ntags: [clip, kontrast, retrieval]\n---\n\n# {name}",
         f"Fine-tuned with kontrast from `{base}` ({pretrained}). Exported from `{checkpoint}` "
         f"(epoch {epoch}).",
-        "## Data\n\n" + _data_section(params, start.get("data") or {}),
+        "## Data\n\n" + _data_section(params, start.get("rows") or {}),
         "## Evaluation\n\n" + (_table(header, rows) if rows else "No evaluation data was given."),
         "## Training parameters\n\n" + _table(["parameter", "value"], [[k, v] for k, v in sorted(params.items())]),
         "## Resolved by the trainer\n\n" + _table(

@@ -28,6 +28,8 @@ class Params:
     right_keys: tuple[str, ...]                 #: the first is the image
     right_weights: tuple[float, ...]
     weight_key: str
+    query_id_key: Optional[str] = None          #: a query id column; else the left fields of weight > 0
+    doc_id_key: Optional[str] = None            #: a document id column; else the right fields of weight > 0
 
     # Batch, epochs and schedule.
     batch_size: int                             #: rows per process per micro-batch
@@ -84,6 +86,7 @@ class Params:
     eval_data: Optional[str] = None
     eval_every: int                             #: epochs between evaluations during training (0: none)
     eval_grades: str                            #: weight | gcl (metrics.grades_for)
+    data: Mapping[str, Any]                     #: cache, onBadImage, maxBadFraction (see images.py)
     output: str
     storage_secret_ref: Optional[Mapping[str, Any]] = None   #: read by the operator, not the trainer
 

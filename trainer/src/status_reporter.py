@@ -199,6 +199,8 @@ class StatusReporter(Reporter):
         patch: dict = {}
         if info.get("resolved"):
             patch["resolved"] = info["resolved"]
+        if info.get("data"):
+            patch["data"] = info["data"]
         progress = {"epochs": info.get("epochs"), "totalSteps": info.get("totalSteps")}
         if info.get("startStep") is not None:
             progress["step"] = info.get("startStep")

@@ -2,9 +2,10 @@
 
 Order of a run (every rank unless noted), the order of ``_train``:
 
-1. ``setup``: read and validate the data first (all ranks parse the CSV, each checks 1/W of
-   the images, and the problems are shared so every rank fails the same way with a
-   DataError) so bad data fails before a model is downloaded; then seed, build the model
+1. ``setup``: read and validate the data first (``data.load_data``: one checked table per
+   node, memory-mapped by every rank; the processes of a node split the image prefetch and
+   share the problems, so every rank fails the same way with a DataError) so bad data fails
+   before a model is downloaded; then seed, build the model
    (identical on all ranks), apply locks, wrap it in ``FusedModel`` and DDP, build AdamW
    with model-dependent betas/eps and the no-decay groups, and plan the steps.
 2. ``resume`` from the newest complete checkpoint in ``output`` (rank 0 picks it, all load it).
@@ -36,11 +37,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import open_clip
 import torch
-import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import storage
-from .data import Examples, PairDataset, collate, find_image_problems, load_examples, raise_problems
+from . import data
+from .data import PairDataset, TrainLoader, collate
 from .distributed import World, all_reduce_min, broadcast_object, init_from_env, shard_indices, unwrap, wrap_ddp
 from .errors import DataError, DataProblem, PermanentError
 from .evaluate import build_eval_set, evaluate
@@ -81,26 +82,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 # --------------------------------------------------------------------------------------------
 # data
-
-def load_data(location: str, params: Params, world: World, *, require_positive_weight: bool) -> Examples:
-    """Parse and fully check one data file; raise the same DataError on every rank if anything
-    is wrong (each rank decodes 1/W of the images and the problems are shared)."""
-    examples = load_examples(location, params, require_positive_weight=require_positive_weight)
-    checked, problems = find_image_problems(examples, part=world.rank, parts=world.world_size)
-    if world.world_size > 1:
-        gathered: list = [None] * world.world_size
-        dist.all_gather_object(gathered, problems)
-        problems = [p for part in gathered for p in part]
-    raise_problems(problems)
-    if examples.uses_images:
-        log.info("%s: %d rows, %d distinct queries, %d distinct documents; checked all %d distinct images",
-                 location, len(examples), len(set(examples.left_ids.tolist())),
-                 len(set(examples.right_ids.tolist())), checked)
-    else:
-        log.info("%s: %d rows; the image field has weight 0, so no image is read or checked", location,
-                 len(examples))
-    return examples
-
 
 def step_batches(indices: Sequence[int], step_rows: int, micro: int) -> list[list[int]]:
     """Micro-batches of index lists: whole optimizer steps only (the remainder is dropped,
@@ -232,11 +213,13 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: Any                     #: a GradScaler (amp on CUDA) or None
     train_ds: PairDataset
+    loader: TrainLoader             #: one for the run: persistent workers
     plan: RunPlan
     eval_ds: Optional[PairDataset]
     eval_set: Any
     info: dict[str, Any]            #: the resolved values reported in status.resolved
-    data: dict[str, Any]            #: row counts of the data files (the report and model card)
+    data_report: dict[str, Any]     #: status.data: bad images skipped (empty when none)
+    rows: dict[str, Any]            #: row counts of the data files (the report and model card)
     export_config: dict[str, Any]   #: open_clip_config.json of the exported model (kept in checkpoints)
     gallery: Optional[Gallery]      #: before/after top-k examples for the report (rank 0, with evalData)
 
@@ -328,27 +311,35 @@ def setup(resolved: Resolved, world: World) -> Run:
     dynamicBatchSize probes it)."""
     params = resolved.params
     precision = _precision(params, world.device)
-    train_ex = load_data(params.train_data, params, world, require_positive_weight=True)
-    eval_ex = (load_data(params.eval_data, params, world, require_positive_weight=False)
-               if params.eval_data else None)
+    train_ex, train_bad = data.load_data(params.train_data, params, require_positive_weight=True,
+                                         progress=world.is_main)
+    eval_ex, eval_bad = (data.load_data(params.eval_data, params, require_positive_weight=False,
+                                        progress=world.is_main) if params.eval_data else (None, None))
+    bad_images = [r.status() for r in (train_bad, eval_bad) if r is not None and r.bad]
     seed_everything(params.seed)
     bundle = build_model(resolved, precision, world.device)
-    fused = _setup_fused(bundle.model, params, precision, world.device)
+    fused = _setup_fused(bundle.model, params, precision, world.device,
+                         image_norm=data.image_normalization(bundle.preprocess_val))
     net = wrap_ddp(fused, world)
     optimizer = make_adamw(param_groups(bundle.model, params.wd), lr=params.lr,
                            betas=(params.beta1, params.beta2), eps=params.eps)
-    train_ds = PairDataset(train_ex, bundle.preprocess_train, bundle.tokenizer, bundle.image_size, seed=params.seed)
+    image_cache = data.ImageCache(data.cache_folder(params))
+    train_ds = PairDataset(train_ex, bundle.preprocess_train, bundle.tokenizer, bundle.image_size, seed=params.seed,
+                           cache=image_cache)
     micro = choose_micro_batch(params, world, fused, train_ds, precision, optimizer)
     plan = plan_run(params, len(train_ex), world, micro, file=params.train_data)
     warnings = _warnings(params, precision, bundle, plan, optimizer)
-    eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=params.seed)
+    eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=params.seed,
+                           cache=image_cache)
                if eval_ex is not None else None)
     eval_set = build_eval_set(eval_ex, params.eval_grades) if eval_ex is not None else None
     return Run(resolved=resolved, params=params, world=world, precision=precision, bundle=bundle, fused=fused,
-               net=net, optimizer=optimizer, scaler=precision.make_scaler(), train_ds=train_ds, plan=plan,
+               net=net, optimizer=optimizer, scaler=precision.make_scaler(), train_ds=train_ds,
+               loader=TrainLoader(train_ds, params.workers, pin_memory=world.device.type == "cuda"), plan=plan,
                eval_ds=eval_ds, eval_set=eval_set,
                info=_resolved_info(params, bundle, plan, world, precision, warnings),
-               data={"trainRows": len(train_ex), "evalRows": len(eval_ex) if eval_ex is not None else None},
+               data_report={"badImages": bad_images} if bad_images else {},
+               rows={"trainRows": len(train_ex), "evalRows": len(eval_ex) if eval_ex is not None else None},
                export_config=open_clip_config(bundle.model, open_clip.get_model_config(bundle.name), params,
                                               bundle.tokenizer),
                gallery=Gallery(params.output, eval_ex, eval_set) if eval_set is not None and world.is_main else None)
@@ -372,7 +363,8 @@ def _precision(params: Params, device: torch.device) -> Precision:
     return precision
 
 
-def _setup_fused(clip: torch.nn.Module, params: Params, precision: Precision, device: torch.device) -> FusedModel:
+def _setup_fused(clip: torch.nn.Module, params: Params, precision: Precision, device: torch.device,
+                 image_norm=None) -> FusedModel:
     """Lock what the parameters lock, then wrap the model for multi-field encoding."""
     try:
         apply_locks(clip, params)
@@ -386,6 +378,7 @@ def _setup_fused(clip: torch.nn.Module, params: Params, precision: Precision, de
         right_active=[w > 0 for w in params.right_weights],
         frozen_right=params.frozen_right,
         input_dtype=precision.input_dtype,
+        image_norm=image_norm,
     ).to(device)
 
 
@@ -459,7 +452,8 @@ def start_info(run: Run, progress: Progress) -> dict[str, Any]:
         "name": run.resolved.name, "output": run.params.output, "resolved": run.info,
         "epochs": run.params.epochs, "totalSteps": run.plan.schedule.total_steps,
         "startStep": progress.step, "startEpoch": progress.epoch, "resumedFrom": progress.resumed_from,
-        "parameters": dict(run.resolved.spec), "data": run.data,
+        **({"data": run.data_report} if run.data_report else {}),
+        "parameters": dict(run.resolved.spec), "rows": run.rows,
     }
 
 
@@ -473,10 +467,7 @@ def train_epoch(run: Run, progress: Progress, epoch: int, report: Reporters) -> 
     run.train_ds.set_epoch(epoch)
     batches = step_batches(shard_indices(len(run.train_ds), run.world, epoch, run.params.seed),
                            run.plan.step_rows, run.plan.micro)
-    loader = torch.utils.data.DataLoader(
-        run.train_ds, batch_sampler=batches, num_workers=run.params.workers, collate_fn=collate,
-        pin_memory=run.world.device.type == "cuda")
-    it = iter(loader)
+    it = run.loader.epoch(epoch, batches)
     for _ in range(run.plan.steps_per_epoch):
         t0 = time.monotonic()
         micro_batches = [_to(next(it), run.world.device) for _ in range(run.plan.micro_steps)]
