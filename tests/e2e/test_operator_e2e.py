@@ -87,6 +87,13 @@ def test_two_node_training_succeeds(control_plane, tjs, operator, tiny):
     ckpts = sorted(p.name for p in (tjs.agent.pvc_path(tjs.ns, "runs") / "clip" / "checkpoints").glob("*.pt"))
     assert "epoch_8.pt" in ckpts
 
+    # the report and the exported model, named in status.outputs, are on the volume too
+    run_dir = tjs.agent.pvc_path(tjs.ns, "runs") / "clip"
+    assert st["outputs"]["report"].endswith("/clip/report.html") and (run_dir / "report.html").is_file()
+    assert st["outputs"]["model"].endswith("/clip/model")
+    assert (run_dir / "model" / "open_clip_model.safetensors").is_file()
+    assert st["progress"]["gradNorm"] > 0 and st["progress"]["dataWaitSeconds"] >= 0
+
     # milestone events on the TrainJob
     reasons = {e["reason"] for e in tjs.events("clip")}
     assert {"Created", "Running", "Succeeded"} <= reasons, reasons
