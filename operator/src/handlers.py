@@ -6,7 +6,8 @@ Run with ``python -m kontrast.operator`` (or ``kopf run -m kontrast.operator.han
 Triggers, all funnelled through :func:`trigger` (one retry policy, bursts collapse):
 
 - TrainJob created, updated (only ``spec.scheduling`` may change) or seen at operator start.
-- Child Jobs and Pods changed; a base child (ServiceAccount, Role, RoleBinding, Service,
+- Child Jobs and Pods changed; the Kueue Workload of a child Job changed (queued, admitted,
+  preempted: what the TrainJob's Queued condition reports); a base child (ServiceAccount, Role, RoleBinding, Service,
   ConfigMap) deleted, so it is created again at once.
 - A wake-up the last decision asked for (a deadline, the hang watchdog, a held attempt) and
   the periodic resync of every TrainJob not finished: explicit ``call_later`` timers in the
@@ -32,6 +33,7 @@ import kopf
 
 from kontrast.api import GROUP, PLURAL, VERSION
 
+from . import kueue
 from . import metrics as metrics_mod
 from . import render
 from .config import ENV_KUBECONFIG, OperatorConfig
@@ -55,6 +57,7 @@ BASE_CHILDREN = {
     ("", "v1", "configmaps"): "ConfigMap",
 }
 WATCHED_CHILDREN = (("batch", "v1", "jobs"), ("", "v1", "pods"), *BASE_CHILDREN)
+WORKLOADS = (kueue.GROUP, kueue.VERSION, kueue.PLURAL)
 
 
 def _post_event(tj: Mapping[str, Any], etype: str, reason: str, message: str) -> None:
@@ -97,6 +100,8 @@ def scope_watches(settings: kopf.OperatorSettings) -> None:
     """Let the API server filter every child watch by the TrainJob label."""
     for group, version, plural in WATCHED_CHILDREN:
         settings.watching.label_selectors[group, version, plural] = render.LABEL_TRAINJOB
+    # Workloads carry no label of ours; Kueue labels every Workload of a Job with its uid.
+    settings.watching.label_selectors[WORKLOADS] = kueue.JOB_UID_LABEL
 
 
 @kopf.on.startup()
@@ -122,6 +127,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.running, memo.dirty = set(), set()
     memo.wakeups = {}  # (namespace, name) -> asyncio.TimerHandle
     memo.children = {}  # TrainJob uid -> {(kind, name)} of its base children that exist
+    memo.job_owners = {}  # worker Job uid -> TrainJob name (to route Kueue Workload events)
     memo.metrics_runner = None
     if memo.config.metrics_port:
         try:
@@ -227,6 +233,24 @@ def _owner(meta: Mapping[str, Any]) -> Optional[str]:
 @kopf.on.event("", "v1", "pods", labels={render.LABEL_TRAINJOB: kopf.PRESENT})
 async def worker_event(memo: kopf.Memo, meta: Mapping[str, Any], namespace: str, **_: Any) -> None:
     owner = _owner(meta)
+    if owner:
+        await trigger(memo, namespace, owner)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_TRAINJOB: kopf.PRESENT}, id="job_owner")
+def job_owner(event: Mapping[str, Any], memo: kopf.Memo, meta: Mapping[str, Any], uid: str, **_: Any) -> None:
+    """Remember which TrainJob each worker Job belongs to, for the Workload events."""
+    if event.get("type") == "DELETED":
+        memo.job_owners.pop(uid, None)
+    elif _owner(meta):
+        memo.job_owners[uid] = _owner(meta)
+
+
+@kopf.on.event(*WORKLOADS, labels={kueue.JOB_UID_LABEL: kopf.PRESENT})
+async def workload_event(memo: kopf.Memo, labels: Mapping[str, str], namespace: str, **_: Any) -> None:
+    """Kueue queued, admitted or evicted a worker Job: its TrainJob says so. (Without Kueue's
+    CRDs at start, kopf only warns that it cannot watch Workloads.)"""
+    owner = memo.job_owners.get(labels.get(kueue.JOB_UID_LABEL, ""))
     if owner:
         await trigger(memo, namespace, owner)
 

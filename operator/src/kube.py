@@ -18,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kontrast.api import GROUP, PLURAL, VERSION
 
-from . import render
+from . import kueue, render
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,19 @@ class Kube:
                 else {"spec": {"suspend": False}})
         self.request("PATCH", _path("batch/v1", "Job", namespace, name), body=body,
                      content_type="application/merge-patch+json")
+
+    def workload(self, job: Mapping[str, Any]) -> Optional[dict]:
+        """Kueue's Workload of a Job (found by the job-uid label Kueue puts on it), or None,
+        also when Kueue is not installed."""
+        meta = job["metadata"]
+        path = f"/apis/{kueue.GROUP}/{kueue.VERSION}/namespaces/{meta['namespace']}/{kueue.PLURAL}"
+        try:
+            items = self.request("GET", path, query={"labelSelector": f"{kueue.JOB_UID_LABEL}={meta['uid']}"})["items"]
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return kueue.workload_of(job, items)
 
     def failed_creates(self, job: Mapping[str, Any]) -> list[str]:
         """Why a Job could not create its pods, newest first: its FailedCreate events

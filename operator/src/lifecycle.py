@@ -33,12 +33,12 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 from kontrast import contract
 
-from . import render
+from . import kueue, render
 
 PENDING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (
     "Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 TERMINAL = frozenset({SUCCEEDED, FAILED})
-CONDITION_TYPES = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+CONDITION_TYPES = ("Created", "Queued", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 #: Status fields the operator owns; the trainer owns progress, checkpoints, metrics, resolved.
 OWNED_FIELDS = ("phase", "observedGeneration", "conditions", "startTime", "completionTime", "restarts", "message")
 MESSAGE_LIMIT = 2000
@@ -245,6 +245,8 @@ class Observed:
     missing_children: frozenset[str] = frozenset()
     #: Restart a Running job whose progress has not moved for this long (None: never).
     hang_after: Optional[float] = None
+    #: Kueue's Workload of the current Job, read while Kueue holds it (why it waits).
+    workload: Optional[Mapping[str, Any]] = None
 
     @property
     def phase(self) -> Optional[str]:
@@ -610,12 +612,27 @@ def _deletion_age(obj: Mapping[str, Any], now: dt.datetime) -> float:
     return (now - stamp).total_seconds() if stamp else float("-inf")
 
 
+def queue_changed(o: Observed) -> Optional[Decision]:
+    """spec.scheduling.queueName changed (or went) while Kueue holds the attempt: a fresh
+    attempt, held until the old Job is gone, then handed to the new queue or started. Not a
+    relabel: a Job whose label is removed leaves its Workload behind in the old queue, and a
+    Job Kueue holds is never unsuspended by the operator (no fight over suspend)."""
+    if not o.queued or job_queue(o.current) == o.queue:
+        return None
+    where = f"to LocalQueue {o.queue}" if o.queue else "out of Kueue"
+    return Decision(phase=o.pending_phase(), delete_jobs=_all_live(o),
+                    create=Create(o.next_attempt, o.restarts, "QueueChanged", hold=True),
+                    message=f"spec.scheduling.queueName changed: moving the job {where}")
+
+
 def queued(o: Observed) -> Optional[Decision]:
-    """Kueue holds the attempt (suspended) until it admits it. A preempted, re-queued attempt
-    starts the deadline's count again, as a suspend does."""
+    """Kueue holds the attempt (suspended) until it admits it, or again after preempting it.
+    A re-queued attempt starts the deadline's count again, as a suspend does."""
     if not o.queued:
         return None
-    return Decision(phase=o.pending_phase(), message=o.waiting_message(), start_time=None)
+    why = kueue.queueing(o.workload, job_queue(o.current))
+    return Decision(phase=o.pending_phase(), start_time=None, message=truncate(
+        f"Queued by Kueue in LocalQueue {job_queue(o.current)} ({why.reason}): {why.message}"))
 
 
 def progress(o: Observed) -> Decision:
@@ -642,7 +659,7 @@ POD_CREATE_RECHECK_SECONDS = 15.0
 
 RULES: tuple[Rule, ...] = (
     deleted, terminal, suspended, resumed, first_creation, succeeded, deadline_exceeded,
-    permanent_error, gang_restart, hung, missing_job, held_attempt, queued, progress,
+    permanent_error, gang_restart, hung, missing_job, held_attempt, queue_changed, queued, progress,
 )
 
 
@@ -674,6 +691,13 @@ def conditions(o: Observed, d: Decision, message: str) -> list[dict[str, Any]]:
     for ctype in PHASE_CONDITION.values():
         if ctype != own and conds.is_true(ctype):
             conds.set(ctype, False, d.reason or d.phase, d.detail or message)
+    if o.queued:
+        why = kueue.queueing(o.workload, job_queue(o.current))
+        conds.set("Queued", True, why.reason, why.message)
+    elif conds.is_true("Queued"):
+        admitted = o.current is not None and not o.current_suspended and not d.create
+        conds.set("Queued", False, "Admitted" if admitted else d.phase,
+                  "Kueue admitted the worker Job" if admitted else message)
     if o.pods_missing and o.failed_creates:
         conds.set("Created", False, "FailedCreate", f"the worker Job cannot create pods: {o.failed_creates[0]}")
     elif (o.jobs or d.create) and not conds.is_true("Created"):

@@ -77,6 +77,8 @@ class Reconciler:
         if o.pods_missing:
             # Pods that cannot be created (quota, PodSecurity) show only as the Job's events.
             o = lifecycle.dataclasses.replace(o, failed_creates=tuple(self.kube.failed_creates(o.current)))
+        if o.queued:
+            o = lifecycle.dataclasses.replace(o, workload=self.kube.workload(o.current))
         plan = lifecycle.decide_observed(o)
         self.execute(tj, plan)
         return plan

@@ -45,6 +45,35 @@ def test_gpu_example_is_multinode_with_a_gpu_per_process():
     job = render.worker_job(tj, 0, 0, OperatorConfig())
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == spec["procsPerNode"]
-    assert c["envFrom"] == [{"secretRef": {"name": spec["storageSecretRef"]["name"]}}]
+    secret = spec["storageSecretRef"]["name"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"} <= set(refs)
+    assert set(refs.values()) == {secret}
     assert spec["output"].startswith(("s3://", "pvc://"))
     assert job["spec"]["completions"] == spec["nodes"]
+
+
+def test_kueue_example_names_the_example_queue_and_priority():
+    (tj,) = trainjobs("kueue/trainjob.yaml")
+    queues = {(d["kind"], d["metadata"]["name"]): d
+              for d in yaml.safe_load_all((REPO / "examples" / "kueue" / "queues.yaml").read_text()) if d}
+    job = render.worker_job(tj, 0, 0, OperatorConfig())
+    labels = job["metadata"]["labels"]
+    local_queue = queues[("LocalQueue", labels[render.KUEUE_QUEUE_LABEL])]
+    cluster_queue = queues[("ClusterQueue", local_queue["spec"]["clusterQueue"])]
+    assert ("WorkloadPriorityClass", labels[render.KUEUE_PRIORITY_LABEL]) in queues
+    # Every resource a pod asks for is covered by the ClusterQueue (else Kueue never admits
+    # it), and the quota fits exactly one such job.
+    requests = job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    (group,) = cluster_queue["spec"]["resourceGroups"]
+    assert set(requests) <= set(group["coveredResources"])
+    (flavor,) = group["flavors"]
+    quota = {r["name"]: r["nominalQuota"] for r in flavor["resources"]}
+    assert int(quota["cpu"]) == int(requests["cpu"]) * job["spec"]["parallelism"]
+
+
+def test_readme_quotes_the_kueue_examples_verbatim():
+    readme = (REPO / "README.md").read_text()
+    for name in ("queues.yaml", "trainjob.yaml"):
+        text = (REPO / "examples" / "kueue" / name).read_text().rstrip()
+        assert f"```yaml\n{text}\n```" in readme, name

@@ -572,3 +572,63 @@ def test_hung_running_job_restarts_spending_budget_with_an_event():
     assert cond(plan, "Restarting")["reason"] == "Hung" and plan.create.reason == "Hung"
     assert "Hung" in [e.reason for e in plan.events]
     assert decide(obj, jobs, pods, at(10_000)).status["phase"] == "Running"  # no watchdog: never
+
+
+# --- Kueue: what the Workload says, queue changes ----------------------------------------------
+def workload(*conditions, attempt=0):
+    return {"metadata": {"ownerReferences": [{"kind": "Job", "uid": f"job-uid-{attempt}", "controller": True}]},
+            "status": {"conditions": [{"type": t, "status": s, "reason": r, "message": m} for t, s, r, m in conditions]}}
+
+
+QUOTA = "couldn't assign flavors to pod set main: insufficient unused quota for cpu in flavor default-flavor"
+
+
+def test_queued_condition_carries_the_workloads_reason_until_admitted():
+    obj = tj(queueName="team-a")
+    obj = apply(obj, decide(obj, [], [], at(0)))
+    pending = workload(("QuotaReserved", "False", "Pending", QUOTA))
+    plan = decide(obj, [job(0, suspend=True, queue="team-a")], [], at(5), workload=pending)
+    queued = cond(plan, "Queued")
+    assert (queued["status"], queued["reason"], queued["message"]) == ("True", "Pending", QUOTA)
+    assert plan.status["phase"] == "Pending" and QUOTA in plan.status["message"]
+    # Admitted: Kueue unsuspended the Job and its pods run.
+    plan = decide(apply(obj, plan), [job(0, start=ts(6), queue="team-a")], [pod(0, 0), pod(0, 1)], at(10))
+    assert plan.status["phase"] == "Running"
+    assert (cond(plan, "Queued")["status"], cond(plan, "Queued")["reason"]) == ("False", "Admitted")
+
+
+def test_preempted_job_is_queued_not_failed_and_spends_no_budget():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    # Kueue evicted the Workload and suspended the Job; the Job controller stopped the pods.
+    preempted = workload(("Evicted", "True", "Preempted", "Preempted to accommodate a workload"),
+                         ("QuotaReserved", "False", "Pending", QUOTA))
+    stopped = [pod(0, i, "Failed", 143) for i in range(2)]
+    plan = decide(obj, [job(0, suspend=True, queue="team-a", start=ts(1))], stopped, at(30), workload=preempted)
+    assert plan.status["phase"] == "Pending" and plan.status["restarts"] == 0
+    assert plan.create is None and not plan.delete_jobs
+    assert cond(plan, "Queued")["reason"] == "Preempted"
+    assert cond(plan, "Running")["status"] == "False"
+    assert cond(plan, "Failed") is None
+
+
+def test_queue_changed_while_queued_replaces_the_attempt():
+    obj = tj(queueName="team-a")
+    obj = apply(obj, decide(obj, [], [], at(0)))
+    for new_queue in ("team-b", None):
+        obj["spec"]["scheduling"]["queueName"] = new_queue
+        plan = decide(obj, [job(0, suspend=True, queue="team-a")], [], at(5))
+        # The queued Job (and with it its Workload) goes; the next attempt starts held, without
+        # Kueue's label, and is handed on once the old Job is gone: nobody flips a suspend twice.
+        assert plan.delete_jobs == ["clip-0"] and plan.release is None
+        assert plan.create.attempt == 1 and plan.create.hold and plan.create.reason == "QueueChanged"
+        assert plan.status["restarts"] == 0
+        plan = decide(obj, [job(1, suspend=True)], [], at(10))
+        assert plan.release == "clip-1" and plan.release_queue == new_queue
+
+
+def test_running_attempt_keeps_its_queue():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-b"
+    plan = decide(obj, [job(0, start=ts(1), queue="team-a")], pods, at(20))
+    assert plan.create is None and not plan.delete_jobs and plan.status["phase"] == "Running"

@@ -200,5 +200,6 @@ def test_every_child_watch_is_filtered_by_the_api_server():
     settings = kopf.OperatorSettings()
     handlers.scope_watches(settings)
     scoped = {(s.group, s.version, s.any_name): v for s, v in settings.watching.label_selectors.items()}
-    assert scoped == {key: "kontrast.dev/trainjob" for key in handlers.WATCHED_CHILDREN}
+    assert scoped == {**{key: "kontrast.dev/trainjob" for key in handlers.WATCHED_CHILDREN},
+                      handlers.WORKLOADS: "kueue.x-k8s.io/job-uid"}  # only Kueue's Workloads of Jobs
     assert ("", "v1", "pods") in scoped and ("batch", "v1", "jobs") in scoped

@@ -55,6 +55,7 @@ a Role per namespace otherwise). Least privilege, verb by verb:
   pods: read only (exit codes, termination messages, disruptions).
 - services, configmaps, serviceaccounts, roles, rolebindings: the per-job children.
 - events: milestones and failures on the TrainJob.
+- workloads (Kueue): read only, to say in status why Kueue holds a worker Job.
 */}}
 {{- define "kontrast.rules" -}}
 - apiGroups: [kontrast.dev]
@@ -81,4 +82,19 @@ a Role per namespace otherwise). Least privilege, verb by verb:
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [list, create, patch]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list, watch]
+{{- end -}}
+
+{{/* A policy binding's scope: the watched namespaces, or every namespace. */}}
+{{- define "kontrast.policyNamespaces" -}}
+{{- with .Values.watchNamespaces -}}
+matchResources:
+  namespaceSelector:
+    matchExpressions:
+      - key: kubernetes.io/metadata.name
+        operator: In
+        values: {{ toJson . }}
+{{- end -}}
 {{- end -}}
