@@ -160,9 +160,10 @@ def test_killed_pod_restarts_from_checkpoint(tjs, tiny):
     assert steps_after and min(steps_after) >= ckpt_step, (ckpt_step, steps_after[:10])
     assert st["restarts"] == 1
     assert tjs.cond("resume", "Restarting")["status"] == "False"
-    events = {e["reason"]: e for e in tjs.events("resume")}
+    # Events are posted in the background, after the status they describe.
+    events = wait_for(lambda: (ev := {e["reason"]: e for e in tjs.events("resume")}) and "Succeeded" in ev and ev,
+                      60, "the Succeeded event")
     assert "exited with code 137" in events["Restarting"]["message"]
-    assert "Succeeded" in events
 
 
 def test_eviction_restarts_without_spending_the_budget(tjs, tiny):
