@@ -46,11 +46,15 @@ SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "tit
         "weightKey": "score"}
 
 
-def params(**data):
-    """Our reader's parameters: SPEC, with ``data`` (cache, policy), defaults from the CRD."""
+#: The loader's table: one text and one image per row, the work of open_clip's CsvDataset.
+LOADER_SPEC = {**SPEC, "rightKeys": ["image"], "rightWeights": [1.0]}
+
+
+def params(spec=SPEC, **data):
+    """Our reader's parameters: ``spec``, with ``data`` (cache, policy), defaults from the CRD."""
     from kontrast.trainer.params import Params
 
-    return Params.from_spec({"model": "ViT-B-32", "trainData": "/x.csv", "output": "/out", **SPEC,
+    return Params.from_spec({"model": "ViT-B-32", "trainData": "/x.csv", "output": "/out", **spec,
                              "data": data}, Path("/"))
 
 
@@ -145,7 +149,7 @@ def bench_loader(args) -> None:
             w.writerow([str(p), f"product title {i}"])
     httpd, base = serve(tmp / "imgs")
     print(f"{args.images} JPEGs 640x480, mean {kb:.0f} KB; transform RandomResizedCrop(224) as open_clip trains; "
-          f"torch threads 1 per worker")
+          f"torch threads 1 per worker", flush=True)
     torch.set_num_threads(1)
     for workers in args.workers:
         for r in range(args.rounds):
@@ -162,7 +166,7 @@ def bench_loader(args) -> None:
                     for i, p in enumerate(paths):
                         w.writerow([f"query {i}", loc(p), f"product title {i}", "1"])
             t0 = time.perf_counter()
-            ex, _ = load_data(str(web), params(cache=str(cache)), require_positive_weight=True)
+            ex, _ = load_data(str(web), params(LOADER_SPEC, cache=str(cache)), require_positive_weight=True)
             ds = PairDataset(ex, transform, tokenizer, 224, cache=ImageCache(cache))
             loader = TrainLoader(ds, workers, pin_memory=False)
             order = list(range(len(ds)))
@@ -174,7 +178,7 @@ def bench_loader(args) -> None:
             warm = n / (time.perf_counter() - t0)
             del loader
 
-            ex_local, _ = load_data(str(local), params(cache=str(cache)), require_positive_weight=True)
+            ex_local, _ = load_data(str(local), params(LOADER_SPEC, cache=str(cache)), require_positive_weight=True)
             ds_local = PairDataset(ex_local, transform, tokenizer, 224)
             loc_loader = TrainLoader(ds_local, workers, pin_memory=False)
             t0 = time.perf_counter()

@@ -80,14 +80,14 @@ class Gallery:
         entries = []
         for q in self.queries:
             row = int(self.eval_set.query_rows[q])
-            entries.append({"index": q, "text": " | ".join(t for t in self.examples.left_texts[row] if t),
+            entries.append({"index": q, "text": " | ".join(t for t in self.examples.left_texts(row) if t),
                             "relevant": relevant_of(self.eval_set.qrels, q), "results": {}})
         return entries
 
     def _document(self, d: int) -> dict[str, Any]:
         row = int(self.eval_set.doc_rows[d])
-        return {"title": " | ".join(t for t in self.examples.right_texts[row] if t),
-                "image": thumbnail(self.examples.images[row])}
+        return {"title": " | ".join(t for t in self.examples.right_texts(row) if t),
+                "image": thumbnail(self.examples.image(row))}
 
     def record(self, phase: str, top_docs: np.ndarray, top_scores: np.ndarray) -> None:
         """Keep the top-k of ``phase`` ("before", "after") from the evaluator's [queries, K]
