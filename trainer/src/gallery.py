@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import storage
+from .images import decode, fetch_bytes
 from .run_files import GALLERY
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,8 @@ def thumbnail(location: Optional[str]) -> Optional[str]:
     """A small PNG data URI of an image, or None if there is none or it cannot be read."""
     if not location:
         return None
-    from .data import load_image
-
     try:
-        image = load_image(location)
+        image = decode(fetch_bytes(location), at_least=THUMB_PX)
     except Exception as exc:  # noqa: BLE001 - a gallery must never stop training
         log.warning("gallery: cannot read %s: %s", location, exc)
         return None
