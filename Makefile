@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: venv train test testbin test-fast
+.PHONY: venv train test testbin test-fast chromium
 
 venv: $(VENV)/.installed
 
@@ -21,10 +21,17 @@ train: venv
 testbin:
 	bash tools/k8s-testbin/build.sh
 
+## Headless Chromium for the report's browser test (Debian's package; installed as root when missing).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
 ## Every test: unit, real control plane (k8s), operator end to end (e2e), distributed.
-test: venv testbin
+test: venv testbin chromium
 	$(VENV)/bin/pytest
 
 ## The tests that need neither the control plane nor several processes.
-test-fast: venv
+test-fast: venv chromium
 	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed"

@@ -121,10 +121,10 @@ def print_model_only(r: dict) -> None:
 
 
 def dynamic_probe(args) -> None:
-    """memory.probe_micro_batch with the real cuda_probe on ViT-B-16."""
+    """accumulation.probe_micro_batch with the real cuda_probe on ViT-B-16."""
     ensure_importable()
     from kontrast.trainer.fusion import FusedModel
-    from kontrast.trainer.memory import cuda_probe, param_bytes, probe_micro_batch
+    from kontrast.trainer.accumulation import cuda_probe, param_bytes, probe_micro_batch
     from kontrast.trainer.precision import resolve_precision
 
     cfg = TINY if args.smoke else model_config("ViT-B-16")
@@ -238,7 +238,7 @@ def end_to_end(args, model_only_rate: float | None) -> None:
         # the data pipeline alone, same dataset / workers / collate as the trainer
         precision = resolve_precision(args.precision, args.device)
         bundle = build_model(resolved, precision, "cpu")
-        ds = PairDataset(load_examples(resolved.train_data, resolved.spec), bundle.preprocess_train,
+        ds = PairDataset(load_examples(resolved.params.train_data, resolved.params), bundle.preprocess_train,
                          bundle.tokenizer, bundle.image_size)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate,
                                              pin_memory=args.device == "cuda", drop_last=True)

@@ -41,6 +41,31 @@ def _launch(args: argparse.Namespace, rest: list[str]) -> int:
     return launch_main([args.file, *rest] if args.file else rest)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .trainer.export import export_checkpoint
+
+    try:
+        export_checkpoint(args.checkpoint, args.out)
+    except (OSError, ValueError) as exc:
+        print(f"kontrast export: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: open_clip model folder (load it with open_clip's \"local-dir:{args.out}\")")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .trainer.report_html import write_report
+
+    try:
+        written = write_report(args.output)
+    except (OSError, ValueError) as exc:
+        print(f"kontrast report: {exc}", file=sys.stderr)
+        return 1
+    for location in written:
+        print(location)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kontrast", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kontrast {__version__}")
@@ -59,7 +84,22 @@ def main(argv: list[str] | None = None) -> int:
                        add_help=False)
     p.add_argument("file", nargs="?")
 
+    p = sub.add_parser("export", help="export a training checkpoint as an open_clip model folder")
+    p.add_argument("checkpoint", help="a checkpoint of a run (<output>/checkpoints/epoch_N.pt)")
+    p.add_argument("out", help="the folder to write (a path or an fsspec URL)")
+    p.add_argument("--format", choices=["open_clip"], default="open_clip",
+                   help="open_clip: open_clip_config.json + open_clip_model.safetensors (the Hub layout)")
+
+    p = sub.add_parser("report", help="(re)write report.html and the PNG plots of a run's output folder")
+    p.add_argument("output", help="the run's output folder (finished or in progress)")
+
     args, rest = parser.parse_known_args(argv)
+    if args.command in ("export", "report") and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "export":
+        return _export(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "validate":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -25,7 +25,7 @@ SRC=${SRC:-$(dirname "$HERE")}
 
 if [ -n "$DEV" ]; then
   # shellcheck disable=SC2086
-  "$PYTHON" -m pip install --disable-pip-version-check $DRY --editable "$SRC[trainer,operator,dev]"
+  "$PYTHON" -m pip install --disable-pip-version-check $DRY --editable "$SRC[trainer,operator,dev,bench]"
 else
   # shellcheck disable=SC2086
   "$PYTHON" -m pip install --disable-pip-version-check $DRY "$SRC[trainer]"

@@ -2,6 +2,12 @@
 
 Read once from environment variables (the chart sets them on the Deployment), so rendering
 stays a pure function of (TrainJob, OperatorConfig).
+
+Pod settings come in three layers, each named like the TrainJob's ``spec.scheduling`` field it
+fills (see :data:`POD_FIELDS`): the chart's ``trainer.defaults``, then the TrainJob's own
+``spec.scheduling``, then the chart's ``trainer.enforced`` (platform policy a TrainJob cannot
+override). Maps and ``env`` merge by key, the later layer winning; any other field is replaced
+whole by the later layer that sets it.
 """
 
 from __future__ import annotations
@@ -15,16 +21,36 @@ from kontrast import __version__, contract
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/kontrast/trainer:{__version__}"
 
+#: The numeric user and group the trainer image runs as (trainer/Dockerfile: USER 1000).
+TRAINER_UID = 1000
+
 #: Environment variables the Helm chart sets on the operator Deployment.
 ENV_TRAINER_IMAGE = "KONTRAST_TRAINER_IMAGE"
 ENV_TRAINER_PULL_POLICY = "KONTRAST_TRAINER_IMAGE_PULL_POLICY"
-ENV_DEFAULTS = "KONTRAST_POD_DEFAULTS"  # JSON object, see PodDefaults
+ENV_DEFAULTS = "KONTRAST_POD_DEFAULTS"  # JSON object: POD_FIELDS plus shmSize, podSecurityContext
+ENV_ENFORCED = "KONTRAST_POD_ENFORCED"  # JSON object: POD_FIELDS a TrainJob cannot override
 ENV_WATCH_NAMESPACES = "KONTRAST_WATCH_NAMESPACES"  # comma-separated; empty = all namespaces
 ENV_RESYNC = "KONTRAST_RESYNC_SECONDS"  # every TrainJob not finished is reconciled this often
 ENV_HANG = "KONTRAST_HANG_SECONDS"  # restart a Running job whose progress is older (0: never)
 ENV_STATUS_INTERVAL = contract.STATUS_INTERVAL_ENV  # the trainer's progress patch interval
 ENV_METRICS_PORT = "KONTRAST_METRICS_PORT"  # 0 disables the /metrics endpoint
 ENV_KUBECONFIG = "KONTRAST_OPERATOR_KUBECONFIG"  # else KUBECONFIG, else in-cluster
+
+#: ``spec.scheduling`` fields that shape the training pods and may have chart defaults.
+POD_FIELDS = ("resources", "nodeSelector", "tolerations", "priorityClassName", "schedulerName", "affinity",
+              "topologySpreadConstraints", "podLabels", "podAnnotations", "env", "imagePullSecrets",
+              "terminationGracePeriodSeconds")
+#: Of those, the ones that merge by key across layers (``env`` by name).
+MERGED_FIELDS = ("nodeSelector", "podLabels", "podAnnotations", "env")
+
+#: Pod settings the operator uses when the chart sets none (values.yaml shows the same ones;
+#: a test keeps them equal). The grace period leaves the trainer time for its SIGTERM checkpoint.
+BUILTIN_DEFAULTS: Mapping[str, Any] = {"terminationGracePeriodSeconds": 120}
+BUILTIN_POD_SECURITY_CONTEXT: Mapping[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID, "fsGroup": TRAINER_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+BUILTIN_SHM_SIZE = "2Gi"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +59,14 @@ class OperatorConfig:
 
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     image_pull_policy: str = "IfNotPresent"
-    #: Used when a TrainJob's scheduling does not set them.
-    default_resources: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    default_node_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    default_tolerations: tuple[Mapping[str, Any], ...] = ()
-    default_priority_class: str | None = None
-    image_pull_secrets: tuple[str, ...] = ()
-    pod_security_context: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: POD_FIELDS used when a TrainJob's scheduling does not set them (or merged under its own).
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(BUILTIN_DEFAULTS))
+    #: POD_FIELDS forced by the platform team, over whatever the TrainJob says.
+    enforced: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    pod_security_context: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: dict(BUILTIN_POD_SECURITY_CONTEXT))
     #: Size of the in-memory /dev/shm for data-loader workers and NCCL; empty disables it.
-    shm_size: str = "2Gi"
+    shm_size: str = BUILTIN_SHM_SIZE
     #: torchrun rendezvous port on the index-0 pod.
     master_port: int = 29500
     #: Every TrainJob not finished is reconciled at least this often (seconds), so a change
@@ -57,20 +82,17 @@ class OperatorConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorConfig":
         env = os.environ if env is None else env
-        defaults = json.loads(env.get(ENV_DEFAULTS) or "{}")
-        if not isinstance(defaults, dict):
-            raise ValueError(f"{ENV_DEFAULTS} must be a JSON object")
+        defaults = _json_object(env, ENV_DEFAULTS)
+        shm_size = str(defaults.pop("shmSize", BUILTIN_SHM_SIZE) or "")
+        security = defaults.pop("podSecurityContext", None)
         namespaces = tuple(n.strip() for n in env.get(ENV_WATCH_NAMESPACES, "").split(",") if n.strip())
         return cls(
             trainer_image=env.get(ENV_TRAINER_IMAGE) or DEFAULT_TRAINER_IMAGE,
             image_pull_policy=env.get(ENV_TRAINER_PULL_POLICY) or "IfNotPresent",
-            default_resources=defaults.get("resources") or {},
-            default_node_selector=defaults.get("nodeSelector") or {},
-            default_tolerations=tuple(defaults.get("tolerations") or ()),
-            default_priority_class=defaults.get("priorityClassName") or None,
-            image_pull_secrets=tuple(defaults.get("imagePullSecrets") or ()),
-            pod_security_context=defaults.get("podSecurityContext") or {},
-            shm_size=str(defaults.get("shmSize", "2Gi") or ""),
+            defaults={**BUILTIN_DEFAULTS, **pod_fields(defaults, ENV_DEFAULTS)},
+            enforced=pod_fields(_json_object(env, ENV_ENFORCED), ENV_ENFORCED),
+            pod_security_context=BUILTIN_POD_SECURITY_CONTEXT if security is None else security,
+            shm_size=shm_size,
             resync_seconds=float(env.get(ENV_RESYNC) or cls.resync_seconds),
             hang_seconds=float(env.get(ENV_HANG) or cls.hang_seconds),
             status_interval_seconds=float(env.get(ENV_STATUS_INTERVAL) or cls.status_interval_seconds),
@@ -80,3 +102,24 @@ class OperatorConfig:
 
     def hang_after(self) -> float | None:
         return self.hang_seconds or None
+
+
+def _json_object(env: Mapping[str, str], name: str) -> dict[str, Any]:
+    value = json.loads(env.get(name) or "{}")
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object")
+    return value
+
+
+def pod_fields(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The set (non-empty) POD_FIELDS of a chart value, with imagePullSecrets as objects.
+
+    An unknown key is an error naming it: a typo in the chart must not silently do nothing.
+    """
+    unknown = sorted(set(values) - set(POD_FIELDS))
+    if unknown:
+        raise ValueError(f"{source}: unknown pod setting(s) {', '.join(unknown)}; known: {', '.join(POD_FIELDS)}")
+    out = {k: v for k, v in values.items() if v not in (None, "", [], {})}
+    if "imagePullSecrets" in out:  # the chart also takes plain names
+        out["imagePullSecrets"] = [s if isinstance(s, dict) else {"name": s} for s in out["imagePullSecrets"]]
+    return out

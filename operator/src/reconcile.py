@@ -8,8 +8,8 @@ AlreadyExists (of our own child) as success, deletes treat NotFound as success, 
 status patch only carries fields that changed.
 
 Order of the actions: create (the new attempt records the restart budget it spent), hand
-a held attempt on, repair missing children, write the status, and only then delete Jobs or
-clean up. A status patch that fails therefore leaves every child in place, and the next
+a held attempt on, repair missing children, write the status and post its events, and only
+then delete Jobs or clean up. A status patch that fails therefore leaves every child in place, and the next
 pass decides the same again: a success is never followed by a second training run.
 """
 
@@ -103,6 +103,8 @@ class Reconciler:
         if patch:
             self._patch_status(ns, name, patch)
         self.metrics.set_phase(ns, name, plan.status.get("phase"))
+        for event in plan.events:
+            self.post_event(tj, event.type, event.reason, event.message)
 
         for job in plan.delete_jobs:
             if self.kube.delete_job(ns, job):
@@ -111,8 +113,6 @@ class Reconciler:
             # Everything but the Jobs (already deleted above) and, of course, the TrainJob.
             self.kube.delete_children(reversed(render.base_children(tj, self.config)))
             log.info("cleaned up the children of %s/%s", ns, name)
-        for event in plan.events:
-            self.post_event(tj, event.type, event.reason, event.message)
 
     def _create(self, tj: Mapping[str, Any], objs: list[dict[str, Any]]) -> None:
         """Create ``objs`` (existing ones of ours are fine); on failure say why in status."""
@@ -123,7 +123,7 @@ class Reconciler:
             # Record why in status (not only in a log), keep everything else as it was: the
             # failed attempt stays the newest Job, so nothing is counted twice.
             message = f"could not create the children: {api_error_message(exc)}"
-            self._patch_status(meta["namespace"], meta["name"], lifecycle.create_failed(tj, message, status_now()))
+            self._patch_status(meta["namespace"], meta["name"], lifecycle.create_failed(tj, message, dt.datetime.now(dt.timezone.utc)))
             self.post_event(tj, "Warning", "CreateFailed", message)
             self.metrics.error("ChildConflict" if isinstance(exc, ChildConflict) else "CreateFailed")
             raise
@@ -137,7 +137,3 @@ class Reconciler:
             if getattr(exc, "status", None) == 404:
                 return
             raise
-
-
-def status_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

@@ -28,8 +28,9 @@ import yaml
 
 from kontrast import contract
 from kontrast.api import API_VERSION, GROUP, KIND, PLURAL
+from kontrast.api.defaults import apply_defaults
 
-from .config import OperatorConfig
+from .config import MERGED_FIELDS, POD_FIELDS, OperatorConfig
 
 # --- labels and annotations (the only ones children carry) ----------------------------------
 LABEL_TRAINJOB = "kontrast.dev/trainjob"
@@ -53,6 +54,25 @@ CONFIG_VOLUME = "trainjob"
 SHM_VOLUME = "dshm"
 
 _DNS_LABEL_MAX = 63
+
+#: The trainer container's securityContext: Pod Security "restricted" (the trainer needs no
+#: privilege, capability or syscall beyond the runtime's default profile). Not configurable.
+CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+#: The fields of a TrainJob spec that hold paths or URIs.
+URI_FIELDS = ("model", "pretrained", "trainData", "evalData", "output")
+
+#: Credential variables per object-store scheme: what storageSecretRef passes when it lists no
+#: keys (each optional, so a Secret may hold any subset).
+STORAGE_SECRET_KEYS = {
+    "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+           "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"),
+}
 
 
 # --- names --------------------------------------------------------------------------------
@@ -140,25 +160,68 @@ def _metadata(tj: Mapping[str, Any], name: str, component: str, labels: Mapping[
     }
 
 
+def _uris(spec: Mapping[str, Any]) -> list[str]:
+    return [v for v in (spec.get(f) for f in URI_FIELDS) if isinstance(v, str)]
+
+
 def pvc_claims(spec: Mapping[str, Any]) -> list[str]:
     """Claims named by ``pvc://<claim>/<path>`` URIs in the fields that hold paths."""
-    claims = set()
-    for field in ("model", "pretrained", "trainData", "evalData", "output"):
-        value = spec.get(field)
-        if isinstance(value, str) and value.startswith("pvc://"):
-            claim = value[len("pvc://"):].split("/", 1)[0]
-            if claim:
-                claims.add(claim)
-    return sorted(claims)
+    claims = {u[len("pvc://"):].split("/", 1)[0] for u in _uris(spec) if u.startswith("pvc://")}
+    return sorted(c for c in claims if c)
 
 
 def scheduling(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """``spec.scheduling`` with the CRD's defaults (the API server applies them too)."""
-    s = dict(spec.get("scheduling") or {})
-    s.setdefault("maxRestarts", 3)
-    s.setdefault("suspend", False)
-    s.setdefault("cleanup", "OnSuccess")
-    return s
+    """``spec.scheduling`` with the CRD's defaults (the API server applies the same ones)."""
+    defaulted = apply_defaults({"spec": {"scheduling": dict(spec.get("scheduling") or {})}})
+    return defaulted["spec"]["scheduling"]
+
+
+def _layer(under: Any, over: Any, field: str) -> Any:
+    """``over`` replaces ``under``, except maps and env, which merge by key (``over`` wins)."""
+    if over in (None, "", [], {}):
+        return under
+    if field not in MERGED_FIELDS or not under:
+        return copy.deepcopy(over)
+    if field == "env":
+        names = {e["name"] for e in over}
+        return [copy.deepcopy(e) for e in under if e["name"] not in names] + copy.deepcopy(list(over))
+    return {**under, **over}
+
+
+def pod_settings(spec: Mapping[str, Any], config: OperatorConfig) -> dict[str, Any]:
+    """The pod fields of ``scheduling`` a pod is rendered from: the chart's defaults, then the
+    TrainJob's own, then what the chart enforces (see :mod:`config`). Unset fields are absent."""
+    own = scheduling(spec)
+    out = {}
+    for field in POD_FIELDS:
+        value = None
+        for layer in (config.defaults, own, config.enforced):
+            value = _layer(value, layer.get(field), field)
+        if value not in (None, "", [], {}):
+            out[field] = value
+    return out
+
+
+def storage_env(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One secretKeyRef per key the storage needs: the listed keys (required), or the standard
+    variables of the URL schemes in use (optional). Never the whole Secret (no envFrom)."""
+    ref = spec.get("storageSecretRef") or {}
+    if not ref.get("name"):
+        return []
+    if ref.get("keys"):
+        keys, optional = list(ref["keys"]), False
+    else:
+        schemes = {u.split("://", 1)[0] for u in _uris(spec) if "://" in u}
+        keys = [k for scheme in sorted(schemes) for k in STORAGE_SECRET_KEYS.get(scheme, ())]
+        optional = True
+    return [{"name": k, "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": k, "optional": optional}}}
+            for k in keys]
+
+
+def _spread(constraints: list[dict[str, Any]], pod_labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    """A constraint without labelSelector counts this attempt's pods (what spreading means here)."""
+    return [c if "labelSelector" in c else {**c, "labelSelector": {"matchLabels": dict(pod_labels)}}
+            for c in constraints]
 
 
 # --- children -----------------------------------------------------------------------------
@@ -236,7 +299,10 @@ def configmap(tj: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _env(tj: Mapping[str, Any], attempt: int, config: OperatorConfig) -> list[dict[str, Any]]:
+def _env(tj: Mapping[str, Any], attempt: int, config: OperatorConfig,
+         extra: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The launcher's variables, then the storage credentials, then ``scheduling.env`` (whose
+    names the CRD keeps clear of the launcher's)."""
     meta, spec = tj["metadata"], tj["spec"]
     nodes = int(spec.get("nodes", 1))
     return [
@@ -253,13 +319,17 @@ def _env(tj: Mapping[str, Any], attempt: int, config: OperatorConfig) -> list[di
         {"name": contract.PVC_ROOT_ENV, "value": contract.PVC_ROOT_DEFAULT},
         {"name": "KONTRAST_ATTEMPT", "value": str(attempt)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *storage_env(spec),
+        *(dict(e) for e in extra),
     ]
 
 
-def pod_spec(tj: Mapping[str, Any], attempt: int, config: OperatorConfig) -> dict[str, Any]:
+def pod_spec(tj: Mapping[str, Any], attempt: int, config: OperatorConfig,
+             settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     meta, spec = tj["metadata"], tj["spec"]
     name = meta["name"]
     sched = scheduling(spec)
+    settings = pod_settings(spec, config) if settings is None else settings
     claims = pvc_claims(spec)
 
     mounts = [{"name": CONFIG_VOLUME, "mountPath": contract.TRAINJOB_MOUNT_DIR, "readOnly": True}]
@@ -281,20 +351,16 @@ def pod_spec(tj: Mapping[str, Any], attempt: int, config: OperatorConfig) -> dic
         "image": sched.get("image") or config.trainer_image,
         "imagePullPolicy": sched.get("imagePullPolicy") or config.image_pull_policy,
         "command": ["kontrast", "launch", f"{contract.TRAINJOB_MOUNT_DIR}/{contract.TRAINJOB_FILE}"],
-        "env": _env(tj, attempt, config),
+        "env": _env(tj, attempt, config, settings.get("env", ())),
         "ports": [{"name": "rendezvous", "containerPort": config.master_port, "protocol": "TCP"}],
         "volumeMounts": mounts,
-        "resources": copy.deepcopy(sched.get("resources") or dict(config.default_resources)),
+        "resources": copy.deepcopy(settings.get("resources", {})),
         "terminationMessagePath": contract.TERMINATION_LOG,
         # The trainer writes the reason of a failure to the termination log; when it could not
         # (killed, crashed in native code), the log's tail explains instead.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
-    secret = (spec.get("storageSecretRef") or {}).get("name")
-    if secret:
-        container["envFrom"] = [{"secretRef": {"name": secret}}]
-
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "subdomain": service_name(name),
@@ -304,20 +370,20 @@ def pod_spec(tj: Mapping[str, Any], attempt: int, config: OperatorConfig) -> dic
         "containers": [container],
         "volumes": volumes,
     }
-    node_selector = sched.get("nodeSelector") or dict(config.default_node_selector)
-    if node_selector:
-        pod["nodeSelector"] = dict(node_selector)
-    tolerations = sched.get("tolerations") or list(config.default_tolerations)
-    if tolerations:
-        pod["tolerations"] = copy.deepcopy(tolerations)
-    priority = sched.get("priorityClassName") or config.default_priority_class
-    if priority:
-        pod["priorityClassName"] = priority
+    for field in ("nodeSelector", "tolerations", "priorityClassName", "schedulerName", "affinity",
+                  "imagePullSecrets", "terminationGracePeriodSeconds"):
+        if field in settings:
+            pod[field] = copy.deepcopy(settings[field])
+    if "topologySpreadConstraints" in settings:
+        pod["topologySpreadConstraints"] = _spread(settings["topologySpreadConstraints"], worker_labels(tj, attempt))
     if config.pod_security_context:
         pod["securityContext"] = copy.deepcopy(dict(config.pod_security_context))
-    if config.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": s} for s in config.image_pull_secrets]
     return pod
+
+
+def worker_labels(tj: Mapping[str, Any], attempt: int) -> dict[str, str]:
+    """The labels that make a pod one of this attempt's workers (the Service selects them)."""
+    return {**_labels(tj, "worker"), LABEL_ATTEMPT: str(attempt)}
 
 
 def worker_job(tj: Mapping[str, Any], attempt: int, restarts: int, config: OperatorConfig,
@@ -345,7 +411,10 @@ def worker_job(tj: Mapping[str, Any], attempt: int, restarts: int, config: Opera
     priority = (meta.get("labels") or {}).get(KUEUE_PRIORITY_LABEL)
     if priority:
         job_labels[KUEUE_PRIORITY_LABEL] = priority
-    pod_labels = {**_labels(tj, "worker"), LABEL_ATTEMPT: str(attempt)}
+    settings = pod_settings(spec, config)
+    # The user's and the chart's labels and annotations first: kontrast's own always win.
+    pod_labels = {**settings.get("podLabels", {}), **worker_labels(tj, attempt)}
+    pod_annotations = {**settings.get("podAnnotations", {}), ANNOTATION_TRAINJOB: name}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -364,11 +433,8 @@ def worker_job(tj: Mapping[str, Any], attempt: int, restarts: int, config: Opera
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]},
             "template": {
-                "metadata": {
-                    "labels": pod_labels,
-                    "annotations": {ANNOTATION_TRAINJOB: name},
-                },
-                "spec": pod_spec(tj, attempt, config),
+                "metadata": {"labels": pod_labels, "annotations": pod_annotations},
+                "spec": pod_spec(tj, attempt, config, settings),
             },
         },
     }
@@ -385,6 +451,3 @@ def children(tj: Mapping[str, Any], attempt: int, restarts: int, config: Operato
     return [*base_children(tj, config),
             worker_job(tj, attempt, restarts, config, reason, hold, active_deadline_seconds)]
 
-
-def kinds(objs: Iterable[Mapping[str, Any]]) -> list[str]:
-    return [o["kind"] for o in objs]

@@ -46,7 +46,8 @@ def test_helm_lint_is_clean(helm):
 def test_default_render(helm):
     docs = template(helm)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
+                     "ServiceAccount", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
     dep = next(d for d in docs if d["kind"] == "Deployment")
     spec = dep["spec"]
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
@@ -65,22 +66,106 @@ def test_default_render(helm):
     assert env["KONTRAST_LIVENESS"] == "http://0.0.0.0:8080/healthz"
     # the env the chart sets is the env the operator reads
     cfg = OperatorConfig.from_env({k: v for k, v in env.items() if v is not None})
-    assert cfg.shm_size == "2Gi" and cfg.pod_security_context == {"fsGroup": 1000}
+    assert cfg.shm_size == "2Gi" and cfg.pod_security_context["runAsUser"] == 1000
     assert c["image"] == "ghcr.io/kontrast/operator:0.1.0"
+
+
+def chart_config(docs) -> OperatorConfig:
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    return OperatorConfig.from_env({k: v for k, v in env.items() if v is not None})
+
+
+def test_chart_defaults_are_the_operators_builtin_defaults(helm):
+    """values.yaml shows the pod defaults the operator uses without a chart; they must agree."""
+    cfg, builtin = chart_config(template(helm)), OperatorConfig()
+    assert cfg.defaults == builtin.defaults
+    assert cfg.pod_security_context == builtin.pod_security_context
+    assert cfg.shm_size == builtin.shm_size
+    assert cfg.enforced == builtin.enforced == {}
+
+
+def test_pod_settings_values_reach_the_operator(helm):
+    docs = template(helm, "--set-json", 'trainer.defaults.env=[{"name":"NCCL_DEBUG","value":"WARN"}]',
+                    "--set", "trainer.defaults.schedulerName=volcano",
+                    "--set", "trainer.defaults.terminationGracePeriodSeconds=300",
+                    "--set-json", 'trainer.defaults.imagePullSecrets=["regcred"]',
+                    "--set-json", 'trainer.enforced={"priorityClassName":"ml","nodeSelector":{"pool":"ml"}}')
+    cfg = chart_config(docs)
+    assert cfg.defaults["env"] == [{"name": "NCCL_DEBUG", "value": "WARN"}]
+    assert cfg.defaults["schedulerName"] == "volcano" and cfg.defaults["terminationGracePeriodSeconds"] == 300
+    assert cfg.defaults["imagePullSecrets"] == [{"name": "regcred"}]
+    assert cfg.enforced == {"priorityClassName": "ml", "nodeSelector": {"pool": "ml"}}
+
+
+def test_status_policy_guards_every_operator_field_of_the_crd(helm):
+    """Operator-only fields come from the CRD's status schema; the trainer's are one list."""
+    from kontrast.api.schema import openapi_schema
+
+    docs = template(helm)
+    (vap,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    spec = vap["spec"]
+    assert spec["matchConstraints"]["resourceRules"][0]["resources"] == ["trainjobs/status"]
+    assert spec["matchConditions"][0]["expression"] == \
+        "request.userInfo.username != 'system:serviceaccount:kontrast-system:kontrast-operator'"
+    guarded = {v["expression"].split("?status.?")[1].split(" ")[0] for v in spec["validations"]}
+    trainer = set(yaml.safe_load((CHART / "values.yaml").read_text())["admissionPolicy"]["trainerStatusFields"])
+    assert trainer == {"progress", "checkpoints", "metrics", "resolved"}
+    assert guarded == set(openapi_schema()["properties"]["status"]["properties"]) - trainer
+    assert {"phase", "conditions", "restarts", "startTime", "completionTime"} <= guarded
+    (binding,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert binding["spec"] == {"policyName": vap["metadata"]["name"], "validationActions": ["Deny"]}
+    # a trainer-written field added to the list is no longer guarded
+    docs = template(helm, "--set-json", 'admissionPolicy.trainerStatusFields=["progress","checkpoints","metrics",'
+                                        '"resolved","message"]')
+    (vap,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    assert not [v for v in vap["spec"]["validations"] if "?status.?message " in v["expression"]]
+    assert not [d for d in template(helm, "--set", "admissionPolicy.enabled=false") if "Validating" in d["kind"]]
+
+
+def test_platform_policy_renders_only_with_platform_values(helm):
+    docs = template(helm, "--set-json", 'trainer.allowedImagePrefixes=["registry.example/ml/"]',
+                    "--set-json", 'trainer.enforced={"tolerations":[{"key":"d","operator":"Exists"}]}',
+                    "--set", "watchNamespaces={ml}")
+    vaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
+    platform = vaps["kontrast-trainjob-platform"]["spec"]
+    assert platform["matchConstraints"]["resourceRules"][0]["operations"] == ["CREATE", "UPDATE"]
+    exprs = [v["expression"] for v in platform["validations"]]
+    assert exprs == ['!has(variables.scheduling.image) || ["registry.example/ml/"].exists(p, '
+                     'variables.scheduling.image.startsWith(p))', "!has(variables.scheduling.tolerations)"]
+    for b in (d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"):
+        assert b["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["ml"]}]
+    names = {d["metadata"]["name"] for d in template(helm) if d["kind"] == "ValidatingAdmissionPolicy"}
+    assert names == {"kontrast-trainjob-status"}
+
+
+def test_aggregated_roles_extend_edit_and_view(helm):
+    roles = {d["metadata"]["name"]: d for d in template(helm) if d["kind"] == "ClusterRole"}
+    edit, view = roles["kontrast-trainjobs-edit"], roles["kontrast-trainjobs-view"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert _allowed(edit["rules"], "kontrast.dev", "trainjobs", "create")
+    assert not _allowed(edit["rules"], "kontrast.dev", "trainjobs/status", "patch")
+    assert not any(_allowed(view["rules"], "kontrast.dev", r, v) for r in ("trainjobs", "trainjobs/status")
+                   for v in ("create", "update", "patch", "delete"))
+    assert not [d for d in template(helm, "--set", "rbac.aggregateToDefaultRoles=false")
+                if "trainjobs-" in d["metadata"]["name"]]
 
 
 def test_values_reach_the_operator(helm):
     docs = template(helm, "--set", "watchNamespaces={ml,research}", "--set", "trainer.image.tag=dev",
                     "--set-json", 'trainer.defaults.nodeSelector={"pool":"gpu"}', "--set", "metrics.enabled=false")
     kinds = sorted((d["kind"], d["metadata"].get("namespace")) for d in docs)
-    assert ("ClusterRole", None) not in kinds
+    assert not [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "kontrast-operator"]
     assert kinds.count(("Role", "ml")) == 1 and kinds.count(("RoleBinding", "research")) == 1
     dep = next(d for d in docs if d["kind"] == "Deployment")
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     cfg = OperatorConfig.from_env(env)
     assert cfg.watch_namespaces == ("ml", "research")
     assert cfg.trainer_image.endswith(":dev")
-    assert cfg.default_node_selector == {"pool": "gpu"}
+    assert cfg.defaults["nodeSelector"] == {"pool": "gpu"}
     assert cfg.metrics_port == 0
     assert not [d for d in docs if d["kind"] == "Service"]
 
@@ -90,7 +175,7 @@ def _allowed(rules, group, resource, verb):
 
 
 def test_rbac_covers_exactly_what_the_operator_does(helm):
-    role = next(d for d in template(helm) if d["kind"] == "ClusterRole")
+    role = next(d for d in template(helm) if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "kontrast-operator")
     rules = role["rules"]
     tj = {"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
           "metadata": {"name": "x", "namespace": "n", "uid": "u"},
@@ -163,3 +248,16 @@ def test_chart_values_are_documented_json_serialisable():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     json.dumps(values)
     assert values["trainer"]["defaults"]["shmSize"] == OperatorConfig().shm_size
+
+
+def test_lifecycle_values_reach_the_operator_and_its_pods(helm):
+    docs = template(helm, "--set", "trainer.statusIntervalSeconds=30", "--set", "operator.resyncSeconds=60",
+                    "--set", "operator.hangTimeoutSeconds=0")
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    cfg = OperatorConfig.from_env({k: v for k, v in env.items() if v is not None})
+    assert (cfg.status_interval_seconds, cfg.resync_seconds, cfg.hang_after()) == (30.0, 60.0, None)
+    defaults = OperatorConfig.from_env({k: v for k, v in {e["name"]: e.get("value") for e in next(
+        d for d in template(helm) if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }.items() if v is not None})
+    assert 15 <= defaults.status_interval_seconds <= 30 and defaults.hang_seconds > 0

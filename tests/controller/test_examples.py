@@ -45,7 +45,10 @@ def test_gpu_example_is_multinode_with_a_gpu_per_process():
     job = render.worker_job(tj, 0, 0, OperatorConfig())
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == spec["procsPerNode"]
-    assert c["envFrom"] == [{"secretRef": {"name": spec["storageSecretRef"]["name"]}}]
+    secret = spec["storageSecretRef"]["name"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"} <= set(refs)
+    assert set(refs.values()) == {secret}
     assert spec["output"].startswith(("s3://", "pvc://"))
     assert job["spec"]["completions"] == spec["nodes"]
 

@@ -45,7 +45,7 @@ def by_kind(objs):
 def test_children_kinds_names_and_ownership():
     tj = trainjob()
     objs = render.children(tj, attempt=0, restarts=0, config=CONFIG)
-    assert render.kinds(objs) == ["ServiceAccount", "Role", "RoleBinding", "Service", "ConfigMap", "Job"]
+    assert [o["kind"] for o in objs] == ["ServiceAccount", "Role", "RoleBinding", "Service", "ConfigMap", "Job"]
     names = {o["kind"]: o["metadata"]["name"] for o in objs}
     assert names == {"ServiceAccount": "clip-trainer", "Role": "clip-trainer", "RoleBinding": "clip-trainer",
                      "Service": "clip-workers", "ConfigMap": "clip-trainjob", "Job": "clip-0"}
@@ -136,7 +136,30 @@ def test_trainer_container_runs_launch_with_torchrun_env():
     assert env[contract.JOB_NAMESPACE_ENV] == "ml"
     assert env[contract.TERMINATION_LOG_ENV] == contract.TERMINATION_LOG
     assert c["terminationMessagePath"] == contract.TERMINATION_LOG
-    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_trainer_pod_meets_pod_security_restricted():
+    """The checks of the "restricted" Pod Security Standard that concern a pod we render
+    (the API server's PodSecurity admission runs them for real in tests/e2e)."""
+    pod = render.worker_job(trainjob(), 0, 0, OperatorConfig())["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["runAsNonRoot"] is True
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    # the trainer image's numeric user, so runAsNonRoot holds for any image built from it
+    assert pod["securityContext"]["runAsUser"] == 1000 and pod["securityContext"]["fsGroup"] == 1000
+    allowed = {"configMap", "emptyDir", "persistentVolumeClaim", "projected", "secret", "downwardAPI"}
+    for vol in pod["volumes"]:
+        assert set(vol) - {"name"} <= allowed, vol
+    assert not any(p.get("hostPort") for p in c["ports"])
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(field)
+    # an admin who empties podSecurityContext cannot lose the container-level guarantees
+    pod = render.worker_job(trainjob(), 0, 0, OperatorConfig(pod_security_context={}))["spec"]["template"]["spec"]
+    assert "securityContext" not in pod
+    assert pod["containers"][0]["securityContext"]["runAsNonRoot"] is True
 
 
 def test_pvc_volumes_for_every_pvc_uri():
@@ -150,12 +173,32 @@ def test_pvc_volumes_for_every_pvc_uri():
     assert mounts["dshm"] == "/dev/shm"
 
 
-def test_no_pvc_volumes_for_object_store_uris():
+def secret_env(pod):
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pod["containers"][0]["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_storage_secret_passes_only_the_s3_variables():
     tj = trainjob(model="ViT-B-32", trainData="s3://b/train.csv", evalData="s3://b/eval.csv", output="s3://b/out",
                   storageSecretRef={"name": "s3-creds"})
     pod = render.worker_job(tj, 0, 0, CONFIG)["spec"]["template"]["spec"]
     assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
-    assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert "envFrom" not in pod["containers"][0]  # never the whole Secret
+    refs = secret_env(pod)
+    assert set(refs) == set(render.STORAGE_SECRET_KEYS["s3"])
+    assert all(r == {"name": "s3-creds", "key": k, "optional": True} for k, r in refs.items())
+
+
+def test_storage_secret_with_keys_passes_exactly_those():
+    tj = trainjob(output="s3://b/out", storageSecretRef={"name": "creds", "keys": ["AWS_ACCESS_KEY_ID", "MY_TOKEN"]})
+    refs = secret_env(render.worker_job(tj, 0, 0, CONFIG)["spec"]["template"]["spec"])
+    assert refs == {"AWS_ACCESS_KEY_ID": {"name": "creds", "key": "AWS_ACCESS_KEY_ID", "optional": False},
+                    "MY_TOKEN": {"name": "creds", "key": "MY_TOKEN", "optional": False}}
+
+
+def test_storage_secret_for_pvc_only_uris_passes_nothing():
+    pod = render.worker_job(trainjob(storageSecretRef={"name": "creds"}), 0, 0, CONFIG)["spec"]["template"]["spec"]
+    assert secret_env(pod) == {}
 
 
 def test_scheduling_fields_reach_the_pod():
@@ -176,15 +219,108 @@ def test_scheduling_fields_reach_the_pod():
     assert pod["priorityClassName"] == "training"
 
 
-def test_operator_defaults_apply_when_scheduling_is_silent():
-    cfg = OperatorConfig(default_resources={"requests": {"cpu": "2"}}, default_node_selector={"pool": "train"},
-                         default_priority_class="batch", image_pull_secrets=("regcred",), shm_size="")
-    pod = render.worker_job(trainjob(), 0, 0, cfg)["spec"]["template"]["spec"]
+ZONE_SPREAD = {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}
+NODE_AFFINITY = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+    {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}}
+POD_SETTINGS = {
+    "affinity": NODE_AFFINITY,
+    "topologySpreadConstraints": [ZONE_SPREAD],
+    "podLabels": {"team": "search", "cost-center": "42"},
+    "podAnnotations": {"sidecar.istio.io/inject": "false"},
+    "env": [{"name": "NCCL_DEBUG", "value": "INFO"},
+            {"name": "NCCL_IB_HCA", "valueFrom": {"configMapKeyRef": {"name": "nccl", "key": "hca"}}}],
+    "imagePullSecrets": [{"name": "regcred"}],
+    "terminationGracePeriodSeconds": 600,
+    "schedulerName": "volcano",
+    "priorityClassName": "training",
+}
+
+
+def job_pod(tj, config=CONFIG, attempt=0):
+    return render.worker_job(tj, attempt, 0, config)["spec"]["template"]
+
+
+def test_pod_settings_from_the_trainjob_reach_the_pod():
+    template = job_pod(trainjob(scheduling=POD_SETTINGS), attempt=3)
+    pod, meta = template["spec"], template["metadata"]
+    assert pod["affinity"] == NODE_AFFINITY
+    # a constraint without labelSelector spreads this attempt's pods
+    assert pod["topologySpreadConstraints"] == [{**ZONE_SPREAD, "labelSelector": {"matchLabels": {
+        "kontrast.dev/trainjob": "clip", "kontrast.dev/component": "worker", "kontrast.dev/attempt": "3"}}}]
+    assert meta["labels"]["team"] == "search" and meta["labels"]["kontrast.dev/attempt"] == "3"
+    assert meta["annotations"] == {"sidecar.istio.io/inject": "false", render.ANNOTATION_TRAINJOB: "clip"}
+    env = pod["containers"][0]["env"]
+    assert env[-2:] == POD_SETTINGS["env"]  # after the launcher's own variables
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["terminationGracePeriodSeconds"] == 600
+    assert pod["schedulerName"] == "volcano" and pod["priorityClassName"] == "training"
+
+
+def test_a_spread_constraint_with_its_own_selector_is_kept():
+    own = {**ZONE_SPREAD, "labelSelector": {"matchLabels": {"app": "x"}}}
+    pod = job_pod(trainjob(scheduling={"topologySpreadConstraints": [own]}))["spec"]
+    assert pod["topologySpreadConstraints"] == [own]
+
+
+def test_chart_defaults_apply_when_scheduling_is_silent():
+    cfg = OperatorConfig(defaults={**POD_SETTINGS, "resources": {"requests": {"cpu": "2"}},
+                                   "nodeSelector": {"pool": "train"}}, shm_size="")
+    template = job_pod(trainjob(), cfg)
+    pod = template["spec"]
     assert pod["containers"][0]["resources"] == {"requests": {"cpu": "2"}}
     assert pod["nodeSelector"] == {"pool": "train"}
-    assert pod["priorityClassName"] == "batch"
+    assert pod["priorityClassName"] == "training" and pod["schedulerName"] == "volcano"
+    assert pod["affinity"] == NODE_AFFINITY and pod["terminationGracePeriodSeconds"] == 600
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert template["metadata"]["labels"]["team"] == "search"
+    assert pod["containers"][0]["env"][-2:] == POD_SETTINGS["env"]
     assert not [v for v in pod["volumes"] if v["name"] == "dshm"]
+
+
+def test_builtin_grace_period_leaves_time_for_the_sigterm_checkpoint():
+    assert job_pod(trainjob())["spec"]["terminationGracePeriodSeconds"] == 120
+
+
+def test_trainjob_settings_replace_or_merge_over_chart_defaults():
+    cfg = OperatorConfig(defaults={"tolerations": [{"key": "a", "operator": "Exists"}], "nodeSelector": {"pool": "x"},
+                                   "podLabels": {"team": "platform", "tier": "batch"},
+                                   "env": [{"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "A", "value": "1"}],
+                                   "terminationGracePeriodSeconds": 120})
+    own = {"tolerations": [{"key": "b", "operator": "Exists"}], "nodeSelector": {"zone": "z"},
+           "podLabels": {"team": "search"}, "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+           "terminationGracePeriodSeconds": 30}
+    template = job_pod(trainjob(scheduling=own), cfg)
+    pod = template["spec"]
+    assert pod["tolerations"] == own["tolerations"]            # lists are replaced
+    assert pod["terminationGracePeriodSeconds"] == 30
+    assert pod["nodeSelector"] == {"pool": "x", "zone": "z"}   # maps merge, the TrainJob wins
+    assert template["metadata"]["labels"]["team"] == "search"
+    assert template["metadata"]["labels"]["tier"] == "batch"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["NCCL_DEBUG"] == "INFO" and env["A"] == "1"
+    assert [e["name"] for e in pod["containers"][0]["env"]].count("NCCL_DEBUG") == 1
+
+
+def test_enforced_settings_win_over_the_trainjob():
+    forced_tol = [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+    cfg = OperatorConfig(enforced={"tolerations": forced_tol, "nodeSelector": {"pool": "ml"},
+                                   "priorityClassName": "ml-batch", "podLabels": {"billing": "ml"}})
+    own = {"tolerations": [{"key": "gpu", "operator": "Exists"}], "nodeSelector": {"pool": "prod", "zone": "a"},
+           "priorityClassName": "system-cluster-critical", "podLabels": {"billing": "free", "team": "x"}}
+    template = job_pod(trainjob(scheduling=own), cfg)
+    pod = template["spec"]
+    assert pod["tolerations"] == forced_tol
+    assert pod["nodeSelector"] == {"pool": "ml", "zone": "a"}
+    assert pod["priorityClassName"] == "ml-batch"
+    assert template["metadata"]["labels"]["billing"] == "ml" and template["metadata"]["labels"]["team"] == "x"
+
+
+def test_kontrast_labels_and_annotations_cannot_be_overridden():
+    cfg = OperatorConfig(defaults={"podLabels": {"kontrast.dev/attempt": "9"},
+                                   "podAnnotations": {render.ANNOTATION_TRAINJOB: "other"}})
+    meta = job_pod(trainjob(), cfg)["metadata"]
+    assert meta["labels"]["kontrast.dev/attempt"] == "0"
+    assert meta["annotations"][render.ANNOTATION_TRAINJOB] == "clip"
 
 
 def test_kueue_queue_label_and_suspended_job():
@@ -234,11 +370,54 @@ def test_config_from_env():
         "KONTRAST_WATCH_NAMESPACES": "ml, research",
     })
     assert cfg.trainer_image == "img:2"
-    assert cfg.default_node_selector == {"a": "b"}
+    assert cfg.defaults == {"nodeSelector": {"a": "b"}, "terminationGracePeriodSeconds": 120}
     assert cfg.shm_size == "4Gi"
     assert cfg.watch_namespaces == ("ml", "research")
+    assert cfg.pod_security_context["runAsUser"] == 1000
+
+
+def test_config_names_an_unknown_pod_setting():
+    import pytest
+
+    with pytest.raises(ValueError, match="KONTRAST_POD_ENFORCED: unknown pod setting.*nodeSelectr"):
+        OperatorConfig.from_env({"KONTRAST_POD_ENFORCED": '{"nodeSelectr": {"a": "b"}}'})
+
+
+def test_config_takes_image_pull_secrets_as_names():
+    cfg = OperatorConfig.from_env({"KONTRAST_POD_DEFAULTS": '{"imagePullSecrets": ["regcred"]}'})
+    assert cfg.defaults["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_pod_fields_are_scheduling_fields_of_the_crd():
+    from kontrast.api.schema import spec_schema
+    from kontrast.operator.config import POD_FIELDS
+
+    assert set(POD_FIELDS) <= set(spec_schema()["properties"]["scheduling"]["properties"])
+
+
+def test_scheduling_defaults_come_from_the_crd():
+    from kontrast.api.schema import spec_schema
+
+    props = spec_schema()["properties"]["scheduling"]["properties"]
+    expected = {k: p["default"] for k, p in props.items() if "default" in p}
+    assert expected  # maxRestarts, suspend, cleanup
+    assert {k: render.scheduling({})[k] for k in expected} == expected
 
 
 def test_held_attempt_starts_suspended():
     assert render.worker_job(trainjob(), 1, 0, CONFIG, hold=True)["spec"]["suspend"] is True
     assert render.worker_job(trainjob(), 1, 0, CONFIG, hold=False)["spec"]["suspend"] is False
+
+
+def test_held_attempt_gets_kueues_label_only_when_released():
+    tj = trainjob(scheduling={"queueName": "team-a"})
+    held = render.worker_job(tj, 1, 0, CONFIG, hold=True)
+    assert held["spec"]["suspend"] is True and render.KUEUE_QUEUE_LABEL not in held["metadata"]["labels"]
+
+
+def test_job_carries_the_deadline_left_and_pods_the_status_interval():
+    job = render.worker_job(trainjob(), 0, 0, OperatorConfig(status_interval_seconds=25), active_deadline_seconds=90)
+    assert job["spec"]["activeDeadlineSeconds"] == 90
+    assert "activeDeadlineSeconds" not in render.worker_job(trainjob(), 0, 0, CONFIG)["spec"]
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KONTRAST_STATUS_INTERVAL"] == "25"

@@ -116,12 +116,14 @@ def test_end_reports_final_progress_metrics_and_checkpoints():
     r = reporter(client, clock)
     ck = [{"uri": f"/out/epoch_{i}.pt", "epoch": i, "step": 50 * i, "time": "t"} for i in (1, 2)]
     r.on_end({"step": 100, "totalSteps": 100, "epoch": 2, "finalLoss": 0.7,
-              "eval": {"before": {"map": 0.1}, "after": {"map": 0.4}}, "checkpoints": ck})
+              "eval": {"before": {"map": 0.1}, "after": {"map": 0.4}}, "checkpoints": ck,
+              "outputs": {"report": "/out/report.html", "model": "/out/model"}})
     body = client.patches[-1]
     assert body["progress"]["percentText"] == "100%" and body["progress"]["epochText"] == "2/2"
     assert body["metrics"] == {"before": {"map": 0.1}, "after": {"map": 0.4}}
     assert body["checkpoints"]["latest"]["uri"] == "/out/epoch_2.pt"
     assert len(body["checkpoints"]["saved"]) == 2
+    assert body["outputs"] == {"report": "/out/report.html", "model": "/out/model"}
 
 
 def test_background_thread_sends_and_close_flushes():

@@ -12,8 +12,13 @@ from e2e.support import CHART, OPERATOR_NS, ensure_namespace
 pytestmark = pytest.mark.k8s
 
 
-@pytest.mark.parametrize("args", [[], ["--set", "watchNamespaces={kontrast-a,kontrast-b}"]],
-                         ids=["cluster-wide", "namespaced"])
+PLATFORM = ["--set-json", 'trainer.allowedImagePrefixes=["registry.example/ml/"]',
+            "--set-json", 'trainer.enforced={"tolerations": [{"key": "d", "operator": "Exists"}], '
+                          '"nodeSelector": {"pool": "ml"}, "env": [{"name": "NCCL_IB_DISABLE", "value": "1"}]}']
+
+
+@pytest.mark.parametrize("args", [[], ["--set", "watchNamespaces={kontrast-a,kontrast-b}"], PLATFORM],
+                         ids=["cluster-wide", "namespaced", "platform-policy"])
 def test_helm_template_passes_server_side_dry_run(control_plane, helm, args):
     for ns in (OPERATOR_NS, "kontrast-a", "kontrast-b"):
         ensure_namespace(control_plane, ns)
@@ -26,4 +31,9 @@ def test_helm_template_passes_server_side_dry_run(control_plane, helm, args):
     out = proc.stdout
     assert "customresourcedefinition.apiextensions.k8s.io/trainjobs.kontrast.dev" in out
     assert "deployment.apps/kontrast-operator" in out
-    assert ("clusterrole" in out) == (not args)
+    namespaced = "watchNamespaces={kontrast-a,kontrast-b}" in args
+    assert ("clusterrole.rbac.authorization.k8s.io/kontrast-operator" in out) == (not namespaced)
+    assert "clusterrole.rbac.authorization.k8s.io/kontrast-trainjobs-edit" in out
+    assert "validatingadmissionpolicy.admissionregistration.k8s.io/kontrast-trainjob-status" in out
+    assert ("validatingadmissionpolicy.admissionregistration.k8s.io/kontrast-trainjob-platform" in out) == \
+        (args is PLATFORM)

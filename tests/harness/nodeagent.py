@@ -21,7 +21,9 @@ extend. Pod status follows the kubelet: Pending, Running, Succeeded/Failed with 
 restart counts (restartPolicy Never/OnFailure/Always). Deleting a pod SIGTERMs its processes,
 SIGKILLs them after the grace period, marks the pod Failed (no DisruptionTarget condition) and
 finishes the deletion. Not emulated: probes, resources and their limits, requests-based
-scheduling, image pulls, `kubectl logs/exec` (read logs with `agent.log()`).
+scheduling, image pulls, `kubectl logs/exec` (read logs with `agent.log()`), and securityContext:
+processes run as the agent's own user (root) whatever runAsUser/runAsNonRoot say, because the
+tests' files are the agent's; the API server's PodSecurity admission checks those settings.
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ def accumulation_ddp(world, n_global: int, k: int, kind: str):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     from kontrast.trainer.distributed import wrap_ddp
-    from kontrast.trainer.memory import contrastive_step, split_micro_batches
+    from kontrast.trainer.accumulation import contrastive_step, split_micro_batches
 
     b = n_global // world.world_size
     rows = slice(world.rank * b, (world.rank + 1) * b)

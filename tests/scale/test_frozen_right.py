@@ -7,7 +7,8 @@ from scale.helpers import tiny_clip
 
 from kontrast.trainer.locks import param_groups
 from kontrast.trainer.losses import weighted_contrastive_loss
-from kontrast.trainer.memory import contrastive_step, frozen_copy
+from kontrast.trainer.accumulation import contrastive_step
+from kontrast.trainer.fusion import frozen_copy
 
 
 def test_frozen_right_trains_queries_against_the_starting_models_documents():

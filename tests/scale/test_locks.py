@@ -8,6 +8,7 @@ from scale.helpers import tiny_clip, tiny_resnet_clip
 
 from kontrast.trainer.locks import apply_locks, param_groups
 from kontrast.trainer.losses import weighted_contrastive_loss
+from specs import params_of
 
 
 def one_step(model, image_size=16):
@@ -52,7 +53,7 @@ def test_no_lock_trains_everything():
 ])
 def test_lock_image_leaves_last_groups_trainable(groups, unlocked):
     model = tiny_clip()
-    apply_locks(model, {"lockImage": True, "lockImageUnlockedGroups": groups})
+    apply_locks(model, params_of({"lockImage": True, "lockImageUnlockedGroups": groups}))
     changed = one_step(model)
     visual_changed = {n for n in changed if is_visual(n)}
     expect = {n for n in names(model, is_visual)
@@ -73,7 +74,7 @@ def test_open_clip_builtin_text_lock_crashes_without_freezing_layer_norm():
 @pytest.mark.parametrize("layers", [0, 1, 2, 4])
 def test_lock_text_both_layer_norm_values(custom, freeze_ln, layers):
     model = tiny_clip(custom_text=custom)
-    apply_locks(model, {"lockText": True, "lockTextUnlockedLayers": layers, "lockTextFreezeLayerNorm": freeze_ln})
+    apply_locks(model, params_of({"lockText": True, "lockTextUnlockedLayers": layers, "lockTextFreezeLayerNorm": freeze_ln}))
     changed = one_step(model)
     text = names(model, lambda n: is_text(n, custom))
     prefix = "text." if custom else ""
@@ -100,14 +101,14 @@ def test_lock_text_both_layer_norm_values(custom, freeze_ln, layers):
 
 def test_lock_both_towers_trains_only_logit_scale():
     model = tiny_clip()
-    apply_locks(model, {"lockImage": True, "lockText": True, "lockTextFreezeLayerNorm": True})
+    apply_locks(model, params_of({"lockImage": True, "lockText": True, "lockTextFreezeLayerNorm": True}))
     assert one_step(model) == {"logit_scale"}
 
 
 @pytest.mark.parametrize("freeze_bn", [True, False])
 def test_lock_image_freeze_bn_stats(freeze_bn):
     model = tiny_resnet_clip()
-    apply_locks(model, {"lockImage": True, "lockImageFreezeBnStats": freeze_bn})
+    apply_locks(model, params_of({"lockImage": True, "lockImageFreezeBnStats": freeze_bn}))
     bns = [m for m in model.visual.modules() if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))]
     assert bns and all(isinstance(m, FrozenBatchNorm2d) == freeze_bn for m in bns)
     stats = {n: b.clone() for n, b in model.visual.named_buffers() if "running_mean" in n}
@@ -120,12 +121,12 @@ def test_lock_image_freeze_bn_stats(freeze_bn):
 
 def test_resnet_unlocked_groups_is_a_clear_error():
     with pytest.raises(ValueError, match="ModifiedResNet"):
-        apply_locks(tiny_resnet_clip(), {"lockImage": True, "lockImageUnlockedGroups": 1})
+        apply_locks(tiny_resnet_clip(), params_of({"lockImage": True, "lockImageUnlockedGroups": 1}))
 
 
 def test_param_groups_decay_rules_and_frozen_params_left_out():
     model = tiny_clip(init_logit_bias=-10.0)
-    apply_locks(model, {"lockImage": True, "lockImageUnlockedGroups": 1})
+    apply_locks(model, params_of({"lockImage": True, "lockImageUnlockedGroups": 1}))
     groups = param_groups(model, wd=0.2)
     by_id = {id(p): n for n, p in model.named_parameters()}
     decay = {by_id[id(p)] for g in groups if g["weight_decay"] == 0.2 for p in g["params"]}

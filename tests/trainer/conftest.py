@@ -71,6 +71,25 @@ def small_data(example_data, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def hf_model_json(tmp_path_factory) -> Path:
+    """A tiny BERT text tower (built offline) in an open_clip model config JSON."""
+    from transformers import BertConfig
+
+    folder = tmp_path_factory.mktemp("hf")
+    bert = folder / "bert"
+    BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               max_position_embeddings=32).save_pretrained(bert)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "red blue green striped mug ball lamp box".split()
+    (bert / "vocab.txt").write_text("\n".join(words) + "\n")
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"hf_model_name": "bert", "hf_tokenizer_name": "bert", "hf_proj_type": "linear",
+                        "hf_pooler_type": "mean_pooler", "context_length": 8}}
+    path = folder / "tiny-hf-bert.json"     # hf folders relative to the JSON's folder
+    path.write_text(json.dumps(cfg))
+    return path
+
+
 def trainjob(spec: dict[str, Any], name: str = "t", annotations: dict | None = None) -> dict[str, Any]:
     """A defaulted TrainJob object; fails the test if the CRD rejects it."""
     obj = {"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",

@@ -92,6 +92,9 @@ def test_terminal_reporter_shows_progress_fields():
     for part in ("epoch 2/5", "step 30/100", "30.0%", "loss 1.2346", "lr 5.00e-04", "123.4 samples/s", "ETA 1:02:05"):
         assert part in line, part
     assert format_progress(p).count("#") == 6
+    assert "grad" not in line and "data" not in line          # only when the step logged them
+    p.update(gradNorm=12.345, dataWaitSeconds=0.25, computeSeconds=0.75)
+    assert "| grad 12.3 | data 25% | 123.4 samples/s" in format_progress(p)
 
 
 def test_jsonl_reporter_appends_and_uploads_to_object_stores(tmp_path):

@@ -9,9 +9,11 @@ from types import SimpleNamespace
 import open_clip
 import pytest
 import torch
+from numeric import assert_all_rel_close
 
 from kontrast.trainer.model import MaskedMaxPooler, build_model
 from kontrast.trainer.precision import resolve_precision
+from specs import params_of
 
 
 @pytest.fixture
@@ -19,7 +21,7 @@ def build(resolve_spec, base_spec):
     def _build(**overrides):
         r = resolve_spec({**base_spec, **overrides})
         torch.manual_seed(0)
-        return build_model(r, resolve_precision(r["precision"], "cpu"))
+        return build_model(r, resolve_precision(r.params.precision, "cpu"))
     return _build
 
 
@@ -120,8 +122,7 @@ def test_grad_checkpointing_recomputes_blocks_with_equal_gradients(build):
         grads[flag] = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
         calls[flag] = n["calls"]
     assert calls == {False: 1, True: 2}   # the block's forward runs again in the backward pass
-    for k in grads[False]:
-        torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-5, atol=1e-7)
+    assert_all_rel_close(grads[True], grads[False])
 
 
 def test_precision_values():
@@ -154,24 +155,6 @@ def test_each_precision_runs_on_cpu(build, precision, weight_dtype, out_dtype):
 
 # ------------------------------------------------------------------------------------------------
 # Hugging Face text towers: poolingMethod
-
-@pytest.fixture(scope="module")
-def hf_model_json(tmp_path_factory):
-    from transformers import BertConfig
-
-    folder = tmp_path_factory.mktemp("hf")
-    bert = folder / "bert"
-    BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-               max_position_embeddings=32).save_pretrained(bert)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "red blue green striped mug ball lamp box".split()
-    (bert / "vocab.txt").write_text("\n".join(words) + "\n")
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"hf_model_name": "bert", "hf_tokenizer_name": "bert", "hf_proj_type": "linear",
-                        "hf_pooler_type": "mean_pooler", "context_length": 8}}
-    path = folder / "tiny-hf-bert.json"     # hf folders relative to the JSON's folder
-    path.write_text(json.dumps(cfg))
-    return path
-
 
 def test_pooling_method_selects_the_hf_pooler(build, hf_model_json):
     outputs = {}
@@ -217,8 +200,8 @@ def test_lock_text_on_an_hf_tower(build, hf_model_json, unlocked, freeze_ln):
     from kontrast.trainer.locks import apply_locks
 
     model = build(model=str(hf_model_json)).model
-    apply_locks(model, {"lockText": True, "lockTextUnlockedLayers": unlocked,
-                        "lockTextFreezeLayerNorm": freeze_ln})
+    apply_locks(model, params_of({"lockText": True, "lockTextUnlockedLayers": unlocked,
+                        "lockTextFreezeLayerNorm": freeze_ln}))
     bert = model.text.transformer
     for name, p in bert.embeddings.named_parameters():
         assert p.requires_grad == ("LayerNorm" in name and not freeze_ln), name
@@ -226,3 +209,87 @@ def test_lock_text_on_an_hf_tower(build, hf_model_json, unlocked, freeze_ln):
         assert p.requires_grad == (unlocked == 1 or ("LayerNorm" in name and not freeze_ln)), name
     assert all(p.requires_grad for p in model.text.proj.parameters())
     assert all(p.requires_grad for p in model.visual.parameters())
+
+
+#: A SigLIP-like tiny tower: 16 positions, no causal mask, last-token pooling, projection bias.
+SIGLIP_LIKE = {
+    "embed_dim": 16, "init_logit_bias": -10,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1,
+                 "no_causal_mask": True, "pool_type": "last", "proj_bias": True},
+}
+
+
+def test_pretrained_text_tower_is_never_resized(build, tmp_path):
+    """The default contextLength (77) on a pretrained 16-position tower: the starting model is
+    open_clip's own, token for token, and its checkpoint reloads at 16 positions."""
+    config = tmp_path / "tiny-sl-tower.json"
+    config.write_text(json.dumps(SIGLIP_LIKE))
+    open_clip.add_model_config(config)
+    torch.manual_seed(3)
+    original = open_clip.create_model("tiny-sl-tower")
+    weights = tmp_path / "pretrained.pt"
+    torch.save(original.state_dict(), weights)
+
+    b = build(model=str(config), pretrained=str(weights), weightedLoss="siglip", contextLength=77)
+    assert b.model.positional_embedding.shape[0] == 16
+    assert b.info["contextLength"] == 16 and "exceeds" in b.info["warnings"][0]
+    texts = ["red striped ceramic mug with a handle and a long title that runs past sixteen tokens", "lamp"]
+    ours = b.model.eval().encode_text(b.tokenizer(texts), normalize=True)
+    ref_model = open_clip.create_model("tiny-sl-tower", pretrained=str(weights)).eval()
+    ref = ref_model.encode_text(open_clip.get_tokenizer("tiny-sl-tower")(texts), normalize=True)
+    assert torch.linalg.vector_norm(ours - ref) / torch.linalg.vector_norm(ref) < 1e-6
+
+    saved = tmp_path / "ours.pt"
+    torch.save({"state_dict": b.model.state_dict()}, saved)
+    reloaded = open_clip.create_model("tiny-sl-tower", pretrained=str(saved)).eval()
+    assert reloaded.positional_embedding.shape[0] == 16
+    again = reloaded.encode_text(open_clip.get_tokenizer("tiny-sl-tower")(texts), normalize=True)
+    assert torch.linalg.vector_norm(again - ref) / torch.linalg.vector_norm(ref) < 1e-6
+
+
+def test_context_length_caps_the_tokens_fed_to_a_pretrained_tower(build, tmp_path):
+    config = tmp_path / "tiny-sl-tower.json"
+    config.write_text(json.dumps(SIGLIP_LIKE))
+    open_clip.add_model_config(config)
+    weights = tmp_path / "pretrained.pt"
+    torch.save(open_clip.create_model("tiny-sl-tower").state_dict(), weights)
+    b = build(model=str(config), pretrained=str(weights), contextLength=8)
+    assert b.model.positional_embedding.shape[0] == 16      # the tower keeps its 16 positions
+    tokens = _text_tokens(b, "red striped ceramic mug with a handle and a long title")
+    assert tokens.shape == (1, 16) and (tokens[0, 8:] == 0).all() and (tokens[0, :8] != 0).all()
+    assert b.info["contextLength"] == 8 and not b.info["warnings"]
+    assert b.model.encode_text(tokens).shape == (1, 16)
+
+
+def test_pretrained_url_cache_is_keyed_by_the_whole_url_and_downloaded_once(tmp_path, monkeypatch):
+    import threading
+
+    import fsspec
+
+    from kontrast.trainer import model as model_module
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket-a/model.pt", b"A" * 1000)
+    fs.pipe("/bucket-b/model.pt", b"B" * 1000)
+    opened = []
+    real_open = fsspec.open
+
+    def counting_open(url, *args, **kwargs):
+        opened.append(url)
+        return real_open(url, *args, **kwargs)
+
+    monkeypatch.setattr(fsspec, "open", counting_open)
+    cache = tmp_path / "cache"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        model_module.cached_download("memory://bucket-a/model.pt", cache))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert opened == ["memory://bucket-a/model.pt"]          # one download for four processes
+    assert len(set(results)) == 1 and results[0].read_bytes() == b"A" * 1000
+    other = model_module.cached_download("memory://bucket-b/model.pt", cache)
+    assert other != results[0] and other.read_bytes() == b"B" * 1000
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]   # no temporary file left

@@ -38,8 +38,8 @@ def start_state(resolve_spec, spec):
     from kontrast.trainer.train import seed_everything
 
     r = resolve_spec(spec)
-    seed_everything(r["seed"])
-    return build_model(r, resolve_precision(r["precision"], "cpu")).model.state_dict()
+    seed_everything(r.params.seed)
+    return build_model(r, resolve_precision(r.params.precision, "cpu")).model.state_dict()
 
 
 def delta(a, b, key):
@@ -50,7 +50,7 @@ def delta(a, b, key):
 
 def test_full_run_outputs(run_training, base_spec, h):
     summary, r = run_training({**base_spec, "epochs": 2})
-    out = Path(r.output)
+    out = Path(r.params.output)
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["eval"].keys() == {"before", "after"}
     for phase in ("before", "after"):
@@ -118,7 +118,7 @@ def test_failing_reporter_never_fails_training(run_training, quick, caplog):
             return object.__getattribute__(self, name)
 
     summary, r = run_training(quick, reporters=[Broken()])
-    assert summary["step"] == 4 and (Path(r.output) / "summary.json").exists()
+    assert summary["step"] == 4 and (Path(r.params.output) / "summary.json").exists()
     assert summary["eval"] == {}                                  # no evalData: no metrics
     assert "training continues" in caplog.text
 
@@ -178,7 +178,7 @@ def test_grad_clip_norm_limits_the_updates(run_training, resolve_spec, quick, tm
 def test_batch_size_epochs_and_save_frequency(run_training, quick, tmp_path):
     summary, r = run_training({**quick, "batchSize": 16, "epochs": 3, "saveFrequency": 2, "output": str(tmp_path / "b")})
     assert summary["totalSteps"] == 6 and summary["resolved"]["globalBatchSize"] == 16     # 32 rows / 16 x 3
-    assert sorted(p.name for p in (Path(r.output) / "checkpoints").iterdir()) == ["epoch_2.pt", "epoch_3.pt"]
+    assert sorted(p.name for p in (Path(r.params.output) / "checkpoints").iterdir()) == ["epoch_2.pt", "epoch_3.pt"]
     assert [c["step"] for c in summary["checkpoints"]] == [4, 6]
 
 
@@ -218,15 +218,15 @@ def test_precision_amp_on_cpu_uses_bf16_autocast(run_training, quick, tmp_path, 
 def test_scale_parameters_reach_the_loss_and_model(run_training, resolve_spec, quick, tmp_path, monkeypatch, caplog):
     caplog.set_level("INFO", logger="kontrast")
     calls = []
-    import kontrast.trainer.memory as memory
+    import kontrast.trainer.accumulation as accumulation
 
-    real = memory.weighted_contrastive_loss
+    real = accumulation.weighted_contrastive_loss
 
     def recording(left, right, weights, *args, **kwargs):
         calls.append((left.shape[0], kwargs["local_loss"], kwargs["left_ids"] is not None))
         return real(left, right, weights, *args, **kwargs)
 
-    monkeypatch.setattr(memory, "weighted_contrastive_loss", recording)
+    monkeypatch.setattr(accumulation, "weighted_contrastive_loss", recording)
     summary, _ = run_training({**quick, "accumFreq": 2, "localLoss": True, "output": str(tmp_path / "acc")})
     assert (summary["resolved"]["accumSteps"], summary["resolved"]["globalBatchSize"], summary["totalSteps"]) == (2, 16, 2)
     assert calls == [(16, True, True)] * 4                       # 2 steps x 2 micro-steps, each on the 16-row batch

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from kontrast.trainer.schedule import Schedule, make_schedule
+from specs import params_of
 
 
 def test_cosine_with_warmup():
@@ -42,8 +43,8 @@ def test_warmup_longer_than_run_warns_with_real_peak():
 
 
 def test_make_schedule_counts_epochs_and_cooldown_epochs():
-    spec = {"epochs": 5, "lrScheduler": "const-cooldown", "epochsCooldown": 2, "lr": 0.1, "warmup": 3,
-            "lrCooldownPower": 1.0, "skipScheduler": False}
-    s = make_schedule(spec, steps_per_epoch=10)
+    params = params_of({"epochs": 5, "lrScheduler": "const-cooldown", "epochsCooldown": 2, "lr": 0.1,
+                        "warmup": 3})
+    s = make_schedule(params, steps_per_epoch=10)
     assert (s.total_steps, s.cooldown_steps, s.warmup) == (50, 20, 3)
     assert s.lr(29) == 0.1 and s.lr(30) == 0.1 and s.lr(40) == pytest.approx(0.05)

@@ -4,7 +4,9 @@
 One job per module:
 
 spec        TrainJob -> resolved values (model-dependent beta2/eps, paths, pvc:// URIs)
-data        CSV/TSV parsing and validation, per-row field weights, ids, the Dataset
+table       CSV/TSV/Parquet read by pyarrow, vectorised checks, ids, the node-shared mapped table
+images      image fetching with retries, the node-local image cache, the prefetch, the bad-image policy
+data        loading (table + prefetch + policy), the Dataset, uint8 transforms, the DataLoader
 model       open_clip model/transforms/tokenizer, poolingMethod (a correct max pooler), logit init
 fusion      multi-field embeddings (normalise, weighted sum, normalise) as one DDP module
 train       the loop: resume, evaluate, epochs, checkpoints, summary

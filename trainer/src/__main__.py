@@ -23,7 +23,8 @@ from typing import Optional, Sequence
 from kontrast.contract import EXIT_PERMANENT, JOB_NAME_ENV, TERMINATION_LOG_ENV
 
 from .errors import PermanentError, SpecError
-from .spec import GENERATE_EXAMPLE_DATA, Resolved, has_scheme
+from .locations import has_scheme
+from .spec import GENERATE_EXAMPLE_DATA, Resolved
 
 log = logging.getLogger("kontrast.trainer")
 
@@ -49,14 +50,15 @@ def ensure_example_data(resolved: Resolved) -> None:
     """Generate the example data set when the TrainJob asks for it and it is missing."""
     if str(resolved.annotations.get(GENERATE_EXAMPLE_DATA, "")).lower() != "true":
         return
-    if has_scheme(resolved.train_data) or Path(resolved.train_data).exists():
+    params = resolved.params
+    if has_scheme(params.train_data) or Path(params.train_data).exists():
         return
     from .exampledata import generate
 
-    folder = Path(resolved.train_data).parent
+    folder = Path(params.train_data).parent
     log.info("generating the example data set into %s (annotation %s)", folder, GENERATE_EXAMPLE_DATA)
     generate(folder)
-    for key, location in (("trainData", resolved.train_data), ("evalData", resolved.eval_data)):
+    for key, location in (("trainData", params.train_data), ("evalData", params.eval_data)):
         if location and not has_scheme(location) and not Path(location).exists():
             raise SpecError(key, f"{location} does not exist; the example generator writes train.csv and "
                                  f"eval.csv into {folder}")
@@ -98,13 +100,12 @@ def _reporters(resolved: Resolved, progress: bool):
 
 
 def _check(resolved: Resolved, device: Optional[str]) -> None:
-    from .distributed import World
-    from .train import load_data
+    from .data import load_data
 
-    world = World()
-    load_data(resolved.train_data, resolved.spec, world, require_positive_weight=True)
-    if resolved.eval_data:
-        load_data(resolved.eval_data, resolved.spec, world, require_positive_weight=False)
+    params = resolved.params
+    load_data(params.train_data, params, require_positive_weight=True, progress=True)
+    if params.eval_data:
+        load_data(params.eval_data, params, require_positive_weight=False, progress=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,97 +1,112 @@
-"""Retrieval evaluation on ``evalData``: nDCG@10, MRR@10, Recall@10 and mAP.
+"""Retrieval evaluation: every distinct query ranks every distinct document by exact search.
 
-Each distinct query (the left fields of a row) ranks every distinct document (the right
-fields) of the eval file by cosine similarity of the fused embeddings. A (query, document)
-pair's graded relevance is the weight of its row (the highest, if the pair appears twice);
-pairs that never appear are irrelevant (0). Queries without any relevant document are
-left out of the means.
+The eval set (``build_eval_set``): queries and documents are deduplicated by identity (the
+data's query and document ids), so an identical twin of a relevant document is the same
+document and cannot tie with it. A (query, document) pair's grade comes from its row weight
+(the highest, if the pair appears twice; see ``metrics`` for the gain mapping); every other
+pair is irrelevant. Relevance is held sparsely (one entry per eval row).
 
-Definitions (k = 10), per query, then averaged over queries:
+Evaluating a model (``evaluate``): every rank encodes its slice of the queries and of the
+documents; the query embeddings are all-gathered, each rank finds the top k of every query
+among its own documents by blocks (``topk.sharded_topk``), and the [queries, k] lists are
+merged. Memory per rank: its document embeddings, the query embeddings and O(queries x k);
+time: the encoding plus the matmuls, split over the ranks. No rank waits idle in a barrier
+while another evaluates, so an evaluation never runs into the process-group timeout alone.
 
-* nDCG@k = DCG@k / IDCG@k with DCG@k = sum_{i<k} rel_i / log2(i + 2) (linear gains, as
-  trec_eval and GCL's evaluation), IDCG@k the DCG of the ideal order.
-* MRR@k = 1 / rank of the first relevant document if it is in the top k, else 0.
-* Recall@k = relevant documents in the top k / all relevant documents.
-* mAP = mean over the relevant documents of precision at each one's rank (full ranking).
-
-Relevant means relevance > 0. Ties in score keep document order (a stable sort), so results
-are deterministic.
+The result (``EvalResult``) carries the metrics and, for galleries and error analysis, each
+query's top k documents and scores (indices into ``EvalSet.doc_rows``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .data import Examples, PairDataset, SideDataset, collate
+from .metrics import DEEP_K, METRIC_KEYS, Qrels, grades_for, make_qrels, ranking_metrics
+from .topk import sharded_topk
 
-K = 10
-METRIC_KEYS = (f"ndcg@{K}", f"mrr@{K}", f"recall@{K}", "map")
-
-
-def ranking_metrics(scores: np.ndarray, relevance: np.ndarray, k: int = K) -> dict[str, float]:
-    """Mean metrics for a [queries, documents] score matrix and graded relevance matrix."""
-    scores = np.asarray(scores, dtype=np.float64)
-    relevance = np.asarray(relevance, dtype=np.float64)
-    if scores.shape != relevance.shape:
-        raise ValueError(f"scores {scores.shape} and relevance {relevance.shape} differ in shape")
-    discounts = 1.0 / np.log2(np.arange(2, scores.shape[1] + 2))
-    sums = {key: 0.0 for key in METRIC_KEYS}
-    counted = 0
-    for s, rel in zip(scores, relevance):
-        relevant = rel > 0
-        n_rel = int(relevant.sum())
-        if n_rel == 0:
-            continue
-        counted += 1
-        order = np.argsort(-s, kind="stable")
-        ranked = rel[order]
-        hits = ranked > 0
-        dcg = float((ranked[:k] * discounts[:k]).sum())
-        ideal = np.sort(rel)[::-1][:k]
-        idcg = float((ideal * discounts[: len(ideal)]).sum())
-        sums[f"ndcg@{k}"] += dcg / idcg
-        first = int(np.argmax(hits))
-        sums[f"mrr@{k}"] += 1.0 / (first + 1) if first < k else 0.0
-        sums[f"recall@{k}"] += float(hits[:k].sum()) / n_rel
-        positions = np.flatnonzero(hits)
-        sums["map"] += float(np.mean(np.arange(1, n_rel + 1) / (positions + 1)))
-    if counted == 0:
-        raise ValueError("no query has a relevant document (every eval weight is 0)")
-    out = {key: value / counted for key, value in sums.items()}
-    out["queries"] = counted
-    return out
+__all__ = ["EvalSet", "EvalResult", "build_eval_set", "embed", "evaluate", "METRIC_KEYS"]
 
 
 @dataclass
 class EvalSet:
-    query_rows: list[int]      #: a representative row of each distinct query
-    doc_rows: list[int]        #: a representative row of each distinct document
-    relevance: np.ndarray      #: [queries, documents]
+    query_rows: np.ndarray     #: [Q] a representative eval row of each distinct query
+    doc_rows: np.ndarray       #: [D] a representative eval row of each distinct document
+    qrels: Qrels               #: graded relevance of (query index, document index) pairs
 
 
-def build_eval_set(examples: Examples) -> EvalSet:
-    q_of, d_of = {}, {}
-    q_rows, d_rows = [], []
-    for row, (lid, rid) in enumerate(zip(examples.left_ids.tolist(), examples.right_ids.tolist())):
-        if lid not in q_of:
-            q_of[lid] = len(q_rows)
-            q_rows.append(row)
-        if rid not in d_of:
-            d_of[rid] = len(d_rows)
-            d_rows.append(row)
-    rel = np.zeros((len(q_rows), len(d_rows)), dtype=np.float64)
-    for lid, rid, w in zip(examples.left_ids.tolist(), examples.right_ids.tolist(), examples.weights.tolist()):
-        q, d = q_of[lid], d_of[rid]
-        rel[q, d] = max(rel[q, d], w)
-    return EvalSet(q_rows, d_rows, rel)
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    top_docs: np.ndarray       #: [Q, k] document indices (into EvalSet.doc_rows), best first; -1 pads
+    top_scores: np.ndarray     #: [Q, k] their cosine similarities
+
+    def save(self, path: str, eval_set: EvalSet) -> None:
+        """Write the top-k lists with the eval rows they refer to (numpy .npz)."""
+        with open(path, "wb") as f:
+            np.savez(f, top_docs=self.top_docs, top_scores=self.top_scores, query_rows=eval_set.query_rows,
+                     doc_rows=eval_set.doc_rows)
+
+
+def _first_rows(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first row of each distinct id, in order of first appearance; each row's index into it)."""
+    uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return first[order], rank[inverse.reshape(-1)]
+
+
+def build_eval_set(examples: Examples, grades: str = "weight") -> EvalSet:
+    """Distinct queries and documents of an eval file and their sparse graded relevance."""
+    query_rows, q_of_row = _first_rows(np.asarray(examples.left_ids))
+    doc_rows, d_of_row = _first_rows(np.asarray(examples.right_ids))
+    qrels = make_qrels(q_of_row, d_of_row, grades_for(examples.weights, grades), len(query_rows), len(doc_rows))
+    return EvalSet(query_rows, doc_rows, qrels)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _slice(n: int, world: int, rank: int) -> slice:
+    per = -(-n // world)
+    return slice(min(n, rank * per), min(n, (rank + 1) * per))
+
+
+def _gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """All ranks' contiguous slices (``_slice``) of an n-row tensor, concatenated in rank order."""
+    world, _ = _world()
+    if world == 1:
+        return x
+    per = -(-n // world)
+    padded = torch.cat([x, x.new_zeros((per - x.shape[0],) + tuple(x.shape[1:]))])
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat(out)[:n]
+
+
+def _common_width(x: torch.Tensor) -> torch.Tensor:
+    """Give an empty slice (a rank with no rows) the embedding width of the others."""
+    world, _ = _world()
+    if world == 1:
+        return x
+    width = torch.tensor([x.shape[1]], device=x.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    return x if x.shape[1] == width.item() else x.new_zeros((0, int(width.item())))
 
 
 @torch.no_grad()
 def embed(fused, pairs: PairDataset, rows, side: str, *, batch_size: int, device, precision,
           workers: int = 0) -> torch.Tensor:
+    """[len(rows), d] float32 embeddings of one side of the given rows, on ``device``."""
     loader = torch.utils.data.DataLoader(SideDataset(pairs, rows, side), batch_size=batch_size,
                                          shuffle=False, num_workers=workers, collate_fn=collate)
     out = []
@@ -102,20 +117,31 @@ def embed(fused, pairs: PairDataset, rows, side: str, *, batch_size: int, device
                 e = fused.encode_left(batch["left_tokens"], batch["left_weights"])
             else:
                 e = fused.encode_right(batch["image"], batch["right_tokens"], batch["right_weights"])
-        out.append(e.float().cpu())
-    return torch.cat(out)
+        out.append(e.float())
+    return torch.cat(out) if out else torch.empty((0, 0), device=device)
 
 
 def evaluate(fused, pairs: PairDataset, eval_set: EvalSet, *, batch_size: int, device, precision,
-             workers: int = 0) -> dict[str, float]:
-    """Metrics of ``fused`` (a FusedModel) on an eval set; restores the train/eval mode."""
+             workers: int = 0, k: int = DEEP_K, docs: Optional[PairDataset] = None) -> EvalResult:
+    """Metrics and top-k lists of ``fused`` (a FusedModel) on an eval set, on every rank.
+
+    Collective: with several processes every rank must call it. ``docs`` holds the documents'
+    rows when they come from another table (a corpus); by default they are rows of ``pairs``.
+    Restores the model's train/eval mode.
+    """
+    world, rank = _world()
+    n_q, n_d = len(eval_set.query_rows), len(eval_set.doc_rows)
+    mine_q, mine_d = _slice(n_q, world, rank), _slice(n_d, world, rank)
     was_training = fused.training
     fused.eval()
     try:
-        q = embed(fused, pairs, eval_set.query_rows, "left", batch_size=batch_size, device=device,
-                  precision=precision, workers=workers)
-        d = embed(fused, pairs, eval_set.doc_rows, "right", batch_size=batch_size, device=device,
-                  precision=precision, workers=workers)
+        kw = dict(batch_size=batch_size, device=device, precision=precision, workers=workers)
+        q = embed(fused, pairs, eval_set.query_rows[mine_q].tolist(), "left", **kw)
+        d = embed(fused, docs or pairs, eval_set.doc_rows[mine_d].tolist(), "right", **kw)
     finally:
         fused.train(was_training)
-    return ranking_metrics((q @ d.T).numpy(), eval_set.relevance)
+    q, d = _common_width(q), _common_width(d)
+    q = _gather_rows(q, n_q)
+    scores, top = sharded_topk(q, d, k, offset=mine_d.start)
+    top_docs, top_scores = top.cpu().numpy(), scores.cpu().numpy()
+    return EvalResult(ranking_metrics(top_docs, eval_set.qrels), top_docs, top_scores)

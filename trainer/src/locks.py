@@ -20,10 +20,13 @@ and weight decay cannot move them.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from .distributed import unwrap as _unwrap
+from .params import Params
 
 __all__ = ["apply_locks", "param_groups", "make_adamw", "lock_builtin_text_tower", "NORM_TYPES"]
 
@@ -33,12 +36,6 @@ NORM_TYPES: tuple[type, ...] = (
     nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
     nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 def _text_root(model: nn.Module) -> nn.Module:
@@ -127,20 +124,17 @@ def lock_hf_text_tower(text: nn.Module, unlocked_layers: int, freeze_layer_norm:
             p.requires_grad = (not freeze_layer_norm) if "LayerNorm" in n.split(".") else False
 
 
-def apply_locks(model: nn.Module, spec: Mapping[str, Any]) -> None:
-    """Apply lockImage* and lockText* of a TrainJob spec to ``model`` (before the optimizer)."""
+def apply_locks(model: nn.Module, params: Params) -> None:
+    """Apply the lockImage* and lockText* parameters to ``model`` (before the optimizer)."""
     m = _unwrap(model)
-    if spec.get("lockImage", False):
-        groups = int(spec.get("lockImageUnlockedGroups", 0) or 0)
-        freeze_bn = bool(spec.get("lockImageFreezeBnStats", False))
-        visual_type = type(m.visual).__name__
-        if visual_type == "ModifiedResNet" and groups:
+    if params.lock_image:
+        groups = params.lock_image_unlocked_groups
+        if type(m.visual).__name__ == "ModifiedResNet" and groups:
             raise ValueError("lockImageUnlockedGroups must be 0 for a ModifiedResNet image tower "
                              "(open_clip can only lock it whole)")
-        m.lock_image_tower(unlocked_groups=groups, freeze_bn_stats=freeze_bn)
-    if spec.get("lockText", False):
-        layers = int(spec.get("lockTextUnlockedLayers", 0) or 0)
-        freeze_ln = bool(spec.get("lockTextFreezeLayerNorm", False))
+        m.lock_image_tower(unlocked_groups=groups, freeze_bn_stats=params.lock_image_freeze_bn_stats)
+    if params.lock_text:
+        layers, freeze_ln = params.lock_text_unlocked_layers, params.lock_text_freeze_layer_norm
         text = _text_root(m)
         if text is not m and _is_hf_text(text):
             lock_hf_text_tower(text, layers, freeze_ln)

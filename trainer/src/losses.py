@@ -19,23 +19,33 @@ Conventions (the caller relies on them):
 * Numerics: the logits and the loss are computed in float32 with autocast off (they are a
   tiny share of the FLOPs and bf16 logits lose ranking precision).
 
+Graded multi-positive targets. Graded-relevance data has several documents per query, so a
+random batch often holds the same query twice, or a document relevant to another row's query.
+Every pair (query i, document j) whose relevance is known from the batch's own rows (some
+row pairs query i's identity with document j's identity) is a positive with that row's weight
+(the highest, if several rows give it); every other pair is a negative. Identities are
+``left_ids`` / ``right_ids`` (absent: every row is its own query / document).
+
 Kinds:
 
-* ``ce``: symmetric InfoNCE. Each row's left->right and right->left cross-entropy terms are
-  multiplied by the row weight, reduced as 1/2 (sum w_i CE_i + sum w_i CE'_i) / sum w_i.
-  Equal weights give exactly ``open_clip.loss.ClipLoss``; a row of weight 0 adds no term
-  but still serves as a negative for the others. All-zero weights give loss 0.
-* ``siglip``: sigmoid loss over all pairs. Positive (diagonal) terms are weighted by
-  w_i / mean(w), negatives by 1, and the sum is divided by the global batch size, as in
-  ``open_clip.loss.SigLipLoss``; equal weights give exactly SigLipLoss.
-
-Duplicates (``left_ids`` / ``right_ids``): graded-relevance data has many documents per
-query, so a random batch often holds the same query text (or the same document) twice.
-Treating the duplicate's partner as a negative punishes the model for ranking a relevant
-document high, which is what makes GCL-style losses plateau. When ids are given, a pair
-(i, j != i) whose left ids are equal, or whose right ids are equal, is removed from the
-negatives of both directions (CE: logit -> -inf; siglip: the term is dropped). The
-positive pair (i, i) is always kept, so every row keeps a target.
+* ``ce``: symmetric soft-target InfoNCE. Row i's left->right term is the cross-entropy of its
+  logits against targets proportional to the relevance of its query to each column's
+  document (split evenly over columns holding the same document, whose logits are equal), and
+  likewise right->left. Each row's two terms are multiplied by the row weight, reduced as
+  1/2 (sum w_i CE_i + sum w_i CE'_i) / sum w_i. With one document per query the targets are
+  one-hot and this is open_clip's ClipLoss with weighted rows; equal weights give exactly
+  ``open_clip.loss.ClipLoss``. Targets in proportion to the grades make the optimum rank a
+  grade-3 document above a grade-1 one for the same query; masking the other document out
+  (the previous behaviour) left their order free. A row of weight 0 adds no term but still
+  serves as a negative for the others. All-zero weights give loss 0.
+* ``siglip``: sigmoid (binary cross-entropy) loss over all pairs. A known pair is a positive
+  weighted by relevance / mean(w), with the graded label relevance / (the best relevance of
+  its query in the batch): 1 for the best document, 2/3 for a grade 2 beside a grade 3. The
+  optimal sigmoid equals the label, so grades stay ordered (hard +1 labels would push every
+  relevant document to the same saturated score). Other pairs are negatives (label 0,
+  weight 1), and the sum is divided by the global batch size, as in
+  ``open_clip.loss.SigLipLoss``; one document per query and equal weights give exactly
+  SigLipLoss.
 """
 
 from __future__ import annotations
@@ -127,19 +137,43 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return _ScaleGrad.apply(x, factor)
 
 
-def _negatives_mask(row_lid, row_rid, col_lid, col_rid, row_offset: int, device):
-    """True where pair (row, col) is a duplicate (same left or right id) but not the positive."""
-    mask = None
-    if row_lid is not None:
-        mask = row_lid[:, None] == col_lid[None, :]
-    if row_rid is not None:
-        same = row_rid[:, None] == col_rid[None, :]
-        mask = same if mask is None else (mask | same)
-    if mask is None:
-        return None
-    rows = torch.arange(mask.shape[0], device=device)
-    mask[rows, rows + row_offset] = False
-    return mask
+def _compact(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Ids renumbered 0..u-1 (same order of identity), and u."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    return inverse, uniq.numel()
+
+
+class _PairRelevance:
+    """Relevance of (query identity, document identity) pairs known from the batch's rows.
+
+    Held as sorted unique pair keys and their (max) weight, so a lookup for a [rows, n] block
+    costs O(rows x n) memory, like the logits themselves.
+    """
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, w: torch.Tensor):
+        self.q, n_q = _compact(q)
+        self.d, self.n_d = _compact(d)
+        keys, inverse = torch.unique(self.q * self.n_d + self.d, return_inverse=True)
+        self.keys = keys
+        self.rel = torch.zeros(keys.numel(), dtype=w.dtype, device=w.device).scatter_reduce(
+            0, inverse, w, reduce="amax", include_self=False)
+        self.q_count = torch.bincount(self.q, minlength=n_q)[self.q]
+        self.d_count = torch.bincount(self.d, minlength=self.n_d)[self.d]
+
+    def lookup(self, q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(known, relevance) of every pair q[:, None] x d[None, :] (broadcast shapes)."""
+        keys = q * self.n_d + d
+        pos = torch.searchsorted(self.keys, keys.reshape(-1)).reshape(keys.shape).clamp_max(self.keys.numel() - 1)
+        known = self.keys[pos] == keys
+        return known, torch.where(known, self.rel[pos], torch.zeros((), dtype=self.rel.dtype, device=keys.device))
+
+
+def _soft_ce(logits: torch.Tensor, relevance: torch.Tensor, multiplicity: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy against targets proportional to relevance / column multiplicity."""
+    t = relevance / multiplicity[None, :]
+    total = t.sum(dim=1, keepdim=True)
+    t = torch.where(total > 0, t / total.clamp_min(torch.finfo(t.dtype).tiny), t * 0)
+    return -(t * F.log_softmax(logits, dim=1)).sum(dim=1)
 
 
 def weighted_contrastive_loss(
@@ -157,8 +191,8 @@ def weighted_contrastive_loss(
 
     left, right: [b, d] L2-normalised embeddings of this process's (micro-)batch; weights:
     [b] non-negative row weights; logit_scale: already exponentiated; logit_bias: raw or
-    None (siglip treats None as 0); left_ids / right_ids: [b] int64 ids for the duplicate
-    mask (see the module docstring). Returns a scalar: the full-batch loss.
+    None (siglip treats None as 0); left_ids / right_ids: [b] int64 query / document
+    identities for the graded targets (see the module docstring). Returns a scalar: the full-batch loss.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
@@ -195,17 +229,17 @@ def weighted_contrastive_loss(
         else:
             all_left, all_right, all_w, all_lid, all_rid = left, right, weights, lid, rid
         n = all_left.shape[0]
+        index = torch.arange(n, device=device)
+        pairs = _PairRelevance(index if all_lid is None else all_lid, index if all_rid is None else all_rid, all_w)
 
         split = local_loss and world > 1
-        if split:
-            offset = rank * b
-            q, d, w, q_lid, q_rid = left, right, weights, lid, rid
-        else:
-            offset = 0
-            q, d, w, q_lid, q_rid = all_left, all_right, all_w, all_lid, all_rid
+        offset = rank * b if split else 0
+        q, d, w = (left, right, weights) if split else (all_left, all_right, all_w)
         rows = q.shape[0]
-        labels = torch.arange(rows, device=device) + offset
-        mask = _negatives_mask(q_lid, q_rid, all_lid, all_rid, offset, device)
+        mine = slice(offset, offset + rows)
+        # Relevance of each row's query to each column's document (and of each row's
+        # document to each column's query, for the right->left direction).
+        known_lr, rel_lr = pairs.lookup(pairs.q[mine, None], pairs.d[None, :])
 
         # Rows are this process's (or all) queries/documents, columns the global batch.
         logits_lr = scale * (q @ all_right.T)
@@ -216,25 +250,23 @@ def weighted_contrastive_loss(
             logits_rl = scale * (d @ all_left.T)
             if bias is not None:
                 logits_rl = logits_rl + bias
-            if mask is not None:
-                logits_lr = logits_lr.masked_fill(mask, float("-inf"))
-                logits_rl = logits_rl.masked_fill(mask, float("-inf"))
-            ce_lr = F.cross_entropy(logits_lr, labels, reduction="none")
-            ce_rl = F.cross_entropy(logits_rl, labels, reduction="none")
+            _, rel_rl = pairs.lookup(pairs.q[None, :], pairs.d[mine, None])
+            ce_lr = _soft_ce(logits_lr, rel_lr, pairs.d_count.to(rel_lr.dtype))
+            ce_rl = _soft_ce(logits_rl, rel_rl, pairs.q_count.to(rel_rl.dtype))
             total_w = all_w.sum()
             part = 0.5 * ((w * ce_lr).sum() + (w * ce_rl).sum())
             part = torch.where(total_w > 0, part / total_w.clamp_min(torch.finfo(torch.float32).tiny), part * 0)
         else:
             # Only one direction: the N x N sigmoid terms are symmetric in left and right.
-            signs = -torch.ones_like(logits_lr)
-            signs[torch.arange(rows, device=device), labels] = 1.0
-            terms = F.logsigmoid(signs * logits_lr)
+            # Label of a known pair: its relevance over the best of its query in the batch
+            # (1 for the best; the optimum sigmoid equals the label, so grades stay ordered).
+            best = rel_lr.amax(dim=1, keepdim=True)
+            label = torch.where(known_lr & (best > 0), rel_lr / best.clamp_min(torch.finfo(torch.float32).tiny),
+                                torch.zeros_like(rel_lr))
+            terms = label * F.logsigmoid(logits_lr) + (1 - label) * F.logsigmoid(-logits_lr)
             mean_w = all_w.mean()
-            pos_w = torch.where(mean_w > 0, w / mean_w.clamp_min(torch.finfo(torch.float32).tiny), w * 0)
-            m = torch.ones_like(terms)
-            if mask is not None:
-                m = m.masked_fill(mask, 0.0)
-            m[torch.arange(rows, device=device), labels] = pos_w
+            pos_w = torch.where(mean_w > 0, rel_lr / mean_w.clamp_min(torch.finfo(torch.float32).tiny), rel_lr * 0)
+            m = torch.where(known_lr, pos_w, torch.ones_like(pos_w))
             part = -(m * terms).sum() / n
 
         if not split:

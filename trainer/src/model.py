@@ -25,10 +25,12 @@ Everything goes through open_clip's own factory (``create_model_and_transforms``
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -40,7 +42,8 @@ from torch import nn
 
 from .errors import SpecError
 from .precision import Precision
-from .spec import Resolved, has_scheme
+from .locations import has_scheme
+from .spec import Resolved
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +150,7 @@ def model_name(resolved: Resolved) -> str:
     """The open_clip name of the TrainJob's architecture (registering a JSON config)."""
     if resolved.model_config:
         return register_model_config(resolved.model_config)
-    return resolved.model
+    return resolved.params.model
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,31 +158,54 @@ def model_name(resolved: Resolved) -> str:
 
 def _checkpoint_file(name: str, resolved: Resolved) -> Optional[str]:
     """A local file holding the pretrained weights (downloads a tag only if open_clip would)."""
-    if not resolved.pretrained:
+    params = resolved.params
+    if not params.pretrained:
         return None
-    if resolved.pretrained_is_tag:
-        cfg = open_clip.get_pretrained_cfg(name, resolved.pretrained)
+    if params.pretrained_is_tag:
+        cfg = open_clip.get_pretrained_cfg(name, params.pretrained)
         return open_clip.download_pretrained(cfg) if cfg else None
-    return resolved.pretrained
+    return params.pretrained
 
 
 def _local_pretrained(resolved: Resolved) -> Optional[str]:
     """open_clip reads ``pretrained`` files with os.path.isfile: copy URLs to a local cache."""
-    p = resolved.pretrained
-    if not p or resolved.pretrained_is_tag or not has_scheme(p):
+    p = resolved.params.pretrained
+    if not p or resolved.params.pretrained_is_tag or not has_scheme(p):
         return p
+    return str(cached_download(p, Path(tempfile.gettempdir()) / "kontrast-pretrained"))
+
+
+def cache_name(url: str) -> str:
+    """A cache file name unique to the whole URL (s3://a/model.pt and s3://b/model.pt differ)."""
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    return f"{digest}-{PurePosixPath(url.split('://', 1)[-1]).name or 'model'}"
+
+
+def cached_download(url: str, cache: Path) -> Path:
+    """The file at ``url``, downloaded once per machine into ``cache``.
+
+    The processes of a node share the cache: an exclusive lock on a per-URL lock file lets
+    one of them download while the others wait and then find the file. The download goes to
+    a private temporary file that is renamed into place, so no reader sees half a file.
+    """
+    import fcntl
+
     import fsspec
 
-    cache = Path(tempfile.gettempdir()) / "kontrast-pretrained"
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / PurePosixPath(p.split("://", 1)[1]).name
-    if not target.exists():
-        tmp = target.with_suffix(target.suffix + ".part")
-        with fsspec.open(p, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 24):
-                dst.write(chunk)
-        os.replace(tmp, target)
-    return str(target)
+    target = cache / cache_name(url)
+    with open(cache / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{target.name}.")
+            try:
+                with fsspec.open(url, "rb") as src, os.fdopen(fd, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    return target
 
 
 def _checkpoint_has(path: Optional[str], key: str) -> bool:
@@ -200,14 +226,49 @@ def _checkpoint_has(path: Optional[str], key: str) -> bool:
 
 # --------------------------------------------------------------------------------------------
 
+class CappedTokenizer:
+    """Keeps at most ``cap`` tokens of each text and pads them to the tower's full width.
+
+    open_clip's CLIP text tower adds its whole positional embedding, so every token tensor
+    must have the native width; the tokens past ``cap`` are padding, exactly what open_clip
+    feeds for a text that short.
+    """
+
+    def __init__(self, native: Any, cap: int):
+        self.native, self.cap = native, cap
+        self.context_length = native.context_length
+        inner = getattr(native, "tokenizer", None)
+        self.pad_id = int(getattr(inner, "pad_token_id", None) or 0)
+
+    def __call__(self, texts, context_length: Optional[int] = None) -> torch.Tensor:
+        tokens = self.native(texts, context_length=self.cap)
+        pad = self.context_length - tokens.shape[1]
+        return torch.nn.functional.pad(tokens, (0, pad), value=self.pad_id)
+
+
+def fed_context_length(asked: int, native: int, pretrained: bool) -> tuple[int, Optional[str]]:
+    """Tokens fed to the text tower, and a warning when ``contextLength`` asks for more than a
+    pretrained tower has positions for.
+
+    A pretrained tower keeps its positional embedding as trained (resizing it would
+    interpolate the embedding and change the starting model), so ``contextLength`` only caps
+    the tokens fed to it. A randomly initialised model is built with ``contextLength``
+    positions, so there the two are equal.
+    """
+    if not pretrained or asked <= native:
+        return asked, None
+    return native, (f"contextLength={asked} exceeds the pretrained text tower's {native} positions; "
+                    f"feeding at most {native} tokens (the tower is never resized)")
+
+
 def build_model(resolved: Resolved, precision: Precision, device: torch.device | str = "cpu") -> ModelBundle:
     """open_clip model + transforms + tokenizer for a resolved TrainJob.
 
     Call after seeding: with random initialisation the weights come from the global RNG.
     """
-    spec = resolved.spec
+    params = resolved.params
     name = model_name(resolved)
-    siglip = spec["weightedLoss"] == "siglip"
+    siglip = params.weighted_loss == "siglip"
     cfg = open_clip.factory.get_model_config(name)
     if cfg is None and name not in open_clip.list_models():
         raise SpecError("model", f"unknown open_clip architecture {name!r}; give a built-in name "
@@ -215,22 +276,23 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
     hf_text = bool(cfg and cfg.get("text_cfg", {}).get("hf_model_name"))
 
     kwargs: dict[str, Any] = {}
-    if spec.get("logitScale") is not None:
-        kwargs["init_logit_scale"] = math.log(spec["logitScale"])
+    if params.logit_scale is not None:
+        kwargs["init_logit_scale"] = math.log(params.logit_scale)
     elif siglip:
         kwargs["init_logit_scale"] = math.log(SIGLIP_INIT_SCALE)
-    if spec.get("logitBias") is not None:
-        kwargs["init_logit_bias"] = float(spec["logitBias"])
+    if params.logit_bias is not None:
+        kwargs["init_logit_bias"] = float(params.logit_bias)
     elif siglip:
         kwargs["init_logit_bias"] = SIGLIP_INIT_BIAS
 
-    pooling = spec.get("poolingMethod")
+    pooling = params.pooling_method
     if pooling and not hf_text:
         log.warning("poolingMethod=%s is ignored: %s has a built-in text tower (poolingMethod applies to "
                     "Hugging Face text towers)", pooling, name)
     if pooling and hf_text:
         text_cfg = copy.deepcopy(cfg["text_cfg"])
-        text_cfg["context_length"] = spec["contextLength"]
+        if not params.pretrained:
+            text_cfg["context_length"] = params.context_length
         text_cfg["hf_model_pretrained"] = False
         # open_clip's max_pooler is broken; build with the mean pooler and swap ours in below.
         text_cfg["hf_pooler_type"] = "mean_pooler" if pooling == "max" else POOLERS[pooling]
@@ -243,12 +305,12 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
             pretrained=pretrained,
             precision=precision.model_precision,
             device=device,
-            force_quick_gelu=spec["forceQuickGELU"],
-            force_custom_text=spec["forceCustomText"],
-            force_patch_dropout=spec.get("forcePatchDropout"),
-            force_context_length=spec["contextLength"],
-            image_mean=tuple(spec["imageMean"]) if spec.get("imageMean") else None,
-            image_std=tuple(spec["imageStd"]) if spec.get("imageStd") else None,
+            force_quick_gelu=params.force_quick_gelu,
+            force_custom_text=params.force_custom_text,
+            force_patch_dropout=params.force_patch_dropout,
+            force_context_length=None if params.pretrained else params.context_length,
+            image_mean=params.image_mean,
+            image_std=params.image_std,
             pretrained_text=False,
             output_dict=True,
             **kwargs,
@@ -264,26 +326,32 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
             text.pooler = MaskedMaxPooler()
 
     with torch.no_grad():
-        if resolved.pretrained:
-            if spec.get("logitScale") is not None:
-                model.logit_scale.fill_(math.log(spec["logitScale"]))
+        if params.pretrained:
+            if params.logit_scale is not None:
+                model.logit_scale.fill_(math.log(params.logit_scale))
             if model.logit_bias is not None:
-                if spec.get("logitBias") is not None:
-                    model.logit_bias.fill_(float(spec["logitBias"]))
+                if params.logit_bias is not None:
+                    model.logit_bias.fill_(float(params.logit_bias))
                 elif siglip and not _checkpoint_has(_checkpoint_file(name, resolved), "logit_bias"):
                     # open_clip inserts 0 for a checkpoint without a bias (its issue #712).
                     model.logit_bias.fill_(SIGLIP_INIT_BIAS)
     if not siglip and model.logit_bias is not None:
-        if spec.get("logitBias") is not None:
+        if params.logit_bias is not None:
             log.warning("logitBias has no effect with weightedLoss ce (softmax ignores a constant shift)")
         model.logit_bias.requires_grad_(False)
 
-    if spec["gradCheckpointing"]:
+    if params.grad_checkpointing:
         # Only when enabled: HF towers' set_grad_checkpointing ignores its argument.
         model.set_grad_checkpointing(True)
 
-    tokenizer = open_clip.get_tokenizer(name, context_length=spec["contextLength"])
+    tokens, warning = fed_context_length(params.context_length, model.context_length, bool(params.pretrained))
+    if warning:
+        log.warning(warning)
+    native = open_clip.get_tokenizer(name, context_length=model.context_length)
+    tokenizer = native if tokens == model.context_length else CappedTokenizer(native, tokens)
     info: dict[str, Any] = {
+        "contextLength": tokens,
+        "warnings": [warning] if warning else None,
         "logitScale": float(model.logit_scale.detach().float().exp().reshape(-1)[0]),
         "logitBias": (float(model.logit_bias.detach().float().reshape(-1)[0])
                       if model.logit_bias is not None and siglip else None),

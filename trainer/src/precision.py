@@ -95,3 +95,37 @@ def precision_warnings(p: Precision, eps: float) -> list[str]:
         out.append(f"eps={eps:g} is below fp16's smallest value ({FP16_TINY:.1e}) and rounds to 0 in "
                    "fp16 optimizer state, which can produce NaN updates; set eps >= 1e-6 for fp16")
     return out
+
+
+#: Warn when at least this share of the trainable weights cannot move by one lr-sized step.
+LOST_UPDATE_SHARE = 0.1
+
+
+def lost_update_share(lr: float, params, dtype: torch.dtype) -> float:
+    """Share of the weights (as stored in ``dtype``) that an update of size ``lr`` cannot change.
+
+    AdamW's step is about lr per weight whatever the gradient's scale. Stored in a format with
+    relative spacing eps (bf16: 2^-7, fp16: 2^-10), a weight w moves only if the step is at
+    least half its spacing, 2^floor(log2 |w|) * eps / 2; smaller steps round back to w and are lost.
+    """
+    eps = torch.finfo(dtype).eps
+    lost = total = 0
+    for p in params:
+        magnitude = p.detach().abs().float()
+        spacing = torch.exp2(torch.floor(torch.log2(magnitude))) * eps   # 0 for w = 0
+        lost += int((2 * lr < spacing).sum())
+        total += magnitude.numel()
+    return lost / total if total else 0.0
+
+
+def lost_update_warning(p: Precision, lr: float, params) -> Optional[str]:
+    """A warning when pure bf16/fp16 weights would silently drop most updates at this lr."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.model_precision)
+    if dtype is None:
+        return None
+    share = lost_update_share(lr, [q for q in params if q.dtype == dtype], dtype)
+    if share < LOST_UPDATE_SHARE:
+        return None
+    return (f"precision {p.name}: at lr={lr:g}, {share:.0%} of the {p.model_precision} weights are too large to "
+            f"change by one step (an update below half the weight's spacing rounds away); use amp_bf16 "
+            f"(fp32 weights) or a larger lr")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, TextIO
 
 from . import storage
-from .spec import has_scheme
+from .locations import has_scheme
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ def format_duration(seconds: Optional[float]) -> str:
 
 
 def format_progress(p: dict[str, Any], width: int = 20) -> str:
-    """One line: epoch, a bar, step, percent, loss, lr, samples/s and ETA."""
+    """One line: epoch, a bar, step, percent, loss, lr, gradient norm, samples/s, the data-wait
+    share of the step time and ETA."""
     frac = min(1.0, max(0.0, p.get("percent", 0.0) / 100.0))
     filled = int(round(frac * width))
     bar = "#" * filled + "-" * (width - filled)
@@ -119,9 +120,21 @@ def format_progress(p: dict[str, Any], width: int = 20) -> str:
     sps = p.get("samplesPerSecond")
     return (f"epoch {p['epoch']}/{p['epochs']} [{bar}] step {p['step']}/{p['totalSteps']} "
             f"{p.get('percent', 0.0):5.1f}% | loss {loss:.4f} | lr {p.get('lr', 0.0):.2e} | "
-            f"{(sps or 0.0):.1f} samples/s | ETA {format_duration(p.get('etaSeconds'))}"
+            f"{_grad_and_wait(p)}{(sps or 0.0):.1f} samples/s | ETA {format_duration(p.get('etaSeconds'))}"
             if loss is not None else
             f"epoch {p['epoch']}/{p['epochs']} [{bar}] step {p['step']}/{p['totalSteps']}")
+
+
+def _grad_and_wait(p: dict[str, Any]) -> str:
+    """"grad 1.23 | data 5% | " when the step logged them: a large gradient norm and a large
+    data-wait share are the first signs of a diverging or input-bound run."""
+    text = ""
+    if p.get("gradNorm") is not None:
+        text += f"grad {p['gradNorm']:.3g} | "
+    wait, compute = p.get("dataWaitSeconds"), p.get("computeSeconds")
+    if wait is not None and compute is not None and wait + compute > 0:
+        text += f"data {100.0 * wait / (wait + compute):.0f}% | "
+    return text
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

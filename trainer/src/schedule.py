@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .params import Params
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -63,18 +65,17 @@ class Schedule:
                 f"is {self.peak_lr():.4g}. Lower warmup (or raise epochs) to train at the set lr.")
 
 
-def make_schedule(spec, steps_per_epoch: int) -> Schedule:
-    """The schedule of a TrainJob's table, for ``steps_per_epoch`` optimizer steps per epoch."""
-    total = steps_per_epoch * spec["epochs"]
+def make_schedule(params: Params, steps_per_epoch: int) -> Schedule:
+    """The schedule of a TrainJob's parameters, for ``steps_per_epoch`` optimizer steps per epoch."""
     cooldown = 0
-    if spec["lrScheduler"] == "const-cooldown":
-        cooldown = steps_per_epoch * (spec.get("epochsCooldown") or 0)
+    if params.lr_scheduler == "const-cooldown":
+        cooldown = steps_per_epoch * (params.epochs_cooldown or 0)
     return Schedule(
-        kind=spec["lrScheduler"],
-        base_lr=spec["lr"],
-        warmup=spec["warmup"],
-        total_steps=total,
+        kind=params.lr_scheduler,
+        base_lr=params.lr,
+        warmup=params.warmup,
+        total_steps=steps_per_epoch * params.epochs,
         cooldown_steps=cooldown,
-        cooldown_power=spec["lrCooldownPower"],
-        skip=spec["skipScheduler"],
+        cooldown_power=params.lr_cooldown_power,
+        skip=params.skip_scheduler,
     )

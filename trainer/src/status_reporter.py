@@ -199,6 +199,8 @@ class StatusReporter(Reporter):
         patch: dict = {}
         if info.get("resolved"):
             patch["resolved"] = info["resolved"]
+        if info.get("data"):
+            patch["data"] = info["data"]
         progress = {"epochs": info.get("epochs"), "totalSteps": info.get("totalSteps")}
         if info.get("startStep") is not None:
             progress["step"] = info.get("startStep")
@@ -222,6 +224,10 @@ class StatusReporter(Reporter):
             patch["metrics"][event["phase"]] = metrics
         if event.get("epoch") is not None:
             patch["metrics"]["epoch"] = event["epoch"]
+        if event.get("history"):
+            patch["metrics"]["history"] = [dict(h) for h in event["history"]]
+        if event.get("best"):
+            patch["checkpoints"] = {"best": dict(event["best"])}
         self._queue(patch, now=True)
 
     def on_end(self, summary):
@@ -241,6 +247,8 @@ class StatusReporter(Reporter):
         if isinstance(saved, list) and saved:
             self._saved = list(saved)[-MAX_SAVED:]
             patch["checkpoints"] = {"latest": saved[-1], "saved": list(self._saved)}
+        if summary.get("outputs"):
+            patch["outputs"] = dict(summary["outputs"])
         self._queue(patch, now=True)
 
     def close(self):

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .spec import has_scheme
+from .locations import has_scheme
 
 
 def join(location: str, *parts: str) -> str:

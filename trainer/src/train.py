@@ -1,20 +1,23 @@
 """The training loop: one process or many (torchrun), same code.
 
-Order of a run (every rank unless noted):
+Order of a run (every rank unless noted), the order of ``_train``:
 
-1. Read and validate the data (all ranks parse the CSV, each checks 1/W of the images, and
-   the problems are shared so every rank fails the same way with a DataError).
-2. Seed, build the model (identical on all ranks), apply locks, wrap it in ``FusedModel``
-   and DDP, build AdamW with model-dependent betas/eps and the no-decay groups.
-3. Resume from the newest complete checkpoint in ``output`` (rank 0 picks it, all load it).
-4. Evaluate the starting model on evalData (rank 0; others wait), unless resuming.
-5. Epochs: this rank's shard of a per-epoch permutation, cut into optimizer steps of
-   batchSize x accumFreq rows, each cut into micro-batches (``train_step``: one micro-batch
-   is a plain forward/backward; several use ``memory.contrastive_step``'s feature caching,
-   whose gradients equal the full batch's). Then gradient clipping, the optimizer step, and
-   the logit scale clamp to [0, ln 100].
-6. Checkpoint every saveFrequency epochs and after the last (rank 0), evaluate the final
-   model, write summary.json (rank 0).
+1. ``setup``: read and validate the data first (``data.load_data``: one checked table per
+   node, memory-mapped by every rank; the processes of a node split the image prefetch and
+   share the problems, so every rank fails the same way with a DataError) so bad data fails
+   before a model is downloaded; then seed, build the model
+   (identical on all ranks), apply locks, wrap it in ``FusedModel`` and DDP, build AdamW
+   with model-dependent betas/eps and the no-decay groups, and plan the steps.
+2. ``resume`` from the newest complete checkpoint in ``output`` (rank 0 picks it, all load it).
+3. Evaluate the starting model on evalData (rank 0; others wait), unless resuming.
+4. ``train_epoch``: this rank's shard of a per-epoch permutation, cut into optimizer steps
+   of batchSize x accumFreq rows, each cut into micro-batches; ``optimizer_step`` runs one
+   (``train_step``: one micro-batch is a plain forward/backward; several use
+   ``accumulation.contrastive_step``'s feature caching, whose gradients equal the full
+   batch's), then gradient clipping, the optimizer step, and the logit scale clamp to
+   [0, ln 100].
+5. ``save`` every saveFrequency epochs and after the last (rank 0); ``summarise``: evaluate
+   the final model, write summary.json (rank 0).
 
 Randomness is re-seeded from (seed, epoch, rank) at the start of every epoch and
 augmentations are seeded per sample (data.sample_seed), so a resumed run continues exactly
@@ -28,32 +31,40 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import open_clip
 import torch
-import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import storage
-from .data import Examples, PairDataset, collate, find_image_problems, load_examples, raise_problems
+from . import data
+from .data import PairDataset, TrainLoader, collate
 from .distributed import World, all_reduce_min, broadcast_object, init_from_env, shard_indices, unwrap, wrap_ddp
 from .errors import DataError, DataProblem, PermanentError
 from .evaluate import build_eval_set, evaluate
+from .export import CONFIG_KEY, export_run, open_clip_config
 from .fusion import FusedModel
+from .gallery import Gallery
 from .locks import apply_locks, make_adamw, param_groups
-from .memory import contrastive_step, param_bytes, probe_micro_batch
+from .accumulation import contrastive_step, param_bytes, probe_micro_batch
 from .model import ModelBundle, build_model
-from .precision import Precision, precision_warnings, resolve_precision
+from .precision import Precision, lost_update_warning, precision_warnings, resolve_precision
 from .report import JsonlReporter, Reporter, Reporters, utc_now
+from .report_html import TENSORBOARD, run_outputs, write_report
 from .schedule import Schedule, make_schedule
+from .params import Params
 from .spec import Resolved
+from .tensorboard import tensorboard_reporter
 
 log = logging.getLogger(__name__)
 
 LOGIT_SCALE_MAX = math.log(100.0)
 EVAL_BATCH = 256
+BEST_BY = "ndcg@10"         #: the metric that names status.checkpoints.best
+MAX_HISTORY = 200           #: evaluations kept in status.metrics.history
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,26 +82,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 # --------------------------------------------------------------------------------------------
 # data
-
-def load_data(location: str, spec, world: World, *, require_positive_weight: bool) -> Examples:
-    """Parse and fully check one data file; raise the same DataError on every rank if anything
-    is wrong (each rank decodes 1/W of the images and the problems are shared)."""
-    examples = load_examples(location, spec, require_positive_weight=require_positive_weight)
-    checked, problems = find_image_problems(examples, part=world.rank, parts=world.world_size)
-    if world.world_size > 1:
-        gathered: list = [None] * world.world_size
-        dist.all_gather_object(gathered, problems)
-        problems = [p for part in gathered for p in part]
-    raise_problems(problems)
-    if examples.uses_images:
-        log.info("%s: %d rows, %d distinct queries, %d distinct documents; checked all %d distinct images",
-                 location, len(examples), len(set(examples.left_ids.tolist())),
-                 len(set(examples.right_ids.tolist())), checked)
-    else:
-        log.info("%s: %d rows; the image field has weight 0, so no image is read or checked", location,
-                 len(examples))
-    return examples
-
 
 def step_batches(indices: Sequence[int], step_rows: int, micro: int) -> list[list[int]]:
     """Micro-batches of index lists: whole optimizer steps only (the remainder is dropped,
@@ -114,9 +105,10 @@ class RunPlan:
     schedule: Schedule
 
 
-def plan_run(spec, n_rows: int, world: World, micro: Optional[int] = None, file: str = "trainData") -> RunPlan:
-    step_rows = spec["batchSize"] * spec["accumFreq"]
-    micro = micro or spec["batchSize"]
+def plan_run(params: Params, n_rows: int, world: World, micro: Optional[int] = None,
+             file: str = "trainData") -> RunPlan:
+    step_rows = params.batch_size * params.accum_freq
+    micro = micro or params.batch_size
     if step_rows % micro:
         raise ValueError(f"micro-batch {micro} must divide batchSize x accumFreq = {step_rows}")
     per_rank = n_rows // world.world_size
@@ -124,21 +116,20 @@ def plan_run(spec, n_rows: int, world: World, micro: Optional[int] = None, file:
     if steps == 0:
         raise DataError([DataProblem(
             file, f"{n_rows} usable rows are fewer than one optimizer step needs: batchSize "
-            f"({spec['batchSize']}) x accumFreq ({spec['accumFreq']}) x processes ({world.world_size}) = "
+            f"({params.batch_size}) x accumFreq ({params.accum_freq}) x processes ({world.world_size}) = "
             f"{step_rows * world.world_size}; lower batchSize or add data")])
-    return RunPlan(step_rows, micro, step_rows // micro, steps, make_schedule(spec, steps))
+    return RunPlan(step_rows, micro, step_rows // micro, steps, make_schedule(params, steps))
 
 
-def choose_micro_batch(resolved: Resolved, world: World, fused=None, dataset=None, precision=None,
+def choose_micro_batch(params: Params, world: World, fused=None, dataset=None, precision=None,
                        optimizer=None) -> int:
     """Rows per forward pass: batchSize; with dynamicBatchSize on CUDA, the largest divisor of
-    batchSize x accumFreq whose forward+backward fits the GPU (``memory.probe_micro_batch``,
+    batchSize x accumFreq whose forward+backward fits the GPU (``accumulation.probe_micro_batch``,
     the smallest over ranks). Feature caching keeps the contrastive batch whatever the
     micro-batch. On CPU dynamicBatchSize does nothing."""
-    spec = resolved.spec
-    if not spec["dynamicBatchSize"] or world.device.type != "cuda" or fused is None:
-        return spec["batchSize"]
-    step_rows = spec["batchSize"] * spec["accumFreq"]
+    if not params.dynamic_batch_size or world.device.type != "cuda" or fused is None:
+        return params.batch_size
+    step_rows = params.batch_size * params.accum_freq
     # Up to 64 real rows, repeated to each probed size (shapes, not values, set the memory).
     sample = _to(collate([dataset[i % len(dataset)] for i in range(min(step_rows, 64))]), world.device)
 
@@ -151,7 +142,7 @@ def choose_micro_batch(resolved: Resolved, world: World, fused=None, dataset=Non
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     micro = probe_micro_batch(step_rows, forward_rows, fused, world.device,
                               optimizer_bytes=2 * param_bytes(trainable), world_size=world.world_size,
-                              local_loss=spec["localLoss"])
+                              local_loss=params.local_loss)
     micro = all_reduce_min(micro)  # every rank steps with the same shapes
     log.info("dynamicBatchSize: %d rows per forward pass, %d micro-step(s) per optimizer step of %d rows",
              micro, step_rows // micro, step_rows)
@@ -174,7 +165,7 @@ def train_step(net, micro_batches: list[dict[str, torch.Tensor]], *, kind: str, 
                precision: Precision, scaler, world: Optional[World] = None) -> torch.Tensor:
     """Forward and backward of one optimizer step (gradients accumulate in .grad).
 
-    One micro-batch: a plain step. Several: ``memory.contrastive_step``'s feature caching
+    One micro-batch: a plain step. Several: ``accumulation.contrastive_step``'s feature caching
     (exact full-batch gradients, logit scale/bias included; DDP no_sync between micro-steps).
     Returns the full-batch loss, detached.
     """
@@ -208,30 +199,55 @@ class _Meter:
         return sum(recent) / len(recent) if recent else None
 
 
-def _resolved_info(resolved: Resolved, bundle: ModelBundle, plan: RunPlan, world: World,
-                   precision: Precision) -> dict[str, Any]:
-    info = {
-        "beta2": resolved.beta2,
-        "eps": resolved.eps,
-        "poolingMethod": bundle.info.get("poolingMethod"),
-        "logitScale": bundle.info.get("logitScale"),
-        "logitBias": bundle.info.get("logitBias"),
-        "microBatchSize": plan.micro,
-        "accumSteps": plan.micro_steps,
-        "globalBatchSize": plan.step_rows * world.world_size,
-        "worldSize": world.world_size,
-        "totalSteps": plan.schedule.total_steps,
-        "peakLr": plan.schedule.peak_lr(),
-        "device": str(world.device),
-        "precision": precision.describe(),
-    }
-    return {k: v for k, v in info.items() if v is not None}
+@dataclass(frozen=True)
+class Run:
+    """What ``setup`` builds: everything the steps of a run use, fixed for its duration."""
+
+    resolved: Resolved
+    params: Params
+    world: World
+    precision: Precision
+    bundle: ModelBundle
+    fused: FusedModel
+    net: torch.nn.Module            #: ``fused``, wrapped in DDP when distributed
+    optimizer: torch.optim.Optimizer
+    scaler: Any                     #: a GradScaler (amp on CUDA) or None
+    train_ds: PairDataset
+    loader: TrainLoader             #: one for the run: persistent workers
+    plan: RunPlan
+    eval_ds: Optional[PairDataset]
+    eval_set: Any
+    info: dict[str, Any]            #: the resolved values reported in status.resolved
+    data_report: dict[str, Any]     #: status.data: bad images skipped (empty when none)
+    rows: dict[str, Any]            #: row counts of the data files (the report and model card)
+    export_config: dict[str, Any]   #: open_clip_config.json of the exported model (kept in checkpoints)
+    gallery: Optional[Gallery]      #: before/after top-k examples for the report (rank 0, with evalData)
+
+    @property
+    def clip(self) -> torch.nn.Module:
+        return self.bundle.model
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
 
-def _unused_visual(resolved: Resolved) -> bool:
-    """The trainable image tower is unused when the image has weight 0 or frozenRight
-    encodes the right side with the frozen copy."""
-    return resolved["rightWeights"][0] <= 0 or resolved["frozenRight"]
+@dataclass
+class Progress:
+    """Where the run stands: what a checkpoint records and a resumed run restores."""
+
+    epoch: int = 0                  #: epochs completed
+    step: int = 0                   #: optimizer steps completed
+    eval_before: Optional[dict[str, float]] = None
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)    #: evaluations so far, oldest first
+    best: Optional[dict[str, Any]] = None   #: the saved checkpoint with the best nDCG@10 so far
+    resumed_from: Optional[str] = None
+    last_loss: Optional[float] = None
+    last_grad_norm: Optional[float] = None
+    last_data_wait: float = 0.0     #: seconds the last step waited for its batches
+    last_step_seconds: float = 0.0
+    meter: _Meter = field(default_factory=_Meter)
 
 
 def train(resolved: Resolved, *, world: Optional[World] = None, device: Optional[str] = None,
@@ -250,7 +266,9 @@ def train(resolved: Resolved, *, world: Optional[World] = None, device: Optional
     sinks: list[Reporter] = []
     if world.is_main:
         # progress.jsonl is part of the output folder's contract, whoever else listens.
-        sinks = [JsonlReporter(storage.join(resolved.output, "progress.jsonl")), *reporters]
+        sinks = [JsonlReporter(storage.join(resolved.params.output, "progress.jsonl")), *reporters]
+        board = tensorboard_reporter(storage.join(resolved.params.output, TENSORBOARD))
+        sinks += [board] if board is not None else []
     report = Reporters(sinks)
     try:
         return _train(resolved, world, report, started, max_epochs)
@@ -264,202 +282,361 @@ def train(resolved: Resolved, *, world: Optional[World] = None, device: Optional
 
 def _train(resolved: Resolved, world: World, report: Reporters, started: float,
            max_epochs: Optional[int]) -> dict[str, Any]:
-    spec = resolved.spec
-    dev = world.device
-    precision = resolve_precision(spec["precision"], dev.type)
-    for message in precision_warnings(precision, resolved.eps):
-        log.warning(message)
-    if spec["dynamicBatchSize"] and dev.type != "cuda":
-        log.info("dynamicBatchSize has no effect on %s: every forward pass uses batchSize=%d rows",
-                 dev.type, spec["batchSize"])
-
-    # 1. data ---------------------------------------------------------------------------
-    train_ex = load_data(resolved.train_data, spec, world, require_positive_weight=True)
-    eval_ex = (load_data(resolved.eval_data, spec, world, require_positive_weight=False)
-               if resolved.eval_data else None)
-
-    # 2. model and optimizer ------------------------------------------------------------
-    seed_everything(spec["seed"])
-    bundle = build_model(resolved, precision, dev)
-    clip = bundle.model
-    try:
-        apply_locks(clip, spec)
-    except ValueError as exc:
-        raise PermanentError(f"spec: {exc}") from None
-    if _unused_visual(resolved):
-        clip.visual.requires_grad_(False)
-    fused = FusedModel(
-        clip,
-        left_active=[w > 0 for w in spec["leftWeights"]],
-        right_active=[w > 0 for w in spec["rightWeights"]],
-        frozen_right=spec["frozenRight"],
-        input_dtype=precision.input_dtype,
-    ).to(dev)
-    net = wrap_ddp(fused, world)
-    optimizer = make_adamw(param_groups(clip, spec["wd"]), lr=spec["lr"],
-                           betas=(spec["beta1"], resolved.beta2), eps=resolved.eps)
-    scaler = precision.make_scaler()
-
-    train_ds = PairDataset(train_ex, bundle.preprocess_train, bundle.tokenizer, bundle.image_size, seed=spec["seed"])
-    micro = choose_micro_batch(resolved, world, fused, train_ds, precision, optimizer)
-    plan = plan_run(spec, len(train_ex), world, micro, file=resolved.train_data)
-    warning = plan.schedule.warning()
-    if warning:
-        log.warning(warning)
-    info = _resolved_info(resolved, bundle, plan, world, precision)
-
-    eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=spec["seed"])
-               if eval_ex is not None else None)
-    eval_set = build_eval_set(eval_ex) if eval_ex is not None else None
-
-    # 3. resume -------------------------------------------------------------------------
-    start_epoch, step = 0, 0
-    eval_before = None
-    checkpoints: list[dict[str, Any]] = []
-    found = ckpt.load_latest(resolved.output) if world.is_main else None
-    location = broadcast_object(found[1] if found else None)
-    if location is not None:
-        state = found[0] if world.is_main else ckpt.load_checkpoint_file(location)
-        try:
-            clip.load_state_dict(ckpt.strip_module_prefix(state["state_dict"]))
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise PermanentError(
-                f"cannot resume from {location}: it was written by a run with a different model or "
-                f"parameters ({str(exc).strip().splitlines()[-1].strip()}). Training inputs are fixed for an "
-                "output: use a new output (or a new TrainJob) to change them") from None
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"])
-        step = start_epoch * plan.steps_per_epoch
-        if int(state.get("step", step)) != step:
-            log.warning("checkpoint %s was written after step %s; with this data and world size epoch %d "
-                        "ends at step %d, which the schedule continues from", location, state.get("step"),
-                        start_epoch, step)
-        eval_before = state.get("eval_before")
-        checkpoints = list(state.get("checkpoints") or [])
-        log.info("resuming from %s (epoch %d, step %d)", location, start_epoch, step)
-        del state
-
-    report.on_start({
-        "name": resolved.name, "output": resolved.output, "resolved": info,
-        "epochs": spec["epochs"], "totalSteps": plan.schedule.total_steps,
-        "startStep": step, "startEpoch": start_epoch, "resumedFrom": location,
-    })
-
-    def run_eval(phase: str, epoch: int) -> Optional[dict[str, float]]:
-        if eval_ds is None:
-            return None
-        metrics = None
-        if world.is_main:
-            metrics = evaluate(unwrap(net), eval_ds, eval_set, batch_size=min(EVAL_BATCH, max(spec["batchSize"], 32)),
-                               device=dev, precision=precision)
-            report.on_eval({"phase": phase, "epoch": epoch, "metrics": metrics})
-        world.barrier()
-        return metrics
-
-    # 4. evaluate the starting model ------------------------------------------------------
-    if location is None:
-        eval_before = run_eval("before", 0)
-
-    # 5. epochs -----------------------------------------------------------------------------
-    total = plan.schedule.total_steps
-    epochs = spec["epochs"]
-    last_epoch = epochs if max_epochs is None else min(epochs, start_epoch + max_epochs)
-    meter = _Meter()
-    last_loss = None
-    global_rows = plan.step_rows * world.world_size
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    net.train()
-    for epoch in range(start_epoch, last_epoch):
-        seed_everything(epoch_seed(spec["seed"], epoch, world.rank))
-        train_ds.set_epoch(epoch)
-        indices = shard_indices(len(train_ds), world, epoch, spec["seed"])
-        batches = step_batches(indices, plan.step_rows, plan.micro)
-        loader = torch.utils.data.DataLoader(
-            train_ds, batch_sampler=batches, num_workers=spec["workers"], collate_fn=collate,
-            pin_memory=dev.type == "cuda")
-        it = iter(loader)
-        for _ in range(plan.steps_per_epoch):
-            t0 = time.monotonic()
-            micro_batches = [_to(next(it), dev) for _ in range(plan.micro_steps)]
-            lr = plan.schedule.lr(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss = train_step(net, micro_batches, kind=spec["weightedLoss"], local_loss=spec["localLoss"],
-                              precision=precision, scaler=scaler, world=world)
-            loss_value = float(loss)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if spec.get("gradClipNorm") is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, spec["gradClipNorm"], norm_type=2.0)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            elif math.isfinite(loss_value):
-                optimizer.step()
-            else:
-                log.warning("step %d: non-finite loss %s; skipping the update", step + 1, loss_value)
-            with torch.no_grad():
-                clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-            step += 1
-            last_loss = loss_value
-            meter.add(time.monotonic() - t0)
-            if world.is_main:
-                mean = meter.mean()
-                report.on_step({
-                    "epoch": epoch + 1, "epochs": epochs, "step": step, "totalSteps": total,
-                    "percent": round(100.0 * step / total, 2) if total else 100.0,
-                    "samplesPerSecond": round(global_rows / mean, 2) if mean else None,
-                    "etaSeconds": round(mean * (total - step), 1) if mean else None,
-                    "loss": loss_value, "lr": lr, "microBatchSize": plan.micro,
-                    "updatedAt": utc_now(),
-                })
-        del it, loader
-        completed = epoch + 1
-        if completed % spec["saveFrequency"] == 0 or completed == epochs:
-            if world.is_main:
-                entry = {"uri": ckpt.checkpoint_location(resolved.output, completed), "epoch": completed,
-                         "step": step, "time": utc_now()}
-                checkpoints = (checkpoints + [entry])[-20:]
-                payload = {
-                    "epoch": completed, "step": step, "name": resolved.name, "model": resolved.model,
-                    "state_dict": clip.state_dict(), "optimizer": optimizer.state_dict(),
-                    "eval_before": eval_before, "checkpoints": checkpoints,
-                    "kontrast_version": _version(),
-                }
-                if scaler is not None:
-                    payload["scaler"] = scaler.state_dict()
-                ckpt.save_checkpoint(resolved.output, payload)
-                report.on_checkpoint(entry)
-            world.barrier()
-
+    """Set up, resume, evaluate the starting model, train the epochs saving as asked, and
+    summarise; or stop early after ``max_epochs`` epochs of this invocation."""
+    run = setup(resolved, world)
+    progress = resume(run)
+    report.on_start(start_info(run, progress))
+    if progress.resumed_from is None:
+        progress.eval_before = record_eval(run, progress, report, "before", measure(run, "before"))
+    epochs = run.params.epochs
+    last_epoch = epochs if max_epochs is None else min(epochs, progress.epoch + max_epochs)
+    run.net.train()
+    for epoch in range(progress.epoch, last_epoch):
+        train_epoch(run, progress, epoch, report)
+        end_epoch(run, progress, report)
     if last_epoch < epochs:
         log.info("stopped after epoch %d of %d (max_epochs)", last_epoch, epochs)
-        return {"step": step, "epoch": last_epoch, "stopped": True}
+        return {"step": progress.step, "epoch": last_epoch, "stopped": True}
+    return summarise(run, progress, report, started)
 
-    # 6. final evaluation and summary ---------------------------------------------------
-    eval_after = run_eval("after", epochs)
-    summary = {
-        "name": resolved.name,
-        "model": resolved.model,
-        "output": resolved.output,
-        "epoch": epochs,
-        "step": step,
-        "totalSteps": total,
-        "finalLoss": last_loss,
-        "durationSeconds": round(time.monotonic() - started, 2),
-        "eval": ({"before": eval_before, "after": eval_after} if eval_set is not None else {}),
-        "resolved": info,
-        "parameters": dict(spec),
-        "checkpoints": checkpoints,
-        "summaryUri": storage.join(resolved.output, "summary.json"),
+
+# --------------------------------------------------------------------------------------------
+# set-up
+
+def setup(resolved: Resolved, world: World) -> Run:
+    """Data first (bad data fails before any model is built or downloaded), then the model
+    (seeded, so identical on every rank), its locks and wrappers, the optimizer (after the
+    locks: it must only hold trainable parameters), and the plan of steps (after the model:
+    dynamicBatchSize probes it)."""
+    params = resolved.params
+    precision = _precision(params, world.device)
+    train_ex, train_bad = data.load_data(params.train_data, params, require_positive_weight=True,
+                                         progress=world.is_main)
+    eval_ex, eval_bad = (data.load_data(params.eval_data, params, require_positive_weight=False,
+                                        progress=world.is_main) if params.eval_data else (None, None))
+    bad_images = [r.status() for r in (train_bad, eval_bad) if r is not None and r.bad]
+    seed_everything(params.seed)
+    bundle = build_model(resolved, precision, world.device)
+    fused = _setup_fused(bundle.model, params, precision, world.device,
+                         image_norm=data.image_normalization(bundle.preprocess_val))
+    net = wrap_ddp(fused, world)
+    optimizer = make_adamw(param_groups(bundle.model, params.wd), lr=params.lr,
+                           betas=(params.beta1, params.beta2), eps=params.eps)
+    image_cache = data.ImageCache(data.cache_folder(params))
+    train_ds = PairDataset(train_ex, bundle.preprocess_train, bundle.tokenizer, bundle.image_size, seed=params.seed,
+                           cache=image_cache)
+    micro = choose_micro_batch(params, world, fused, train_ds, precision, optimizer)
+    plan = plan_run(params, len(train_ex), world, micro, file=params.train_data)
+    warnings = _warnings(params, precision, bundle, plan, optimizer)
+    eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=params.seed,
+                           cache=image_cache)
+               if eval_ex is not None else None)
+    eval_set = build_eval_set(eval_ex, params.eval_grades) if eval_ex is not None else None
+    return Run(resolved=resolved, params=params, world=world, precision=precision, bundle=bundle, fused=fused,
+               net=net, optimizer=optimizer, scaler=precision.make_scaler(), train_ds=train_ds,
+               loader=TrainLoader(train_ds, params.workers, pin_memory=world.device.type == "cuda"), plan=plan,
+               eval_ds=eval_ds, eval_set=eval_set,
+               info=_resolved_info(params, bundle, plan, world, precision, warnings),
+               data_report={"badImages": bad_images} if bad_images else {},
+               rows={"trainRows": len(train_ex), "evalRows": len(eval_ex) if eval_ex is not None else None},
+               export_config=open_clip_config(bundle.model, open_clip.get_model_config(bundle.name), params,
+                                              bundle.tokenizer),
+               gallery=Gallery(params.output, eval_ex, eval_set) if eval_set is not None and world.is_main else None)
+
+
+def _warnings(params: Params, precision: Precision, bundle: ModelBundle, plan: RunPlan, optimizer) -> list[str]:
+    """Advice about this run's settings, logged and reported in status.resolved.warnings."""
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    found = [*precision_warnings(precision, params.eps), lost_update_warning(precision, params.lr, trainable),
+             plan.schedule.warning()]
+    for message in filter(None, found):
+        log.warning(message)
+    return [m for m in [*found, *(bundle.info.get("warnings") or [])] if m]
+
+
+def _precision(params: Params, device: torch.device) -> Precision:
+    precision = resolve_precision(params.precision, device.type)
+    if params.dynamic_batch_size and device.type != "cuda":
+        log.info("dynamicBatchSize has no effect on %s: every forward pass uses batchSize=%d rows",
+                 device.type, params.batch_size)
+    return precision
+
+
+def _setup_fused(clip: torch.nn.Module, params: Params, precision: Precision, device: torch.device,
+                 image_norm=None) -> FusedModel:
+    """Lock what the parameters lock, then wrap the model for multi-field encoding."""
+    try:
+        apply_locks(clip, params)
+    except ValueError as exc:
+        raise PermanentError(f"spec: {exc}") from None
+    if _unused_visual(params):
+        clip.visual.requires_grad_(False)
+    return FusedModel(
+        clip,
+        left_active=[w > 0 for w in params.left_weights],
+        right_active=[w > 0 for w in params.right_weights],
+        frozen_right=params.frozen_right,
+        input_dtype=precision.input_dtype,
+        image_norm=image_norm,
+    ).to(device)
+
+
+def _unused_visual(params: Params) -> bool:
+    """The trainable image tower is unused when the image has weight 0 or frozenRight
+    encodes the right side with the frozen copy."""
+    return params.right_weights[0] <= 0 or params.frozen_right
+
+
+def _resolved_info(params: Params, bundle: ModelBundle, plan: RunPlan, world: World,
+                   precision: Precision, warnings: Sequence[str] = ()) -> dict[str, Any]:
+    info = {
+        "beta2": params.beta2,
+        "eps": params.eps,
+        "poolingMethod": bundle.info.get("poolingMethod"),
+        "logitScale": bundle.info.get("logitScale"),
+        "logitBias": bundle.info.get("logitBias"),
+        "microBatchSize": plan.micro,
+        "accumSteps": plan.micro_steps,
+        "globalBatchSize": plan.step_rows * world.world_size,
+        "worldSize": world.world_size,
+        "totalSteps": plan.schedule.total_steps,
+        "peakLr": plan.schedule.peak_lr(),
+        "device": str(world.device),
+        "precision": precision.describe(),
+        "contextLength": bundle.info.get("contextLength"),
+        "warnings": list(warnings) or None,
     }
-    if world.is_main:
+    return {k: v for k, v in info.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# resume
+
+def resume(run: Run) -> Progress:
+    """The progress of the newest complete checkpoint in ``output`` (rank 0 finds it, every
+    rank loads it into the model, optimizer and scaler), or a fresh start."""
+    found = ckpt.load_latest(run.params.output) if run.world.is_main else None
+    location = broadcast_object(found[1] if found else None)
+    if location is None:
+        return Progress()
+    state = found[0] if run.world.is_main else ckpt.load_checkpoint_file(location)
+    _load_state(run, state, location)
+    epoch = int(state["epoch"])
+    step = epoch * run.plan.steps_per_epoch
+    if int(state.get("step", step)) != step:
+        log.warning("checkpoint %s was written after step %s; with this data and world size epoch %d "
+                    "ends at step %d, which the schedule continues from", location, state.get("step"),
+                    epoch, step)
+    log.info("resuming from %s (epoch %d, step %d)", location, epoch, step)
+    return Progress(epoch=epoch, step=step, eval_before=state.get("eval_before"),
+                    checkpoints=list(state.get("checkpoints") or []), history=list(state.get("eval_history") or []),
+                    best=state.get("best"), resumed_from=location)
+
+
+def _load_state(run: Run, state: dict[str, Any], location: str) -> None:
+    try:
+        run.clip.load_state_dict(ckpt.strip_module_prefix(state["state_dict"]))
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise PermanentError(
+            f"cannot resume from {location}: it was written by a run with a different model or "
+            f"parameters ({str(exc).strip().splitlines()[-1].strip()}). Training inputs are fixed for an "
+            "output: use a new output (or a new TrainJob) to change them") from None
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+
+
+def start_info(run: Run, progress: Progress) -> dict[str, Any]:
+    return {
+        "name": run.resolved.name, "output": run.params.output, "resolved": run.info,
+        "epochs": run.params.epochs, "totalSteps": run.plan.schedule.total_steps,
+        "startStep": progress.step, "startEpoch": progress.epoch, "resumedFrom": progress.resumed_from,
+        **({"data": run.data_report} if run.data_report else {}),
+        "parameters": dict(run.resolved.spec), "rows": run.rows,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+def train_epoch(run: Run, progress: Progress, epoch: int, report: Reporters) -> None:
+    """One epoch: re-seed from (seed, epoch, rank), then every optimizer step of this rank's
+    shard of the epoch's permutation."""
+    seed_everything(epoch_seed(run.params.seed, epoch, run.world.rank))
+    run.train_ds.set_epoch(epoch)
+    batches = step_batches(shard_indices(len(run.train_ds), run.world, epoch, run.params.seed),
+                           run.plan.step_rows, run.plan.micro)
+    it = run.loader.epoch(epoch, batches)
+    for _ in range(run.plan.steps_per_epoch):
+        t0 = time.monotonic()
+        micro_batches = [_to(next(it), run.world.device) for _ in range(run.plan.micro_steps)]
+        progress.last_data_wait = time.monotonic() - t0
+        lr = run.plan.schedule.lr(progress.step)
+        progress.last_loss, progress.last_grad_norm = optimizer_step(run, micro_batches, lr, progress.step)
+        progress.step += 1
+        progress.last_step_seconds = time.monotonic() - t0
+        progress.meter.add(progress.last_step_seconds)
+        if run.world.is_main:
+            report.on_step(step_info(run, progress, epoch, lr))
+    progress.epoch = epoch + 1
+
+
+def optimizer_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], lr: float,
+                   step: int) -> tuple[float, Optional[float]]:
+    """One optimizer step at learning rate ``lr``: forward and backward over the micro-batches,
+    unscale, clip, step (skipped on a non-finite loss without a scaler, which skips by itself),
+    clamp the logit scale. Returns the loss and the gradient norm before clipping."""
+    optimizer, scaler, params = run.optimizer, run.scaler, run.params
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss = float(train_step(run.net, micro_batches, kind=params.weighted_loss, local_loss=params.local_loss,
+                            precision=run.precision, scaler=scaler, world=run.world))
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = _grad_norm(run.trainable, params.grad_clip_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    elif math.isfinite(loss):
+        optimizer.step()
+    else:
+        log.warning("step %d: non-finite loss %s; skipping the update", step + 1, loss)
+    with torch.no_grad():
+        run.clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+    return loss, grad_norm
+
+
+def _grad_norm(params: list[torch.Tensor], clip_norm: Optional[float]) -> Optional[float]:
+    """The global gradient L2 norm before clipping (and the clipping to ``clip_norm`` when set):
+    the first number to check when a run misbehaves. None when it is not finite."""
+    if clip_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, norm_type=2.0)
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros(())
+    value = float(norm)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def step_info(run: Run, progress: Progress, epoch: int, lr: float) -> dict[str, Any]:
+    """The progress line of the step just done (progress.jsonl, the terminal, status.progress)."""
+    step, total = progress.step, run.plan.schedule.total_steps
+    mean = progress.meter.mean()
+    global_rows = run.plan.step_rows * run.world.world_size
+    return {
+        "epoch": epoch + 1, "epochs": run.params.epochs, "step": step, "totalSteps": total,
+        "percent": round(100.0 * step / total, 2) if total else 100.0,
+        "samplesPerSecond": round(global_rows / mean, 2) if mean else None,
+        "etaSeconds": round(mean * (total - step), 1) if mean else None,
+        "loss": progress.last_loss, "lr": lr, "microBatchSize": run.plan.micro,
+        "gradNorm": progress.last_grad_norm, "logitScale": round(float(run.clip.logit_scale.detach().exp()), 4),
+        "dataWaitSeconds": round(progress.last_data_wait, 4),
+        "computeSeconds": round(progress.last_step_seconds - progress.last_data_wait, 4),
+        "updatedAt": utc_now(),
+    }
+
+
+def measure(run: Run, gallery_phase: Optional[str] = None) -> Optional[dict[str, float]]:
+    """Retrieval metrics of the current model on evalData. Collective: every rank encodes and
+    searches its share (``evaluate``), so no rank idles in a barrier under the process-group
+    timeout while another evaluates. With ``gallery_phase`` ("before", "after") rank 0 also
+    keeps the report's examples from the same top-k lists."""
+    if run.eval_ds is None:
+        return None
+    result = evaluate(unwrap(run.net), run.eval_ds, run.eval_set,
+                      batch_size=min(EVAL_BATCH, max(run.params.batch_size, 32)),
+                      device=run.world.device, precision=run.precision)
+    if gallery_phase and run.gallery is not None:
+        run.gallery.record(gallery_phase, result.top_docs, result.top_scores)
+    return result.metrics
+
+
+def is_new_best(progress: Progress, metrics: Optional[dict[str, float]]) -> bool:
+    return metrics is not None and (progress.best is None or metrics[BEST_BY] > progress.best[BEST_BY])
+
+
+def record_eval(run: Run, progress: Progress, report: Reporters, phase: str,
+                metrics: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+    """Add an evaluation of the model at ``progress.epoch`` to the history, and make it the best
+    when it beats the best by nDCG@10 (the caller has saved that epoch's checkpoint)."""
+    if metrics is None:
+        return None
+    epoch = progress.epoch
+    progress.history = (progress.history + [{"epoch": epoch, "phase": phase, "metrics": metrics}])[-MAX_HISTORY:]
+    saved = [c for c in progress.checkpoints if c["epoch"] == epoch]
+    if saved and is_new_best(progress, metrics):
+        progress.best = {"uri": saved[-1]["uri"], "epoch": epoch, BEST_BY: metrics[BEST_BY]}
+    if run.world.is_main:
+        report.on_eval({"phase": phase, "epoch": epoch, "metrics": metrics, "history": progress.history,
+                        "best": progress.best})
+    return metrics
+
+
+def end_epoch(run: Run, progress: Progress, report: Reporters) -> None:
+    """Evaluate every evalEvery epochs (the last epoch's evaluation is the final one), then
+    checkpoint every saveFrequency epochs, after the last, and whenever the evaluation found a
+    new best model (so status.checkpoints.best always names a saved checkpoint)."""
+    params = run.params
+    last = progress.epoch == params.epochs
+    due = params.eval_every > 0 and progress.epoch % params.eval_every == 0 and not last
+    metrics = measure(run) if due else None
+    if last or progress.epoch % params.save_frequency == 0 or is_new_best(progress, metrics):
+        save(run, progress, report)
+    record_eval(run, progress, report, "epoch", metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# save and summarise
+
+def save(run: Run, progress: Progress, report: Reporters) -> None:
+    """Publish a checkpoint of the progress so far (rank 0; the others wait for it)."""
+    if run.world.is_main:
+        entry = {"uri": ckpt.checkpoint_location(run.params.output, progress.epoch), "epoch": progress.epoch,
+                 "step": progress.step, "time": utc_now()}
+        progress.checkpoints = (progress.checkpoints + [entry])[-20:]
+        payload = {
+            "epoch": progress.epoch, "step": progress.step, "name": run.resolved.name,
+            "model": run.params.model, "state_dict": run.clip.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "eval_before": progress.eval_before,
+            "checkpoints": progress.checkpoints, "eval_history": progress.history, "best": progress.best,
+            "kontrast_version": _version(), CONFIG_KEY: run.export_config,
+        }
+        if run.scaler is not None:
+            payload["scaler"] = run.scaler.state_dict()
+        ckpt.save_checkpoint(run.params.output, payload)
+        report.on_checkpoint(entry)
+    run.world.barrier()
+
+
+def summarise(run: Run, progress: Progress, report: Reporters, started: float) -> dict[str, Any]:
+    """Evaluate the final model and write summary.json (rank 0); every rank returns it."""
+    eval_after = record_eval(run, progress, report, "after", measure(run, "after"))
+    summary = {
+        "name": run.resolved.name,
+        "model": run.params.model,
+        "output": run.params.output,
+        "epoch": run.params.epochs,
+        "step": progress.step,
+        "totalSteps": run.plan.schedule.total_steps,
+        "finalLoss": progress.last_loss,
+        "durationSeconds": round(time.monotonic() - started, 2),
+        "eval": ({"before": progress.eval_before, "after": eval_after} if run.eval_set is not None else {}),
+        "resolved": run.info,
+        "parameters": dict(run.resolved.spec),
+        "checkpoints": progress.checkpoints,
+        "evalHistory": progress.history,
+        "best": progress.best,
+        "summaryUri": storage.join(run.params.output, "summary.json"),
+        "outputs": run_outputs(run.params.output, model=bool(progress.checkpoints)),
+    }
+    if run.world.is_main:
         storage.write_text(summary["summaryUri"], json.dumps(summary, indent=2) + "\n")
+        export_run(run.params.output, summary)
+        write_report(run.params.output)
         report.on_end(summary)
-    world.barrier()
+    run.world.barrier()
     return summary
 
 

@@ -86,3 +86,15 @@ a Role per namespace otherwise). Least privilege, verb by verb:
   resources: [workloads]
   verbs: [get, list, watch]
 {{- end -}}
+
+{{/* A policy binding's scope: the watched namespaces, or every namespace. */}}
+{{- define "kontrast.policyNamespaces" -}}
+{{- with .Values.watchNamespaces -}}
+matchResources:
+  namespaceSelector:
+    matchExpressions:
+      - key: kubernetes.io/metadata.name
+        operator: In
+        values: {{ toJson . }}
+{{- end -}}
+{{- end -}}

@@ -1,5 +1,5 @@
-"""Memory knobs that leave the maths unchanged: feature-caching accumulation (accumFreq),
-the dynamic micro-batch search (dynamicBatchSize) and the frozen right-side copy (frozenRight).
+"""How one optimizer step is computed over several micro-batches without changing the maths:
+feature-caching accumulation (accumFreq) and the micro-batch search (dynamicBatchSize).
 
 Feature-caching accumulation (``contrastive_step``). A contrastive loss is not a sum of
 per-sample terms, so plain gradient accumulation would shrink the batch of negatives. We
@@ -21,20 +21,11 @@ probes forward+backward of the real model on real rows at micro-batch sizes that
 step (halving until one fits, then bisecting between the fit and the last failure), and
 trains with feature-caching accumulation over the resulting micro-steps, so the contrastive
 batch stays batchSize x accumFreq and the maths does not change. On CPU it does nothing.
-
-frozenRight (``frozen_copy``). The right (document) side is encoded by a frozen copy of the
-starting model: eval mode, requires_grad=False, encoded under no_grad. Only the query path
-trains, and document embeddings of the starting model (an existing index) stay valid: at
-serving time encode queries with the fine-tuned checkpoint and documents with the starting
-model. Memory: one more set of weights (4 bytes per parameter in fp32, 2 in bf16/fp16; about
-0.6 GB for ViT-B-32 in fp32), no gradients, no optimizer state and no stored activations for the right side,
-which usually saves more activation memory (images) than the copy costs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -44,7 +35,7 @@ from torch import nn
 from .losses import scale_grad, weighted_contrastive_loss
 
 __all__ = ["contrastive_step", "split_micro_batches", "divisors", "search_micro_batch", "cuda_probe",
-           "probe_micro_batch", "frozen_copy", "param_bytes", "ROW_KEYS"]
+           "probe_micro_batch", "param_bytes", "ROW_KEYS"]
 
 #: Keys of the forward output that hold one row per sample (concatenated across micro-batches).
 ROW_KEYS = ("left", "right", "weights", "left_ids", "right_ids")
@@ -247,17 +238,6 @@ def probe_micro_batch(
             with torch.no_grad():
                 for name, b in module.named_buffers():
                     b.copy_(buffers[name])
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A gradient-free, eval-mode copy of the starting model for the right side (frozenRight)."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):
-        inner = inner.module
-    frozen = copy.deepcopy(inner)
-    frozen.eval()
-    frozen.requires_grad_(False)
-    return frozen
 
 
 def param_bytes(params: Iterable[torch.Tensor]) -> int:

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from kontrast.trainer.errors import SpecError
-from kontrast.trainer.spec import adam_defaults, join_location, resolve, resolve_location
+from kontrast.trainer.locations import join_location, resolve_location
+from kontrast.trainer.params import adam_defaults
+from kontrast.trainer.spec import resolve
 
 
 @pytest.mark.parametrize("model, expected", [
@@ -24,14 +26,14 @@ def test_resolved_betas_and_paths(h, tmp_path, monkeypatch):
     spec = {"model": "RN50", "trainData": "data/train.csv", "evalData": "pvc://claim/eval/e.csv",
             "output": "s3://bucket/runs/x", "pretrained": "openai", "leftKeys": ["q"], "leftWeights": [1],
             "rightKeys": ["i"], "rightWeights": [1], "weightKey": "w"}
-    r = resolve(h.trainjob(spec), tmp_path / "jobs" / "tj.yaml")
+    r = resolve(h.trainjob(spec), tmp_path / "jobs" / "tj.yaml").params
     assert (r.beta2, r.eps) == (0.999, 1e-8)
     assert r.train_data == str(tmp_path / "jobs" / "data" / "train.csv")
     assert r.eval_data == "/mnt/pvcs/claim/eval/e.csv"
     assert r.output == "s3://bucket/runs/x"
     assert r.pretrained == "openai" and r.pretrained_is_tag
     r = resolve(h.trainjob({**spec, "model": "ViT-B-32", "beta2": 0.9, "pretrained": "ckpt/epoch_3.pt"}),
-                tmp_path / "tj.yaml", output="elsewhere")
+                tmp_path / "tj.yaml", output="elsewhere").params
     assert (r.beta2, r.eps) == (0.9, 1e-6)                   # set beta2 wins; eps from the vit rule
     assert r.pretrained == str(tmp_path / "ckpt" / "epoch_3.pt") and not r.pretrained_is_tag
     assert r.output == str(Path.cwd() / "elsewhere")
@@ -52,3 +54,29 @@ def test_logit_scale_must_be_positive(h, tmp_path):
             "rightKeys": ["i"], "rightWeights": [1], "weightKey": "w", "logitScale": 0}
     with pytest.raises(SpecError, match="spec.logitScale"):
         resolve(h.trainjob(spec), tmp_path / "tj.yaml")
+
+
+def test_every_crd_spec_property_has_a_params_field_and_no_more():
+    """A field added to crds/trainjob.yaml needs its typed field in kontrast.trainer.params."""
+    from kontrast.api import spec_schema
+    from kontrast.trainer.params import field_name, field_names
+
+    crd = {field_name(key): key for key in spec_schema()["properties"]}
+    assert sorted(crd.keys() - field_names()) == [], "CRD spec properties without a Params field"
+    assert sorted(field_names() - crd.keys()) == [], "Params fields that are not CRD spec properties"
+
+
+def test_params_are_typed_frozen_and_take_the_crd_defaults(h, tmp_path):
+    import dataclasses
+
+    from kontrast.api import spec_schema
+
+    spec = {"model": "RN50", "trainData": "t.csv", "output": "o", "leftKeys": ["q", "c"], "leftWeights": [1, 2],
+            "rightKeys": ["i"], "rightWeights": [1], "weightKey": "w", "forceQuickGELU": True}
+    p = resolve(h.trainjob(spec), tmp_path / "tj.yaml").params
+    props = spec_schema()["properties"]
+    assert p.batch_size == props["batchSize"]["default"] and p.lr_scheduler == props["lrScheduler"]["default"]
+    assert p.left_keys == ("q", "c") and p.left_weights == (1, 2) and p.force_quick_gelu is True
+    assert p.grad_clip_norm is None and p.epochs_cooldown is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.lr = 1.0

@@ -1,0 +1,306 @@
+"""Data benchmarks: loader throughput against open_clip's CsvDataset, and start-up at scale.
+
+    python benchmarks/data.py loader   [--images 384 --workers 1 2 --rounds 3]
+    python benchmarks/data.py startup  [--rows 1000000 --ranks 1 2]
+
+``loader``: images/s of one epoch through a DataLoader, per worker count, on the same
+generated 640 x 480 JPEGs and the same open_clip training transform (224-pixel
+RandomResizedCrop) and tokenizer:
+
+* open_clip: ``open_clip_train.data.CsvDataset`` over local files (float32 tensors);
+* ours, cold: the images given as http:// URLs on a loopback server and an empty cache, so
+  the time is the prefetch (fetch, store, check) plus the first epoch;
+* ours, warm: the second epoch, every image read from the cache;
+* ours, local: images given as local paths (no cache involved).
+
+``startup``: a generated catalogue of N rows (query, image, title, score; 500 distinct
+images) as CSV and as Parquet; for each reader, a fresh process per rank loads the file
+until it is ready to train (table checked, every distinct image checked) and reports wall
+time, peak RSS, and the growth of its private memory (Private_Clean + Private_Dirty from
+/proc/self/smaps_rollup), of its anonymous memory (heap: what no other process can share)
+and PSS over the process's baseline after imports. "main" is the
+reader of main at the commit below (``git show``), run from a temporary copy; "ours cold"
+builds the node's table file, "ours warm" maps an existing one.
+
+Figures are printed; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE_REV = "c1f80de"   #: main before the columnar reader
+SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"], "rightWeights": [0.75, 0.25],
+        "weightKey": "score"}
+
+
+def params(**data):
+    """Our reader's parameters: SPEC, with ``data`` (cache, policy), defaults from the CRD."""
+    from kontrast.trainer.params import Params
+
+    return Params.from_spec({"model": "ViT-B-32", "trainData": "/x.csv", "output": "/out", **SPEC,
+                             "data": data}, Path("/"))
+
+
+# --------------------------------------------------------------------------------------------
+# generated data
+
+def make_jpegs(folder: Path, n: int, size=(640, 480)) -> list[Path]:
+    """Photo-like JPEGs (smooth colour fields plus noise), ~40-60 KB each at quality 90."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize(size, Image.BICUBIC)
+        noise = rng.normal(0, 12, (size[1], size[0], 3))
+        arr = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+        path = folder / f"img{i:05d}.jpg"
+        Image.fromarray(arr).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def write_catalogue(path: Path, rows: int, images: list[str]) -> None:
+    """``rows`` rows of (query, image, title, score) cycling over ``images``."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+    import numpy as np
+
+    idx = np.arange(rows)
+    table = pa.table({
+        "query": pa.array([f"query number {i % 200_000} about things" for i in idx]),
+        "image": pa.array([images[i % len(images)] for i in idx]),
+        "title": pa.array([f"product title {i % 300_000} with several words" for i in idx]),
+        "score": pa.array([str(1 + i % 3) for i in idx]),
+    })
+    if path.suffix == ".parquet":
+        pq.write_table(table, path)
+    else:
+        pacsv.write_csv(table, path, pacsv.WriteOptions(quoting_style="needed"))
+
+
+# --------------------------------------------------------------------------------------------
+# loader throughput
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def serve(folder: Path):
+    import functools
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def epoch_rate(dataset, workers: int, batch: int = 32, collate=None, sampler=None) -> float:
+    import torch
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate,
+                                         shuffle=False, persistent_workers=False)
+    t0 = time.perf_counter()
+    n = 0
+    for b in loader:
+        n += (b[0] if isinstance(b, (list, tuple)) else b["image"]).shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def bench_loader(args) -> None:
+    import open_clip
+    import torch
+    from open_clip_train.data import CsvDataset
+
+    from kontrast.trainer.data import PairDataset, TrainLoader, load_data
+    from kontrast.trainer.images import ImageCache
+
+    tmp = Path(tempfile.mkdtemp(prefix="kontrast-bench-"))
+    paths = make_jpegs(tmp / "imgs", args.images)
+    kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
+    transform = open_clip.image_transform(224, is_train=True)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    tsv = tmp / "oc.tsv"
+    with open(tsv, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["filepath", "title"])
+        for i, p in enumerate(paths):
+            w.writerow([str(p), f"product title {i}"])
+    httpd, base = serve(tmp / "imgs")
+    print(f"{args.images} JPEGs 640x480, mean {kb:.0f} KB; transform RandomResizedCrop(224) as open_clip trains; "
+          f"torch threads 1 per worker")
+    torch.set_num_threads(1)
+    for workers in args.workers:
+        for r in range(args.rounds):
+            oc = CsvDataset(str(tsv), transform, "filepath", "title", sep="\t", tokenizer=tokenizer)
+            oc_rate = epoch_rate(oc, workers)
+
+            cache = tmp / f"cache-{workers}-{r}"
+            web = tmp / f"web-{workers}-{r}.csv"
+            local = tmp / "local.csv"
+            for out, loc in ((web, lambda p: f"{base}/{p.name}"), (local, str)):
+                with open(out, "w", newline="") as f:
+                    w = csv.writer(f)
+                    w.writerow(["query", "image", "title", "score"])
+                    for i, p in enumerate(paths):
+                        w.writerow([f"query {i}", loc(p), f"product title {i}", "1"])
+            t0 = time.perf_counter()
+            ex, _ = load_data(str(web), params(cache=str(cache)), require_positive_weight=True)
+            ds = PairDataset(ex, transform, tokenizer, 224, cache=ImageCache(cache))
+            loader = TrainLoader(ds, workers, pin_memory=False)
+            order = list(range(len(ds)))
+            batches = [order[i:i + 32] for i in range(0, len(order), 32)]
+            n = sum(b["image"].shape[0] for b in loader.epoch(0, batches))
+            cold = n / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            n = sum(b["image"].shape[0] for b in loader.epoch(1, batches))
+            warm = n / (time.perf_counter() - t0)
+            del loader
+
+            ex_local, _ = load_data(str(local), params(cache=str(cache)), require_positive_weight=True)
+            ds_local = PairDataset(ex_local, transform, tokenizer, 224)
+            loc_loader = TrainLoader(ds_local, workers, pin_memory=False)
+            t0 = time.perf_counter()
+            n = sum(b["image"].shape[0] for b in loc_loader.epoch(0, batches))
+            local_rate = n / (time.perf_counter() - t0)
+            del loc_loader
+            print(json.dumps({"workers": workers, "round": r, "open_clip": round(oc_rate, 1),
+                              "ours_cold_http": round(cold, 1), "ours_warm": round(warm, 1),
+                              "ours_local": round(local_rate, 1),
+                              "cold/open_clip": round(cold / oc_rate, 2), "warm/open_clip": round(warm / oc_rate, 2),
+                              "local/open_clip": round(local_rate / oc_rate, 2)}), flush=True)
+    httpd.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# start-up
+
+def _memory() -> dict:
+    out = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Shared_Clean", "Anonymous"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def child(args) -> None:
+    """One rank: load ``args.file`` with ``args.reader``; print one JSON line."""
+    import resource
+
+    if args.reader == "main":
+        sys.path.insert(0, args.baseline)
+        from baseline_trainer.data import check_images, load_examples as main_load
+    else:
+        from kontrast.trainer.data import load_data
+    import numpy  # noqa: F401 - part of the baseline either way
+    import pyarrow  # noqa: F401
+    before = _memory()
+    t0 = time.perf_counter()
+    if args.reader == "main":
+        ex = main_load(args.file, SPEC)
+        checked = check_images(ex)
+        n = len(ex)
+    else:
+        ex, report = load_data(args.file, params(cache=args.cache), require_positive_weight=True)
+        checked, n = report.checked, len(ex)
+    wall = time.perf_counter() - t0
+    after = _memory()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    builder = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024   # the table build, if run here
+    private = lambda m: m["Private_Clean"] + m["Private_Dirty"]  # noqa: E731
+    print(json.dumps({"rows": n, "images": checked, "wall_s": round(wall, 2), "peak_rss_mib": round(peak),
+                      "builder_peak_rss_mib": round(builder),
+                      "baseline_rss_mib": round(before["Rss"]),
+                      "private_growth_mib": round(private(after) - private(before), 1),
+                      "pss_growth_mib": round(after["Pss"] - before["Pss"], 1),
+                      "anon_growth_mib": round(after["Anonymous"] - before["Anonymous"], 1)}), flush=True)
+
+
+def extract_baseline(folder: Path) -> None:
+    pkg = folder / "baseline_trainer"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    for name in ("data", "errors", "spec"):
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_REV}:trainer/src/{name}.py"],
+                              check=True, capture_output=True, text=True).stdout
+        (pkg / f"{name}.py").write_text(text)
+
+
+def run_ranks(reader: str, file: Path, ranks: int, cache: Path, baseline: Path) -> list[dict]:
+    procs = []
+    for r in range(ranks):
+        env = {**os.environ, "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(ranks), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, __file__, "child", "--reader", reader, "--file", str(file), "--cache", str(cache),
+             "--baseline", str(baseline)], env=env, stdout=subprocess.PIPE, text=True))
+    return [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+
+
+def bench_startup(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="kontrast-startup-"))
+    baseline = tmp / "baseline"
+    extract_baseline(baseline)
+    images = [p.name for p in make_jpegs(tmp / "data", 500, size=(64, 64))]
+    for rows in args.rows:
+        for suffix in args.formats:
+            file = tmp / "data" / f"catalogue-{rows}{suffix}"
+            write_catalogue(file, rows, images)
+            size = file.stat().st_size / 2 ** 20
+            for ranks in args.ranks:
+                readers = [r for r in args.readers if r != "main" or suffix == ".csv"]
+                for reader in readers:
+                    cache = tmp / f"cache-{rows}-{suffix}-{ranks}"
+                    if reader == "ours cold":
+                        shutil.rmtree(cache, ignore_errors=True)
+                    results = run_ranks("main" if reader == "main" else "ours", file, ranks, cache, baseline)
+                    table = sum(p.stat().st_size for p in (cache / "tables").glob("*.arrow")) / 2 ** 20 \
+                        if reader != "main" else 0
+                    print(json.dumps({"rows": rows, "file": suffix, "file_mib": round(size, 1), "ranks": ranks,
+                                      "reader": reader, "table_file_mib": round(table, 1), "per_rank": results}),
+                          flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    lo = sub.add_parser("loader")
+    lo.add_argument("--images", type=int, default=384)
+    lo.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    lo.add_argument("--rounds", type=int, default=2)
+    st = sub.add_parser("startup")
+    st.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
+    st.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    st.add_argument("--formats", nargs="+", default=[".csv", ".parquet"])
+    st.add_argument("--readers", nargs="+", default=["ours cold", "ours warm", "main"])
+    ch = sub.add_parser("child")
+    ch.add_argument("--reader", required=True)
+    ch.add_argument("--file", required=True)
+    ch.add_argument("--cache", required=True)
+    ch.add_argument("--baseline", required=True)
+    args = p.parse_args()
+    {"loader": bench_loader, "startup": bench_startup, "child": child}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Images over the network: fetched once into the node's cache, transient errors retried,
+permanent ones handled by data.onBadImage. A real HTTP server on loopback counts requests
+and plays the failures."""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import threading
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import fsspec
+import pytest
+
+import kontrast.trainer.images as images
+from kontrast.trainer.data import load_data
+from kontrast.trainer.errors import DataError
+from kontrast.trainer.images import ImageCache, TransientImageError, with_retries
+from specs import params_of
+
+SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"],
+        "rightWeights": [0.75, 0.25], "weightKey": "score"}
+
+
+class ImageServer:
+    """Serves a folder; counts requests per path; ``fail[path]`` lists what the next requests
+    of that path get instead of the file (an HTTP status, or "drop" to close the connection)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.hits, self.fail = folder, Counter(), defaultdict(list)
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.hits[self.path] += 1
+                if server.fail[self.path]:
+                    what = server.fail[self.path].pop(0)
+                    if what == "drop":
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                        return
+                    self.send_error(what)
+                    return
+                file = server.folder / self.path.lstrip("/")
+                if not file.is_file():
+                    self.send_error(404, "File not found")
+                    return
+                body = file.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server(small_data):
+    s = ImageServer(small_data)
+    yield s
+    s.httpd.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch, tmp_path):
+    monkeypatch.setattr(images, "BACKOFF_S", 0.01)
+    monkeypatch.setenv("KONTRAST_CACHE", str(tmp_path / "cache"))
+
+
+def http_copy(small_data: Path, server: ImageServer, out: Path, name: str = "train32.csv") -> Path:
+    """``name`` with every image given by its URL on the server."""
+    with open(small_data / name, newline="") as f:
+        rows = list(csv.reader(f))
+    for row in rows[1:]:
+        row[1] = f"{server.base}/{row[1]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return out
+
+
+def image_paths(csv_path: Path) -> list[str]:
+    with open(csv_path, newline="") as f:
+        return sorted({"/" + r["image"].split("/", 3)[3] for r in csv.DictReader(f)})
+
+
+# ------------------------------------------------------------------------------------------------
+
+def test_each_image_is_fetched_once_per_run_and_epoch_2_reads_the_cache(run_training, base_spec, small_data,
+                                                                         server, tmp_path):
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+    spec = {**base_spec, "trainData": str(data), "batchSize": 8, "epochs": 2, "workers": 2,
+            "data": {"cache": str(tmp_path / "cache")}}
+    spec.pop("evalData")
+    summary, _ = run_training(spec)
+    assert summary["epoch"] == 2
+    paths = image_paths(data)
+    assert dict(server.hits) == {p: 1 for p in paths}     # the prefetch's fetch, then only the cache
+    assert len(list((tmp_path / "cache" / "images").rglob("*"))) >= len(paths)
+
+
+def test_transient_errors_are_retried_and_training_succeeds(run_training, base_spec, small_data, server, tmp_path, h):
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+    first, second = image_paths(data)[:2]
+    server.fail[first] = [503, 429]
+    server.fail[second] = ["drop"]
+    spec = {**base_spec, "trainData": str(data), "batchSize": 8, "epochs": 1}
+    spec.pop("evalData")
+    summary, _ = run_training(spec)
+    assert summary["epoch"] == 1 and summary["finalLoss"] is not None
+    assert (server.hits[first], server.hits[second]) == (3, 2)
+
+
+def test_transient_errors_past_the_retries_are_not_data_errors(small_data, server, tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "RETRIES", 2)
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+    path = image_paths(data)[0]
+    server.fail[path] = [503] * 10
+    with pytest.raises(TransientImageError, match="HTTP 503") as info:
+        load_data(str(data), params_of(SPEC), require_positive_weight=True)
+    assert not isinstance(info.value, DataError) and server.hits[path] == 3
+
+
+def test_backoff_doubles():
+    waits, calls = [], []
+
+    def flaky(location):
+        calls.append(location)
+        if len(calls) < 4:
+            raise TransientImageError("reset")
+        return b"ok"
+
+    assert with_retries(flaky, "x", sleep=waits.append) == b"ok"
+    assert len(waits) == 3 and all(0.4 < waits[i + 1] / waits[i] < 6 for i in range(2))
+    assert waits[0] < waits[2]
+
+
+def test_bad_images_fail_the_run_naming_rows(small_data, server, tmp_path):
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+    missing = image_paths(data)[0]
+    server.fail[missing] = [404] * 3
+    with pytest.raises(DataError) as info:
+        load_data(str(data), params_of(SPEC), require_positive_weight=True)
+    err = info.value
+    assert err.column == "image" and err.row is not None and "404" in str(err) and missing in str(err)
+    assert server.hits[missing] == 1          # a 404 is not retried
+
+
+def test_undecodable_bytes_are_a_bad_image(tmp_path, h):
+    h.write_image(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    path = h.write_csv(tmp_path / "train.csv", [["query", "image", "title", "score"],
+                                                ["a", "ok.png", "t", "1"], ["b", "broken.png", "t", "1"],
+                                                ["c", "ok.png", "t", "1"], ["d", "gone.png", "t", "1"]])
+    with pytest.raises(DataError) as info:
+        load_data(str(path), params_of(SPEC), require_positive_weight=True)
+    err = info.value
+    assert [(p.row, p.line, p.column) for p in err.problems] == [(2, 3, "image"), (4, 5, "image")]
+    assert "broken.png" in str(err.problems[0]) and "file not found" in str(err.problems[1])
+
+
+def test_skip_drops_the_rows_and_reports_them(run_training, base_spec, small_data, server, tmp_path, h):
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+    bad = image_paths(data)[0]
+    server.fail[bad] = [404] * 5
+    with open(data, newline="") as f:
+        using = sum(r["image"].endswith(bad) for r in csv.DictReader(f))
+    spec = {**SPEC, "data": {"onBadImage": "skip", "maxBadFraction": 0.2}}
+    ex, report = load_data(str(data), params_of(spec), require_positive_weight=True)
+    assert len(ex) == 32 - using and report.skipped_rows == using and len(report.bad) == 1
+    assert all(not ex.image(i).endswith(bad) for i in range(len(ex)))
+    status = report.status()
+    assert status["badImages"] == 1 and bad in status["examples"][0] and "404" in status["examples"][0]
+    from kontrast.trainer.status_reporter import conform, status_schema
+
+    assert conform({"data": {"badImages": [status]}}, status_schema()) == {"data": {"badImages": [status]}}
+
+    # a whole run: trains on the rest, and the start event (status.data in a cluster) names the image
+    run_spec = {**base_spec, "trainData": str(data), "batchSize": 8, "epochs": 1,
+                "data": {"onBadImage": "skip", "maxBadFraction": 0.2}}
+    run_spec.pop("evalData")
+    summary, _ = run_training(run_spec)
+    start = [e for e in h.read_jsonl(Path(run_spec["output"]) / "progress.jsonl") if e["event"] == "start"][0]
+    assert start["data"]["badImages"][0]["skippedRows"] == using
+
+
+def test_skip_fails_past_the_fraction(small_data, server, tmp_path):
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+    paths = image_paths(data)
+    for p in paths[:3]:
+        server.fail[p] = [404] * 5
+    spec = {**SPEC, "data": {"onBadImage": "skip", "maxBadFraction": 0.05}}
+    with pytest.raises(DataError, match=r"3 of \d+ distinct images .* more than data.maxBadFraction \(5.00%\)") as info:
+        load_data(str(data), params_of(spec), require_positive_weight=True)
+    assert paths[0] in str(info.value)
+
+
+def test_fsspec_urls_are_cached_by_location(tmp_path, h):
+    h.write_image(tmp_path / "web.png", colour=(1, 2, 3))
+    with fsspec.open("memory://bucket/imgs/mem.png", "wb") as f:
+        f.write((tmp_path / "web.png").read_bytes())
+    cache = ImageCache(tmp_path / "c")
+    assert cache.load("memory://bucket/imgs/mem.png").getpixel((0, 0)) == (1, 2, 3)
+    fsspec.filesystem("memory").rm("/bucket/imgs/mem.png")
+    assert cache.load("memory://bucket/imgs/mem.png").getpixel((0, 0)) == (1, 2, 3)   # from the cache
+    assert cache.path("memory://bucket/imgs/mem.png") != cache.path("memory://other/imgs/mem.png")
