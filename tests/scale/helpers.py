@@ -153,10 +153,11 @@ def worker_loss_exactness(world, n_global: int, n_shard: int):
 
 
 def worker_world_basics(world, n: int):
-    """init_from_env, all_reduce_mean, broadcast_object, shard_indices, barrier on real gloo."""
+    """init_from_env, all_reduce_mean/min/max, broadcast_object, shard_indices, barrier on real gloo."""
     import torch.distributed as dist
 
-    from kontrast.trainer.distributed import all_reduce_mean, all_reduce_min, broadcast_object, shard_indices
+    from kontrast.trainer.distributed import all_reduce_max, all_reduce_mean, all_reduce_min, broadcast_object
+    from kontrast.trainer.sampler import shard_indices
 
     world.barrier()
     return {
@@ -165,8 +166,9 @@ def worker_world_basics(world, n: int):
         "mean": all_reduce_mean(float(world.rank + 1)),
         "mean_tensor": all_reduce_mean(torch.tensor([world.rank * 2.0, 4.0])),
         "min": all_reduce_min(10 - world.rank),
+        "max": all_reduce_max([world.rank, 0, 7 - world.rank]),
         "broadcast": broadcast_object({"path": f"from-rank-{world.rank}"}),
-        "shard": shard_indices(n, world, epoch=3, seed=7),
+        "shard": shard_indices(n, world, epoch=3, seed=7).tolist(),
     }
 
 

@@ -72,7 +72,7 @@ def test_world_from_torchrun_environment(ranks):
         assert out["device"] == "cpu" and out["backend"] == "gloo"
         assert out["mean"] == pytest.approx(1.5)
         assert out["mean_tensor"] == pytest.approx((0 + 4 + 2 + 4) / 4)
-        assert out["min"] == 9
+        assert out["min"] == 9 and out["max"] == [W - 1, 0, 7]
         assert out["broadcast"] == {"path": "from-rank-0"}
     shards = [out["shard"] for out in outs]
     assert len(shards[0]) == len(shards[1]) == n // W

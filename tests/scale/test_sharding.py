@@ -1,11 +1,11 @@
-"""shard_indices and the single-process World (no process group needed)."""
+"""sampler (shard_indices, StepSampler) and the single-process World (no process group needed)."""
 
 
 import torch
 import torch.distributed as dist
 
-from kontrast.trainer.distributed import (World, all_reduce_mean, init_from_env, shard_indices,
-                                          unwrap, wrap_ddp)
+from kontrast.trainer.distributed import World, all_reduce_mean, init_from_env, unwrap, wrap_ddp
+from kontrast.trainer.sampler import StepSampler, shard_indices
 
 
 def test_single_process_world_without_torchrun(monkeypatch):
@@ -32,9 +32,11 @@ def test_shards_are_disjoint_equal_and_cover_all_but_the_remainder():
 
 def test_shards_are_deterministic_and_reshuffled_each_epoch():
     world = World(rank=1, world_size=2)
-    assert shard_indices(50, world, epoch=0, seed=0) == shard_indices(50, world, epoch=0, seed=0)
-    assert shard_indices(50, world, epoch=0, seed=0) != shard_indices(50, world, epoch=1, seed=0)
-    assert shard_indices(50, world, epoch=0, seed=0) != shard_indices(50, world, epoch=0, seed=1)
+
+    def shard(epoch, seed):
+        return shard_indices(50, world, epoch=epoch, seed=seed).tolist()
+
+    assert shard(0, 0) == shard(0, 0) and shard(0, 0) != shard(1, 0) and shard(0, 0) != shard(0, 1)
 
 
 def test_each_step_of_w_ranks_is_the_window_one_process_takes():
@@ -46,3 +48,17 @@ def test_each_step_of_w_ranks_is_the_window_one_process_takes():
     for step in range(n // (w * b)):
         window = set(single[step * w * b:(step + 1) * w * b])
         assert set().union(*(s[step * b:(step + 1) * b] for s in shards)) == window
+
+
+def test_step_sampler_cuts_whole_steps_into_micro_batches_and_resumes_mid_epoch():
+    world = World(rank=1, world_size=2)
+    sampler = StepSampler(n_rows=53, world=world, seed=4, step_rows=6, micro=3)   # 26 rows per rank: 4 steps
+    sampler.set_epoch(2)
+    full = list(sampler)
+    shard = shard_indices(53, world, epoch=2, seed=4).tolist()
+    assert sampler.steps_per_epoch == 4 and len(full) == len(sampler) == 8
+    assert [i for mb in full for i in mb] == shard[:24] and {len(mb) for mb in full} == {3}
+    sampler.set_epoch(2, start_step=3)                  # resumed after 3 steps: the rest, in order
+    assert list(sampler) == full[6:] and len(sampler) == 2
+    sampler.set_epoch(2, start_step=4)
+    assert list(sampler) == []

@@ -5,8 +5,8 @@ under the other (with feature-caching accumulation and DDP no_sync in the resume
 Runs (each 2 epochs x 4 optimizer steps of 16 rows in total, on the tiny model):
   A  1 process,  batchSize 16                      (in-process `kontrast train`)
   B  2 processes, batchSize 8                      (torchrun -m kontrast.trainer)
-  C  2 processes, batchSize 4, accumFreq 2, resumed from A's epoch_1.pt
-  D  1 process,  batchSize 16, resumed from B's epoch_1.pt (written by B's rank 0)
+  C  2 processes, batchSize 4, accumFreq 2, resumed from A's step_4.pt (the end of epoch 1)
+  D  1 process,  batchSize 16, resumed from B's step_4.pt (written by B's rank 0)
 A, B, C and D see the same global batches, so all must end with the same weights.
 """
 
@@ -78,8 +78,9 @@ def weights(out: Path, epoch: int = 2) -> dict[str, torch.Tensor]:
 
 
 def seed_checkpoint(src: Path, dst: Path) -> None:
+    """The resumable checkpoint of the end of epoch 1 (step 4), as if ``dst`` had written it."""
     (dst / "checkpoints").mkdir(parents=True)
-    shutil.copy(src / "checkpoints" / "epoch_1.pt", dst / "checkpoints" / "epoch_1.pt")
+    shutil.copy(src / "checkpoints" / "step_4.pt", dst / "checkpoints" / "step_4.pt")
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,8 @@ def test_rank_zero_alone_reports_and_checkpoints(runs):
     log = events(out)
     assert [e["event"] for e in log].count("start") == 1 and [e["event"] for e in log].count("end") == 1
     assert [e["step"] for e in log if e["event"] == "step"] == list(range(1, 9))  # once per step, not per rank
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_2.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_2.pt", "step_4.pt",
+                                                                       "step_8.pt"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resolved"]["worldSize"] == 2 and summary["resolved"]["globalBatchSize"] == 16
     assert summary["resolved"]["device"] == "cpu"
@@ -152,7 +154,7 @@ def test_rank_zero_alone_reports_and_checkpoints(runs):
 def test_one_process_checkpoint_resumes_on_two_with_accumulation(runs):
     out = runs["folder"]
     starts = [e for e in events(out / "C") if e["event"] == "start"]
-    assert len(starts) == 1 and starts[0]["startEpoch"] == 1 and starts[0]["resumedFrom"].endswith("epoch_1.pt")
+    assert len(starts) == 1 and starts[0]["startEpoch"] == 1 and starts[0]["resumedFrom"].endswith("step_4.pt")
     resolved = starts[0]["resolved"]
     assert (resolved["microBatchSize"], resolved["accumSteps"], resolved["worldSize"]) == (4, 2, 2)
     assert [e["step"] for e in events(out / "C") if e["event"] == "step"] == [5, 6, 7, 8]
@@ -164,6 +166,6 @@ def test_one_process_checkpoint_resumes_on_two_with_accumulation(runs):
 def test_two_process_checkpoint_resumes_on_one(runs):
     out = runs["folder"]
     starts = [e for e in events(out / "D") if e["event"] == "start"]
-    assert starts[0]["startEpoch"] == 1 and starts[0]["resumedFrom"].endswith("epoch_1.pt")
+    assert starts[0]["startEpoch"] == 1 and starts[0]["resumedFrom"].endswith("step_4.pt")
     assert losses(out / "D") == pytest.approx(losses(out / "A")[4:], rel=1e-4, abs=1e-5)
     assert_same_weights(weights(out / "A"), weights(out / "D"))

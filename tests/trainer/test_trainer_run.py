@@ -31,6 +31,13 @@ def final_state(summary):
     return torch.load(summary["checkpoints"][-1]["uri"], weights_only=True)
 
 
+def final_optimizer(summary):
+    """The AdamW state of the newest resumable checkpoint (model files hold none)."""
+    from kontrast.trainer.checkpoint import load_latest
+
+    return load_latest(summary["output"])[0]["optimizer"]
+
+
 def start_state(resolve_spec, spec):
     """The model a run starts from (same seed, same build)."""
     from kontrast.trainer.model import build_model
@@ -60,13 +67,14 @@ def test_full_run_outputs(run_training, base_spec, h):
     assert on_disk["resolved"]["totalSteps"] == 8 and on_disk["parameters"]["batchSize"] == 16
     events = [e["event"] for e in h.read_jsonl(out / "progress.jsonl")]
     assert events[0] == "start" and events[-1] == "end" and events.count("step") == 8
-    assert events.count("checkpoint") == 2 and events.count("eval") == 2
+    assert events.count("checkpoint") == 4 and events.count("eval") == 2   # resumable + model file per epoch
     step = steps(out, h)[-1]
     assert {"epoch", "epochs", "step", "totalSteps", "percent", "samplesPerSecond", "etaSeconds", "loss", "lr"} <= step.keys()
     assert (step["step"], step["percent"], step["epoch"]) == (8, 100.0, 2)
     lrs = [e["lr"] for e in steps(out, h)]                       # cosine after 2 warmup steps
     assert lrs == pytest.approx([5e-4, 1e-3] + [0.5e-3 * (1 + math.cos(math.pi * i / 6)) for i in range(6)])
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_2.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_2.pt", "step_4.pt",
+                                                                       "step_8.pt"]
 
 
 def test_resume_after_interruption_continues_from_the_checkpoint(run_training, quick, tmp_path, h):
@@ -79,12 +87,46 @@ def test_resume_after_interruption_continues_from_the_checkpoint(run_training, q
     log = h.read_jsonl(tmp_path / "interrupted" / "progress.jsonl")
     starts = [e for e in log if e["event"] == "start"]
     assert [s["startStep"] for s in starts] == [0, 4]
-    assert starts[1]["resumedFrom"].endswith("epoch_1.pt")
+    assert starts[1]["resumedFrom"].endswith("step_4.pt")
     assert [e["step"] for e in log if e["event"] == "step"] == list(range(1, 13))   # 1-4, then 5-12: never 0 again
     # the resumed run ends exactly where the uninterrupted one does
     a, b = final_state(full)["state_dict"], final_state(resumed)["state_dict"]
     assert h.state_close(a, b)
     assert [e["loss"] for e in steps(tmp_path / "full", h)] == [e["loss"] for e in log if e["event"] == "step"]
+
+
+def test_mid_epoch_checkpoint_resumes_exactly(run_training, quick, tmp_path, h, monkeypatch):
+    """checkpointEvery: a run killed mid-epoch loses only the steps since its last checkpoint,
+    and resumed there it takes the same rows, lr and randomness as the uninterrupted run."""
+    spec = {**quick, "epochs": 2, "checkpointEvery": {"steps": 3}, "output": str(tmp_path / "full")}
+    full, _ = run_training(spec)          # 4 steps per epoch: resumable at steps 3, 4, 6, 8; the newest 2 kept
+    names = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    assert names == ["epoch_1.pt", "epoch_2.pt", "step_6.pt", "step_8.pt"]
+
+    spec["output"] = str(tmp_path / "killed")
+    real_step = train_mod.optimizer_step
+
+    def killed_in_step_7(run, micro_batches, lr, step):
+        if step == 6:
+            raise RuntimeError("killed")
+        return real_step(run, micro_batches, lr, step)
+
+    monkeypatch.setattr(train_mod, "optimizer_step", killed_in_step_7)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_training(spec)
+    monkeypatch.undo()
+    saved = torch.load(tmp_path / "killed" / "checkpoints" / "step_6.pt", weights_only=True)
+    assert (saved["epoch"], saved["epoch_step"], saved["step"]) == (1, 2, 6)     # in the middle of epoch 2
+
+    resumed, _ = run_training(spec)
+    log = h.read_jsonl(tmp_path / "killed" / "progress.jsonl")
+    starts = [e for e in log if e["event"] == "start"]
+    assert [s["startStep"] for s in starts] == [0, 6] and starts[1]["resumedFrom"].endswith("step_6.pt")
+    killed_steps = [e for e in log if e["event"] == "step"]
+    assert [e["step"] for e in killed_steps] == list(range(1, 9))
+    full_steps = steps(tmp_path / "full", h)
+    assert [(e["loss"], e["lr"]) for e in killed_steps] == [(e["loss"], e["lr"]) for e in full_steps]
+    assert h.state_close(final_state(full)["state_dict"], final_state(resumed)["state_dict"])
 
 
 def test_seed_gives_the_same_loss_curve(run_training, quick, tmp_path, h):
@@ -153,12 +195,12 @@ def test_lr_scales_the_updates(run_training, resolve_spec, quick, tmp_path):
 def test_adamw_betas_eps_and_weight_decay(run_training, resolve_spec, quick, tmp_path):
     summary, _ = run_training({**quick, "beta1": 0.8, "beta2": 0.95, "eps": 1e-7, "wd": 0.5,
                                "output": str(tmp_path / "a")})
-    groups = final_state(summary)["optimizer"]["param_groups"]
+    groups = final_optimizer(summary)["param_groups"]
     assert {tuple(g["betas"]) for g in groups} == {(0.8, 0.95)} and {g["eps"] for g in groups} == {1e-7}
     assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.5]
     # model-dependent defaults when unset: "vit" in the config's name
     default, _ = run_training({**quick, "output": str(tmp_path / "d")})
-    g = final_state(default)["optimizer"]["param_groups"][0]
+    g = final_optimizer(default)["param_groups"][0]
     assert (tuple(g["betas"]), g["eps"]) == ((0.9, 0.98), 1e-6)
     # weight decay shrinks the weight matrices
     no_wd, _ = run_training({**quick, "wd": 0.0, "lr": 1e-2, "output": str(tmp_path / "w0")})
@@ -178,8 +220,9 @@ def test_grad_clip_norm_limits_the_updates(run_training, resolve_spec, quick, tm
 def test_batch_size_epochs_and_save_frequency(run_training, quick, tmp_path):
     summary, r = run_training({**quick, "batchSize": 16, "epochs": 3, "saveFrequency": 2, "output": str(tmp_path / "b")})
     assert summary["totalSteps"] == 6 and summary["resolved"]["globalBatchSize"] == 16     # 32 rows / 16 x 3
-    assert sorted(p.name for p in (Path(r.params.output) / "checkpoints").iterdir()) == ["epoch_2.pt", "epoch_3.pt"]
-    assert [c["step"] for c in summary["checkpoints"]] == [4, 6]
+    assert sorted(p.name for p in (Path(r.params.output) / "checkpoints").iterdir()) == [
+        "epoch_2.pt", "epoch_3.pt", "step_4.pt", "step_6.pt"]
+    assert [c["step"] for c in summary["checkpoints"]] == [4, 4, 6, 6]
 
 
 def test_batch_larger_than_the_data_is_a_data_error(run_training, quick):

@@ -5,6 +5,7 @@ rules), resolves it, and trains. Permanent errors (an invalid TrainJob, bad data
 parameter that cannot work) print their message, write it to the file named by
 $KONTRAST_TERMINATION_LOG when set (Kubernetes shows it in the pod's status), and exit with
 ``kontrast.contract.EXIT_PERMANENT`` (78) so the operator fails the job instead of retrying.
+SIGTERM during training saves a checkpoint and exits with 143, as a process killed by it would.
 
 Example data: a TrainJob annotated ``kontrast.dev/generate-example-data: "true"`` whose
 trainData (a local path) does not exist gets the synthetic data set of
@@ -22,11 +23,14 @@ from typing import Callable, Optional, Sequence
 
 from kontrast.contract import EXIT_PERMANENT, JOB_NAME_ENV, TERMINATION_LOG_ENV
 
-from .errors import PermanentError, SpecError
+from .errors import Interrupted, PermanentError, SpecError
 from .locations import has_scheme
 from .spec import GENERATE_EXAMPLE_DATA, Resolved
 
 log = logging.getLogger("kontrast.trainer")
+
+#: The exit code of a process stopped by SIGTERM (128 + 15), also after a clean save.
+EXIT_INTERRUPTED = 143
 
 #: Kubernetes keeps at most 4096 bytes of a termination message.
 TERMINATION_LOG_LIMIT = 4096
@@ -152,6 +156,9 @@ def run_permanent(body: Callable[[], int], prog: str) -> int:
     exits with EXIT_PERMANENT."""
     try:
         return body()
+    except Interrupted as exc:
+        print(f"{prog}: {exc}; running it again resumes from there", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except PermanentError as exc:
         message = str(exc)
         print(f"{prog}: {message}", file=sys.stderr)

@@ -1,14 +1,9 @@
-"""Process-group set-up for torchrun (single node or multi-node) and the data sharding.
+"""Process-group set-up for torchrun (single or multi-node) and the collectives the trainer uses.
 
 torchrun (also when launched by the operator with PET_* / rendezvous settings) exports
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT to every worker; without
 WORLD_SIZE the trainer is a plain single process and nothing is initialised, so
-``kontrast train FILE`` needs no launcher.
-
-Sharding is strided (rank r takes positions r, r+W, r+2W, ... of one permutation), so at
-every step the W ranks together hold exactly the consecutive window of the permutation that
-one process with a W-times larger batch would take: with the gathered loss, training on 2
-processes x B is the same computation as 1 process x 2B.
+``kontrast train FILE`` needs no launcher. Which rows each rank takes: sampler.py.
 """
 
 from __future__ import annotations
@@ -18,11 +13,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "init_from_env", "wrap_ddp", "unwrap", "shard_indices", "all_reduce_mean",
+__all__ = ["World", "init_from_env", "wrap_ddp", "unwrap", "all_reduce_mean", "all_reduce_max",
            "broadcast_object", "shutdown"]
 
 
@@ -120,18 +114,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def shard_indices(n: int, world: World, epoch: int, seed: int) -> list[int]:
-    """This rank's sample indices for one epoch.
-
-    One permutation per (seed, epoch), the same on every rank; the remainder that does not
-    divide by world_size is dropped so all ranks have the same length and step together;
-    rank r takes every world_size-th position starting at r (see the module docstring).
-    """
-    perm = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)]).permutation(n)
-    usable = (n // world.world_size) * world.world_size
-    return perm[world.rank:usable:world.world_size].tolist()
-
-
 def all_reduce_mean(value: Union[float, int, torch.Tensor]) -> float:
     """Mean of a scalar over ranks (for logging); the value itself for one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -151,6 +133,17 @@ def all_reduce_min(value: int) -> int:
     t = torch.tensor([int(value)], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def all_reduce_max(values: list[int]) -> list[int]:
+    """Element-wise largest integers over ranks, in one collective (e.g. flags any rank may
+    raise, so every rank takes the same decision at the same step)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [int(v) for v in values]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
 
 
 def broadcast_object(obj, src: int = 0):

@@ -24,6 +24,11 @@ class SpecError(PermanentError):
         super().__init__(f"spec.{field}: {message}")
 
 
+class Interrupted(Exception):
+    """Training was asked to stop (SIGTERM: preemption, a deleted pod) and saved a checkpoint
+    first; the next run resumes from it. Not a failure of the run."""
+
+
 @dataclass(frozen=True)
 class DataProblem:
     """One problem in a data file. ``row`` is the 1-based data row (the header is row 0)

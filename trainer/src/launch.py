@@ -21,6 +21,12 @@ podFailurePolicy turns into an immediate Failed job instead of a restart. So:
   termination log empty, so Kubernetes falls back to the log's tail (the traceback);
 - success -> 0.
 
+Stopping (``kubectl delete pod``, preemption): the kubelet sends SIGTERM to this process;
+torchrun forwards it to every worker, which finishes its step, saves a checkpoint and exits
+(save_policy.py), and this exits 143. torchrun would SIGKILL workers still running after its
+shutdown timeout (30 s by default), so it gets ``SHUTDOWN_TIMEOUT_S`` instead: the pod's
+terminationGracePeriodSeconds is the one limit on the save.
+
 Outside a pod (no PET_* variables) it trains on one node with torchrun's standalone
 rendezvous, which is handy to try the pod command locally.
 """
@@ -39,12 +45,17 @@ from kontrast.contract import EXIT_PERMANENT, TERMINATION_LOG, TERMINATION_LOG_E
 
 log = logging.getLogger("kontrast.launch")
 
+#: torchrun's wait for workers to exit after forwarding SIGTERM, before it SIGKILLs them; longer
+#: than any grace period, so the kubelet's terminationGracePeriodSeconds decides.
+SHUTDOWN_TIMEOUT_S = 24 * 3600
+
 
 def torchrun_args(file: str, extra: Sequence[str], env: dict) -> list[str]:
     """The torchrun command line for this node, from the PET_* environment."""
     nnodes = int(env.get("PET_NNODES") or 1)
     nproc = int(env.get("PET_NPROC_PER_NODE") or 1)
-    args = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc), "--max-restarts", "0"]
+    args = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc), "--max-restarts", "0",
+            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
     if nnodes == 1 and not env.get("PET_MASTER_ADDR"):
         args.append("--standalone")
     else:

@@ -20,6 +20,14 @@ from .errors import SpecError
 from .locations import has_scheme, looks_like_path, resolve_location
 
 
+@dataclass(frozen=True)
+class CheckpointEvery:
+    """checkpointEvery: exactly one of the two is set (the CRD's rule)."""
+
+    steps: Optional[int] = None
+    minutes: Optional[float] = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Params:
     # What to learn: the columns of each side, their weights, and each row's loss weight.
@@ -81,6 +89,10 @@ class Params:
     lock_text_freeze_layer_norm: bool
     lock_text_unlocked_layers: int
 
+    # Checkpoints: mid-epoch interval (None: epoch ends only) and retention.
+    checkpoint_every: Optional[CheckpointEvery] = None
+    keep_checkpoints: int                       #: resumable checkpoints kept
+
     # Data and output locations, resolved (local path or fsspec URL).
     train_data: str
     eval_data: Optional[str] = None
@@ -112,6 +124,8 @@ class Params:
         defaulted = apply_defaults({"spec": dict(spec)})["spec"]
         values = {field_name(key): _frozen(value) for key, value in defaulted.items()}
         values.update(_resolved_locations(defaulted, base_dir, output))
+        if defaulted.get("checkpointEvery") is not None:
+            values["checkpoint_every"] = CheckpointEvery(**defaulted["checkpointEvery"])
         beta2, eps = adam_defaults(defaulted["model"])
         values["beta2"] = defaulted.get("beta2", beta2)
         values["eps"] = defaulted.get("eps", eps)

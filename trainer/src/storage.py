@@ -75,6 +75,7 @@ def list_names(folder: str) -> list[str]:
     """Names of the files directly in ``folder`` (empty if it does not exist)."""
     if has_scheme(folder):
         fs, path = _fs(folder)
+        fs.invalidate_cache(path)  # another process (a previous run, another rank) may have written
         if not fs.exists(path):
             return []
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
@@ -88,3 +89,15 @@ def open_read(location: str):
 
         return fsspec.open(location, "rb").open()
     return open(location, "rb")
+
+
+def delete(location: str) -> None:
+    """Remove a file (gone already is fine: deleting twice must not fail a run)."""
+    if has_scheme(location):
+        fs, path = _fs(location)
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        return
+    Path(location).unlink(missing_ok=True)

@@ -11,17 +11,20 @@ Order of a run (every rank unless noted), the order of ``_train``:
 2. ``resume`` from the newest complete checkpoint in ``output`` (rank 0 picks it, all load it).
 3. Evaluate the starting model on evalData (rank 0; others wait), unless resuming.
 4. ``train_epoch``: this rank's shard of a per-epoch permutation, cut into optimizer steps
-   of batchSize x accumFreq rows, each cut into micro-batches; ``optimizer_step`` runs one
-   (``train_step``: one micro-batch is a plain forward/backward; several use
-   ``accumulation.contrastive_step``'s feature caching, whose gradients equal the full
-   batch's), then gradient clipping, the optimizer step, and the logit scale clamp to
-   [0, ln 100].
-5. ``save`` every saveFrequency epochs and after the last (rank 0); ``summarise``: evaluate
-   the final model, write summary.json (rank 0).
+   of batchSize x accumFreq rows, each cut into micro-batches (``sampler.StepSampler``);
+   ``optimizer_step`` runs one (``train_step``: one micro-batch is a plain forward/backward;
+   several use ``accumulation.contrastive_step``'s feature caching, whose gradients equal
+   the full batch's), then gradient clipping, the optimizer step, and the logit scale clamp
+   to [0, ln 100]. After each step ``save_policy`` says whether to save a resumable
+   checkpoint (checkpointEvery) or to save and stop (SIGTERM).
+5. ``end_epoch``: evaluate when due and ``save`` every saveFrequency epochs, after the last
+   and at a new best (rank 0); ``summarise``: evaluate the final model, write summary.json
+   (rank 0).
 
-Randomness is re-seeded from (seed, epoch, rank) at the start of every epoch and
-augmentations are seeded per sample (data.sample_seed), so a resumed run continues exactly
-as the uninterrupted run would have, and the same seed gives the same loss curve on CPU.
+Randomness is re-seeded from (seed, step, rank) before every optimizer step and
+augmentations are seeded per sample (data.sample_seed); with the sampler's order and the
+stateless schedule, a run resumed at any step, mid-epoch included, continues exactly as the
+uninterrupted run would have, and the same seed gives the same loss curve on CPU.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ from . import checkpoint as ckpt
 from . import storage
 from . import data
 from .data import PairDataset, TrainLoader, collate
-from .distributed import World, all_reduce_min, broadcast_object, init_from_env, shard_indices, unwrap, wrap_ddp
-from .errors import DataError, DataProblem, PermanentError
+from .distributed import World, all_reduce_min, broadcast_object, init_from_env, unwrap, wrap_ddp
+from .errors import DataError, DataProblem, Interrupted, PermanentError
 from .evaluate import build_eval_set, evaluate
 from .export import CONFIG_KEY, export_run, open_clip_config
 from .fusion import FusedModel
@@ -54,6 +57,8 @@ from .model import ModelBundle, build_model
 from .precision import Precision, lost_update_warning, precision_warnings, resolve_precision
 from .report import JsonlReporter, Reporter, Reporters, utc_now
 from .report_html import TENSORBOARD, run_outputs, write_report
+from .sampler import StepSampler, steps_per_epoch
+from .save_policy import SavePolicy, stop_on_sigterm
 from .schedule import Schedule, make_schedule
 from .params import Params
 from .spec import Resolved
@@ -76,21 +81,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, rank]).generate_state(1)[0])
-
-
-# --------------------------------------------------------------------------------------------
-# data
-
-def step_batches(indices: Sequence[int], step_rows: int, micro: int) -> list[list[int]]:
-    """Micro-batches of index lists: whole optimizer steps only (the remainder is dropped,
-    so every rank takes the same number of steps)."""
-    out = []
-    for s in range(len(indices) // step_rows):
-        rows = list(indices[s * step_rows:(s + 1) * step_rows])
-        out.extend(rows[j:j + micro] for j in range(0, step_rows, micro))
-    return out
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of optimizer step ``step`` on ``rank``: re-seeding every step makes a run
+    resumed at any step draw what the uninterrupted run drew (dropout, patch dropout)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, step, rank]).generate_state(1)[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,8 +105,7 @@ def plan_run(params: Params, n_rows: int, world: World, micro: Optional[int] = N
     micro = micro or params.batch_size
     if step_rows % micro:
         raise ValueError(f"micro-batch {micro} must divide batchSize x accumFreq = {step_rows}")
-    per_rank = n_rows // world.world_size
-    steps = per_rank // step_rows
+    steps = steps_per_epoch(n_rows, world.world_size, step_rows)
     if steps == 0:
         raise DataError([DataProblem(
             file, f"{n_rows} usable rows are fewer than one optimizer step needs: batchSize "
@@ -213,6 +206,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: Any                     #: a GradScaler (amp on CUDA) or None
     train_ds: PairDataset
+    sampler: StepSampler            #: which rows each step of an epoch takes
     loader: TrainLoader             #: one for the run: persistent workers
     plan: RunPlan
     eval_ds: Optional[PairDataset]
@@ -222,6 +216,7 @@ class Run:
     rows: dict[str, Any]            #: row counts of the data files (the report and model card)
     export_config: dict[str, Any]   #: open_clip_config.json of the exported model (kept in checkpoints)
     gallery: Optional[Gallery]      #: before/after top-k examples for the report (rank 0, with evalData)
+    identity: dict[str, Any]        #: which run this is, recorded in its checkpoints
 
     @property
     def clip(self) -> torch.nn.Module:
@@ -237,17 +232,26 @@ class Progress:
     """Where the run stands: what a checkpoint records and a resumed run restores."""
 
     epoch: int = 0                  #: epochs completed
+    epoch_step: int = 0             #: optimizer steps done in the current epoch
     step: int = 0                   #: optimizer steps completed
     eval_before: Optional[dict[str, float]] = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)    #: evaluations so far, oldest first
     best: Optional[dict[str, Any]] = None   #: the saved checkpoint with the best nDCG@10 so far
     resumed_from: Optional[str] = None
+    saved_step: Optional[int] = None  #: the step of the newest resumable checkpoint
     last_loss: Optional[float] = None
     last_grad_norm: Optional[float] = None
     last_data_wait: float = 0.0     #: seconds the last step waited for its batches
     last_step_seconds: float = 0.0
     meter: _Meter = field(default_factory=_Meter)
+
+    def advance(self, steps_per_epoch: int) -> None:
+        """Count one optimizer step; the last step of an epoch completes it."""
+        self.step += 1
+        self.epoch_step += 1
+        if self.epoch_step == steps_per_epoch:
+            self.epoch, self.epoch_step = self.epoch + 1, 0
 
 
 def train(resolved: Resolved, *, world: Optional[World] = None, device: Optional[str] = None,
@@ -258,7 +262,8 @@ def train(resolved: Resolved, *, world: Optional[World] = None, device: Optional
     (the terminal, the cluster status).
 
     ``max_epochs`` stops after that many epochs of this invocation (used to simulate an
-    interrupted run in tests; the schedule still spans spec.epochs).
+    interrupted run in tests; the schedule still spans spec.epochs). SIGTERM during the epochs
+    saves a checkpoint and raises ``Interrupted``.
     """
     started = time.monotonic()
     own_world = world is None
@@ -291,10 +296,13 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
         progress.eval_before = record_eval(run, progress, report, "before", measure(run, "before"))
     epochs = run.params.epochs
     last_epoch = epochs if max_epochs is None else min(epochs, progress.epoch + max_epochs)
+    policy = SavePolicy(run.params.checkpoint_every, world)
     run.net.train()
-    for epoch in range(progress.epoch, last_epoch):
-        train_epoch(run, progress, epoch, report)
-        end_epoch(run, progress, report)
+    with stop_on_sigterm(policy):
+        while progress.epoch < last_epoch:
+            train_epoch(run, progress, report, policy)
+            if end_epoch(run, progress, report):
+                policy.saved()
     if last_epoch < epochs:
         log.info("stopped after epoch %d of %d (max_epochs)", last_epoch, epochs)
         return {"step": progress.step, "epoch": last_epoch, "stopped": True}
@@ -333,8 +341,10 @@ def setup(resolved: Resolved, world: World) -> Run:
                            cache=image_cache)
                if eval_ex is not None else None)
     eval_set = build_eval_set(eval_ex, params.eval_grades) if eval_ex is not None else None
+    global_batch = plan.step_rows * world.world_size
     return Run(resolved=resolved, params=params, world=world, precision=precision, bundle=bundle, fused=fused,
                net=net, optimizer=optimizer, scaler=precision.make_scaler(), train_ds=train_ds,
+               sampler=StepSampler(len(train_ds), world, params.seed, plan.step_rows, plan.micro),
                loader=TrainLoader(train_ds, params.workers, pin_memory=world.device.type == "cuda"), plan=plan,
                eval_ds=eval_ds, eval_set=eval_set,
                info=_resolved_info(params, bundle, plan, world, precision, warnings),
@@ -342,7 +352,8 @@ def setup(resolved: Resolved, world: World) -> Run:
                rows={"trainRows": len(train_ex), "evalRows": len(eval_ex) if eval_ex is not None else None},
                export_config=open_clip_config(bundle.model, open_clip.get_model_config(bundle.name), params,
                                               bundle.tokenizer),
-               gallery=Gallery(params.output, eval_ex, eval_set) if eval_set is not None and world.is_main else None)
+               gallery=Gallery(params.output, eval_ex, eval_set) if eval_set is not None and world.is_main else None,
+               identity=ckpt.run_identity(resolved.name, resolved.uid, resolved.spec, global_batch))
 
 
 def _warnings(params: Params, precision: Precision, bundle: ModelBundle, plan: RunPlan, optimizer) -> list[str]:
@@ -415,23 +426,35 @@ def _resolved_info(params: Params, bundle: ModelBundle, plan: RunPlan, world: Wo
 
 def resume(run: Run) -> Progress:
     """The progress of the newest complete checkpoint in ``output`` (rank 0 finds it, every
-    rank loads it into the model, optimizer and scaler), or a fresh start."""
+    rank checks that this run wrote it and loads it into the model, optimizer and scaler), or
+    a fresh start."""
     found = ckpt.load_latest(run.params.output) if run.world.is_main else None
     location = broadcast_object(found[1] if found else None)
     if location is None:
         return Progress()
     state = found[0] if run.world.is_main else ckpt.load_checkpoint_file(location)
+    ckpt.check_identity(state.get("run"), run.identity, location)
     _load_state(run, state, location)
-    epoch = int(state["epoch"])
-    step = epoch * run.plan.steps_per_epoch
-    if int(state.get("step", step)) != step:
-        log.warning("checkpoint %s was written after step %s; with this data and world size epoch %d "
-                    "ends at step %d, which the schedule continues from", location, state.get("step"),
-                    epoch, step)
-    log.info("resuming from %s (epoch %d, step %d)", location, epoch, step)
-    return Progress(epoch=epoch, step=step, eval_before=state.get("eval_before"),
-                    checkpoints=list(state.get("checkpoints") or []), history=list(state.get("eval_history") or []),
-                    best=state.get("best"), resumed_from=location)
+    progress = _progress_of(state, run.plan.steps_per_epoch, location)
+    log.info("resuming from %s (epoch %d, step %d)", location, progress.epoch, progress.step)
+    return progress
+
+
+def _progress_of(state: dict[str, Any], steps_per_epoch: int, location: str) -> Progress:
+    """Where a checkpoint's run stood, in this run's steps (the same unless the data changed)."""
+    epoch, epoch_step = int(state["epoch"]), min(int(state.get("epoch_step", 0)), steps_per_epoch)
+    if epoch_step == steps_per_epoch:
+        epoch, epoch_step = epoch + 1, 0
+    step = epoch * steps_per_epoch + epoch_step
+    if int(state["step"]) != step:
+        log.warning("checkpoint %s was written after step %s; with this data and world size that point of "
+                    "epoch %d is step %d, which the schedule continues from", location, state["step"],
+                    epoch + 1, step)
+    # Retention deletes older files after a checkpoint is published: list what is left.
+    kept = [c for c in state.get("checkpoints") or [] if storage.exists(c["uri"])]
+    return Progress(epoch=epoch, epoch_step=epoch_step, step=step, eval_before=state.get("eval_before"),
+                    checkpoints=kept, history=list(state.get("eval_history") or []), best=state.get("best"),
+                    resumed_from=location, saved_step=step)
 
 
 def _load_state(run: Run, state: dict[str, Any], location: str) -> None:
@@ -460,26 +483,33 @@ def start_info(run: Run, progress: Progress) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # training
 
-def train_epoch(run: Run, progress: Progress, epoch: int, report: Reporters) -> None:
-    """One epoch: re-seed from (seed, epoch, rank), then every optimizer step of this rank's
-    shard of the epoch's permutation."""
-    seed_everything(epoch_seed(run.params.seed, epoch, run.world.rank))
+def train_epoch(run: Run, progress: Progress, report: Reporters, policy: SavePolicy) -> None:
+    """The rest of the current epoch (all of it unless resumed in its middle), one optimizer
+    step at a time; saves when ``policy`` says so, and after saving raises ``Interrupted``
+    when it says stop."""
+    epoch = progress.epoch
     run.train_ds.set_epoch(epoch)
-    batches = step_batches(shard_indices(len(run.train_ds), run.world, epoch, run.params.seed),
-                           run.plan.step_rows, run.plan.micro)
-    it = run.loader.epoch(epoch, batches)
-    for _ in range(run.plan.steps_per_epoch):
+    run.sampler.set_epoch(epoch, progress.epoch_step)
+    it = run.loader.epoch(epoch, run.sampler)
+    for _ in range(progress.epoch_step, run.plan.steps_per_epoch):
+        seed_everything(step_seed(run.params.seed, progress.step, run.world.rank))
         t0 = time.monotonic()
         micro_batches = [_to(next(it), run.world.device) for _ in range(run.plan.micro_steps)]
         progress.last_data_wait = time.monotonic() - t0
         lr = run.plan.schedule.lr(progress.step)
         progress.last_loss, progress.last_grad_norm = optimizer_step(run, micro_batches, lr, progress.step)
-        progress.step += 1
+        progress.advance(run.plan.steps_per_epoch)
         progress.last_step_seconds = time.monotonic() - t0
         progress.meter.add(progress.last_step_seconds)
         if run.world.is_main:
             report.on_step(step_info(run, progress, epoch, lr))
-    progress.epoch = epoch + 1
+        save_now, stop = policy.poll(progress.step)
+        if save_now:
+            save(run, progress, report, model_file=False)
+            policy.saved()
+        if stop:
+            raise Interrupted(f"stopped after optimizer step {progress.step}, saved to "
+                              f"{ckpt.resumable_location(run.params.output, progress.step)}")
 
 
 def optimizer_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], lr: float,
@@ -574,40 +604,61 @@ def record_eval(run: Run, progress: Progress, report: Reporters, phase: str,
     return metrics
 
 
-def end_epoch(run: Run, progress: Progress, report: Reporters) -> None:
+def end_epoch(run: Run, progress: Progress, report: Reporters) -> bool:
     """Evaluate every evalEvery epochs (the last epoch's evaluation is the final one), then
     checkpoint every saveFrequency epochs, after the last, and whenever the evaluation found a
-    new best model (so status.checkpoints.best always names a saved checkpoint)."""
+    new best model (so status.checkpoints.best always names a saved model file). Returns
+    whether it saved."""
     params = run.params
     last = progress.epoch == params.epochs
     due = params.eval_every > 0 and progress.epoch % params.eval_every == 0 and not last
     metrics = measure(run) if due else None
-    if last or progress.epoch % params.save_frequency == 0 or is_new_best(progress, metrics):
-        save(run, progress, report)
+    saving = last or progress.epoch % params.save_frequency == 0 or is_new_best(progress, metrics)
+    if saving:
+        save(run, progress, report, model_file=True)
     record_eval(run, progress, report, "epoch", metrics)
+    return saving
 
 
 # --------------------------------------------------------------------------------------------
 # save and summarise
 
-def save(run: Run, progress: Progress, report: Reporters) -> None:
-    """Publish a checkpoint of the progress so far (rank 0; the others wait for it)."""
+def save(run: Run, progress: Progress, report: Reporters, *, model_file: bool) -> None:
+    """Publish a resumable checkpoint of the progress so far (unless one exists for this
+    step) and, at the epoch ends that ask for one, the model-only epoch file; then drop
+    resumable checkpoints beyond keepCheckpoints (rank 0; the others wait for it)."""
     if run.world.is_main:
-        entry = {"uri": ckpt.checkpoint_location(run.params.output, progress.epoch), "epoch": progress.epoch,
-                 "step": progress.step, "time": utc_now()}
-        progress.checkpoints = (progress.checkpoints + [entry])[-20:]
-        payload = {
-            "epoch": progress.epoch, "step": progress.step, "name": run.resolved.name,
-            "model": run.params.model, "state_dict": run.clip.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "eval_before": progress.eval_before,
-            "checkpoints": progress.checkpoints, "eval_history": progress.history, "best": progress.best,
-            "kontrast_version": _version(), CONFIG_KEY: run.export_config,
-        }
-        if run.scaler is not None:
-            payload["scaler"] = run.scaler.state_dict()
-        ckpt.save_checkpoint(run.params.output, payload)
-        report.on_checkpoint(entry)
+        _publish(run, progress, report, model_file)
+    progress.saved_step = progress.step
     run.world.barrier()
+
+
+def _publish(run: Run, progress: Progress, report: Reporters, model_file: bool) -> None:
+    output, now = run.params.output, utc_now()
+    resumable = progress.saved_step != progress.step
+    new = []
+    if resumable:
+        new.append({"uri": ckpt.resumable_location(output, progress.step), "epoch": progress.epoch,
+                    "step": progress.step, "time": now})
+    if model_file:   # last, so the epoch's evaluation names the file that is kept (best)
+        new.append({"uri": ckpt.model_location(output, progress.epoch), "epoch": progress.epoch,
+                    "step": progress.step, "time": now})
+    progress.checkpoints = progress.checkpoints + new
+    model = {"epoch": progress.epoch, "step": progress.step, "name": run.resolved.name, "model": run.params.model,
+             "state_dict": run.clip.state_dict(), "run": run.identity, "kontrast_version": _version(),
+             CONFIG_KEY: run.export_config}
+    if resumable:
+        ckpt.save_resumable(output, {
+            **model, "epoch_step": progress.epoch_step, "optimizer": run.optimizer.state_dict(),
+            **({"scaler": run.scaler.state_dict()} if run.scaler is not None else {}),
+            "eval_before": progress.eval_before, "checkpoints": progress.checkpoints,
+            "eval_history": progress.history, "best": progress.best})
+    if model_file:
+        ckpt.save_model(output, model)
+    deleted = set(ckpt.prune(output, run.params.keep_checkpoints))
+    progress.checkpoints = [c for c in progress.checkpoints if c["uri"] not in deleted]
+    for entry in new:
+        report.on_checkpoint(entry)
 
 
 def summarise(run: Run, progress: Progress, report: Reporters, started: float) -> dict[str, Any]:

@@ -1,0 +1,148 @@
+"""trainer/src/launch.py: the pod command (torchrun from PET_*, permanent exit code kept, SIGTERM saves)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from kontrast.contract import EXIT_PERMANENT
+from kontrast.trainer import checkpoint as ckpt
+from kontrast.trainer.launch import exit_code_of, torchrun_args
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_torchrun_args_from_pod_env():
+    env = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "1",
+           "PET_MASTER_ADDR": "clip-0-0.clip-workers", "PET_MASTER_PORT": "29500"}
+    assert torchrun_args("/etc/kontrast/trainjob.yaml", ["--no-progress"], env) == [
+        "--nnodes", "2", "--nproc-per-node", "4", "--max-restarts", "0", "--shutdown-timeout", "86400",
+        "--node-rank", "1", "--master-addr", "clip-0-0.clip-workers", "--master-port", "29500",
+        "-m", "kontrast.trainer", "/etc/kontrast/trainjob.yaml", "--no-progress"]
+
+
+def test_torchrun_args_standalone_outside_a_pod():
+    assert torchrun_args("tj.yaml", [], {}) == [
+        "--nnodes", "1", "--nproc-per-node", "1", "--max-restarts", "0", "--shutdown-timeout", "86400",
+        "--standalone",
+        "-m", "kontrast.trainer", "tj.yaml"]
+
+
+def test_missing_node_rank_is_an_error():
+    with pytest.raises(SystemExit):
+        torchrun_args("tj.yaml", [], {"PET_NNODES": "2", "PET_MASTER_ADDR": "x"})
+
+
+def fail(code):
+    return SimpleNamespace(exitcode=code)
+
+
+def test_exit_code_prefers_the_permanent_one():
+    assert exit_code_of({0: fail(1), 1: fail(EXIT_PERMANENT)}) == (EXIT_PERMANENT, 1)
+    assert exit_code_of({3: fail(2)}) == (2, 3)
+    assert exit_code_of({0: fail(-9)}) == (137, 0)
+    assert exit_code_of({}) == (1, None)
+
+
+@pytest.mark.distributed
+def test_bad_data_exits_permanent_with_the_message(tmp_path):
+    """The real command, two local workers: the trainer's message reaches the termination log."""
+    img = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(img)
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["query", "image", "title", "score"])
+        w.writerow(["red", str(img), "red thing", "1"])
+        w.writerow(["blue", str(img), "blue thing", "not-a-number"])
+    (tmp_path / "tiny.json").write_text(json.dumps({
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}))
+    tj = {"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob", "metadata": {"name": "bad"},
+          "spec": {"model": str(tmp_path / "tiny.json"), "trainData": str(tmp_path / "train.csv"),
+                   "output": str(tmp_path / "out"), "leftKeys": ["query"], "leftWeights": [1.0],
+                   "rightKeys": ["image", "title"], "rightWeights": [1.0, 1.0], "weightKey": "score",
+                   "batchSize": 2, "epochs": 1, "workers": 0, "precision": "fp32",
+                   "gradCheckpointing": False, "contextLength": 8}}
+    (tmp_path / "tj.yaml").write_text(yaml.safe_dump(tj))
+    term = tmp_path / "termination-log"
+    env = {**os.environ, "KONTRAST_TERMINATION_LOG": str(term), "PET_NPROC_PER_NODE": "2",
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for k in ("PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([str(VENV_BIN / "kontrast"), "launch", str(tmp_path / "tj.yaml")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_PERMANENT, proc.stderr[-3000:]
+    message = term.read_text()
+    assert "score" in message, message
+
+
+def launch_env(tmp_path: Path, nproc: int) -> dict:
+    env = {**os.environ, "KONTRAST_TERMINATION_LOG": str(tmp_path / "termination-log"),
+           "PET_NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": "1",
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for k in ("PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def step_events(out: Path) -> list[dict]:
+    path = out / "progress.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in map(json.loads, lines) if e["event"] in ("start", "step")]
+
+
+@pytest.mark.distributed
+def test_sigterm_saves_mid_epoch_and_the_next_run_resumes_there(tmp_path, small_data, tiny_model_json, h):
+    """Preemption or `kubectl delete pod`: SIGTERM reaches the pod's command, torchrun forwards
+    it to both workers, they agree on a step, rank 0 saves it, and the pod exits 143. Running
+    the same TrainJob again resumes at that step, in the middle of the epoch."""
+    out = tmp_path / "out"
+    spec = {"model": str(tiny_model_json), "trainData": str(small_data / "train.csv"), "output": str(out),
+            "leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"],
+            "rightWeights": [0.5, 0.5], "weightKey": "score", "batchSize": 1, "epochs": 1, "warmup": 2,
+            "contextLength": 8, "gradCheckpointing": False, "precision": "fp32", "workers": 0}
+    (tmp_path / "tj.yaml").write_text(yaml.safe_dump(h.trainjob(spec, name="preempted")))
+    command = [str(VENV_BIN / "kontrast"), "launch", str(tmp_path / "tj.yaml"), "--", "--device", "cpu",
+               "--no-progress"]
+    env = launch_env(tmp_path, nproc=2)              # 64 rows / (1 x 2 processes): 32 steps in the epoch
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while sum(e["event"] == "step" for e in step_events(out)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "training never got going"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        logs, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, logs[-3000:]
+    saved = ckpt.list_resumable(str(out))
+    assert len(saved) == 1, logs[-3000:]
+    step, location = saved[0]
+    state = torch.load(location, weights_only=True)
+    assert 3 <= step < 32 and (state["epoch"], state["epoch_step"]) == (0, step)      # mid-epoch
+    assert not (out / "summary.json").exists()
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    events = step_events(out)
+    second = max(i for i, e in enumerate(events) if e["event"] == "start")
+    assert events[second]["startStep"] == step and events[second]["resumedFrom"] == location
+    assert [e["step"] for e in events[second + 1:]] == list(range(step + 1, 33))
+    assert json.loads((out / "summary.json").read_text())["step"] == 32

@@ -1,0 +1,66 @@
+"""Which rows each optimizer step takes, and where a resumed epoch picks up.
+
+Every epoch has one permutation of the rows per (seed, epoch), the same on every rank.
+Sharding is strided (rank r takes positions r, r+W, r+2W, ... of it), so at every step the W
+ranks together hold exactly the consecutive window of the permutation that one process with
+a W-times larger batch would take: with the gathered loss, training on 2 processes x B is
+the same computation as 1 process x 2B. The remainder that does not divide by W is dropped,
+and so is the tail of a shard that does not fill a whole optimizer step, so every rank takes
+the same number of steps.
+
+A run resumed from a mid-epoch checkpoint rebuilds the epoch's permutation and skips the
+steps already taken, so it sees the same remaining rows in the same order as the
+uninterrupted run. Indices stay in numpy arrays (no Python object per row).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .distributed import World
+
+
+def shard_indices(n: int, world: World, epoch: int, seed: int) -> np.ndarray:
+    """This rank's row indices for one epoch, in the order it trains on them."""
+    perm = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)]).permutation(n)
+    usable = (n // world.world_size) * world.world_size
+    return perm[world.rank:usable:world.world_size]
+
+
+def steps_per_epoch(n_rows: int, world_size: int, step_rows: int) -> int:
+    """Whole optimizer steps of ``step_rows`` rows per rank in one epoch."""
+    return (n_rows // world_size) // step_rows
+
+
+class StepSampler:
+    """A DataLoader ``batch_sampler``: this rank's micro-batches of one epoch, whole optimizer
+    steps of ``step_rows`` rows cut into micro-batches of ``micro`` rows.
+
+    ``set_epoch(epoch, start_step)`` chooses the epoch and the first step to take (a resumed
+    epoch skips the steps done); a DataLoader, persistent workers included, picks it up on
+    its next ``iter``.
+    """
+
+    def __init__(self, n_rows: int, world: World, seed: int, step_rows: int, micro: int):
+        if step_rows % micro:
+            raise ValueError(f"micro-batch {micro} must divide the optimizer step's {step_rows} rows")
+        self.n_rows, self.world, self.seed = n_rows, world, seed
+        self.step_rows, self.micro = step_rows, micro
+        self.steps_per_epoch = steps_per_epoch(n_rows, world.world_size, step_rows)
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start step {start_step} is outside the epoch's {self.steps_per_epoch} steps")
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rows = shard_indices(self.n_rows, self.world, self.epoch, self.seed)
+        start, stop = self.start_step * self.step_rows, self.steps_per_epoch * self.step_rows
+        for i in range(start, stop, self.micro):
+            yield rows[i:i + self.micro].tolist()
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * (self.step_rows // self.micro)
