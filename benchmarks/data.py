@@ -46,11 +46,15 @@ SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "tit
         "weightKey": "score"}
 
 
-def params(**data):
-    """Our reader's parameters: SPEC, with ``data`` (cache, policy), defaults from the CRD."""
+#: The loader's table: one text and one image per row, the work of open_clip's CsvDataset.
+LOADER_SPEC = {**SPEC, "rightKeys": ["image"], "rightWeights": [1.0]}
+
+
+def params(spec=SPEC, **data):
+    """Our reader's parameters: ``spec``, with ``data`` (cache, policy), defaults from the CRD."""
     from kontrast.trainer.params import Params
 
-    return Params.from_spec({"model": "ViT-B-32", "trainData": "/x.csv", "output": "/out", **SPEC,
+    return Params.from_spec({"model": "ViT-B-32", "trainData": "/x.csv", "output": "/out", **spec,
                              "data": data}, Path("/"))
 
 
@@ -145,7 +149,7 @@ def bench_loader(args) -> None:
             w.writerow([str(p), f"product title {i}"])
     httpd, base = serve(tmp / "imgs")
     print(f"{args.images} JPEGs 640x480, mean {kb:.0f} KB; transform RandomResizedCrop(224) as open_clip trains; "
-          f"torch threads 1 per worker")
+          f"torch threads 1 per worker", flush=True)
     torch.set_num_threads(1)
     for workers in args.workers:
         for r in range(args.rounds):
@@ -162,7 +166,7 @@ def bench_loader(args) -> None:
                     for i, p in enumerate(paths):
                         w.writerow([f"query {i}", loc(p), f"product title {i}", "1"])
             t0 = time.perf_counter()
-            ex, _ = load_data(str(web), params(cache=str(cache)), require_positive_weight=True)
+            ex, _ = load_data(str(web), params(LOADER_SPEC, cache=str(cache)), require_positive_weight=True)
             ds = PairDataset(ex, transform, tokenizer, 224, cache=ImageCache(cache))
             loader = TrainLoader(ds, workers, pin_memory=False)
             order = list(range(len(ds)))
@@ -174,7 +178,7 @@ def bench_loader(args) -> None:
             warm = n / (time.perf_counter() - t0)
             del loader
 
-            ex_local, _ = load_data(str(local), params(cache=str(cache)), require_positive_weight=True)
+            ex_local, _ = load_data(str(local), params(LOADER_SPEC, cache=str(cache)), require_positive_weight=True)
             ds_local = PairDataset(ex_local, transform, tokenizer, 224)
             loc_loader = TrainLoader(ds_local, workers, pin_memory=False)
             t0 = time.perf_counter()
@@ -262,12 +266,12 @@ def bench_startup(args) -> None:
     extract_baseline(baseline)
     images = [p.name for p in make_jpegs(tmp / "data", 500, size=(64, 64))]
     for rows in args.rows:
-        for suffix in (".csv", ".parquet"):
+        for suffix in args.formats:
             file = tmp / "data" / f"catalogue-{rows}{suffix}"
             write_catalogue(file, rows, images)
             size = file.stat().st_size / 2 ** 20
             for ranks in args.ranks:
-                readers = ["ours cold", "ours warm"] + (["main"] if suffix == ".csv" else [])
+                readers = [r for r in args.readers if r != "main" or suffix == ".csv"]
                 for reader in readers:
                     cache = tmp / f"cache-{rows}-{suffix}-{ranks}"
                     if reader == "ours cold":
@@ -291,6 +295,8 @@ def main() -> None:
     st = sub.add_parser("startup")
     st.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
     st.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    st.add_argument("--formats", nargs="+", default=[".csv", ".parquet"])
+    st.add_argument("--readers", nargs="+", default=["ours cold", "ours warm", "main"])
     ch = sub.add_parser("child")
     ch.add_argument("--reader", required=True)
     ch.add_argument("--file", required=True)

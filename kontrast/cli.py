@@ -1,4 +1,4 @@
-"""The `kontrast` command: validate, train and launch TrainJobs.
+"""The `kontrast` command: validate, train, evaluate and launch TrainJobs.
 
 Subcommands import their heavy dependencies lazily, so `kontrast validate` works in an
 environment without torch (the operator image) and starts fast everywhere.
@@ -33,6 +33,12 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from .trainer.__main__ import main as train_main
 
     return train_main([args.file, *rest] if args.file else rest)
+
+
+def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
+    from .trainer.evaljob import main as evaluate_main
+
+    return evaluate_main([args.file, *rest] if args.file else rest)
 
 
 def _launch(args: argparse.Namespace, rest: list[str]) -> int:
@@ -80,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                        add_help=False)
     p.add_argument("file", nargs="?")
 
+    p = sub.add_parser("evaluate", help="evaluate the TrainJob's starting model or a checkpoint on its evalData",
+                       add_help=False)
+    p.add_argument("file", nargs="?")
+
     p = sub.add_parser("launch", help="run torchrun for one node of a TrainJob (used inside pods)",
                        add_help=False)
     p.add_argument("file", nargs="?")
@@ -106,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return _validate(args)
     if args.command == "train":
         return _train(args, rest)
+    if args.command == "evaluate":
+        return _evaluate(args, rest)
     return _launch(args, rest)
 
 

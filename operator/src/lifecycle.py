@@ -4,11 +4,15 @@
 
 - the TrainJob (spec, current status, generation),
 - every worker Job of the TrainJob (all attempts, including ones being deleted),
-- every pod of the TrainJob,
+- every pod of the TrainJob (matched to its Job by the controller uid, never by name),
+- optionally: the current Job's FailedCreate events, which base children are missing, and
+  the hang watchdog's limit,
 
 then tries the rules of :data:`RULES` in order; the first that applies returns a
-:class:`Decision` (phase, condition changes, children to create, Jobs to delete, ...), and
-:func:`plan` turns it into a :class:`Plan`: the operator-owned status fields and the events.
+:class:`Decision` (phase, children to create, Jobs to delete, ...), and :func:`plan` turns it
+into a :class:`Plan`: the operator-owned status fields, the actions and the events. The
+conditions are derived from the decided phase by one function (:func:`conditions`), so they
+cannot disagree with it or with each other.
 
 State lives in the cluster, never in the operator's memory:
 
@@ -23,8 +27,8 @@ State lives in the cluster, never in the operator's memory:
 from __future__ import annotations
 
 import dataclasses
-import math
 import datetime as dt
+import math
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from kontrast import contract

@@ -8,8 +8,8 @@ AlreadyExists (of our own child) as success, deletes treat NotFound as success, 
 status patch only carries fields that changed.
 
 Order of the actions: create (the new attempt records the restart budget it spent), hand
-a held attempt on, repair missing children, write the status, and only then delete Jobs or
-clean up. A status patch that fails therefore leaves every child in place, and the next
+a held attempt on, repair missing children, write the status and post its events, and only
+then delete Jobs or clean up. A status patch that fails therefore leaves every child in place, and the next
 pass decides the same again: a success is never followed by a second training run.
 """
 
@@ -103,6 +103,8 @@ class Reconciler:
         if patch:
             self._patch_status(ns, name, patch)
         self.metrics.set_phase(ns, name, plan.status.get("phase"))
+        for event in plan.events:
+            self.post_event(tj, event.type, event.reason, event.message)
 
         for job in plan.delete_jobs:
             if self.kube.delete_job(ns, job):
@@ -111,8 +113,6 @@ class Reconciler:
             # Everything but the Jobs (already deleted above) and, of course, the TrainJob.
             self.kube.delete_children(reversed(render.base_children(tj, self.config)))
             log.info("cleaned up the children of %s/%s", ns, name)
-        for event in plan.events:
-            self.post_event(tj, event.type, event.reason, event.message)
 
     def _create(self, tj: Mapping[str, Any], objs: list[dict[str, Any]]) -> None:
         """Create ``objs`` (existing ones of ours are fine); on failure say why in status."""

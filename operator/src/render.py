@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 

@@ -56,6 +56,14 @@ def operator(control_plane, node_agent, operator_rbac):
 
 
 @pytest.fixture(scope="session")
+def kueue_operator(operator, kueue):
+    """The operator, (re)started after Kueue's CRDs exist so that it watches Workloads."""
+    operator.stop()
+    operator.start()
+    return operator
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A tiny model config and small train/eval CSVs (from the example data generator)."""
     from kontrast.trainer.exampledata import generate

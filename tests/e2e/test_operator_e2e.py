@@ -87,6 +87,13 @@ def test_two_node_training_succeeds(control_plane, tjs, operator, tiny):
     ckpts = sorted(p.name for p in (tjs.agent.pvc_path(tjs.ns, "runs") / "clip" / "checkpoints").glob("*.pt"))
     assert "epoch_8.pt" in ckpts
 
+    # the report and the exported model, named in status.outputs, are on the volume too
+    run_dir = tjs.agent.pvc_path(tjs.ns, "runs") / "clip"
+    assert st["outputs"]["report"].endswith("/clip/report.html") and (run_dir / "report.html").is_file()
+    assert st["outputs"]["model"].endswith("/clip/model")
+    assert (run_dir / "model" / "open_clip_model.safetensors").is_file()
+    assert st["progress"]["gradNorm"] > 0 and st["progress"]["dataWaitSeconds"] >= 0
+
     # milestone events on the TrainJob
     reasons = {e["reason"] for e in tjs.events("clip")}
     assert {"Created", "Running", "Succeeded"} <= reasons, reasons
@@ -153,9 +160,10 @@ def test_killed_pod_restarts_from_checkpoint(tjs, tiny):
     assert steps_after and min(steps_after) >= ckpt_step, (ckpt_step, steps_after[:10])
     assert st["restarts"] == 1
     assert tjs.cond("resume", "Restarting")["status"] == "False"
-    events = {e["reason"]: e for e in tjs.events("resume")}
+    # Events are posted in the background, after the status they describe.
+    events = wait_for(lambda: (ev := {e["reason"]: e for e in tjs.events("resume")}) and "Succeeded" in ev and ev,
+                      60, "the Succeeded event")
     assert "exited with code 137" in events["Restarting"]["message"]
-    assert "Succeeded" in events
 
 
 def test_eviction_restarts_without_spending_the_budget(tjs, tiny):

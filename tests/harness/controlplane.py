@@ -142,24 +142,29 @@ class ControlPlane:
                  "-addext", "basicConstraints=critical,CA:TRUE",
                  "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=pki)
         # The serving cert must be valid for 127.0.0.1: in-pod clients connect there.
-        sans = ["IP:127.0.0.1", "IP:10.0.0.1", "DNS:localhost", "DNS:kubernetes",
-                "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
-                "DNS:kubernetes.default.svc.cluster.local"]
-        (pki / "apiserver.ext").write_text(
+        self.issue_serving_cert("apiserver", "kube-apiserver", [
+            "IP:127.0.0.1", "IP:10.0.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
+            "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"])
+        _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+        _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+        (pki / "tokens.csv").write_text(f'{self.admin_token},kontrast-admin,kontrast-admin,"system:masters"\n')
+
+    def issue_serving_cert(self, name: str, common_name: str, sans: list[str]) -> tuple[Path, Path]:
+        """A TLS serving cert signed by the test CA: (pki/<name>.crt, pki/<name>.key)."""
+        pki = self.pki
+        (pki / f"{name}.ext").write_text(
             f"subjectAltName={','.join(sans)}\n"
             "basicConstraints=critical,CA:FALSE\n"
             "keyUsage=critical,digitalSignature,keyEncipherment\n"
             "extendedKeyUsage=serverAuth\n"
             "subjectKeyIdentifier=hash\n"
             "authorityKeyIdentifier=keyid\n")
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key",
-                 "-out", "apiserver.csr", "-subj", "/CN=kube-apiserver", cwd=pki)
-        _openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "3650", "-out", "apiserver.crt",
-                 "-extfile", "apiserver.ext", cwd=pki)
-        _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
-        _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
-        (pki / "tokens.csv").write_text(f'{self.admin_token},kontrast-admin,kontrast-admin,"system:masters"\n')
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", "-subj", f"/CN={common_name}", cwd=pki)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "3650", "-out", f"{name}.crt",
+                 "-extfile", f"{name}.ext", cwd=pki)
+        return pki / f"{name}.crt", pki / f"{name}.key"
 
     def _write_kubeconfig(self, path: Path, token: str, namespace: str) -> Path:
         ca = base64.b64encode(self.ca_file.read_bytes()).decode()

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from harness.controlplane import ControlPlane, ensure_binaries
+from harness.kueue import Kueue
 from harness.nodeagent import NodeAgent
 
 
@@ -35,6 +36,16 @@ def node_agent(control_plane, tmp_path_factory):
         yield agent
     finally:
         agent.stop()
+
+
+@pytest.fixture(scope="session")
+def kueue(control_plane):
+    """Kueue's manager (batch/Job integration) with its CRDs and webhooks (see harness.kueue)."""
+    manager = Kueue(control_plane, control_plane.bin_dir).start()
+    try:
+        yield manager
+    finally:
+        manager.stop()
 
 
 @pytest.fixture

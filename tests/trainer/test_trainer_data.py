@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import spawned
 import torch
 
 from kontrast.trainer.data import PairDataset, load_data
@@ -275,10 +276,6 @@ def test_two_processes_share_one_table_file(tmp_path, cache):
     assert [o[-1] for o in outs] == ["50", "50"]
 
 
-def _worker_reads(ex, i, q):
-    q.put((ex.left_texts(i), float(ex.weights[i])))
-
-
 def test_examples_pickle_as_their_file(tmp_path):
     path = write(tmp_path, "query,image,title,score\nq,a.png,t,1\nr,b.png,t,2\n", "csv")
     ex = load_examples(str(path), params_of(SPEC))
@@ -286,7 +283,7 @@ def test_examples_pickle_as_their_file(tmp_path):
 
     assert len(pickle.dumps(ex)) < 1000      # the path, not the data
     q = multiprocessing.get_context("spawn").Queue()
-    p = multiprocessing.get_context("spawn").Process(target=_worker_reads, args=(ex, 1, q))
+    p = multiprocessing.get_context("spawn").Process(target=spawned.read_row, args=(ex, 1, q))
     p.start()
     assert q.get(timeout=60) == (["r"], 2.0)
     p.join()

@@ -30,6 +30,13 @@ def trained_model(resolved, checkpoint: str):
     return bundle
 
 
+def unpadded(tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens without the all-padding (0) columns at the end: a training tokenizer may pad an HF
+    tower's input wider than open_clip's, which the attention mask makes no difference to."""
+    used = int((tokens != 0).any(dim=0).nonzero().max()) + 1
+    return tokens[:, :used]
+
+
 def assert_same_embeddings(bundle, folder: Path, image_path: Path, texts: list[str]) -> None:
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
@@ -39,7 +46,7 @@ def assert_same_embeddings(bundle, folder: Path, image_path: Path, texts: list[s
     their_pixels = preprocess(image).unsqueeze(0)
     assert rel_err(their_pixels, ours_pixels) < 1e-6          # same size, mean, std, interpolation
     ours_tokens, their_tokens = bundle.tokenizer(texts), tokenizer(texts)
-    assert torch.equal(their_tokens, ours_tokens)              # same tokenizer and context length
+    assert torch.equal(unpadded(their_tokens), unpadded(ours_tokens))   # same tokenizer and truncation
     with torch.no_grad():
         assert rel_err(model.encode_image(their_pixels), bundle.model.encode_image(ours_pixels)) < 1e-5
         assert rel_err(model.encode_text(their_tokens), bundle.model.encode_text(ours_tokens)) < 1e-5
@@ -101,6 +108,20 @@ def test_export_of_an_hf_text_tower_carries_its_tokenizer(run_training, base_spe
     assert cfg["model_cfg"]["text_cfg"]["hf_pooler_type"] == "cls_pooler"
     image = next((small_data / "images").iterdir())
     assert_same_embeddings(trained_model(resolved, checkpoint), out, image, ["red striped mug", "blue ball"])
+
+
+def test_export_of_a_pretrained_tower_keeps_its_positions(run_training, base_spec, small_data, tmp_path):
+    """Fine-tuning a pretrained model with a shorter contextLength caps the tokens, never the
+    positional embedding: the export must keep the tower's full length, or open_clip would
+    interpolate the embedding on load."""
+    start, _, _ = train_and_export(run_training, base_spec, tmp_path / "start")
+    out = tmp_path / "exported"
+    spec = {**base_spec, "pretrained": start, "contextLength": 4, "output": str(tmp_path / "tuned")}
+    checkpoint, resolved, cfg = train_and_export(run_training, spec, out)
+    assert cfg["model_cfg"]["text_cfg"]["context_length"] == 8 and cfg["preprocess_cfg"]["context_length"] == 4
+    assert "fed at most 4 tokens" in (out / "README.md").read_text()
+    image = next((small_data / "images").iterdir())
+    assert_same_embeddings(trained_model(resolved, checkpoint), out, image, ["red mug", "blue ball"])
 
 
 def test_a_finished_run_exports_its_best_model_with_a_card(run_training, base_spec):

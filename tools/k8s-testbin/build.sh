@@ -13,13 +13,17 @@
 # plus bin-<k8s>/ with links to all of them. The last line on stdout is that bin dir.
 # A warm run runs no `go` command at all. Logs go to stderr.
 #
+# Also builds Kueue's manager (sigs.k8s.io/kueue/cmd/kueue) and caches, beside it, the CRDs and
+# webhook configurations of that release, copied from the module (never committed).
+#
 # Env: K8S_VERSION (default 1.34.4), HELM_VERSION (3.19.5), ETCD_VERSION (default: what
-# k8s.io/kubernetes pins for go.etcd.io/etcd/client/v3), SEAWEEDFS_VERSION (a pseudo-version:
-# SeaweedFS's tags are not semver), KONTRAST_TESTBIN.
+# k8s.io/kubernetes pins for go.etcd.io/etcd/client/v3), KUEUE_VERSION (0.17.0), SEAWEEDFS_VERSION
+# (a pseudo-version: SeaweedFS's tags are not semver), KONTRAST_TESTBIN.
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-1.34.4}
 HELM_VERSION=${HELM_VERSION:-3.19.5}
+KUEUE_VERSION=${KUEUE_VERSION:-0.17.0}
 SEAWEEDFS_VERSION=${SEAWEEDFS_VERSION:-v0.0.0-20261109003541-7506e5f91cd6}
 ROOT=${KONTRAST_TESTBIN:-$HOME/.cache/kontrast/testbin}
 K8S_MINOR=$(echo "$K8S_VERSION" | cut -d. -f2)
@@ -36,6 +40,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 k8s_dir=$ROOT/kubernetes-v$K8S_VERSION
 helm_dir=$ROOT/helm-v$HELM_VERSION
+kueue_dir=$ROOT/kueue-v$KUEUE_VERSION
 weed_dir=$ROOT/seaweedfs-$SEAWEEDFS_VERSION
 bin_dir=$ROOT/bin-k8s-v$K8S_VERSION
 mkdir -p "$ROOT"
@@ -117,6 +122,25 @@ build_helm() {
     rm -rf "$helm_dir" && mv "$helm_dir.tmp" "$helm_dir"
 }
 
+# --- Kueue: the manager, plus its CRDs and webhook configurations from the same module ---
+build_kueue() {
+    local work=$WORK/kueue mod=sigs.k8s.io/kueue tag=v$KUEUE_VERSION
+    mkdir -p "$work"
+    log "building kueue $tag"
+    local json src build_date
+    json=$(cd "$work" && go mod download -json "$mod@$tag")
+    src=$(echo "$json" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+    [ -d "$src/config/components/crd/bases" ] || { log "no CRDs in $mod@$tag ($src)"; return 1; }
+    build_date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$(echo "$json" | sed -n 's/.*"Info": "\(.*\)".*/\1/p')")
+    local ldflags="-s -w -X $mod/pkg/version.GitVersion=$tag -X $mod/pkg/version.BuildDate=${build_date:-unknown}"
+    rm -rf "$kueue_dir.tmp" && mkdir -p "$kueue_dir.tmp/crds"
+    (cd "$work" && GOBIN="$kueue_dir.tmp" go install -trimpath -ldflags "$ldflags" "$mod/cmd/kueue@$tag")
+    cp "$src"/config/components/crd/bases/*.yaml "$kueue_dir.tmp/crds/"
+    cp "$src/config/components/webhook/manifests.yaml" "$kueue_dir.tmp/webhooks.yaml"
+    chmod -R u+w "$kueue_dir.tmp"
+    rm -rf "$kueue_dir" && mv "$kueue_dir.tmp" "$kueue_dir"
+}
+
 # --- SeaweedFS weed (S3 gateway for the s3 tests) -------------------------------------
 build_seaweedfs() {
     local work=$WORK/seaweedfs module=github.com/seaweedfs/seaweedfs
@@ -150,12 +174,15 @@ ETCD_VERSION=${ETCD_VERSION:-$(cat "$k8s_dir/etcd-version")}
 etcd_dir=$ROOT/etcd-v$ETCD_VERSION
 [ -x "$etcd_dir/etcd" ] || build_etcd "$etcd_dir" "$ETCD_VERSION"
 [ -x "$helm_dir/helm" ] || build_helm
+[ -x "$kueue_dir/kueue" ] && [ -s "$kueue_dir/webhooks.yaml" ] || build_kueue
 [ -x "$weed_dir/weed" ] || build_seaweedfs
 
 mkdir -p "$bin_dir"
 for f in kube-apiserver kube-controller-manager kubectl; do ln -sfn "$k8s_dir/$f" "$bin_dir/$f"; done
 ln -sfn "$etcd_dir/etcd" "$bin_dir/etcd"
 ln -sfn "$helm_dir/helm" "$bin_dir/helm"
+ln -sfn "$kueue_dir/kueue" "$bin_dir/kueue"
+ln -sfn "$kueue_dir" "$bin_dir/kueue-config"
 ln -sfn "$weed_dir/weed" "$bin_dir/weed"
 
 log "kube-apiserver $("$bin_dir/kube-apiserver" --version 2>&1), etcd $("$bin_dir/etcd" --version | head -1 | awk '{print $3}'), $("$bin_dir/helm" version --short 2>&1)"

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from kontrast.contract import EXIT_PERMANENT, JOB_NAME_ENV, TERMINATION_LOG_ENV
 
@@ -121,16 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else
                f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kontrast").setLevel(level if rank == 0 else logging.WARNING)
-    from kontrast.api import TrainJobInvalid, load_trainjob
 
-    from .spec import resolve
-
-    try:
-        try:
-            obj = load_trainjob(args.file)
-        except TrainJobInvalid as exc:
-            raise PermanentError(str(exc)) from None
-        resolved = resolve(obj, args.file, output=args.output)
+    def go() -> int:
+        resolved = load_resolved(args.file, args.output)
         ensure_example_data(resolved)
         if args.check:
             _check(resolved, args.device)
@@ -141,15 +134,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reporters = _reporters(resolved, progress=not args.no_progress) if rank == 0 else []
         train(resolved, device=args.device, reporters=reporters)
         return 0
+
+    return run_permanent(go, "kontrast train")
+
+
+def load_resolved(file: str, output: Optional[str] = None) -> Resolved:
+    """The TrainJob in ``file``, validated like ``kontrast validate`` and resolved."""
+    from kontrast.api import TrainJobInvalid, load_trainjob
+
+    from .spec import resolve
+
+    try:
+        obj = load_trainjob(file)
+    except TrainJobInvalid as exc:
+        raise PermanentError(str(exc)) from None
+    return resolve(obj, file, output=output)
+
+
+def run_permanent(body: Callable[[], int], prog: str) -> int:
+    """Run ``body``; a permanent error prints its message, goes to the termination log and
+    exits with EXIT_PERMANENT."""
+    try:
+        return body()
     except Interrupted as exc:
-        print(f"kontrast train: {exc}; running it again resumes from there", file=sys.stderr)
+        print(f"{prog}: {exc}; running it again resumes from there", file=sys.stderr)
         return EXIT_INTERRUPTED
     except PermanentError as exc:
         message = str(exc)
-        print(f"kontrast train: {message}", file=sys.stderr)
+        print(f"{prog}: {message}", file=sys.stderr)
         write_termination_log(message)
         return EXIT_PERMANENT
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,7 @@ from .table import Examples, default_cache, load_examples, parse_examples, parse
 
 __all__ = ["Examples", "PairDataset", "SideDataset", "TrainLoader", "collate", "load_data", "load_examples",
            "parse_table", "parse_examples", "normalize_images", "image_normalization", "uint8_transform",
-           "cache_folder"]
+           "cache_folder", "load_image"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,11 @@ def _fraction_problem(file: str, column: str, why: str, report: BadImageReport):
 
     named = "; ".join(f"row {b.row + 1} {b.location}: {b.reason}" for b in report.bad[:5])
     return DataProblem(file, f"{why}; first bad images: {named}", column=column)
+
+
+def load_image(location: str, cache: Optional[str] = None) -> Image.Image:
+    """One image, through the node's image cache (e.g. for the report's gallery)."""
+    return ImageCache(cache or default_cache()).load(location)
 
 
 # --------------------------------------------------------------------------------------------

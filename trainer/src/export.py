@@ -43,7 +43,11 @@ def open_clip_config(model: torch.nn.Module, model_cfg: dict[str, Any], params: 
     with the run's ``Params``) and its evaluation transforms through open_clip's factory."""
     cfg = copy.deepcopy(model_cfg)
     text_cfg = cfg["text_cfg"]
-    text_cfg["context_length"] = params.context_length
+    fed = tokens_fed(tokenizer, params.context_length)
+    # A built-in tower's context length is its positional embedding (loading into a different
+    # one would interpolate it); an HF tower's only sets the tokenizer's length.
+    hf = "hf_model_name" in text_cfg
+    text_cfg["context_length"] = fed if hf else int(getattr(model, "context_length", None) or fed)
     text_cfg.pop("hf_model_pretrained", None)      # the factory decides; weights come from the file
     cfg.get("vision_cfg", {}).pop("patch_dropout", None)   # a training-only setting
     if params.force_quick_gelu:
@@ -66,12 +70,17 @@ def open_clip_config(model: torch.nn.Module, model_cfg: dict[str, Any], params: 
         "interpolation": pp.get("interpolation", "bicubic"),
         "resize_mode": pp.get("resize_mode", "shortest"),
         # Read by people, ignored by open_clip's merge (it takes the text_cfg's):
-        "context_length": params.context_length,
+        "context_length": fed,
         "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
     }
     if isinstance(preprocess["size"], (tuple, list)):
         preprocess["size"] = list(preprocess["size"])
     return {"model_cfg": cfg, "preprocess_cfg": preprocess}
+
+
+def tokens_fed(tokenizer: Any, default: int) -> int:
+    """How many tokens training fed per text: a capped tokenizer's cap, else its context length."""
+    return int(getattr(tokenizer, "cap", None) or getattr(tokenizer, "context_length", None) or default)
 
 
 def _weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import storage
+from .images import decode, fetch_bytes
 from .run_files import GALLERY
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,8 @@ def thumbnail(location: Optional[str]) -> Optional[str]:
     """A small PNG data URI of an image, or None if there is none or it cannot be read."""
     if not location:
         return None
-    from .data import load_image
-
     try:
-        image = load_image(location)
+        image = decode(fetch_bytes(location), at_least=THUMB_PX)
     except Exception as exc:  # noqa: BLE001 - a gallery must never stop training
         log.warning("gallery: cannot read %s: %s", location, exc)
         return None
@@ -80,14 +79,14 @@ class Gallery:
         entries = []
         for q in self.queries:
             row = int(self.eval_set.query_rows[q])
-            entries.append({"index": q, "text": " | ".join(t for t in self.examples.left_texts[row] if t),
+            entries.append({"index": q, "text": " | ".join(t for t in self.examples.left_texts(row) if t),
                             "relevant": relevant_of(self.eval_set.qrels, q), "results": {}})
         return entries
 
     def _document(self, d: int) -> dict[str, Any]:
         row = int(self.eval_set.doc_rows[d])
-        return {"title": " | ".join(t for t in self.examples.right_texts[row] if t),
-                "image": thumbnail(self.examples.images[row])}
+        return {"title": " | ".join(t for t in self.examples.right_texts(row) if t),
+                "image": thumbnail(self.examples.image(row))}
 
     def record(self, phase: str, top_docs: np.ndarray, top_scores: np.ndarray) -> None:
         """Keep the top-k of ``phase`` ("before", "after") from the evaluator's [queries, K]

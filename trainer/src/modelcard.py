@@ -95,6 +95,11 @@ def model_card(config: dict[str, Any], run: Optional[RunFiles], *, checkpoint: s
             ["value", "resolved"], [[k, v] for k, v in sorted((summary.get("resolved") or {}).items())]),
         "## Use\n\n" + _usage(config, name),
     ]
+    fed = config["preprocess_cfg"].get("context_length")
+    if fed and fed < (config["model_cfg"].get("text_cfg") or {}).get("context_length", fed):
+        parts.append(f"Note: training fed at most {fed} tokens per text to a tower with more positions; "
+                     f"truncate texts to {fed} tokens to match it exactly (open_clip's tokenizer pads to the "
+                     "tower's full length).")
     if params.get("frozenRight"):
         parts.append("Note: trained with `frozenRight`, so documents must be encoded with the starting "
                      "model; this folder's image tower is the unchanged starting one only if the image "

@@ -15,7 +15,9 @@ import json
 from typing import Any, Callable, Optional
 
 from . import storage
+from .export import MODEL_DIR
 from .run_files import RunFiles, read_run
+from .tensorboard import available as tensorboard_available
 
 REPORT = "report.html"
 PLOTS = "plots"
@@ -24,9 +26,6 @@ TENSORBOARD = "tensorboard"
 
 def run_outputs(output: str, *, model: bool) -> dict[str, str]:
     """Where a finished run's report, plots, exported model and TensorBoard logs are (status.outputs)."""
-    from .export import MODEL_DIR
-    from .tensorboard import available as tensorboard_available
-
     out = {"report": storage.join(output, REPORT), "plots": storage.join(output, PLOTS)}
     if model:
         out["model"] = storage.join(output, MODEL_DIR)

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 TABLE_FORMAT = 1
 MAX_PROBLEMS = 20
 #: Data files above this size are checked in a child process (see shared_table_file).
-IN_PROCESS_MAX_BYTES = 16 << 20
+IN_PROCESS_MAX_BYTES = 1 << 20
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 _NON_FINITE = r"^[+-]?(nan|inf|infinity)$"
