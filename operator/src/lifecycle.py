@@ -39,7 +39,8 @@ PENDING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (
     "Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 TERMINAL = frozenset({SUCCEEDED, FAILED})
 CONDITION_TYPES = ("Created", "Queued", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
-#: Status fields the operator owns; the trainer owns progress, checkpoints, metrics, resolved.
+#: Status fields the operator owns; the trainer owns the rest (progress, checkpoints, metrics,
+#: resolved, data, outputs: the chart's admissionPolicy.trainerStatusFields).
 OWNED_FIELDS = ("phase", "observedGeneration", "conditions", "startTime", "completionTime", "restarts", "message")
 MESSAGE_LIMIT = 2000
 #: A new attempt waits (created suspended) until the pods of older attempts are gone, so two

@@ -110,7 +110,7 @@ def test_status_policy_guards_every_operator_field_of_the_crd(helm):
         "request.userInfo.username != 'system:serviceaccount:kontrast-system:kontrast-operator'"
     guarded = {v["expression"].split("?status.?")[1].split(" ")[0] for v in spec["validations"]}
     trainer = set(yaml.safe_load((CHART / "values.yaml").read_text())["admissionPolicy"]["trainerStatusFields"])
-    assert trainer == {"progress", "checkpoints", "metrics", "resolved"}
+    assert trainer == {"progress", "checkpoints", "metrics", "resolved", "data", "outputs"}
     assert guarded == set(openapi_schema()["properties"]["status"]["properties"]) - trainer
     assert {"phase", "conditions", "restarts", "startTime", "completionTime"} <= guarded
     (binding,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
