@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import urllib.parse
 from typing import Any, Iterable, Mapping, Optional
 
 from kubernetes import client as k8s
@@ -72,16 +73,26 @@ class Kube:
     # --- raw --------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, query: Optional[Mapping[str, Any]] = None,
                 content_type: str = "application/json") -> Any:
+        """One REST call through the client's urllib3 pool (its TLS settings, and its
+        Configuration's bearer token, refreshed by the in-cluster hook). Plain urllib3, because
+        the generated client's internals (``param_serialize``, ``call_api``, ``RESTResponse``)
+        differ between kubernetes 36 and 37."""
+        url = self.configuration.host.rstrip("/") + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
         headers = {"Accept": "application/json"}
+        auth = self.configuration.auth_settings().get("BearerToken")
+        if auth and auth.get("value"):
+            headers[auth["key"]] = auth["value"]
+        data = None
         if body is not None:
             headers["Content-Type"] = content_type
-        req = self.api.param_serialize(
-            method=method, resource_path=path, query_params=list((query or {}).items()) or None,
-            header_params=headers, body=body, auth_settings=["BearerToken"])
-        resp = self.api.call_api(*req, _request_timeout=30)
-        resp.read()
+            data = json.dumps(body).encode()
+        resp = self.api.rest_client.pool_manager.request(method, url, headers=headers, body=data, timeout=30.0)
         if not 200 <= resp.status <= 299:
-            raise ApiException(http_resp=resp)
+            exc = ApiException(status=resp.status, reason=resp.reason)
+            exc.body = resp.data.decode(errors="replace")
+            raise exc
         return json.loads(resp.data) if resp.data else None
 
     # --- TrainJobs --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import json
 import urllib.parse
 from typing import Any, Iterator
 
+import urllib3
 from kubernetes import client as k8s_client
 
 
@@ -36,21 +37,30 @@ class Kube:
 
     def _send(self, method: str, path: str, body: Any, query: dict | None,
               content_type: str | None, timeout: float | tuple | None):
+        """A raw urllib3 response (not preloaded, so a watch can stream it), sent through the
+        client's pool with its bearer token; plain urllib3 because the generated client's
+        internals differ between kubernetes 36 and 37."""
         url = self.host + path
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         headers = {"Accept": "application/json"}
+        auth = self.api_client.configuration.auth_settings().get("BearerToken")
+        if auth and auth.get("value"):
+            headers[auth["key"]] = auth["value"]
+        data = None
         if body is not None:
             headers["Content-Type"] = content_type or "application/json"
-        self.api_client.update_params_for_auth(headers, [], ["BearerToken"], path, method, body)
-        # The rest client JSON-encodes dict bodies for every application/*json content type.
-        return self.api_client.rest_client.request(
-            method, url, headers=headers, body=body, _request_timeout=timeout)
+            data = body if isinstance(body, (bytes, str)) else json.dumps(body).encode()
+        if isinstance(timeout, tuple):
+            timeout = urllib3.Timeout(connect=timeout[0], read=timeout[1])
+        return self.api_client.rest_client.pool_manager.request(
+            method, url, headers=headers, body=data, timeout=timeout, preload_content=False)
 
     def request(self, method: str, path: str, body: Any = None, *, query: dict | None = None,
                 content_type: str | None = None, timeout: float = 30) -> Any:
         resp = self._send(method, path, body, query, content_type, timeout)
         raw = resp.read()
+        resp.release_conn()
         try:
             parsed = json.loads(raw) if raw else None
         except ValueError:
@@ -84,7 +94,7 @@ class Kube:
         resp = self._send("GET", path, None, query, None, (10, timeout_seconds + 15))
         if resp.status != 200:
             raise ApiError("WATCH", path, resp.status, resp.read().decode(errors="replace"))
-        raw = resp.response
+        raw = resp
         buf = b""
         try:
             for chunk in raw.stream(65536, decode_content=True):
