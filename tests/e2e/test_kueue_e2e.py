@@ -8,6 +8,7 @@ data paths point at the tests' tiny data set.
 from __future__ import annotations
 
 import copy
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import yaml
 
 from harness.waiting import wait_for
 
-from e2e.support import REPO, TJ_PATH, trainjob
+from e2e.support import REPO, TJ_PATH, StatusRecorder, trainjob
 
 pytestmark = pytest.mark.e2e
 
@@ -53,6 +54,125 @@ def workloads(kueue, tjs, name: str) -> list[dict]:
 def queued_condition(tjs, name: str, reason: str | None = None):
     c = tjs.cond(name, "Queued")
     return c if c and c["status"] == "True" and (reason is None or c["reason"] == reason) else None
+
+
+class SuspendWatch:
+    """Records every `spec.suspend` value each Job of a namespace goes through (a watch, not a
+    poll, so a flap that lasts one update is seen)."""
+
+    def __init__(self, kube, namespace: str):
+        self.kube = kube
+        self.path = f"/apis/batch/v1/namespaces/{namespace}/jobs"
+        self.values: dict[str, list[bool]] = {}
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "SuspendWatch":
+        rv = self.kube.get(self.path)["metadata"]["resourceVersion"]
+        threading.Thread(target=self._run, args=(rv,), daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _run(self, rv: str) -> None:
+        while not self._stop.is_set():
+            try:
+                for event in self.kube.watch(self.path, rv, timeout_seconds=10):
+                    rv = event["object"]["metadata"].get("resourceVersion", rv)
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        obj = event["object"]
+                        seen = self.values.setdefault(obj["metadata"]["name"], [])
+                        value = bool(obj["spec"].get("suspend"))
+                        if not seen or seen[-1] != value:
+                            seen.append(value)
+            except Exception:  # noqa: BLE001 - the watch times out; go on from rv
+                pass
+
+    def transitions(self) -> dict[str, int]:
+        return {name: len(values) - 1 for name, values in self.values.items()}
+
+
+def test_quota_fits_one_job_the_second_waits_queued_then_runs(kq, kueue, tiny):
+    kq.create(queued("first", tiny, epochs=3))
+    kq.wait_phase("first", "Running", timeout=240)
+    kq.create(queued("second", tiny, epochs=2))
+
+    # Kueue holds the second: its status says so with the Workload's reason and message.
+    # (Before Kueue creates the Workload the operator says it is waiting for it; then Kueue's reason.)
+    def kueue_says_no_quota():
+        cond = queued_condition(kq, "second", "Pending")
+        return cond if cond and "insufficient unused quota" in cond["message"] else None
+
+    cond = wait_for(kueue_says_no_quota, 120, "second to be queued for quota")
+    st = kq.status("second")
+    assert st["phase"] == "Pending" and "Kueue" in st["message"]
+    assert not kq.pods("second")
+    (wl,) = workloads(kueue, kq, "second")
+    # One pod set of `nodes` pods, each asking for the trainer's requests.
+    (pod_set,) = wl["spec"]["podSets"]
+    assert pod_set["count"] == 2
+    assert pod_set["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "1"
+    assert wl["spec"]["queueName"] == "training"
+
+    kq.wait_phase("first", "Succeeded", timeout=300)
+    st = kq.wait_phase("second", "Succeeded", timeout=300)
+    assert st["restarts"] == 0
+    assert kq.cond("second", "Queued")["reason"] == "Admitted"
+
+
+def test_higher_priority_preempts_and_the_preempted_job_resumes(kq, kueue, tiny):
+    kq.create(queued("low", tiny, epochs=20))
+    with StatusRecorder(kq.kube, kq.ns, "low") as rec:
+        st = wait_for(lambda: (s := kq.status("low")).get("phase") == "Running"
+                      and ((s.get("checkpoints") or {}).get("latest") or {}).get("epoch", 0) >= 1 and s,
+                      300, "a first checkpoint of low")
+        ckpt_step = st["checkpoints"]["latest"]["step"]
+        (low_job,) = kq.jobs("low")
+        assert low_job["metadata"]["labels"][PRIORITY] == "batch"
+
+        kq.create(queued("high", tiny, epochs=2, priority="urgent"))
+        cond = wait_for(lambda: queued_condition(kq, "low", "Preempted"), 120, "low to be preempted")
+        assert "Preempted" in cond["message"] or "preempt" in cond["message"].lower(), cond
+        wait_for(lambda: not kq.pods("low"), 120, "low's pods to stop")
+        st = kq.status("low")
+        assert st["phase"] == "Pending" and st["restarts"] == 0
+        assert kq.cond("low", "Running")["status"] == "False"
+
+        kq.wait_phase("high", "Succeeded", timeout=300)
+        # Re-admitted: the same Job runs again and rank 0 resumes from the newest checkpoint.
+        wait_for(lambda: [p for p in kq.pods("low") if "resuming from" in kq.log(p)], 240,
+                 "low's rank 0 to resume from its checkpoint")
+        st = kq.wait_phase("low", "Succeeded", timeout=400)
+
+    assert "Failed" not in rec.phases(), rec.phases()
+    assert st["restarts"] == 0
+    preempted = next(i for i, s in enumerate(rec.statuses)
+                     if any(c["type"] == "Queued" and c["reason"] == "Preempted" for c in s.get("conditions") or []))
+    steps = [s["progress"]["step"] for s in rec.statuses[preempted:] if (s.get("progress") or {}).get("step") is not None]
+    # After the preemption the step never goes back below the checkpoint it resumed from.
+    assert steps and min(steps) >= ckpt_step, (ckpt_step, steps[:10])
+
+
+def test_queue_changes_never_flap_suspend(kq, kueue, tiny):
+    """A queued job moved to another queue, then out of Kueue: each Job's suspend changes at
+    most once (set by its creator, released once), whoever owns it."""
+    with SuspendWatch(kq.kube, kq.ns) as watch:
+        kq.create(queued("mover", tiny, epochs=1, scheduling={"queueName": "nowhere"}))
+        wait_for(lambda: queued_condition(kq, "mover"), 120, "mover to be queued")
+        wait_for(lambda: workloads(kueue, kq, "mover"), 60, "the Workload of mover")
+
+        kq.patch_spec("mover", {"scheduling": {"queueName": "elsewhere"}})
+        wait_for(lambda: [w for w in workloads(kueue, kq, "mover") if w["spec"]["queueName"] == "elsewhere"],
+                 120, "the Workload to move to the queue elsewhere")
+        assert queued_condition(kq, "mover") and not kq.pods("mover")
+
+        kq.patch_spec("mover", {"scheduling": {"queueName": None}})
+        st = kq.wait_phase("mover", "Succeeded", timeout=300)
+
+    assert st["restarts"] == 0
+    transitions = watch.transitions()
+    assert transitions and all(n <= 1 for n in transitions.values()), watch.values
+    assert any(values == [True, False] or values == [False] for values in watch.values.values()), watch.values
 
 
 def test_deleting_a_queued_trainjob_removes_its_workload(kq, kueue, tiny):
