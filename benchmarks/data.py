@@ -8,8 +8,10 @@ generated 640 x 480 JPEGs and the same open_clip training transform (224-pixel
 RandomResizedCrop) and tokenizer:
 
 * open_clip: ``open_clip_train.data.CsvDataset`` over local files (float32 tensors);
-* ours, cold: the images given as http:// URLs on a loopback server and an empty cache, so
-  the time is the prefetch (fetch, store, check) plus the first epoch;
+* ours, cold: the images given as http:// URLs on a loopback server (its own process, HTTP/1.1)
+  and an empty cache, so the time is the prefetch (fetch, store, check) plus the first epoch;
+* ours, cold file://: the same through the cache from ``file://`` URLs: the cache's own cost
+  without a server taking a share of the same cores;
 * ours, warm: the second epoch, every image read from the cache;
 * ours, local: images given as local paths (no cache involved).
 
@@ -36,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -104,16 +105,26 @@ def write_catalogue(path: Path, rows: int, images: list[str]) -> None:
 # loader throughput
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"      # kept-alive connections, as image CDNs and object stores serve
+
     def log_message(self, *args):
         pass
 
 
-def serve(folder: Path):
+def serve(folder: Path) -> tuple[subprocess.Popen, str]:
+    """An image server in its own process, as a remote server would be: it must not share the
+    loader's interpreter (and GIL). It still shares this machine's two cores."""
+    proc = subprocess.Popen([sys.executable, __file__, "serve-images", str(folder)], stdout=subprocess.PIPE, text=True)
+    port = int(proc.stdout.readline())
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def serve_images(args) -> None:
     import functools
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=args.folder))
+    print(httpd.server_address[1], flush=True)
+    httpd.serve_forever()
 
 
 def epoch_rate(dataset, workers: int, batch: int = 32, collate=None, sampler=None) -> float:
@@ -128,13 +139,30 @@ def epoch_rate(dataset, workers: int, batch: int = 32, collate=None, sampler=Non
     return n / (time.perf_counter() - t0)
 
 
+def cached_rates(table: Path, cache: Path, transform, tokenizer, workers: int) -> tuple[float, float]:
+    """Images/s through the image cache: (prefetch + epoch 1 from an empty cache, epoch 2)."""
+    from kontrast.trainer.data import PairDataset, TrainLoader, load_data
+    from kontrast.trainer.images import ImageCache
+
+    t0 = time.perf_counter()
+    ex, _ = load_data(str(table), params(LOADER_SPEC, cache=str(cache)), require_positive_weight=True)
+    ds = PairDataset(ex, transform, tokenizer, 224, cache=ImageCache(cache))
+    loader = TrainLoader(ds, workers, pin_memory=False)
+    order = list(range(len(ds)))
+    batches = [order[i:i + 32] for i in range(0, len(order), 32)]
+    n = sum(b["image"].shape[0] for b in loader.epoch(0, batches))
+    cold = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    n = sum(b["image"].shape[0] for b in loader.epoch(1, batches))
+    return cold, n / (time.perf_counter() - t0)
+
+
 def bench_loader(args) -> None:
     import open_clip
     import torch
     from open_clip_train.data import CsvDataset
 
     from kontrast.trainer.data import PairDataset, TrainLoader, load_data
-    from kontrast.trainer.images import ImageCache
 
     tmp = Path(tempfile.mkdtemp(prefix="kontrast-bench-"))
     paths = make_jpegs(tmp / "imgs", args.images)
@@ -147,7 +175,7 @@ def bench_loader(args) -> None:
         w.writerow(["filepath", "title"])
         for i, p in enumerate(paths):
             w.writerow([str(p), f"product title {i}"])
-    httpd, base = serve(tmp / "imgs")
+    server, base = serve(tmp / "imgs")
     print(f"{args.images} JPEGs 640x480, mean {kb:.0f} KB; transform RandomResizedCrop(224) as open_clip trains; "
           f"torch threads 1 per worker", flush=True)
     torch.set_num_threads(1)
@@ -158,39 +186,34 @@ def bench_loader(args) -> None:
 
             cache = tmp / f"cache-{workers}-{r}"
             web = tmp / f"web-{workers}-{r}.csv"
-            local = tmp / "local.csv"
-            for out, loc in ((web, lambda p: f"{base}/{p.name}"), (local, str)):
+            local, files = tmp / "local.csv", tmp / f"files-{workers}-{r}.csv"
+            for out, loc in ((web, lambda p: f"{base}/{p.name}"), (local, str), (files, lambda p: f"file://{p}")):
                 with open(out, "w", newline="") as f:
                     w = csv.writer(f)
                     w.writerow(["query", "image", "title", "score"])
                     for i, p in enumerate(paths):
                         w.writerow([f"query {i}", loc(p), f"product title {i}", "1"])
-            t0 = time.perf_counter()
-            ex, _ = load_data(str(web), params(LOADER_SPEC, cache=str(cache)), require_positive_weight=True)
-            ds = PairDataset(ex, transform, tokenizer, 224, cache=ImageCache(cache))
-            loader = TrainLoader(ds, workers, pin_memory=False)
-            order = list(range(len(ds)))
-            batches = [order[i:i + 32] for i in range(0, len(order), 32)]
-            n = sum(b["image"].shape[0] for b in loader.epoch(0, batches))
-            cold = n / (time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            n = sum(b["image"].shape[0] for b in loader.epoch(1, batches))
-            warm = n / (time.perf_counter() - t0)
-            del loader
+            cold, warm = cached_rates(web, cache, transform, tokenizer, workers)
+            cold_file, _ = cached_rates(files, tmp / f"cache-file-{workers}-{r}", transform, tokenizer, workers)
 
             ex_local, _ = load_data(str(local), params(LOADER_SPEC, cache=str(cache)), require_positive_weight=True)
             ds_local = PairDataset(ex_local, transform, tokenizer, 224)
             loc_loader = TrainLoader(ds_local, workers, pin_memory=False)
+            order = list(range(len(ds_local)))
+            batches = [order[i:i + 32] for i in range(0, len(order), 32)]
             t0 = time.perf_counter()
             n = sum(b["image"].shape[0] for b in loc_loader.epoch(0, batches))
             local_rate = n / (time.perf_counter() - t0)
             del loc_loader
             print(json.dumps({"workers": workers, "round": r, "open_clip": round(oc_rate, 1),
-                              "ours_cold_http": round(cold, 1), "ours_warm": round(warm, 1),
+                              "ours_cold_http": round(cold, 1), "ours_cold_file": round(cold_file, 1),
+                              "ours_warm": round(warm, 1),
                               "ours_local": round(local_rate, 1),
-                              "cold/open_clip": round(cold / oc_rate, 2), "warm/open_clip": round(warm / oc_rate, 2),
+                              "cold/open_clip": round(cold / oc_rate, 2),
+                              "cold_file/open_clip": round(cold_file / oc_rate, 2),
+                              "warm/open_clip": round(warm / oc_rate, 2),
                               "local/open_clip": round(local_rate / oc_rate, 2)}), flush=True)
-    httpd.shutdown()
+    server.kill()
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -302,8 +325,9 @@ def main() -> None:
     ch.add_argument("--file", required=True)
     ch.add_argument("--cache", required=True)
     ch.add_argument("--baseline", required=True)
+    sub.add_parser("serve-images").add_argument("folder")
     args = p.parse_args()
-    {"loader": bench_loader, "startup": bench_startup, "child": child}[args.what](args)
+    {"loader": bench_loader, "startup": bench_startup, "child": child, "serve-images": serve_images}[args.what](args)
 
 
 if __name__ == "__main__":

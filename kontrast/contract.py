@@ -18,6 +18,12 @@ TRAINJOB_FILE = "trainjob.yaml"
 PVC_ROOT_ENV = "KONTRAST_PVC_ROOT"
 PVC_ROOT_DEFAULT = "/mnt/kontrast/pvc"
 
+#: The node-local cache (checked tables, fetched images) when spec.data.cache is unset. The
+#: operator mounts the chart's cache volume (an emptyDir by default) at CACHE_MOUNT and points
+#: the variable at it; a local run defaults to ~/.cache/kontrast.
+CACHE_ENV = "KONTRAST_CACHE"
+CACHE_MOUNT = "/var/cache/kontrast"
+
 #: Set by the operator in training pods so rank 0 reports into the TrainJob's status.
 JOB_NAME_ENV = "KONTRAST_TRAINJOB_NAME"
 JOB_NAMESPACE_ENV = "KONTRAST_TRAINJOB_NAMESPACE"

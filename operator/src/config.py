@@ -27,7 +27,7 @@ TRAINER_UID = 1000
 #: Environment variables the Helm chart sets on the operator Deployment.
 ENV_TRAINER_IMAGE = "KONTRAST_TRAINER_IMAGE"
 ENV_TRAINER_PULL_POLICY = "KONTRAST_TRAINER_IMAGE_PULL_POLICY"
-ENV_DEFAULTS = "KONTRAST_POD_DEFAULTS"  # JSON object: POD_FIELDS plus shmSize, podSecurityContext
+ENV_DEFAULTS = "KONTRAST_POD_DEFAULTS"  # JSON object: POD_FIELDS plus shmSize, cacheVolume, podSecurityContext
 ENV_ENFORCED = "KONTRAST_POD_ENFORCED"  # JSON object: POD_FIELDS a TrainJob cannot override
 ENV_WATCH_NAMESPACES = "KONTRAST_WATCH_NAMESPACES"  # comma-separated; empty = all namespaces
 ENV_RESYNC = "KONTRAST_RESYNC_SECONDS"  # every TrainJob not finished is reconciled this often
@@ -51,6 +51,8 @@ BUILTIN_POD_SECURITY_CONTEXT: Mapping[str, Any] = {
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 BUILTIN_SHM_SIZE = "2Gi"
+#: The node-local data cache of each pod (checked tables, fetched images): a volume source.
+BUILTIN_CACHE_VOLUME: Mapping[str, Any] = {"emptyDir": {}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,9 @@ class OperatorConfig:
         default_factory=lambda: dict(BUILTIN_POD_SECURITY_CONTEXT))
     #: Size of the in-memory /dev/shm for data-loader workers and NCCL; empty disables it.
     shm_size: str = BUILTIN_SHM_SIZE
+    #: Volume source mounted at contract.CACHE_MOUNT for the data cache (when a TrainJob sets no
+    #: spec.data.cache); empty: no volume, the trainer's home folder.
+    cache_volume: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(BUILTIN_CACHE_VOLUME))
     #: torchrun rendezvous port on the index-0 pod.
     master_port: int = 29500
     #: Every TrainJob not finished is reconciled at least this often (seconds), so a change
@@ -85,6 +90,10 @@ class OperatorConfig:
         defaults = _json_object(env, ENV_DEFAULTS)
         shm_size = str(defaults.pop("shmSize", BUILTIN_SHM_SIZE) or "")
         security = defaults.pop("podSecurityContext", None)
+        cache_volume = defaults.pop("cacheVolume", BUILTIN_CACHE_VOLUME) or {}
+        if not isinstance(cache_volume, dict) or len(cache_volume) > 1:
+            raise ValueError(f"{ENV_DEFAULTS}: cacheVolume must be one volume source, e.g. {{emptyDir: {{}}}}, "
+                             f"got {cache_volume!r} (in Helm values, `emptyDir: null` drops the default)")
         namespaces = tuple(n.strip() for n in env.get(ENV_WATCH_NAMESPACES, "").split(",") if n.strip())
         return cls(
             trainer_image=env.get(ENV_TRAINER_IMAGE) or DEFAULT_TRAINER_IMAGE,
@@ -93,6 +102,7 @@ class OperatorConfig:
             enforced=pod_fields(_json_object(env, ENV_ENFORCED), ENV_ENFORCED),
             pod_security_context=BUILTIN_POD_SECURITY_CONTEXT if security is None else security,
             shm_size=shm_size,
+            cache_volume=cache_volume,
             resync_seconds=float(env.get(ENV_RESYNC) or cls.resync_seconds),
             hang_seconds=float(env.get(ENV_HANG) or cls.hang_seconds),
             status_interval_seconds=float(env.get(ENV_STATUS_INTERVAL) or cls.status_interval_seconds),

@@ -52,6 +52,7 @@ TRAINER_CONTAINER = "trainer"
 CONFIG_KEY = contract.TRAINJOB_FILE
 CONFIG_VOLUME = "trainjob"
 SHM_VOLUME = "dshm"
+CACHE_VOLUME = "cache"
 
 _DNS_LABEL_MAX = 63
 
@@ -161,7 +162,8 @@ def _metadata(tj: Mapping[str, Any], name: str, component: str, labels: Mapping[
 
 
 def _uris(spec: Mapping[str, Any]) -> list[str]:
-    return [v for v in (spec.get(f) for f in URI_FIELDS) if isinstance(v, str)]
+    cache = (spec.get("data") or {}).get("cache")
+    return [v for v in (*(spec.get(f) for f in URI_FIELDS), cache) if isinstance(v, str)]
 
 
 def pvc_claims(spec: Mapping[str, Any]) -> list[str]:
@@ -318,10 +320,16 @@ def _env(tj: Mapping[str, Any], attempt: int, config: OperatorConfig,
         {"name": contract.TERMINATION_LOG_ENV, "value": contract.TERMINATION_LOG},
         {"name": contract.PVC_ROOT_ENV, "value": contract.PVC_ROOT_DEFAULT},
         {"name": "KONTRAST_ATTEMPT", "value": str(attempt)},
+        *([{"name": contract.CACHE_ENV, "value": contract.CACHE_MOUNT}] if mounts_cache_volume(spec, config) else []),
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *storage_env(spec),
         *(dict(e) for e in extra),
     ]
+
+
+def mounts_cache_volume(spec: Mapping[str, Any], config: OperatorConfig) -> bool:
+    """The chart's cache volume serves a TrainJob that names no cache folder of its own."""
+    return bool(config.cache_volume) and not (spec.get("data") or {}).get("cache")
 
 
 def pod_spec(tj: Mapping[str, Any], attempt: int, config: OperatorConfig,
@@ -342,6 +350,9 @@ def pod_spec(tj: Mapping[str, Any], attempt: int, config: OperatorConfig,
         vol = "pvc-" + vol
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": vol, "mountPath": f"{contract.PVC_ROOT_DEFAULT}/{claim}"})
+    if mounts_cache_volume(spec, config):
+        volumes.append({"name": CACHE_VOLUME, **copy.deepcopy(dict(config.cache_volume))})
+        mounts.append({"name": CACHE_VOLUME, "mountPath": contract.CACHE_MOUNT})
     if config.shm_size:
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}})
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})

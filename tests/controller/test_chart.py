@@ -82,6 +82,7 @@ def test_chart_defaults_are_the_operators_builtin_defaults(helm):
     assert cfg.defaults == builtin.defaults
     assert cfg.pod_security_context == builtin.pod_security_context
     assert cfg.shm_size == builtin.shm_size
+    assert cfg.cache_volume == builtin.cache_volume == {"emptyDir": {}}
     assert cfg.enforced == builtin.enforced == {}
 
 
@@ -261,3 +262,10 @@ def test_lifecycle_values_reach_the_operator_and_its_pods(helm):
         d for d in template(helm) if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
     }.items() if v is not None})
     assert 15 <= defaults.status_interval_seconds <= 30 and defaults.hang_seconds > 0
+
+
+def test_a_cache_volume_from_values_replaces_the_default_emptydir(helm, tmp_path):
+    values = tmp_path / "v.yaml"
+    values.write_text("trainer: {defaults: {cacheVolume: {emptyDir: null, hostPath: {path: /var/cache/kontrast}}}}\n")
+    assert chart_config(template(helm, "-f", str(values))).cache_volume == {"hostPath": {"path": "/var/cache/kontrast"}}
+    assert chart_config(template(helm, "--set", "trainer.defaults.cacheVolume.emptyDir=null")).cache_volume == {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import yaml
 
@@ -171,6 +172,33 @@ def test_pvc_volumes_for_every_pvc_uri():
         assert mounts[vol] == f"{contract.PVC_ROOT_DEFAULT}/{claim}"
     assert mounts["trainjob"] == contract.TRAINJOB_MOUNT_DIR
     assert mounts["dshm"] == "/dev/shm"
+
+
+def test_the_chart_cache_volume_serves_a_trainjob_without_its_own_cache():
+    pod = job_pod(trainjob())["spec"]
+    (c,) = pod["containers"]
+    assert {"name": "cache", "emptyDir": {}} in pod["volumes"]
+    assert {"name": "cache", "mountPath": contract.CACHE_MOUNT} in c["volumeMounts"]
+    assert {"name": contract.CACHE_ENV, "value": contract.CACHE_MOUNT} in c["env"]
+    # a platform's node-wide cache (kept across pods and jobs)
+    host = {"hostPath": {"path": "/var/cache/kontrast", "type": "DirectoryOrCreate"}}
+    cfg = OperatorConfig.from_env({"KONTRAST_POD_DEFAULTS": json.dumps({"cacheVolume": host})})
+    assert {"name": "cache", **host} in job_pod(trainjob(), cfg)["spec"]["volumes"]
+    # a TrainJob's own cache folder (here on a claim) replaces it; {} turns the volume off
+    for pod in (job_pod(trainjob(data={"cache": "pvc://scratch/cache"}))["spec"],
+                job_pod(trainjob(), OperatorConfig(cache_volume={}))["spec"]):
+        assert not [v for v in pod["volumes"] if v["name"] == "cache"]
+        assert contract.CACHE_ENV not in {e["name"] for e in pod["containers"][0]["env"]}
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in
+              job_pod(trainjob(data={"cache": "pvc://scratch/cache"}))["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert "scratch" in claims
+
+
+def test_a_cache_volume_of_two_sources_is_an_error_naming_it():
+    import pytest
+
+    with pytest.raises(ValueError, match="cacheVolume must be one volume source"):
+        OperatorConfig.from_env({"KONTRAST_POD_DEFAULTS": '{"cacheVolume": {"emptyDir": {}, "hostPath": {"path": "/x"}}}'})
 
 
 def secret_env(pod):

@@ -18,7 +18,7 @@ import pytest
 import spawned
 import torch
 
-from kontrast.trainer.data import PairDataset, load_data
+from kontrast.trainer.data import PairDataset, load_data, sample_seed
 from kontrast.trainer.errors import DataError
 from kontrast.trainer.table import load_examples, parse_examples, parse_table
 from specs import params_of
@@ -316,6 +316,13 @@ def test_dataset_items_are_uint8_and_seeded(tmp_path, h):
     assert not torch.equal(ds[(1, 0)]["image"], item["image"])
     ds.set_epoch(1)
     assert torch.equal(ds[0]["image"], ds[(1, 0)]["image"])
+    # seeding the CPU generator alone is torch.manual_seed's crop, and leaves the caller's RNG be
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    crop = ds[(0, 0)]["image"]
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(sample_seed(1, 0, 0))
+    assert torch.equal(ds.transform(Image.open(tmp_path / "a.png").convert("RGB")), crop)
 
 
 def test_device_normalisation_equals_torchvision():

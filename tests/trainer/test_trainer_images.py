@@ -24,16 +24,31 @@ SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "tit
 
 
 class ImageServer:
-    """Serves a folder; counts requests per path; ``fail[path]`` lists what the next requests
-    of that path get instead of the file (an HTTP status, or "drop" to close the connection)."""
+    """Serves a folder over HTTP/1.1 (kept-alive connections); counts requests per path and
+    connections; ``fail[path]`` lists what the next requests of that path get instead of the
+    file (an HTTP status, or "drop" to close the connection); ``/moved/<path>`` redirects to
+    ``/<path>``."""
 
     def __init__(self, folder: Path):
         self.folder, self.hits, self.fail = folder, Counter(), defaultdict(list)
+        self.connections = 0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                server.connections += 1
+                super().setup()
+
             def do_GET(self):
                 server.hits[self.path] += 1
+                if self.path.startswith("/moved/"):
+                    self.send_response(302)
+                    self.send_header("Location", self.path[len("/moved"):])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if server.fail[self.path]:
                     what = server.fail[self.path].pop(0)
                     if what == "drop":
@@ -125,6 +140,18 @@ def test_transient_errors_past_the_retries_are_not_data_errors(small_data, serve
     with pytest.raises(TransientImageError, match="HTTP 503") as info:
         load_data(str(data), params_of(SPEC), require_positive_weight=True)
     assert not isinstance(info.value, DataError) and server.hits[path] == 3
+
+
+def test_fetches_share_kept_alive_connections_and_follow_redirects(small_data, server, tmp_path):
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv", name="train.csv")
+    locations = sorted({r["image"] for r in csv.DictReader(open(data, newline=""))})
+    moved = locations[0].replace(server.base, server.base + "/moved")
+    before = server.connections
+    bad = images.prefetch(ImageCache(tmp_path / "c"), [moved, *locations[1:]], range(len(locations)), threads=2)
+    assert bad == []                                   # the redirect was followed, not a bad image
+    assert server.hits["/moved" + moved.split("/moved", 1)[1]] == 1
+    # one kept-alive connection per thread serves many images (not a connection per image)
+    assert len(locations) > 10 and server.connections - before <= 2
 
 
 def test_backoff_doubles():

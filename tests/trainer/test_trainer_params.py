@@ -39,6 +39,20 @@ def test_resolved_betas_and_paths(h, tmp_path, monkeypatch):
     assert r.output == str(Path.cwd() / "elsewhere")
 
 
+def test_the_cache_folder_resolves_like_the_other_paths(h, tmp_path, monkeypatch):
+    monkeypatch.setenv("KONTRAST_PVC_ROOT", "/mnt/pvcs")
+    spec = {"model": "RN50", "trainData": "t.csv", "output": "o", "leftKeys": ["q"], "leftWeights": [1],
+            "rightKeys": ["i"], "rightWeights": [1], "weightKey": "w"}
+    job = tmp_path / "jobs" / "tj.yaml"
+    assert resolve(h.trainjob({**spec, "data": {"cache": "cache"}}), job).params.data["cache"] == str(
+        tmp_path / "jobs" / "cache")
+    r = resolve(h.trainjob({**spec, "data": {"cache": "pvc://scratch/kontrast"}}), job).params
+    assert r.data["cache"] == "/mnt/pvcs/scratch/kontrast" and r.data["onBadImage"] == "fail"
+    assert "cache" not in resolve(h.trainjob(spec), job).params.data      # $KONTRAST_CACHE decides
+    with pytest.raises(SpecError, match=r"spec.data.cache.*node-local folder"):
+        resolve(h.trainjob({**spec, "data": {"cache": "s3://b/cache"}}), job)
+
+
 def test_locations():
     base = Path("/jobs")
     assert resolve_location("file:///x/y.csv", base) == "/x/y.csv"

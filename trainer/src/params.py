@@ -161,7 +161,14 @@ def _resolved_locations(spec: Mapping[str, Any], base_dir: Path, output: Optiona
     pretrained = spec.get("pretrained")
     if pretrained and looks_like_path(pretrained, base_dir):
         pretrained = loc("pretrained")
+    data = dict(spec.get("data") or {})
+    if data.get("cache"):
+        if has_scheme(data["cache"]) and not data["cache"].startswith(("pvc://", "file://")):
+            raise SpecError("data.cache", f"{data['cache']!r} is a URL; the cache is a node-local folder "
+                                          "(a path, or pvc://<claim>/<path>) that every process on the node maps")
+        data["cache"] = resolve_location(data["cache"], base_dir)
     return {
+        "data": data,
         "train_data": loc("trainData"),
         "eval_data": loc("evalData"),
         "output": resolve_location(output, Path.cwd()) if output is not None else loc("output"),

@@ -52,11 +52,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kontrast import contract
+
 from .errors import DataError, DataProblem, ProblemCollector
+from .locations import has_scheme, parent_location
 
 if TYPE_CHECKING:
     from .params import Params
-from .locations import has_scheme, parent_location
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +415,7 @@ def _fixed_list(matrix: np.ndarray) -> pa.Array:
 
 def default_cache() -> str:
     """$KONTRAST_CACHE, else ~/.cache/kontrast (see data.cache in the CRD)."""
-    return os.environ.get("KONTRAST_CACHE") or str(Path.home() / ".cache" / "kontrast")
+    return os.environ.get(contract.CACHE_ENV) or str(Path.home() / ".cache" / "kontrast")
 
 
 def source_stamp(location: str) -> dict[str, Any]:
