@@ -66,7 +66,7 @@ CONTAINER_SECURITY_CONTEXT = {
 }
 
 #: The fields of a TrainJob spec that hold paths or URIs.
-URI_FIELDS = ("model", "pretrained", "trainData", "evalData", "output")
+URI_FIELDS = ("model", "pretrained", "trainData", "evalData", "corpusData", "output")
 
 #: Credential variables per object-store scheme: what storageSecretRef passes when it lists no
 #: keys (each optional, so a Secret may hold any subset).

@@ -104,12 +104,13 @@ def _reporters(resolved: Resolved, progress: bool):
 
 
 def _check(resolved: Resolved, device: Optional[str]) -> None:
-    from .data import load_data
+    from .data import load_corpus, load_data
 
     params = resolved.params
     load_data(params.train_data, params, require_positive_weight=True, progress=True)
     if params.eval_data:
         load_data(params.eval_data, params, require_positive_weight=False, progress=True)
+        load_corpus(params, progress=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -25,9 +25,10 @@ from PIL import Image
 from .errors import DataError, ProblemCollector
 from .images import BadImageReport, ImageCache, Policy, prefetch, problems_of, too_many
 from .params import Params
-from .table import Examples, default_cache, load_examples, parse_examples, parse_table, with_lines
+from .table import Columns, Examples, default_cache, load_examples, parse_examples, parse_table, with_lines
 
-__all__ = ["Examples", "PairDataset", "SideDataset", "TrainLoader", "collate", "load_data", "load_examples",
+__all__ = ["Examples", "PairDataset", "SideDataset", "TrainLoader", "collate", "load_data", "load_corpus",
+           "load_examples",
            "parse_table", "parse_examples", "normalize_images", "image_normalization", "uint8_transform",
            "cache_folder", "load_image"]
 
@@ -58,11 +59,13 @@ def _gather(items: list) -> list:
 
 
 def load_data(location: str, params: Params, *, require_positive_weight: bool,
-              progress: bool = False) -> tuple[Examples, BadImageReport]:
+              progress: bool = False, columns: Optional[Columns] = None) -> tuple[Examples, BadImageReport]:
     """Check one data file and prefetch its images; every rank raises the same DataError if
-    anything is wrong, or drops the same rows under ``data.onBadImage: skip``."""
+    anything is wrong, or drops the same rows under ``data.onBadImage: skip``. ``columns``
+    defaults to the TrainJob's pairs (``Columns.corpus_of`` for a corpus)."""
     cache = cache_folder(params)
-    examples = load_examples(location, params, cache=cache, require_positive_weight=require_positive_weight)
+    examples = load_examples(location, params, cache=cache, require_positive_weight=require_positive_weight,
+                             columns=columns)
     images, first_rows = examples.used_images()
     part, parts = _local_share()
     mine = slice(part, None, parts)
@@ -73,13 +76,21 @@ def load_data(location: str, params: Params, *, require_positive_weight: bool,
     if bad:
         examples = _apply_policy(examples, report, Policy.of(params))
     if examples.uses_images:
-        log.info("%s: %d rows, %d distinct queries, %d distinct documents; checked all %d distinct images",
-                 location, len(examples), _distinct(examples.left_ids), _distinct(examples.right_ids),
-                 len(images))
+        queries = f"{_distinct(examples.left_ids)} distinct queries, " if examples.left_ids is not None else ""
+        log.info("%s: %d rows, %s%d distinct documents; checked all %d distinct images",
+                 location, len(examples), queries, _distinct(examples.right_ids), len(images))
     else:
         log.info("%s: %d rows; the image field has weight 0, so no image is read or checked", location,
                  len(examples))
     return examples, report
+
+
+def load_corpus(params: Params, *, progress: bool = False) -> tuple[Optional[Examples], Optional[BadImageReport]]:
+    """The checked corpus (corpusData: documents only) with its image report; (None, None) without one."""
+    if not params.corpus_data:
+        return None, None
+    return load_data(params.corpus_data, params, require_positive_weight=False, progress=progress,
+                     columns=Columns.corpus_of(params))
 
 
 def _distinct(ids: np.ndarray) -> int:
@@ -252,13 +263,14 @@ class SideDataset(torch.utils.data.Dataset):
     def __init__(self, pairs: PairDataset, rows: Sequence[int], side: str):
         if side not in ("left", "right"):
             raise ValueError(side)
-        self.pairs, self.rows, self.side = pairs, list(rows), side
+        # a numpy array, not a list: a corpus has millions of rows
+        self.pairs, self.rows, self.side = pairs, np.asarray(rows, dtype=np.int64), side
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row = self.rows[i]
+        row = int(self.rows[i])
         return self.pairs.left_item(row) if self.side == "left" else self.pairs.right_item(row)
 
 

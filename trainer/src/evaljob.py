@@ -1,11 +1,13 @@
 """``kontrast evaluate FILE [--checkpoint C]``: the TrainJob's evaluation without training.
 
 Evaluates the TrainJob's starting model (its ``model`` and ``pretrained``), or a checkpoint
-(a path or URI of an ``epoch_N.pt`` this or another run wrote), on its ``evalData``, with the
-same identities, grades and metrics as the evaluations during training. With torchrun every
+(a path or URI of an ``epoch_N.pt`` this or another run wrote), on its ``evalData`` (ranking
+the ``corpusData`` documents when set), with the same identities, grades and metrics as the
+evaluations during training. With torchrun every
 process encodes and searches its share. Prints the metrics as JSON (rank 0); ``--top-k FILE``
 also writes every query's top documents (``EvalResult.save``: ``top_docs``/``top_scores``
-[queries, k], and ``query_rows``/``doc_rows`` mapping them to rows of the eval file).
+[queries, k], ``query_rows``/``doc_rows`` mapping them to rows of the eval file, and of
+``doc_file`` for documents: the corpus when there is one).
 
 With frozenRight the documents are encoded by the starting model and the queries by the
 checkpoint, as in training and serving.
@@ -42,21 +44,24 @@ def evaluate_trainjob(resolved: Resolved, checkpoint: Optional[str] = None, devi
     try:
         precision = _precision(params, world.device)
         eval_ex, _ = data.load_data(params.eval_data, params, require_positive_weight=False, progress=world.is_main)
+        corpus_ex, _ = data.load_corpus(params, progress=world.is_main)
         seed_everything(params.seed)
         bundle = build_model(resolved, precision, world.device)
         fused = _setup_fused(bundle.model, params, precision, world.device,
                              image_norm=data.image_normalization(bundle.preprocess_val))
         if checkpoint:
             _load(bundle.model, checkpoint)
-        pairs = data.PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size,
-                                 seed=params.seed, cache=data.ImageCache(data.cache_folder(params)))
-        eval_set = build_eval_set(eval_ex, params.eval_grades)
+        cache = data.ImageCache(data.cache_folder(params))
+        pairs, docs = (data.PairDataset(ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size,
+                                        seed=params.seed, cache=cache) if ex is not None else None
+                       for ex in (eval_ex, corpus_ex))
+        eval_set = build_eval_set(eval_ex, params.eval_grades, corpus_ex)
         result: EvalResult = evaluate(fused, pairs, eval_set, batch_size=min(EVAL_BATCH, max(params.batch_size, 32)),
-                                      device=world.device, precision=precision)
+                                      device=world.device, precision=precision, docs=docs)
         if world.is_main and top_k_file:
             result.save(top_k_file, eval_set)
         return {"model": params.model, "pretrained": params.pretrained, "checkpoint": checkpoint,
-                "evalData": params.eval_data, "metrics": result.metrics}
+                "evalData": params.eval_data, "corpusData": params.corpus_data, "metrics": result.metrics}
     finally:
         shutdown()
 

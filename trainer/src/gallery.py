@@ -60,9 +60,10 @@ def thumbnail(location: Optional[str]) -> Optional[str]:
 class Gallery:
     """Records each evaluation's top-k for the chosen queries and writes gallery.json."""
 
-    def __init__(self, output: str, examples, eval_set, n: int = QUERIES, k: int = TOP_K):
+    def __init__(self, output: str, examples, eval_set, n: int = QUERIES, k: int = TOP_K, docs=None):
         self.location = storage.join(output, GALLERY)
         self.examples = examples
+        self.docs = docs if docs is not None else examples   #: where eval_set.doc_rows point (a corpus)
         self.eval_set = eval_set
         self.k = k
         self.queries = pick_queries(eval_set.qrels, n)
@@ -85,8 +86,8 @@ class Gallery:
 
     def _document(self, d: int) -> dict[str, Any]:
         row = int(self.eval_set.doc_rows[d])
-        return {"title": " | ".join(t for t in self.examples.right_texts(row) if t),
-                "image": thumbnail(self.examples.image(row))}
+        return {"title": " | ".join(t for t in self.docs.right_texts(row) if t),
+                "image": thumbnail(self.docs.image(row))}
 
     def record(self, phase: str, top_docs: np.ndarray, top_scores: np.ndarray) -> None:
         """Keep the top-k of ``phase`` ("before", "after") from the evaluator's [queries, K]

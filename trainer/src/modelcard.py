@@ -30,6 +30,8 @@ def _cell(value: Any) -> str:
 def _data_section(params: dict[str, Any], data: dict[str, Any]) -> str:
     rows = [["train", params.get("trainData"), data.get("trainRows")],
             ["eval", params.get("evalData"), data.get("evalRows")]]
+    if params.get("corpusData"):
+        rows.append(["corpus (eval candidates)", params.get("corpusData"), data.get("corpusRows")])
     fields = [[side, k, w] for side in ("left", "right")
               for k, w in zip(params.get(f"{side}Keys") or [], params.get(f"{side}Weights") or [])]
     return "\n\n".join([

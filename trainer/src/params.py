@@ -96,6 +96,7 @@ class Params:
     # Data and output locations, resolved (local path or fsspec URL).
     train_data: str
     eval_data: Optional[str] = None
+    corpus_data: Optional[str] = None           #: every retrievable document (the eval's candidates)
     eval_every: int                             #: epochs between evaluations during training (0: none)
     eval_grades: str                            #: weight | gcl (metrics.grades_for)
     data: Mapping[str, Any]                     #: cache, onBadImage, maxBadFraction (see images.py)
@@ -171,6 +172,7 @@ def _resolved_locations(spec: Mapping[str, Any], base_dir: Path, output: Optiona
         "data": data,
         "train_data": loc("trainData"),
         "eval_data": loc("evalData"),
+        "corpus_data": loc("corpusData"),
         "output": resolve_location(output, Path.cwd()) if output is not None else loc("output"),
         "pretrained": pretrained,
     }

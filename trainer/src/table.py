@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the layout of the node-shared table file changes.
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2
 MAX_PROBLEMS = 20
 #: Data files above this size are checked in a child process (see shared_table_file).
 IN_PROCESS_MAX_BYTES = 1 << 20
@@ -81,7 +81,7 @@ class Columns:
     right_keys: tuple[str, ...]
     left_weights: tuple[float, ...]
     right_weights: tuple[float, ...]
-    weight_key: str
+    weight_key: Optional[str]                   #: None in a corpus (documents only, no pairs)
     query_id_key: Optional[str] = None
     doc_id_key: Optional[str] = None
 
@@ -91,11 +91,22 @@ class Columns:
                    tuple(map(float, params.right_weights)), params.weight_key, params.query_id_key,
                    params.doc_id_key)
 
+    @classmethod
+    def corpus_of(cls, params: "Params") -> "Columns":
+        """The columns of a corpus file (corpusData): the right fields and the document id only."""
+        return cls((), tuple(params.right_keys), (), tuple(map(float, params.right_weights)), None, None,
+                   params.doc_id_key)
+
+    @property
+    def has_pairs(self) -> bool:
+        """False for a corpus: documents without queries or row weights."""
+        return self.weight_key is not None
+
     def wanted(self) -> list[tuple[str, str]]:
         """(column, the spec field naming it), in the order problems are reported."""
         out = [(k, f"spec.leftKeys[{i}]") for i, k in enumerate(self.left_keys)]
         out += [(k, f"spec.rightKeys[{i}]") for i, k in enumerate(self.right_keys)]
-        out += [(self.weight_key, "spec.weightKey")]
+        out += [(self.weight_key, "spec.weightKey")] if self.weight_key else []
         out += [(k, f"spec.{f}") for k, f in ((self.query_id_key, "queryIdKey"), (self.doc_id_key, "docIdKey")) if k]
         return out
 
@@ -107,12 +118,21 @@ def is_parquet(location: str) -> bool:
     return location.lower().endswith((".parquet", ".pq"))
 
 
-def delimiter_for(location: str) -> str:
+def is_json_lines(location: str) -> bool:
+    """.jsonl / .ndjson, possibly compressed (one JSON object per line, like Marqtune's documents.jsonl)."""
+    return _uncompressed_name(location).endswith((".jsonl", ".ndjson"))
+
+
+def _uncompressed_name(location: str) -> str:
     name = location.lower()
     for ext in _COMPRESSIONS:
         if name.endswith(ext):
             name = name[: -len(ext)]
-    return "\t" if name.endswith(".tsv") else ","
+    return name
+
+
+def delimiter_for(location: str) -> str:
+    return "\t" if _uncompressed_name(location).endswith(".tsv") else ","
 
 
 def _open(location: str):
@@ -125,7 +145,9 @@ def read_raw(location: str) -> pa.Table:
     """The file as an Arrow table with its header's (stripped) column names."""
     try:
         with _open(location) as f:
-            return read_parquet(location, f) if is_parquet(location) else read_delimited(location, f)
+            if is_parquet(location):
+                return read_parquet(location, f)
+            return read_json_lines(f) if is_json_lines(location) else read_delimited(location, f)
     except FileNotFoundError:
         raise DataError([DataProblem(location, "file not found")]) from None
     except DataError:
@@ -173,6 +195,14 @@ def read_delimited(location: str, f) -> pa.Table:
     return table.rename_columns([h.strip() for h in header])
 
 
+def read_json_lines(f) -> pa.Table:
+    """One JSON object per line; its keys are the columns (a key absent from a line is empty)."""
+    import pyarrow.json as pajson
+
+    table = pajson.read_json(f, read_options=pajson.ReadOptions(block_size=16 << 20))
+    return table.rename_columns([str(h).strip() for h in table.column_names])
+
+
 def read_parquet(location: str, f) -> pa.Table:
     import pyarrow.parquet as pq
 
@@ -214,7 +244,7 @@ def _field_count_problems(location: str, width: int) -> tuple[list[DataProblem],
 def with_lines(location: str, problems: Sequence[DataProblem]) -> list[DataProblem]:
     """The problems with the file line of each row filled in (CSV/TSV only)."""
     rows = {p.row for p in problems if p.row is not None}
-    if not rows or is_parquet(location):
+    if not rows or is_parquet(location) or is_json_lines(location):
         return list(problems)
     lines = {0: 1}
     last = max(rows)
@@ -258,6 +288,19 @@ def _check_header(table: pa.Table, cols: Columns, problems: _Problems) -> None:
             have = ", ".join(repr(h) for h in names) or "nothing"
             problems.add(DataProblem(problems.file, f"column not found (named by {field}); the header has {have}",
                                      row=0, column=key))
+
+
+def raise_row_problems(file: str, table_rows: np.ndarray, message, column: Optional[str] = None) -> None:
+    """A DataError naming each of the given 0-based table rows of ``file`` (``message(i)`` words
+    row i; at most MAX_PROBLEMS are listed), with line numbers; nothing if there are none."""
+    table_rows = np.asarray(table_rows, dtype=np.int64)
+    if not len(table_rows):
+        return
+    mask = np.zeros(int(table_rows.max()) + 1, dtype=bool)
+    mask[table_rows] = True
+    problems = _Problems(file)
+    problems.rows(mask, message, column)
+    problems.raise_if_any()
 
 
 def text_column(table: pa.Table, key: str) -> pa.Array:
@@ -341,9 +384,13 @@ def resolve_images(values: pa.Array, base_dir: str) -> pa.Array:
     return out
 
 
-def codes(values: pa.Array) -> np.ndarray:
-    """Dense int64 codes of the values, numbered by first appearance (Arrow's hash table)."""
-    return pc.dictionary_encode(values).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+def codes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Dense int64 codes of the values, numbered by first appearance (Arrow's hash table; the
+    chunks of a chunked array share one dictionary, so equal values get one code across them)."""
+    encoded = pc.dictionary_encode(values)
+    chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
+    parts = [c.indices.to_numpy(zero_copy_only=False).astype(np.int64) for c in chunks]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def dense_ids(columns: Sequence[pa.Array]) -> np.ndarray:
@@ -356,6 +403,14 @@ def dense_ids(columns: Sequence[pa.Array]) -> np.ndarray:
     return ids
 
 
+def joint_ids(a: Sequence[pa.Array], b: Sequence[pa.Array]) -> tuple[np.ndarray, np.ndarray]:
+    """``dense_ids`` of two tables' rows numbered together: rows of either table get equal ids
+    exactly when they are equal in every column (e.g. an eval file's documents in a corpus)."""
+    ids = dense_ids([pa.chunked_array([x, y]) for x, y in zip(a, b)])
+    n = len(a[0]) if a else 0
+    return ids[:n], ids[n:]
+
+
 def first_rows(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """For each distinct code among ``codes[rows]``, the first of ``rows`` that has it (ascending)."""
     first = np.full(int(codes.max(initial=-1)) + 1, -1, dtype=np.int64)
@@ -364,7 +419,11 @@ def first_rows(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def check_table(raw: pa.Table, file: str, cols: Columns, *, require_positive_weight: bool = True) -> pa.Table:
-    """The checked, resolved table the Dataset reads; raises DataError naming every problem."""
+    """The checked, resolved table the Dataset reads; raises DataError naming every problem.
+
+    A corpus (``cols.has_pairs`` False) has the right side only: no left fields, weights or
+    query ids.
+    """
     problems = _Problems(file)
     _check_header(raw, cols, problems)
     problems.raise_if_any()
@@ -373,10 +432,12 @@ def check_table(raw: pa.Table, file: str, cols: Columns, *, require_positive_wei
 
     left = [text_column(raw, k) for k in cols.left_keys]
     right = [text_column(raw, k) for k in cols.right_keys]
-    weights = parse_weights(raw.column(cols.weight_key), cols.weight_key, problems)
+    weights = parse_weights(raw.column(cols.weight_key), cols.weight_key, problems) if cols.has_pairs else None
     resolved: dict[str, Any] = {}
     for side, keys, base, texts in (("left", cols.left_keys, cols.left_weights, left),
                                     ("right", cols.right_keys, cols.right_weights, right)):
+        if not keys:
+            continue
         present = np.stack([pc.not_equal(t, "").to_numpy(zero_copy_only=False) for t in texts], axis=1)
         w, empty = side_weights(present, base)
         used = [k for k, b in zip(keys, base) if b > 0]
@@ -384,26 +445,43 @@ def check_table(raw: pa.Table, file: str, cols: Columns, *, require_positive_wei
                       f"(no value in {used})", used[0] if len(used) == 1 else None)
         resolved[side] = w
     problems.raise_if_any()
-    if require_positive_weight and not (weights > 0).any():
+    if weights is not None and require_positive_weight and not (weights > 0).any():
         raise DataError([DataProblem(file, "every row has weight 0, so there is nothing to learn from",
                                      column=cols.weight_key)])
 
     images = resolve_images(right[0], parent_location(file))
-    query = [text_column(raw, cols.query_id_key)] if cols.query_id_key else \
-        [t for t, b in zip(left, cols.left_weights) if b > 0]
-    doc = [text_column(raw, cols.doc_id_key)] if cols.doc_id_key else \
-        [t for t, b in zip([images, *right[1:]], cols.right_weights) if b > 0]
-    return pa.table({
-        **{f"left{i}": t for i, t in enumerate(left)},
+    doc_key = {"doc_key": text_column(raw, cols.doc_id_key)} if cols.doc_id_key else {}
+    documents = pa.table({
         "image": images,
         **{f"right{i}": t for i, t in enumerate(right[1:], start=1)},
-        "left_weights": _fixed_list(resolved["left"]),
         "right_weights": _fixed_list(resolved["right"]),
         "image_code": pa.array(codes(images).astype(np.int32)),
+        **doc_key,
+    })
+    documents = documents.append_column("right_id", pa.array(dense_ids(doc_identity(documents, cols))))
+    if not cols.has_pairs:
+        return documents
+    query = [text_column(raw, cols.query_id_key)] if cols.query_id_key else \
+        [t for t, b in zip(left, cols.left_weights) if b > 0]
+    pairs = {
+        **{f"left{i}": t for i, t in enumerate(left)},
+        "left_weights": _fixed_list(resolved["left"]),
         "weight": pa.array(weights.astype(np.float32)),
         "left_id": pa.array(dense_ids(query)),
-        "right_id": pa.array(dense_ids(doc)),
-    })
+    }
+    for name, column in pairs.items():
+        documents = documents.append_column(name, column)
+    return documents
+
+
+def doc_identity(table: pa.Table, cols: Columns) -> list[pa.Array]:
+    """The columns that identify a document: the docIdKey column, else the right fields of
+    non-zero weight (the image as its resolved location). Equal in two tables exactly when the
+    documents are the same, so an eval file's documents can be found in a corpus."""
+    if cols.doc_id_key:
+        return [table.column("doc_key").chunk(0)]
+    names = ["image", *(f"right{i}" for i in range(1, len(cols.right_keys)))]
+    return [table.column(n).combine_chunks() for n, b in zip(names, cols.right_weights) if b > 0]
 
 
 def _fixed_list(matrix: np.ndarray) -> pa.Array:
@@ -556,12 +634,14 @@ class Examples:
         self.left = [text(f"left{i}") for i in range(len(columns.left_keys))]
         self.right = [text(f"right{i}") for i in range(1, len(columns.right_keys))]
         self.images = text("image")
-        self.left_weights = rows(_matrix(t.column("left_weights")))
         self.right_weights = rows(_matrix(t.column("right_weights")))
-        self.weights = rows(_numbers(t.column("weight")))
-        self.left_ids = rows(_numbers(t.column("left_id")))
         self.right_ids = rows(_numbers(t.column("right_id")))
         self.image_codes = _numbers(t.column("image_code"))   #: of every table row, dropped or not
+        # A corpus (documents only) has no queries and no row weights.
+        pairs = columns.has_pairs
+        self.left_weights = rows(_matrix(t.column("left_weights"))) if pairs else None
+        self.weights = rows(_numbers(t.column("weight"))) if pairs else None
+        self.left_ids = rows(_numbers(t.column("left_id"))) if pairs else None
 
     def __reduce__(self):
         return (Examples, (self.file, self.columns, self.path, self.keep, None if self.path else self.table))
@@ -576,7 +656,11 @@ class Examples:
                         None if self.path else self.table)
 
     def __len__(self) -> int:
-        return len(self.weights)
+        return len(self.right_ids)
+
+    def doc_identity(self) -> list[pa.Array]:
+        """The identity columns of every table row's document (``doc_identity``), dropped rows included."""
+        return doc_identity(self.table, self.columns)
 
     @property
     def left_keys(self) -> list[str]:
@@ -634,9 +718,9 @@ def _matrix(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def load_examples(location: str, params: "Params", *, cache: Optional[str] = None,
-                  require_positive_weight: bool = True) -> Examples:
-    """Check ``location`` (once per node) and map its table."""
-    cols = Columns.of(params)
+                  require_positive_weight: bool = True, columns: Optional[Columns] = None) -> Examples:
+    """Check ``location`` (once per node) and map its table (``columns``: default the TrainJob's pairs)."""
+    cols = columns or Columns.of(params)
     path = shared_table_file(location, cols, cache or default_cache(), require_positive_weight=require_positive_weight)
     return Examples(location, cols, path)
 
@@ -647,10 +731,11 @@ def parse_table(file: str, text: str) -> pa.Table:
     return raw.replace_schema_metadata({"kontrast.file": file})
 
 
-def parse_examples(raw: pa.Table, params: "Params", *, require_positive_weight: bool = True) -> Examples:
+def parse_examples(raw: pa.Table, params: "Params", *, require_positive_weight: bool = True,
+                   columns: Optional[Columns] = None) -> Examples:
     """Check a table from ``parse_table`` and keep the result in memory (no table file)."""
     file = raw.schema.metadata[b"kontrast.file"].decode()
-    cols = Columns.of(params)
+    cols = columns or Columns.of(params)
     checked = check_table(raw, file, cols, require_positive_weight=require_positive_weight)
     return Examples(file, cols, None, table=checked)
 

@@ -9,7 +9,8 @@ Order of a run (every rank unless noted), the order of ``_train``:
    (identical on all ranks), apply locks, wrap it in ``FusedModel`` and DDP, build AdamW
    with model-dependent betas/eps and the no-decay groups, and plan the steps.
 2. ``resume`` from the newest complete checkpoint in ``output`` (rank 0 picks it, all load it).
-3. Evaluate the starting model on evalData (rank 0; others wait), unless resuming.
+3. Evaluate the starting model on evalData (every rank its share; against corpusData's
+   documents when set), unless resuming.
 4. ``train_epoch``: this rank's shard of a per-epoch permutation, cut into optimizer steps
    of batchSize x accumFreq rows, each cut into micro-batches (``sampler.StepSampler``);
    ``optimizer_step`` runs one (``train_step``: one micro-batch is a plain forward/backward;
@@ -210,6 +211,7 @@ class Run:
     loader: TrainLoader             #: one for the run: persistent workers
     plan: RunPlan
     eval_ds: Optional[PairDataset]
+    eval_docs: Optional[PairDataset]   #: the corpus's documents (corpusData), else None: the eval file's
     eval_set: Any
     info: dict[str, Any]            #: the resolved values reported in status.resolved
     data_report: dict[str, Any]     #: status.data: bad images skipped (empty when none)
@@ -323,7 +325,8 @@ def setup(resolved: Resolved, world: World) -> Run:
                                          progress=world.is_main)
     eval_ex, eval_bad = (data.load_data(params.eval_data, params, require_positive_weight=False,
                                         progress=world.is_main) if params.eval_data else (None, None))
-    bad_images = [r.status() for r in (train_bad, eval_bad) if r is not None and r.bad]
+    corpus_ex, corpus_bad = data.load_corpus(params, progress=world.is_main) if eval_ex is not None else (None, None)
+    bad_images = [r.status() for r in (train_bad, eval_bad, corpus_bad) if r is not None and r.bad]
     seed_everything(params.seed)
     bundle = build_model(resolved, precision, world.device)
     fused = _setup_fused(bundle.model, params, precision, world.device,
@@ -337,22 +340,24 @@ def setup(resolved: Resolved, world: World) -> Run:
     micro = choose_micro_batch(params, world, fused, train_ds, precision, optimizer)
     plan = plan_run(params, len(train_ex), world, micro, file=params.train_data)
     warnings = _warnings(params, precision, bundle, plan, optimizer)
-    eval_ds = (PairDataset(eval_ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=params.seed,
-                           cache=image_cache)
-               if eval_ex is not None else None)
-    eval_set = build_eval_set(eval_ex, params.eval_grades) if eval_ex is not None else None
+    eval_ds, eval_docs = (PairDataset(ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size,
+                                      seed=params.seed, cache=image_cache) if ex is not None else None
+                          for ex in (eval_ex, corpus_ex))
+    eval_set = build_eval_set(eval_ex, params.eval_grades, corpus_ex) if eval_ex is not None else None
     global_batch = plan.step_rows * world.world_size
     return Run(resolved=resolved, params=params, world=world, precision=precision, bundle=bundle, fused=fused,
                net=net, optimizer=optimizer, scaler=precision.make_scaler(), train_ds=train_ds,
                sampler=StepSampler(len(train_ds), world, params.seed, plan.step_rows, plan.micro),
                loader=TrainLoader(train_ds, params.workers, pin_memory=world.device.type == "cuda"), plan=plan,
-               eval_ds=eval_ds, eval_set=eval_set,
+               eval_ds=eval_ds, eval_docs=eval_docs, eval_set=eval_set,
                info=_resolved_info(params, bundle, plan, world, precision, warnings),
                data_report={"badImages": bad_images} if bad_images else {},
-               rows={"trainRows": len(train_ex), "evalRows": len(eval_ex) if eval_ex is not None else None},
+               rows={"trainRows": len(train_ex), "evalRows": len(eval_ex) if eval_ex is not None else None,
+                     **({"corpusRows": len(corpus_ex)} if corpus_ex is not None else {})},
                export_config=open_clip_config(bundle.model, open_clip.get_model_config(bundle.name), params,
                                               bundle.tokenizer),
-               gallery=Gallery(params.output, eval_ex, eval_set) if eval_set is not None and world.is_main else None,
+               gallery=(Gallery(params.output, eval_ex, eval_set, docs=corpus_ex)
+                        if eval_set is not None and world.is_main else None),
                identity=ckpt.run_identity(resolved.name, resolved.uid, resolved.spec, global_batch))
 
 
@@ -577,7 +582,7 @@ def measure(run: Run, gallery_phase: Optional[str] = None) -> Optional[dict[str,
         return None
     result = evaluate(unwrap(run.net), run.eval_ds, run.eval_set,
                       batch_size=min(EVAL_BATCH, max(run.params.batch_size, 32)),
-                      device=run.world.device, precision=run.precision)
+                      device=run.world.device, precision=run.precision, docs=run.eval_docs)
     if gallery_phase and run.gallery is not None:
         run.gallery.record(gallery_phase, result.top_docs, result.top_scores)
     return result.metrics
