@@ -174,6 +174,13 @@ def test_pvc_volumes_for_every_pvc_uri():
     assert mounts["dshm"] == "/dev/shm"
 
 
+def test_a_corpus_on_its_own_claim_is_mounted():
+    pod = render.worker_job(trainjob(corpusData="pvc://catalogue/documents.jsonl"), 0, 0, CONFIG)
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v]
+    assert "catalogue" in claims
+
+
 def test_the_chart_cache_volume_serves_a_trainjob_without_its_own_cache():
     pod = job_pod(trainjob())["spec"]
     (c,) = pod["containers"]

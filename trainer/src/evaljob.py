@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -45,6 +46,7 @@ def evaluate_trainjob(resolved: Resolved, checkpoint: Optional[str] = None, devi
         precision = _precision(params, world.device)
         eval_ex, _ = data.load_data(params.eval_data, params, require_positive_weight=False, progress=world.is_main)
         corpus_ex, _ = data.load_corpus(params, progress=world.is_main)
+        eval_set = build_eval_set(eval_ex, params.eval_grades, corpus_ex)   # a document missing fails here
         seed_everything(params.seed)
         bundle = build_model(resolved, precision, world.device)
         fused = _setup_fused(bundle.model, params, precision, world.device,
@@ -55,7 +57,6 @@ def evaluate_trainjob(resolved: Resolved, checkpoint: Optional[str] = None, devi
         pairs, docs = (data.PairDataset(ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size,
                                         seed=params.seed, cache=cache) if ex is not None else None
                        for ex in (eval_ex, corpus_ex))
-        eval_set = build_eval_set(eval_ex, params.eval_grades, corpus_ex)
         result: EvalResult = evaluate(fused, pairs, eval_set, batch_size=min(EVAL_BATCH, max(params.batch_size, 32)),
                                       device=world.device, precision=precision, docs=docs)
         if world.is_main and top_k_file:
@@ -88,7 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def go() -> int:
         out = evaluate_trainjob(load_resolved(args.file), args.checkpoint, args.device, args.top_k)
-        print(json.dumps(out, indent=2))
+        if int(os.environ.get("RANK", "0")) == 0:   # under torchrun every rank has the same result
+            print(json.dumps(out, indent=2))
         return 0
 
     return run_permanent(go, "kontrast evaluate")

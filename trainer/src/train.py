@@ -327,6 +327,7 @@ def setup(resolved: Resolved, world: World) -> Run:
                                         progress=world.is_main) if params.eval_data else (None, None))
     corpus_ex, corpus_bad = data.load_corpus(params, progress=world.is_main) if eval_ex is not None else (None, None)
     bad_images = [r.status() for r in (train_bad, eval_bad, corpus_bad) if r is not None and r.bad]
+    eval_set = build_eval_set(eval_ex, params.eval_grades, corpus_ex) if eval_ex is not None else None
     seed_everything(params.seed)
     bundle = build_model(resolved, precision, world.device)
     fused = _setup_fused(bundle.model, params, precision, world.device,
@@ -343,7 +344,6 @@ def setup(resolved: Resolved, world: World) -> Run:
     eval_ds, eval_docs = (PairDataset(ex, bundle.preprocess_val, bundle.tokenizer, bundle.image_size,
                                       seed=params.seed, cache=image_cache) if ex is not None else None
                           for ex in (eval_ex, corpus_ex))
-    eval_set = build_eval_set(eval_ex, params.eval_grades, corpus_ex) if eval_ex is not None else None
     global_batch = plan.step_rows * world.world_size
     return Run(resolved=resolved, params=params, world=world, precision=precision, bundle=bundle, fused=fused,
                net=net, optimizer=optimizer, scaler=precision.make_scaler(), train_ds=train_ds,
