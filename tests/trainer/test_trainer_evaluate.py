@@ -73,6 +73,19 @@ def test_a_relevant_document_missing_from_the_corpus_names_the_row_and_the_corpu
     assert "/e.csv, row 2, column 'id'" in str(err.value) and "id 'p9'" in str(err.value)
 
 
+def test_a_document_skipped_for_a_bad_image_drops_its_eval_rows(caplog):
+    """Under data.onBadImage: skip the corpus rows of a bad image are dropped (``without``); the
+    document is in the corpus file, so its eval rows leave the evaluation instead of failing it."""
+    params = params_of(SPEC)
+    examples = parse_examples(parse_table("/e.csv", EVAL), params, require_positive_weight=False)
+    corpus = parse_examples(parse_table("/corpus.csv", "img,t\n/a.png,A\n/b.png,B\n/c.png,C\n"), params,
+                            columns=Columns.corpus_of(params)).without([1])
+    es = build_eval_set(examples, corpus=corpus)
+    assert es.doc_rows.tolist() == [0, 1]                 # positions of the kept rows (/a.png, /c.png)
+    assert pairs(es) == [(0, 0, 3.0), (1, 1, 2.0)]
+    assert "1 relevant row(s) dropped" in caplog.text
+
+
 def test_a_missing_corpus_column_names_the_column_and_the_file():
     with pytest.raises(DataError) as err:
         eval_set_of(EVAL, "img,title\n/a.png,A\n")

@@ -1,8 +1,9 @@
-"""Training and evaluation tables: CSV/TSV/Parquet read by pyarrow, checked, shared per node.
+"""Training and evaluation tables: CSV/TSV/Parquet/JSON Lines read by pyarrow, checked, shared per node.
 
 One row is one (left, right) pair. The left fields (``leftKeys``) are texts; the first right
 field (``rightKeys[0]``) is an image reference, the others texts; ``weightKey`` holds the
-row's weight (graded relevance).
+row's weight (graded relevance). A corpus (corpusData, ``Columns.corpus_of``) has documents
+only: the right fields and the document id, checked and shared the same way.
 
 Memory does not grow with Python objects per row: pyarrow parses the file into columns,
 every rule is a vectorised pass (pyarrow.compute / numpy), and the checked, resolved table
