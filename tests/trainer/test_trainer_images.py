@@ -192,6 +192,26 @@ def test_undecodable_bytes_are_a_bad_image(tmp_path, h):
     assert "broken.png" in str(err.problems[0]) and "file not found" in str(err.problems[1])
 
 
+def test_prefetch_reads_lazy_locations_a_window_at_a_time(tmp_path, h, monkeypatch):
+    """A corpus's images come as cells of an Arrow column (no list of millions of strings),
+    read a window at a time; every image is still checked and a bad one keeps its row."""
+    import numpy as np
+    import pyarrow as pa
+
+    from kontrast.trainer.table import StringColumn
+
+    monkeypatch.setattr(images, "PREFETCH_WINDOW", 3)
+    names = [h.write_image(tmp_path / f"{i}.png", colour=(i * 30, 0, 0)) for i in range(7)]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    column = pa.array([str(p) for p in [*names[:5], tmp_path / "broken.png", *names[5:]]], pa.large_string())
+    seen, load = [], ImageCache.load
+    monkeypatch.setattr(ImageCache, "load", lambda self, where, **kw: (seen.append(where), load(self, where, **kw))[1])
+    mine = np.arange(1, 8)                           # a process's share: every cell but the first
+    bad = images.prefetch(ImageCache(tmp_path / "c"), StringColumn(column, mine), mine + 100, threads=2)
+    assert [(b.row, b.location) for b in bad] == [(105, str(tmp_path / "broken.png"))]
+    assert sorted(seen) == sorted(column[int(i)].as_py() for i in mine)     # each of the share, once
+
+
 def test_skip_drops_the_rows_and_reports_them(run_training, base_spec, small_data, server, tmp_path, h):
     data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
     bad = image_paths(data)[0]

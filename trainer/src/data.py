@@ -25,7 +25,8 @@ from PIL import Image
 from .errors import DataError, ProblemCollector
 from .images import BadImageReport, ImageCache, Policy, prefetch, problems_of, too_many
 from .params import Params
-from .table import Columns, Examples, default_cache, load_examples, parse_examples, parse_table, with_lines
+from .table import (Columns, Examples, StringColumn, default_cache, load_examples, parse_examples, parse_table,
+                    with_lines)
 
 __all__ = ["Examples", "PairDataset", "SideDataset", "TrainLoader", "collate", "load_data", "load_corpus",
            "load_examples",
@@ -68,8 +69,9 @@ def load_data(location: str, params: Params, *, require_positive_weight: bool,
                              columns=columns)
     images, first_rows = examples.used_images()
     part, parts = _local_share()
-    mine = slice(part, None, parts)
-    bad = prefetch(ImageCache(cache), images.to_pylist()[mine], first_rows[mine], progress=progress,
+    mine = np.arange(part, len(images), parts)
+    # cells read lazily (StringColumn): a corpus of millions of images is never a list of them
+    bad = prefetch(ImageCache(cache), StringColumn(images, mine), first_rows[mine], progress=progress,
                    label=location.rsplit("/", 1)[-1])
     bad = sorted({b.location: b for b in _gather(bad)}.values(), key=lambda b: b.row)
     report = BadImageReport(location, len(images), bad=bad)

@@ -53,6 +53,7 @@ RETRIES = 5               #: attempts after the first
 BACKOFF_S = 0.5           #: first wait; doubles each retry, with jitter, capped at BACKOFF_MAX_S
 BACKOFF_MAX_S = 16.0
 PREFETCH_THREADS = 16     #: I/O bound: threads wait on the network, not the CPU
+PREFETCH_WINDOW = 4096    #: locations read (and futures queued) at a time: memory stays flat
 NAMED_BAD = 5             #: bad images named in the log and in status
 
 
@@ -202,7 +203,10 @@ def prefetch(cache: ImageCache, images: Sequence[str], first_rows: Sequence[int]
              threads: int = PREFETCH_THREADS, progress: bool = False, label: str = "images") -> list[BadImage]:
     """Fetch and decode every image once (threads: the work is I/O), filling the cache.
 
-    Returns the permanent failures; a transient failure after all retries raises.
+    ``images`` may be a lazy sequence (cells of an Arrow column): it is read PREFETCH_WINDOW
+    locations at a time, so a catalogue of millions of images never becomes millions of
+    Python strings and futures at once. Returns the permanent failures; a transient failure
+    after all retries raises.
     """
     def one(item) -> Optional[BadImage]:
         location, row = item
@@ -214,17 +218,19 @@ def prefetch(cache: ImageCache, images: Sequence[str], first_rows: Sequence[int]
         except PermanentImageError as exc:
             return BadImage(int(row), location, str(exc))
 
-    items = list(zip(images, first_rows))
-    if not items:
+    n = len(images)
+    if not n:
         return []
-    bar = _progress(len(items), label) if progress else None
+    bar = _progress(n, label) if progress else None
     bad = []
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(items)))) as pool:
-        for result in pool.map(one, items):
-            if result is not None:
-                bad.append(result)
-            if bar:
-                bar.update(1)
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, n))) as pool:
+        for start in range(0, n, PREFETCH_WINDOW):
+            window = [(images[i], first_rows[i]) for i in range(start, min(n, start + PREFETCH_WINDOW))]
+            for result in pool.map(one, window):
+                if result is not None:
+                    bad.append(result)
+                if bar:
+                    bar.update(1)
     if bar:
         bar.close()
     return bad
