@@ -160,6 +160,12 @@ def test_a_twin_of_every_document_pushes_each_one_rank_down(base_spec, twin_file
     shifted = Qrels(q0.query, q0.doc + n, q0.grade, q0.n_queries, 2 * n)
     hand = ranking_metrics(expected, shifted)
     assert all(ranked["metrics"][k] == pytest.approx(hand[k], rel=1e-9) for k in hand)
+    relevant = set(zip(q0.query.tolist(), q0.doc.tolist()))
+    first = np.array([next(r for r, d in enumerate(top.tolist(), 1) if (q, d) in relevant)
+                      for q, top in enumerate(a["top_docs"])])            # every query has one (eval file)
+    assert alone["metrics"]["mrr@10"] == pytest.approx(np.mean(np.where(first <= 10, 1 / first, 0)), rel=1e-9)
+    assert ranked["metrics"]["mrr@10"] == pytest.approx(np.mean(np.where(2 * first <= 10, 1 / (2 * first), 0)),
+                                                        rel=1e-9)
     for key in ("ndcg@10", "mrr@10", "p@10", "map", "err@10"):
         assert ranked["metrics"][key] < alone["metrics"][key], key
     assert ranked["metrics"]["recall@100"] == alone["metrics"]["recall@100"] == 1.0
