@@ -335,3 +335,16 @@ def test_device_normalisation_equals_torchvision():
     expected = transforms.Normalize(mean, std)(images.float() / 255)
     got = normalize_images(images, mean, std)
     assert float(torch.linalg.vector_norm(got - expected) / torch.linalg.vector_norm(expected)) < 1e-6
+
+
+@pytest.mark.parametrize("base", ["/data/catalogue", "s3://bucket/catalogue"])
+def test_image_cells_resolve_vectorised_as_join_location_does(base, monkeypatch):
+    from kontrast.trainer.locations import join_location
+    from kontrast.trainer.table import resolve_images
+
+    monkeypatch.setenv("KONTRAST_PVC_ROOT", "/mnt/pvcs/")
+    cells = ["a.jpg", "img/b.jpg", "/abs/c.jpg", "https://h/d.jpg", "s3://b/e.jpg", "pvc://data/img/f.jpg",
+             "pvc://data", "pvc://data//g.jpg", "pvc://data/./h.jpg", "pvc:///data/i.jpg", "pvc://data/j/",
+             "file:///x/k.jpg", "file://rel/l.jpg", "~/m.jpg", "", "pvc://data/img/f.jpg", "a.jpg"]
+    got = resolve_images(pa.array(cells, pa.large_string()), base).to_pylist()
+    assert got == [join_location(base, c) if c else "" for c in cells]

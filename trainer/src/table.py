@@ -364,24 +364,46 @@ def side_weights(present: np.ndarray, base: Sequence[float]) -> tuple[np.ndarray
 
 
 def resolve_images(values: pa.Array, base_dir: str) -> pa.Array:
-    """Image cells as locations: relative ones joined to the data file's folder (vectorised);
-    the rare other forms (pvc://, file://, ~, /x on a URL base) go through spec.join_location."""
-    from .locations import join_location
+    """Image cells as locations, as ``locations.join_location`` gives them, vectorised: relative
+    ones joined to the data file's folder, ``file://`` stripped, plain ``pvc://claim/path``
+    mapped under the claims' mount root (a catalogue on a PVC has a million of those). Only
+    the rare other forms (``~``, ``/x`` on a URL base, odd pvc:// paths) take one Python call
+    per distinct cell."""
+    from .locations import join_location, pvc_root
 
     url = pc.match_substring_regex(values, _URL)
     absolute = pc.starts_with(values, "/")
-    special = pc.or_(pc.or_(pc.starts_with(values, "pvc://"), pc.starts_with(values, "file://")),
-                     pc.or_(pc.starts_with(values, "~"), pc.and_(absolute, pa.scalar(has_scheme(base_dir)))))
     keep = pc.or_(pc.or_(url, absolute), pc.equal(values, ""))
     joined = pc.binary_join_element_wise(pa.scalar(base_dir.rstrip("/"), pa.large_string()), values,
                                            pa.scalar("/", pa.large_string()))
     out = pc.if_else(keep, values, joined)
-    odd = np.flatnonzero(pc.and_(special, pc.not_equal(values, "")).to_numpy(zero_copy_only=False))
-    if len(odd):
-        fixed = out.to_numpy(zero_copy_only=False).astype(object)  # only when such cells exist
-        for i in odd:
-            fixed[i] = join_location(base_dir, values[int(i)].as_py())
-        out = pa.array(fixed, pa.large_string())
+    is_pvc, is_file = pc.starts_with(values, "pvc://"), pc.starts_with(values, "file://")
+    plain_pvc = plain_file = pa.repeat(False, len(values))
+    if pc.any(is_pvc).as_py():
+        rest = pc.utf8_slice_codeunits(values, 6)
+        odd_path = pc.or_(pc.or_(pc.equal(rest, ""), pc.starts_with(rest, "/")),
+                          pc.or_(pc.or_(pc.match_substring(rest, "//"), pc.ends_with(rest, "/")),
+                                 pc.match_substring_regex(rest, r"(^|/)\.(/|$)")))
+        plain_pvc = pc.and_(is_pvc, pc.invert(odd_path))
+        root = pa.scalar(str(pvc_root()).rstrip("/"), pa.large_string())
+        out = pc.if_else(plain_pvc, pc.binary_join_element_wise(root, rest, pa.scalar("/", pa.large_string())), out)
+    if pc.any(is_file).as_py():
+        rest = pc.utf8_slice_codeunits(values, 7)
+        plain_file = pc.and_(is_file, pc.not_equal(rest, ""))
+        out = pc.if_else(plain_file, rest, out)
+    special = pc.or_(pc.or_(is_pvc, is_file),
+                     pc.or_(pc.starts_with(values, "~"), pc.and_(absolute, pa.scalar(has_scheme(base_dir)))))
+    odd = pc.and_(pc.and_(special, pc.not_equal(values, "")), pc.invert(pc.or_(plain_pvc, plain_file)))
+    rows = np.flatnonzero(odd.to_numpy(zero_copy_only=False))
+    if len(rows):
+        cells = values.take(pa.array(rows))
+        distinct = pc.unique(cells)
+        fixed = pa.array([join_location(base_dir, v) for v in distinct.to_pylist()], pa.large_string())
+        replaced = fixed.take(pc.index_in(cells, distinct))
+        positions = np.full(len(values), -1, dtype=np.int64)
+        positions[rows] = np.arange(len(rows))
+        picked = replaced.take(pa.array(np.where(positions < 0, 0, positions)))
+        out = pc.if_else(pa.array(positions >= 0), picked, out)
     return out
 
 
