@@ -164,7 +164,9 @@ def test_queue_changes_never_flap_suspend(kq, kueue, tiny):
         kq.patch_spec("mover", {"scheduling": {"queueName": "elsewhere"}})
         wait_for(lambda: [w for w in workloads(kueue, kq, "mover") if w["spec"]["queueName"] == "elsewhere"],
                  120, "the Workload to move to the queue elsewhere")
-        assert queued_condition(kq, "mover") and not kq.pods("mover")
+        # The status follows the new attempt's Workload one reconcile later.
+        wait_for(lambda: queued_condition(kq, "mover"), 60, "mover to be queued again in elsewhere")
+        assert not kq.pods("mover")
 
         kq.patch_spec("mover", {"scheduling": {"queueName": None}})
         st = kq.wait_phase("mover", "Succeeded", timeout=300)
