@@ -1,11 +1,14 @@
 """Graded relevance: the graded multi-positive loss against single-positive weighted CE.
 
     python benchmarks/graded.py [--seeds 0 1 2] [--epochs 8] [--partial 4]
+    python benchmarks/graded.py --data examples/data --seeds 0    # the example's own data set
 
 Data: the synthetic product-search generator (``kontrast.trainer.exampledata``) with its own
-seed and ``partial`` grade-1 documents per query, so every query has several graded
-documents (3: all attributes match, 2: the pattern differs, 1: the category matches) and a
-random batch of 64 holds several queries twice. Eval queries are unseen in training.
+seed and ``partial`` grade-1 documents per query, so every query has several graded documents
+(3: all attributes match, 2: the pattern differs, 1: the category matches) and a random batch
+of 64 holds several queries twice. Eval queries are unseen in training. ``--data`` takes a
+folder with a train.csv and an eval.csv of the same columns instead (the example's: the
+effect of the loss on ``kontrast train examples/trainjob.yaml``).
 
 Both variants run the example TrainJob (tiny ViT, random init, batch 64, lr 2e-3) through the
 shipped trainer, same data, same seeds; they differ only in the loss:
@@ -37,12 +40,12 @@ ensure_importable()
 import yaml  # noqa: E402
 
 from kontrast.api import apply_defaults  # noqa: E402
-from kontrast.trainer import memory  # noqa: E402
+from kontrast.trainer import accumulation  # noqa: E402
 from kontrast.trainer.exampledata import generate  # noqa: E402
 from kontrast.trainer.spec import resolve  # noqa: E402
 from kontrast.trainer.train import train  # noqa: E402
 
-SHIPPED_LOSS = memory.weighted_contrastive_loss
+SHIPPED_LOSS = accumulation.weighted_contrastive_loss
 
 
 def single_positive_loss(*args, **kwargs):
@@ -57,11 +60,11 @@ def run(variant: str, seed: int, data: Path, out: Path, epochs: int) -> dict:
     job["spec"].update({"model": str(ROOT / "examples" / "tiny-vit.json"), "trainData": str(data / "train.csv"),
                         "evalData": str(data / "eval.csv"), "output": str(out / f"{variant}-{seed}"),
                         "seed": seed, "epochs": epochs})
-    memory.weighted_contrastive_loss = SHIPPED_LOSS if variant == "graded" else single_positive_loss
+    accumulation.weighted_contrastive_loss = SHIPPED_LOSS if variant == "graded" else single_positive_loss
     try:
         summary = train(resolve(apply_defaults(job)))
     finally:
-        memory.weighted_contrastive_loss = SHIPPED_LOSS
+        accumulation.weighted_contrastive_loss = SHIPPED_LOSS
     return summary["eval"]["after"]
 
 
@@ -71,10 +74,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--partial", type=int, default=4, help="grade-1 documents sampled per query")
     ap.add_argument("--data-seed", type=int, default=15)
+    ap.add_argument("--data", default=None, help="a folder with train.csv and eval.csv (default: generate one)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="kontrast-graded-"))
-    data = generate(out / "data", seed=args.data_seed, partial=args.partial)
+    data = Path(args.data).resolve() if args.data else generate(out / "data", seed=args.data_seed,
+                                                                  partial=args.partial)
     results: dict[str, list[dict]] = {"graded": [], "single": []}
     for seed in args.seeds:
         for variant in (("graded", "single") if seed % 2 == 0 else ("single", "graded")):
