@@ -93,7 +93,22 @@ def loss_inputs(n: int, d: int = 6, seed: int = 0):
     return left, right, weights, left_ids, right_ids
 
 
-def loss_grads(left, right, weights, left_ids, right_ids, kind, local):
+def loss_table(n: int):
+    """The training table's known pairs for loss_inputs(n): its rows, plus pairs that join a
+    query on one rank with a document on the other (a batch holds both, but not the pair's row)."""
+    import numpy as np
+
+    from kontrast.trainer.losses import KnownPairs
+
+    _, _, weights, left_ids, right_ids = loss_inputs(n)
+    extra = [(int(left_ids[2]), int(right_ids[n - 3]), 2.0), (int(left_ids[n - 2]), int(right_ids[1]), 0.5),
+             (int(left_ids[0]), int(right_ids[n // 2 + 1]), 1.0)]
+    q, d, w = (np.array(col) for col in zip(*extra))
+    return KnownPairs.of_table(np.concatenate([left_ids.numpy(), q]), np.concatenate([right_ids.numpy(), d]),
+                               np.concatenate([weights.numpy(), w]))
+
+
+def loss_grads(left, right, weights, left_ids, right_ids, kind, local, known=None):
     """Loss value and gradients w.r.t. features, logit scale and bias for these rows."""
     from kontrast.trainer.losses import weighted_contrastive_loss
 
@@ -102,7 +117,7 @@ def loss_grads(left, right, weights, left_ids, right_ids, kind, local):
     scale = torch.tensor(9.0, requires_grad=True)
     bias = torch.tensor(-2.0, requires_grad=True)
     loss = weighted_contrastive_loss(left, right, weights, scale, bias, kind=kind, left_ids=left_ids,
-                                     right_ids=right_ids, local_loss=local)
+                                     right_ids=right_ids, local_loss=local, known=known)
     loss.backward()
     return {"loss": loss.detach(), "left": left.grad, "right": right.grad, "scale": scale.grad, "bias": bias.grad}
 
@@ -143,7 +158,8 @@ def worker_loss_exactness(world, n_global: int, n_shard: int):
     b = n_global // world.world_size
     rows = slice(world.rank * b, (world.rank + 1) * b)
     left, right, weights, lid, rid = loss_inputs(n_global)
-    features = {case: loss_grads(left[rows], right[rows], weights[rows], lid[rows], rid[rows], *case)
+    known = loss_table(n_global)
+    features = {case: loss_grads(left[rows], right[rows], weights[rows], lid[rows], rid[rows], *case, known=known)
                 for case in LOSS_CASES}
     g = torch.Generator().manual_seed(1)
     xq, xd = torch.randn(n_global, 5, generator=g), torch.randn(n_global, 5, generator=g)

@@ -3,6 +3,7 @@ bias included, unlike open_clip_train), replays dropout masks, and syncs DDP onc
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
@@ -15,6 +16,7 @@ from scale.helpers import tiny_clip, two_tower_batch
 
 from kontrast.trainer import accumulation
 from kontrast.trainer.accumulation import contrastive_step, search_micro_batch, split_micro_batches
+from kontrast.trainer.losses import KnownPairs
 
 
 def clip_batch(n=8, seed=0):
@@ -23,11 +25,12 @@ def clip_batch(n=8, seed=0):
             torch.rand(n, generator=g) + 0.5)
 
 
-def clip_forward(model, images, texts, weights):
+def clip_forward(model, images, texts, weights, left_ids=None, right_ids=None):
     def forward(mb):
         out = model(images[mb], texts[mb])
+        ids = {} if left_ids is None else {"left_ids": left_ids[mb], "right_ids": right_ids[mb]}
         return {"left": out["text_features"], "right": out["image_features"], "weights": weights[mb],
-                "logit_scale": out["logit_scale"], "logit_bias": out.get("logit_bias")}
+                "logit_scale": out["logit_scale"], "logit_bias": out.get("logit_bias"), **ids}
     return forward
 
 
@@ -64,6 +67,32 @@ def test_accumulated_gradients_equal_full_batch_including_scale_and_bias(kind, s
     _, unscaled = grads_after(model, forward, slices(sizes), kind)
     assert_detects(rel_err(unscaled["logit_scale"], full["logit_scale"]))
     assert_detects(rel_err(unscaled["logit_bias"], full["logit_bias"]))
+
+
+@pytest.mark.parametrize("kind", ["ce", "siglip"])
+def test_accumulation_passes_the_tables_known_pairs_to_every_micro_step(kind):
+    """Graded targets from the batch's ids and the training table's pairs: 3 micro-batches give
+    the full batch's gradients, and the table's pairs are really used (without them, far off)."""
+    model = tiny_clip(init_logit_bias=-2.0)
+    images, texts, weights = clip_batch()
+    lid, rid = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5]), torch.arange(8) + 10
+    # The table also says documents 10 and 13 answer queries 2 and 4 (rows 3 and 6).
+    table_q = np.concatenate([lid.numpy(), [2, 4]])
+    table_d = np.concatenate([rid.numpy(), [10, 13]])
+    known = KnownPairs.of_table(table_q, table_d, np.concatenate([weights.numpy(), [1.0, 2.0]]))
+    forward = clip_forward(model, images, texts, weights, lid, rid)
+
+    def grads(mbs, known):
+        model.zero_grad(set_to_none=True)
+        loss = contrastive_step(forward, mbs, kind=kind, model=model, known=known)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full_loss, full = grads([slice(0, 8)], known)
+    acc_loss, acc = grads(slices([3, 3, 2]), known)
+    assert_rel_close(acc_loss, full_loss, msg="loss")
+    assert_all_rel_close(acc, full)
+    _, without = grads(slices([3, 3, 2]), None)
+    assert_detects(worst_rel_err(without, full)[0])
 
 
 def sgd_delta(model, run):

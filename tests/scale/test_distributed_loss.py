@@ -1,5 +1,7 @@
 """2 gloo processes x B give the loss and gradients of 1 process x 2B (ce and siglip,
-with and without local_loss), both for raw features and for DDP-averaged parameters.
+with and without local_loss), both for raw features (with the training table's known pairs,
+some joining a query on one rank with a document on the other) and for DDP-averaged
+parameters.
 
 Comparisons use the relative norm error (tests/numeric.py). Each test also compares the
 ranks' results with a reference in which one row's weight is 10% off, and shows that this
@@ -10,7 +12,7 @@ import torch
 
 from numeric import assert_all_rel_close, assert_detects, assert_rel_close, global_norm, rel_err, worst_rel_err
 from scale import helpers
-from scale.helpers import LOSS_CASES, loss_grads, loss_inputs, two_tower_grads
+from scale.helpers import LOSS_CASES, loss_grads, loss_inputs, loss_table, two_tower_grads
 
 N = helpers.N_LOSS  # global batch; 6 rows per rank
 W = 2
@@ -25,11 +27,13 @@ def ranks(gloo2):
 @pytest.mark.parametrize("kind,local", LOSS_CASES)
 def test_feature_gradients_match_full_batch(ranks, kind, local):
     inputs = loss_inputs(N)
-    ref = loss_grads(*inputs, kind, local=False)
+    known = loss_table(N)
+    assert len(known) > 0
+    ref = loss_grads(*inputs, kind, local=False, known=known)
     left, right, weights, lid, rid = inputs
     off = weights.clone()
     off[0] *= 1.1
-    ref_off = loss_grads(left, right, off, lid, rid, kind, local=False)
+    ref_off = loss_grads(left, right, off, lid, rid, kind, local=False, known=known)
     b = N // W
     for r, out in enumerate(ranks):
         got = out["features"][(kind, local)]

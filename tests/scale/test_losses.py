@@ -2,13 +2,14 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from numeric import assert_all_rel_close, assert_rel_close
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from kontrast.trainer.losses import scale_grad, weighted_contrastive_loss
+from kontrast.trainer.losses import KnownPairs, scale_grad, weighted_contrastive_loss
 
 
 def rel_err(a, b):
@@ -22,8 +23,9 @@ def feats(n=8, d=6, seed=0):
     return left.requires_grad_(), right.requires_grad_()
 
 
-def naive(left, right, w, s, b, kind, lid=None, rid=None):
-    """Loop-by-loop reference of the graded multi-positive loss, written independently."""
+def naive(left, right, w, s, b, kind, lid=None, rid=None, table=()):
+    """Loop-by-loop reference of the graded multi-positive loss, written independently.
+    ``table``: extra (query id, document id, weight) rows known from the training table."""
     n = left.shape[0]
     lid = list(range(n)) if lid is None else lid
     rid = list(range(n)) if rid is None else rid
@@ -32,6 +34,8 @@ def naive(left, right, w, s, b, kind, lid=None, rid=None):
     for k in range(n):
         key = (lid[k], rid[k])
         known[key] = max(known.get(key, 0.0), float(w[k]))
+    for q, d, weight in table:
+        known[(q, d)] = max(known.get((q, d), 0.0), weight)
 
     def rel(i, j):  # query of row i, document of row j
         return known.get((lid[i], rid[j]))
@@ -106,6 +110,97 @@ def test_matches_loop_reference_with_weights_and_duplicates(kind, with_ids):
     ref = naive(left.detach().double(), right.detach().double(), w.tolist(), s, b, kind,
                 None if lid is None else lid.tolist(), None if rid is None else rid.tolist())
     assert ours.item() == pytest.approx(ref, rel=1e-5)
+
+
+# A training table in which documents 12 and 13 answer several queries. Its batch (below) holds
+# rows (0, 12) and (1, 13) but not (1, 12) or (0, 13); (2, 12) has weight 0 (a stated negative).
+TABLE = [(0, 12, 3.0), (1, 13, 2.0), (1, 12, 1.0), (0, 13, 0.5), (2, 12, 0.0), (2, 14, 1.0), (3, 15, 2.0),
+         (4, 12, 2.5), (4, 16, 1.0)]
+
+
+def table_pairs(rows=TABLE):
+    q, d, w = (np.array(col) for col in zip(*rows))
+    return KnownPairs.of_table(q, d, w)
+
+
+def test_known_pairs_keep_what_a_batch_can_meet_without_its_row():
+    pairs = table_pairs()
+    # (3, 15) is the only pair of both its query and its document: no batch holds one
+    # without the other's row, so it is not kept; weight-0 (2, 12) stays a negative.
+    kept = {(int(k) // pairs.n_docs, int(k) % pairs.n_docs): float(r) for k, r in zip(pairs.keys, pairs.rel)}
+    assert kept == {(0, 12): 3.0, (0, 13): 0.5, (1, 12): 1.0, (1, 13): 2.0, (4, 12): 2.5}
+    # Duplicate rows keep their highest weight.
+    assert table_pairs(TABLE + [(1, 12, 4.0)]).block(torch.tensor([1]), torch.tensor([12]))[1].item() == 4.0
+
+
+def test_known_pairs_block_is_every_pairs_lookup():
+    """The block lookup (ranges per query) against a plain search per pair, on a table with
+    repeated ids in the block and queries/documents the table does not hold."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 40, (600,), generator=g)
+    d = torch.randint(0, 90, (600,), generator=g)
+    w = torch.randint(0, 4, (600,), generator=g).float()
+    pairs = KnownPairs.of_table(q.numpy(), d.numpy(), w.numpy())
+    assert 0 < len(pairs) < 600
+    rows = torch.cat([q[:50], torch.tensor([45, 3, 3])])
+    cols = torch.cat([d[100:170], torch.tensor([95, 7, 7])])
+    known, rel = pairs.block(rows, cols)
+    kept = {(int(k) // pairs.n_docs, int(k) % pairs.n_docs): float(r) for k, r in zip(pairs.keys, pairs.rel)}
+    expect = torch.tensor([[(int(a), int(b)) in kept for b in cols] for a in rows])
+    assert torch.equal(known, expect) and expect.sum() > 20
+    assert torch.equal(rel, torch.tensor([[kept.get((int(a), int(b)), 0.0) for b in cols] for a in rows]))
+    # One document per query: nothing to keep.
+    assert len(table_pairs([(0, 0, 1.0), (1, 1, 1.0), (2, 1, 1.0)])) == 0
+
+
+@pytest.mark.parametrize("kind", ["ce", "siglip"])
+def test_table_pairs_match_loop_reference(kind):
+    left, right = feats(n=6, seed=4)
+    w = torch.tensor([3.0, 2.0, 1.0, 2.0, 2.5, 1.0])
+    lid = torch.tensor([0, 1, 2, 3, 4, 4])
+    rid = torch.tensor([12, 13, 14, 15, 12, 16])
+    s, b = 12.0, (-2.0 if kind == "siglip" else None)
+    ours = weighted_contrastive_loss(left, right, w, torch.tensor(s), None if b is None else torch.tensor(b),
+                                     kind=kind, left_ids=lid, right_ids=rid, known=table_pairs())
+    ref = naive(left.detach().double(), right.detach().double(), w.tolist(), s, b, kind, lid.tolist(),
+                rid.tolist(), table=[row for row in TABLE if row[2] > 0])
+    batch_only = naive(left.detach().double(), right.detach().double(), w.tolist(), s, b, kind, lid.tolist(),
+                       rid.tolist())
+    assert ours.item() == pytest.approx(ref, rel=1e-5)
+    assert abs(ref - batch_only) > 1e-3 * abs(ref)   # the table's pairs changed the targets
+
+
+@pytest.mark.parametrize("kind", ["ce", "siglip"])
+def test_table_pair_is_a_positive_not_a_false_negative(kind):
+    """Row 0 is (query 0, doc 12), row 1 (query 1, doc 13); the table says doc 12 answers query 1
+    too. With the table the loss pulls query 1 towards doc 12; from the batch alone it pushes."""
+    left, right = feats(n=4, seed=6)
+    lid, rid = torch.tensor([0, 1, 2, 3]), torch.tensor([12, 13, 14, 15])
+    s = torch.tensor(10.0)
+    b = torch.tensor(-3.0) if kind == "siglip" else None
+
+    def logit_gradient(known):
+        delta = torch.zeros((), requires_grad=True)
+        q = torch.cat([left.detach(), torch.zeros(4, 1)], dim=1)
+        d = torch.cat([right.detach(), torch.zeros(4, 1)], dim=1)
+        d[0, -1] = 1.0
+        onehot = torch.zeros(4, 7)
+        onehot[1, -1] = 1.0   # delta moves exactly logit (row 1's query, row 0's document)
+        moved = q + onehot * delta / s
+        loss = weighted_contrastive_loss(moved, d, torch.ones(4), s, b, kind=kind, left_ids=lid, right_ids=rid,
+                                         known=known)
+        return torch.autograd.grad(loss, [delta])[0].item()
+
+    assert logit_gradient(table_pairs()) < -1e-4
+    assert logit_gradient(None) > 1e-4
+
+
+def test_table_pairs_need_ids():
+    """Without ids every row is its own query and document: the table's ids mean nothing."""
+    left, right = feats()
+    s = torch.tensor(10.0)
+    with_table = weighted_contrastive_loss(left, right, torch.ones(8), s, known=table_pairs())
+    assert_rel_close(with_table, ClipLoss()(right, left, s))
 
 
 def test_ce_weights_are_scale_free_and_select_rows():

@@ -266,13 +266,15 @@ def test_scale_parameters_reach_the_loss_and_model(run_training, resolve_spec, q
     real = accumulation.weighted_contrastive_loss
 
     def recording(left, right, weights, *args, **kwargs):
-        calls.append((left.shape[0], kwargs["local_loss"], kwargs["left_ids"] is not None))
+        calls.append((left.shape[0], kwargs["local_loss"], kwargs["left_ids"] is not None, len(kwargs["known"])))
         return real(left, right, weights, *args, **kwargs)
 
     monkeypatch.setattr(accumulation, "weighted_contrastive_loss", recording)
     summary, _ = run_training({**quick, "accumFreq": 2, "localLoss": True, "output": str(tmp_path / "acc")})
     assert (summary["resolved"]["accumSteps"], summary["resolved"]["globalBatchSize"], summary["totalSteps"]) == (2, 16, 2)
-    assert calls == [(16, True, True)] * 4                       # 2 steps x 2 micro-steps, each on the 16-row batch
+    # 2 steps x 2 micro-steps, each on the 16-row batch, with trainData's shared pairs
+    # (documents of the 64 rows that answer several of its queries).
+    assert calls == [(16, True, True, calls[0][3])] * 4 and calls[0][3] > 0
     assert summary["resolved"]["microBatchSize"] == 8 and "dynamicBatchSize has no effect on cpu" in caplog.text
 
     start = start_state(resolve_spec, quick)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .losses import scale_grad, weighted_contrastive_loss
+from .losses import KnownPairs, scale_grad, weighted_contrastive_loss
 
 __all__ = ["contrastive_step", "split_micro_batches", "divisors", "search_micro_batch", "cuda_probe",
            "probe_micro_batch", "param_bytes", "ROW_KEYS"]
@@ -71,6 +71,7 @@ def contrastive_step(
     local_loss: bool = False,
     model: Optional[nn.Module] = None,
     backward: Optional[Callable[[torch.Tensor], None]] = None,
+    known: Optional[KnownPairs] = None,
 ) -> torch.Tensor:
     """Forward and backward of one optimizer step over ``micro_batches`` (gradients accumulate
     in ``.grad``; the caller zeroes them before and steps the optimizer after).
@@ -80,6 +81,7 @@ def contrastive_step(
     and optional "logit_bias". It must call the DDP-wrapped model once (DDP needs one forward
     per backward). ``model``: the (possibly DDP-wrapped) model, for ``no_sync``.
     ``backward``: e.g. ``lambda l: scaler.scale(l).backward()`` for fp16 AMP.
+    ``known``: the training table's relevant pairs (``losses.KnownPairs``), for the targets.
     Returns the full-batch loss (detached).
     """
     backward = backward or (lambda loss: loss.backward())
@@ -90,7 +92,7 @@ def contrastive_step(
     def loss_of(rows: Mapping[str, Any], scale, bias) -> torch.Tensor:
         return weighted_contrastive_loss(
             rows["left"], rows["right"], rows["weights"], scale, bias, kind=kind,
-            left_ids=rows.get("left_ids"), right_ids=rows.get("right_ids"), local_loss=local_loss)
+            left_ids=rows.get("left_ids"), right_ids=rows.get("right_ids"), local_loss=local_loss, known=known)
 
     if k == 1:
         out = forward(micro_batches[0])

@@ -21,10 +21,14 @@ Conventions (the caller relies on them):
 
 Graded multi-positive targets. Graded-relevance data has several documents per query, so a
 random batch often holds the same query twice, or a document relevant to another row's query.
-Every pair (query i, document j) whose relevance is known from the batch's own rows (some
-row pairs query i's identity with document j's identity) is a positive with that row's weight
-(the highest, if several rows give it); every other pair is a negative. Identities are
-``left_ids`` / ``right_ids`` (absent: every row is its own query / document).
+Every pair (query i, document j) whose relevance is known is a positive with its weight (the
+highest, if several rows give it); every other pair is a negative. Known means: some row of
+the batch pairs query i's identity with document j's identity, or, given ``known``
+(``KnownPairs``, built from the whole training table), some row of the table does. The
+second matters in catalogues, where one product is relevant to many queries: the batch
+brings it in for one of them, and without the table it would be a negative for the others
+(a false negative, pushed away from a query it answers). Identities are ``left_ids`` /
+``right_ids`` (absent: every row is its own query / document; ``known`` is then unused).
 
 Kinds:
 
@@ -52,11 +56,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["weighted_contrastive_loss", "gather_with_grad", "scale_grad", "KINDS"]
+__all__ = ["weighted_contrastive_loss", "KnownPairs", "gather_with_grad", "scale_grad", "KINDS"]
 
 KINDS = ("ce", "siglip")
 
@@ -143,29 +148,99 @@ def _compact(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return inverse, uniq.numel()
 
 
-class _PairRelevance:
-    """Relevance of (query identity, document identity) pairs known from the batch's rows.
+class KnownPairs:
+    """The relevant (query, document) pairs of a whole training table, for lookups by the loss.
 
-    Held as sorted unique pair keys and their (max) weight, so a lookup for a [rows, n] block
-    costs O(rows x n) memory, like the logits themselves.
+    Only pairs that a batch could hold without their own row are kept: the query has another
+    relevant document and the document another query (each is then brought into a batch by
+    another row). A table with one document per query, or one query per document, keeps
+    nothing. Pairs of weight 0 are left out: they stay negatives. Held as sorted int64 keys
+    (query id x documents + document id) and float32 weights: 12 bytes a kept pair, in one
+    array each, never a Python object per row.
     """
 
-    def __init__(self, q: torch.Tensor, d: torch.Tensor, w: torch.Tensor):
-        self.q, n_q = _compact(q)
-        self.d, self.n_d = _compact(d)
-        keys, inverse = torch.unique(self.q * self.n_d + self.d, return_inverse=True)
-        self.keys = keys
-        self.rel = torch.zeros(keys.numel(), dtype=w.dtype, device=w.device).scatter_reduce(
-            0, inverse, w, reduce="amax", include_self=False)
-        self.q_count = torch.bincount(self.q, minlength=n_q)[self.q]
-        self.d_count = torch.bincount(self.d, minlength=self.n_d)[self.d]
+    def __init__(self, keys: torch.Tensor, rel: torch.Tensor, n_docs: int):
+        self.keys, self.rel, self.n_docs = keys, rel, n_docs
 
-    def lookup(self, q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(known, relevance) of every pair q[:, None] x d[None, :] (broadcast shapes)."""
-        keys = q * self.n_d + d
-        pos = torch.searchsorted(self.keys, keys.reshape(-1)).reshape(keys.shape).clamp_max(self.keys.numel() - 1)
-        known = self.keys[pos] == keys
-        return known, torch.where(known, self.rel[pos], torch.zeros((), dtype=self.rel.dtype, device=keys.device))
+    @classmethod
+    def of_table(cls, left_ids: np.ndarray, right_ids: np.ndarray, weights: np.ndarray) -> "KnownPairs":
+        positive = np.asarray(weights) > 0
+        q = np.asarray(left_ids, dtype=np.int64)[positive]
+        d = np.asarray(right_ids, dtype=np.int64)[positive]
+        w = np.asarray(weights, dtype=np.float32)[positive]
+        n_docs = int(d.max()) + 1 if d.size else 1
+        keys, inverse = np.unique(q * n_docs + d, return_inverse=True)
+        rel = np.zeros(keys.size, dtype=np.float32)
+        np.maximum.at(rel, inverse, w)
+        uq, ud = keys // n_docs, keys % n_docs
+        shared = (np.bincount(uq)[uq] > 1) & (np.bincount(ud)[ud] > 1)
+        return cls(torch.from_numpy(keys[shared]), torch.from_numpy(rel[shared]), n_docs)
+
+    def __len__(self) -> int:
+        return self.keys.numel()
+
+    def to(self, device: torch.device) -> "KnownPairs":
+        return KnownPairs(self.keys.to(device), self.rel.to(device), self.n_docs)
+
+    def block(self, q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(known, relevance) of every pair of queries ``q`` [r] x documents ``d`` [c] (table
+        ids), each [r, c].
+
+        Not one search per pair (r x c binary searches cost several times the logits): each
+        distinct query's pairs are a contiguous range of the sorted keys, so two searches per
+        query find them, and only those candidates are matched against the block's documents.
+        """
+        if self.keys.numel() == 0 or q.numel() == 0 or d.numel() == 0:
+            shape = (q.numel(), d.numel())
+            return (torch.zeros(shape, dtype=torch.bool, device=q.device),
+                    torch.zeros(shape, dtype=self.rel.dtype, device=q.device))
+        uq, q_of = torch.unique(q, return_inverse=True)
+        ud, d_of = torch.unique(d, return_inverse=True)
+        lo = torch.searchsorted(self.keys, uq * self.n_docs)
+        counts = torch.searchsorted(self.keys, (uq + 1) * self.n_docs) - lo
+        owner = torch.repeat_interleave(torch.arange(uq.numel(), device=q.device), counts)
+        first = torch.cumsum(counts, 0) - counts
+        pos = lo[owner] + torch.arange(owner.numel(), device=q.device) - first[owner]
+        cand = self.keys[pos] % self.n_docs
+        col = torch.searchsorted(ud, cand).clamp_max(ud.numel() - 1)
+        hit = ud[col] == cand
+        small_known = torch.zeros((uq.numel(), ud.numel()), dtype=torch.bool, device=q.device)
+        small_rel = torch.zeros(small_known.shape, dtype=self.rel.dtype, device=q.device)
+        small_known[owner[hit], col[hit]] = True
+        small_rel[owner[hit], col[hit]] = self.rel[pos[hit]]
+        return small_known[q_of][:, d_of], small_rel[q_of][:, d_of]
+
+
+class _PairRelevance:
+    """Relevance of (query identity, document identity) pairs known from the batch's rows, and
+    from the table's ``known`` pairs when given.
+
+    The batch's pairs are a ``KnownPairs`` of their own over compacted ids, so a lookup for a
+    [rows, n] block costs O(rows x n) memory, like the logits themselves, and no search per pair.
+    """
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, w: torch.Tensor, known: Optional[KnownPairs] = None):
+        self.raw_q, self.raw_d, self.known = q, d, known
+        self.q, n_q = _compact(q)
+        self.d, n_d = _compact(d)
+        keys, inverse = torch.unique(self.q * n_d + self.d, return_inverse=True)
+        rel = torch.zeros(keys.numel(), dtype=w.dtype, device=w.device).scatter_reduce(
+            0, inverse, w, reduce="amax", include_self=False)
+        self.batch = KnownPairs(keys, rel, n_d)
+        self.q_count = torch.bincount(self.q, minlength=n_q)[self.q]
+        self.d_count = torch.bincount(self.d, minlength=n_d)[self.d]
+
+    def lookup(self, rows: slice, *, queries_are_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(known, relevance) of [rows x all columns]: the rows' queries against every
+        column's document, or (``queries_are_rows=False``) every column's query against the
+        rows' documents, laid out [rows, columns]."""
+        q, d, raw_q, raw_d = ((self.q[rows], self.d, self.raw_q[rows], self.raw_d) if queries_are_rows
+                              else (self.q, self.d[rows], self.raw_q, self.raw_d[rows]))
+        known, rel = self.batch.block(q, d)
+        if self.known is not None and len(self.known):
+            in_table, table_rel = self.known.block(raw_q, raw_d)
+            known, rel = known | in_table, torch.maximum(rel, table_rel.to(rel.dtype))
+        return (known, rel) if queries_are_rows else (known.T, rel.T)
 
 
 def _soft_ce(logits: torch.Tensor, relevance: torch.Tensor, multiplicity: torch.Tensor) -> torch.Tensor:
@@ -186,13 +261,16 @@ def weighted_contrastive_loss(
     left_ids: Optional[torch.Tensor] = None,
     right_ids: Optional[torch.Tensor] = None,
     local_loss: bool = False,
+    known: Optional[KnownPairs] = None,
 ) -> torch.Tensor:
     """Weighted contrastive loss of this process's rows against the global batch.
 
     left, right: [b, d] L2-normalised embeddings of this process's (micro-)batch; weights:
     [b] non-negative row weights; logit_scale: already exponentiated; logit_bias: raw or
     None (siglip treats None as 0); left_ids / right_ids: [b] int64 query / document
-    identities for the graded targets (see the module docstring). Returns a scalar: the full-batch loss.
+    identities for the graded targets (see the module docstring); known: the training table's
+    relevant pairs, by the same (table) identities, on ``left``'s device. Returns a scalar: the
+    full-batch loss.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
@@ -230,7 +308,9 @@ def weighted_contrastive_loss(
             all_left, all_right, all_w, all_lid, all_rid = left, right, weights, lid, rid
         n = all_left.shape[0]
         index = torch.arange(n, device=device)
-        pairs = _PairRelevance(index if all_lid is None else all_lid, index if all_rid is None else all_rid, all_w)
+        with_ids = all_lid is not None and all_rid is not None
+        pairs = _PairRelevance(index if all_lid is None else all_lid, index if all_rid is None else all_rid, all_w,
+                               known if with_ids else None)
 
         split = local_loss and world > 1
         offset = rank * b if split else 0
@@ -239,7 +319,7 @@ def weighted_contrastive_loss(
         mine = slice(offset, offset + rows)
         # Relevance of each row's query to each column's document (and of each row's
         # document to each column's query, for the right->left direction).
-        known_lr, rel_lr = pairs.lookup(pairs.q[mine, None], pairs.d[None, :])
+        known_lr, rel_lr = pairs.lookup(mine, queries_are_rows=True)
 
         # Rows are this process's (or all) queries/documents, columns the global batch.
         logits_lr = scale * (q @ all_right.T)
@@ -250,7 +330,8 @@ def weighted_contrastive_loss(
             logits_rl = scale * (d @ all_left.T)
             if bias is not None:
                 logits_rl = logits_rl + bias
-            _, rel_rl = pairs.lookup(pairs.q[None, :], pairs.d[mine, None])
+            # Without split the rows are all columns: the reverse lookup is the transpose.
+            rel_rl = pairs.lookup(mine, queries_are_rows=False)[1] if split else rel_lr.T
             ce_lr = _soft_ce(logits_lr, rel_lr, pairs.d_count.to(rel_lr.dtype))
             ce_rl = _soft_ce(logits_rl, rel_rl, pairs.q_count.to(rel_rl.dtype))
             total_w = all_w.sum()

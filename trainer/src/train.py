@@ -7,7 +7,8 @@ Order of a run (every rank unless noted), the order of ``_train``:
    share the problems, so every rank fails the same way with a DataError) so bad data fails
    before a model is downloaded; then seed, build the model
    (identical on all ranks), apply locks, wrap it in ``FusedModel`` and DDP, build AdamW
-   with model-dependent betas/eps and the no-decay groups, and plan the steps.
+   with model-dependent betas/eps and the no-decay groups, and plan the steps; keep
+   trainData's relevant pairs for the loss's graded targets (``losses.KnownPairs``).
 2. ``resume`` from the newest complete checkpoint in ``output`` (rank 0 picks it, all load it).
 3. Evaluate the starting model on evalData (every rank its share; against corpusData's
    documents when set), unless resuming.
@@ -54,6 +55,7 @@ from .fusion import FusedModel
 from .gallery import Gallery
 from .locks import apply_locks, make_adamw, param_groups
 from .accumulation import contrastive_step, param_bytes, probe_micro_batch
+from .losses import KnownPairs
 from .model import ModelBundle, build_model
 from .precision import Precision, lost_update_warning, precision_warnings, resolve_precision
 from .report import JsonlReporter, Reporter, Reporters, utc_now
@@ -156,7 +158,8 @@ def _forward(net, batch):
 
 
 def train_step(net, micro_batches: list[dict[str, torch.Tensor]], *, kind: str, local_loss: bool,
-               precision: Precision, scaler, world: Optional[World] = None) -> torch.Tensor:
+               precision: Precision, scaler, world: Optional[World] = None,
+               known: Optional[KnownPairs] = None) -> torch.Tensor:
     """Forward and backward of one optimizer step (gradients accumulate in .grad).
 
     One micro-batch: a plain step. Several: ``accumulation.contrastive_step``'s feature caching
@@ -172,7 +175,8 @@ def train_step(net, micro_batches: list[dict[str, torch.Tensor]], *, kind: str, 
                 "right_ids": batch["right_id"], "logit_scale": scale, "logit_bias": bias if siglip else None}
 
     backward = (lambda loss: scaler.scale(loss).backward()) if scaler is not None else None
-    return contrastive_step(forward, micro_batches, kind=kind, local_loss=local_loss, model=net, backward=backward)
+    return contrastive_step(forward, micro_batches, kind=kind, local_loss=local_loss, model=net, backward=backward,
+                            known=known)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,6 +211,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: Any                     #: a GradScaler (amp on CUDA) or None
     train_ds: PairDataset
+    known_pairs: KnownPairs         #: trainData's relevant pairs, for the loss's targets
     sampler: StepSampler            #: which rows each step of an epoch takes
     loader: TrainLoader             #: one for the run: persistent workers
     plan: RunPlan
@@ -347,6 +352,7 @@ def setup(resolved: Resolved, world: World) -> Run:
     global_batch = plan.step_rows * world.world_size
     return Run(resolved=resolved, params=params, world=world, precision=precision, bundle=bundle, fused=fused,
                net=net, optimizer=optimizer, scaler=precision.make_scaler(), train_ds=train_ds,
+               known_pairs=_known_pairs(train_ex, world),
                sampler=StepSampler(len(train_ds), world, params.seed, plan.step_rows, plan.micro),
                loader=TrainLoader(train_ds, params.workers, pin_memory=world.device.type == "cuda"), plan=plan,
                eval_ds=eval_ds, eval_docs=eval_docs, eval_set=eval_set,
@@ -359,6 +365,14 @@ def setup(resolved: Resolved, world: World) -> Run:
                gallery=(Gallery(params.output, eval_ex, eval_set, docs=corpus_ex)
                         if eval_set is not None and world.is_main else None),
                identity=ckpt.run_identity(resolved.name, resolved.uid, resolved.spec, global_batch))
+
+
+def _known_pairs(train_ex, world: World) -> KnownPairs:
+    known = KnownPairs.of_table(train_ex.left_ids, train_ex.right_ids, train_ex.weights)
+    if world.is_main:
+        log.info("graded targets: %d pairs of trainData can meet in a batch without their own row "
+                 "(positives, not negatives, when they do)", len(known))
+    return known.to(world.device)
 
 
 def _warnings(params: Params, precision: Precision, bundle: ModelBundle, plan: RunPlan, optimizer) -> list[str]:
@@ -527,7 +541,7 @@ def optimizer_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], lr: f
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     loss = float(train_step(run.net, micro_batches, kind=params.weighted_loss, local_loss=params.local_loss,
-                            precision=run.precision, scaler=scaler, world=run.world))
+                            precision=run.precision, scaler=scaler, world=run.world, known=run.known_pairs))
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = _grad_norm(run.trainable, params.grad_clip_norm)
