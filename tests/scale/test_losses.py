@@ -130,12 +130,12 @@ def test_known_pairs_keep_what_a_batch_can_meet_without_its_row():
     kept = {(int(k) // pairs.n_docs, int(k) % pairs.n_docs): float(r) for k, r in zip(pairs.keys, pairs.rel)}
     assert kept == {(0, 12): 3.0, (0, 13): 0.5, (1, 12): 1.0, (1, 13): 2.0, (4, 12): 2.5}
     # Duplicate rows keep their highest weight.
-    assert table_pairs(TABLE + [(1, 12, 4.0)]).block(torch.tensor([1]), torch.tensor([12]))[1].item() == 4.0
+    assert table_pairs(TABLE + [(1, 12, 4.0)]).pairs(torch.tensor([1]), torch.tensor([12]))[2].tolist() == [4.0]
 
 
-def test_known_pairs_block_is_every_pairs_lookup():
-    """The block lookup (ranges per query) against a plain search per pair, on a table with
-    repeated ids in the block and queries/documents the table does not hold."""
+def test_known_pairs_of_a_block_are_every_pairs_lookup():
+    """The sparse block lookup (key ranges per query) against a plain lookup per pair, on a
+    block with repeated ids and with queries/documents the table does not hold."""
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 40, (600,), generator=g)
     d = torch.randint(0, 90, (600,), generator=g)
@@ -144,7 +144,11 @@ def test_known_pairs_block_is_every_pairs_lookup():
     assert 0 < len(pairs) < 600
     rows = torch.cat([q[:50], torch.tensor([45, 3, 3])])
     cols = torch.cat([d[100:170], torch.tensor([95, 7, 7])])
-    known, rel = pairs.block(rows, cols)
+    r, c, found = pairs.pairs(rows, cols)
+    assert len(set(zip(r.tolist(), c.tolist()))) == r.numel()       # each (row, column) once
+    known = torch.zeros(rows.numel(), cols.numel(), dtype=torch.bool)
+    rel = torch.zeros(known.shape)
+    known[r, c], rel[r, c] = True, found
     kept = {(int(k) // pairs.n_docs, int(k) % pairs.n_docs): float(r) for k, r in zip(pairs.keys, pairs.rel)}
     expect = torch.tensor([[(int(a), int(b)) in kept for b in cols] for a in rows])
     assert torch.equal(known, expect) and expect.sum() > 20
@@ -168,6 +172,29 @@ def test_table_pairs_match_loop_reference(kind):
                        rid.tolist())
     assert ours.item() == pytest.approx(ref, rel=1e-5)
     assert abs(ref - batch_only) > 1e-3 * abs(ref)   # the table's pairs changed the targets
+
+
+@pytest.mark.parametrize("kind", ["ce", "siglip"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_batches_with_repeats_and_a_table_match_loop_reference(kind, seed):
+    """Queries and documents repeated in the batch (a table pair then stands for several
+    cells), zero weights, and a table that overlaps the batch's rows with other weights."""
+    g = torch.Generator().manual_seed(seed)
+    left, right = feats(n=12, seed=seed)
+    lid, rid = torch.randint(0, 5, (12,), generator=g), torch.randint(0, 6, (12,), generator=g)
+    w = torch.randint(0, 4, (12,), generator=g).float()
+    w[0] = 2.0
+    table = [(int(a), int(b), float(x)) for a, b, x in zip(torch.randint(0, 5, (30,), generator=g),
+                                                          torch.randint(0, 6, (30,), generator=g),
+                                                          torch.randint(0, 5, (30,), generator=g))]
+    known = table_pairs(table + list(zip(lid.tolist(), rid.tolist(), w.tolist())))
+    kept = [(int(k) // known.n_docs, int(k) % known.n_docs, float(x)) for k, x in zip(known.keys, known.rel)]
+    s, b = 9.0, (-2.0 if kind == "siglip" else None)
+    ours = weighted_contrastive_loss(left, right, w, torch.tensor(s), None if b is None else torch.tensor(b),
+                                     kind=kind, left_ids=lid, right_ids=rid, known=known)
+    ref = naive(left.detach().double(), right.detach().double(), w.tolist(), s, b, kind, lid.tolist(),
+                rid.tolist(), table=kept)
+    assert ours.item() == pytest.approx(ref, rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["ce", "siglip"])

@@ -182,41 +182,60 @@ class KnownPairs:
     def to(self, device: torch.device) -> "KnownPairs":
         return KnownPairs(self.keys.to(device), self.rel.to(device), self.n_docs)
 
-    def block(self, q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(known, relevance) of every pair of queries ``q`` [r] x documents ``d`` [c] (table
-        ids), each [r, c].
+    def pairs(self, q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The known pairs among queries ``q`` [r] x documents ``d`` [c] (table ids), sparse:
+        (row, column, relevance), one entry a pair.
 
         Not one search per pair (r x c binary searches cost several times the logits): each
         distinct query's pairs are a contiguous range of the sorted keys, so two searches per
         query find them, and only those candidates are matched against the block's documents.
         """
         if self.keys.numel() == 0 or q.numel() == 0 or d.numel() == 0:
-            shape = (q.numel(), d.numel())
-            return (torch.zeros(shape, dtype=torch.bool, device=q.device),
-                    torch.zeros(shape, dtype=self.rel.dtype, device=q.device))
+            none = torch.zeros(0, dtype=torch.long, device=q.device)
+            return none, none, torch.zeros(0, dtype=self.rel.dtype, device=q.device)
         uq, q_of = torch.unique(q, return_inverse=True)
         ud, d_of = torch.unique(d, return_inverse=True)
         lo = torch.searchsorted(self.keys, uq * self.n_docs)
         counts = torch.searchsorted(self.keys, (uq + 1) * self.n_docs) - lo
-        owner = torch.repeat_interleave(torch.arange(uq.numel(), device=q.device), counts)
-        first = torch.cumsum(counts, 0) - counts
-        pos = lo[owner] + torch.arange(owner.numel(), device=q.device) - first[owner]
+        owner, offset = _ranges(counts)
+        pos = lo[owner] + offset
         cand = self.keys[pos] % self.n_docs
         col = torch.searchsorted(ud, cand).clamp_max(ud.numel() - 1)
         hit = ud[col] == cand
-        small_known = torch.zeros((uq.numel(), ud.numel()), dtype=torch.bool, device=q.device)
-        small_rel = torch.zeros(small_known.shape, dtype=self.rel.dtype, device=q.device)
-        small_known[owner[hit], col[hit]] = True
-        small_rel[owner[hit], col[hit]] = self.rel[pos[hit]]
-        return small_known[q_of][:, d_of], small_rel[q_of][:, d_of]
+        return _expand(owner[hit], col[hit], self.rel[pos[hit]], q_of, d_of, uq.numel(), ud.numel())
+
+
+def _ranges(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ranges of the given lengths laid end to end: each element's range and its offset in it."""
+    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    return owner, torch.arange(owner.numel(), device=counts.device) - first[owner]
+
+
+def _expand(u: torch.Tensor, v: torch.Tensor, rel: torch.Tensor, u_of: torch.Tensor, v_of: torch.Tensor,
+            n_u: int, n_v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs of distinct ids (u, v) -> every (row, column) whose ids they are (rows with id
+    u_of, columns with id v_of): a batch can hold a query or document more than once."""
+    def members(of: torch.Tensor, n: int):
+        count = torch.bincount(of, minlength=n)
+        return torch.argsort(of, stable=True), count, torch.cumsum(count, 0) - count
+
+    row_order, row_count, row_first = members(u_of, n_u)
+    col_order, col_count, col_first = members(v_of, n_v)
+    owner, offset = _ranges(row_count[u] * col_count[v])
+    width = col_count[v][owner]
+    rows = row_order[row_first[u][owner] + offset // width]
+    cols = col_order[col_first[v][owner] + offset % width]
+    return rows, cols, rel[owner]
 
 
 class _PairRelevance:
     """Relevance of (query identity, document identity) pairs known from the batch's rows, and
     from the table's ``known`` pairs when given.
 
-    The batch's pairs are a ``KnownPairs`` of their own over compacted ids, so a lookup for a
-    [rows, n] block costs O(rows x n) memory, like the logits themselves, and no search per pair.
+    The batch's pairs are a ``KnownPairs`` of their own over compacted ids. A block's known
+    pairs come back sparse (one entry a pair), so the targets add no [rows, n] tensor beside
+    the logits.
     """
 
     def __init__(self, q: torch.Tensor, d: torch.Tensor, w: torch.Tensor, known: Optional[KnownPairs] = None):
@@ -230,25 +249,33 @@ class _PairRelevance:
         self.q_count = torch.bincount(self.q, minlength=n_q)[self.q]
         self.d_count = torch.bincount(self.d, minlength=n_d)[self.d]
 
-    def lookup(self, rows: slice, *, queries_are_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(known, relevance) of [rows x all columns]: the rows' queries against every
-        column's document, or (``queries_are_rows=False``) every column's query against the
-        rows' documents, laid out [rows, columns]."""
+    def pairs(self, rows: slice, *, queries_are_rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Known pairs of [rows x all columns] as (row, column, relevance): the rows' queries
+        against every column's document, or (``queries_are_rows=False``) the rows' documents
+        against every column's query."""
         q, d, raw_q, raw_d = ((self.q[rows], self.d, self.raw_q[rows], self.raw_d) if queries_are_rows
                               else (self.q, self.d[rows], self.raw_q, self.raw_d[rows]))
-        known, rel = self.batch.block(q, d)
+        r, c, rel = self.batch.pairs(q, d)
         if self.known is not None and len(self.known):
-            in_table, table_rel = self.known.block(raw_q, raw_d)
-            known, rel = known | in_table, torch.maximum(rel, table_rel.to(rel.dtype))
-        return (known, rel) if queries_are_rows else (known.T, rel.T)
+            tr, tc, trel = self.known.pairs(raw_q, raw_d)
+            # A pair both in the batch and in the table: its highest weight.
+            keys, inverse = torch.unique(torch.cat([r, tr]) * d.numel() + torch.cat([c, tc]), return_inverse=True)
+            rel = torch.zeros(keys.numel(), dtype=rel.dtype, device=rel.device).scatter_reduce(
+                0, inverse, torch.cat([rel, trel.to(rel.dtype)]), reduce="amax", include_self=False)
+            r, c = keys // d.numel(), keys % d.numel()
+        return (r, c, rel) if queries_are_rows else (c, r, rel)
 
 
-def _soft_ce(logits: torch.Tensor, relevance: torch.Tensor, multiplicity: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy against targets proportional to relevance / column multiplicity."""
-    t = relevance / multiplicity[None, :]
-    total = t.sum(dim=1, keepdim=True)
-    t = torch.where(total > 0, t / total.clamp_min(torch.finfo(t.dtype).tiny), t * 0)
-    return -(t * F.log_softmax(logits, dim=1)).sum(dim=1)
+def _soft_ce(logits: torch.Tensor, r: torch.Tensor, c: torch.Tensor, rel: torch.Tensor,
+             multiplicity: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy against targets proportional to relevance / column multiplicity,
+    the targets given sparse as (row, column, relevance): lse_i - sum_j t_ij logit_ij."""
+    rows = logits.shape[0]
+    t = rel / multiplicity[c].to(rel.dtype)
+    total = torch.zeros(rows, dtype=t.dtype, device=t.device).index_add(0, r, t)
+    picked = torch.zeros(rows, dtype=logits.dtype, device=t.device).index_add(0, r, t * logits[r, c])
+    ce = torch.logsumexp(logits, dim=1) - picked / total.clamp_min(torch.finfo(t.dtype).tiny)
+    return torch.where(total > 0, ce, torch.zeros_like(ce))
 
 
 def weighted_contrastive_loss(
@@ -317,9 +344,9 @@ def weighted_contrastive_loss(
         q, d, w = (left, right, weights) if split else (all_left, all_right, all_w)
         rows = q.shape[0]
         mine = slice(offset, offset + rows)
-        # Relevance of each row's query to each column's document (and of each row's
-        # document to each column's query, for the right->left direction).
-        known_lr, rel_lr = pairs.lookup(mine, queries_are_rows=True)
+        # Known pairs of each row's query with a column's document (and of each row's
+        # document with a column's query, for the right->left direction), sparse.
+        r, c, rel = pairs.pairs(mine, queries_are_rows=True)
 
         # Rows are this process's (or all) queries/documents, columns the global batch.
         logits_lr = scale * (q @ all_right.T)
@@ -327,28 +354,34 @@ def weighted_contrastive_loss(
             logits_lr = logits_lr + bias
 
         if kind == "ce":
-            logits_rl = scale * (d @ all_left.T)
-            if bias is not None:
-                logits_rl = logits_rl + bias
-            # Without split the rows are all columns: the reverse lookup is the transpose.
-            rel_rl = pairs.lookup(mine, queries_are_rows=False)[1] if split else rel_lr.T
-            ce_lr = _soft_ce(logits_lr, rel_lr, pairs.d_count.to(rel_lr.dtype))
-            ce_rl = _soft_ce(logits_rl, rel_rl, pairs.q_count.to(rel_rl.dtype))
+            # Without split the rows are all columns: the reverse logits are the transpose and
+            # the reverse pairs the same, swapped.
+            if split:
+                logits_rl = scale * (d @ all_left.T)
+                if bias is not None:
+                    logits_rl = logits_rl + bias
+                r_rl, c_rl, rel_rl = pairs.pairs(mine, queries_are_rows=False)
+            else:
+                logits_rl, r_rl, c_rl, rel_rl = logits_lr.T, c, r, rel
+            ce_lr = _soft_ce(logits_lr, r, c, rel, pairs.d_count)
+            ce_rl = _soft_ce(logits_rl, r_rl, c_rl, rel_rl, pairs.q_count)
             total_w = all_w.sum()
             part = 0.5 * ((w * ce_lr).sum() + (w * ce_rl).sum())
             part = torch.where(total_w > 0, part / total_w.clamp_min(torch.finfo(torch.float32).tiny), part * 0)
         else:
             # Only one direction: the N x N sigmoid terms are symmetric in left and right.
-            # Label of a known pair: its relevance over the best of its query in the batch
-            # (1 for the best; the optimum sigmoid equals the label, so grades stay ordered).
-            best = rel_lr.amax(dim=1, keepdim=True)
-            label = torch.where(known_lr & (best > 0), rel_lr / best.clamp_min(torch.finfo(torch.float32).tiny),
-                                torch.zeros_like(rel_lr))
-            terms = label * F.logsigmoid(logits_lr) + (1 - label) * F.logsigmoid(-logits_lr)
+            # Every pair is a negative, log sigmoid(-x), except the known ones, whose term is
+            # their weight x the binary cross-entropy with their graded label: relevance over
+            # the best of its query in the batch (1 for the best; the optimum sigmoid equals
+            # the label, so grades stay ordered).
+            tiny = torch.finfo(torch.float32).tiny
+            best = torch.zeros(rows, dtype=rel.dtype, device=device).scatter_reduce(0, r, rel, reduce="amax")[r]
+            label = torch.where(best > 0, rel / best.clamp_min(tiny), torch.zeros_like(rel))
             mean_w = all_w.mean()
-            pos_w = torch.where(mean_w > 0, rel_lr / mean_w.clamp_min(torch.finfo(torch.float32).tiny), rel_lr * 0)
-            m = torch.where(known_lr, pos_w, torch.ones_like(pos_w))
-            part = -(m * terms).sum() / n
+            pos_w = torch.where(mean_w > 0, rel / mean_w.clamp_min(tiny), rel * 0)
+            x = logits_lr[r, c]
+            known = pos_w * (label * F.logsigmoid(x) + (1 - label) * F.logsigmoid(-x)) - F.logsigmoid(-x)
+            part = -(F.logsigmoid(-logits_lr).sum() + known.sum()) / n
 
         if not split:
             return part
