@@ -380,8 +380,8 @@ def weighted_contrastive_loss(
             mean_w = all_w.mean()
             pos_w = torch.where(mean_w > 0, rel / mean_w.clamp_min(tiny), rel * 0)
             x = logits_lr[r, c]
-            known = pos_w * (label * F.logsigmoid(x) + (1 - label) * F.logsigmoid(-x)) - F.logsigmoid(-x)
-            part = -(F.logsigmoid(-logits_lr).sum() + known.sum()) / n
+            positives = pos_w * (label * F.logsigmoid(x) + (1 - label) * F.logsigmoid(-x)) - F.logsigmoid(-x)
+            part = -(F.logsigmoid(-logits_lr).sum() + positives.sum()) / n
 
         if not split:
             return part
