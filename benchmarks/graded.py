@@ -13,7 +13,10 @@ effect of the loss on ``kontrast train examples/trainjob.yaml``).
 Both variants run the example TrainJob (tiny ViT, random init, batch 64, lr 2e-3) through the
 shipped trainer, same data, same seeds; they differ only in the loss:
 
-* ``graded``: as shipped; every pair known from the batch's rows is a positive, with its weight.
+* ``graded``: as shipped; every pair known from the batch's rows or the training table is a
+  positive, with its weight.
+* ``batch``: only the pairs known from the batch's own rows are positives (the table's pairs
+  are not looked up): what the table adds.
 * ``single``: the loss gets no query/document identities, so each row's own document is its
   only positive and every other column a negative, nothing masked: plain single-positive
   weighted CE (the baseline of issue #15).
@@ -49,8 +52,16 @@ SHIPPED_LOSS = accumulation.weighted_contrastive_loss
 
 
 def single_positive_loss(*args, **kwargs):
-    kwargs["left_ids"] = kwargs["right_ids"] = None
+    kwargs["left_ids"] = kwargs["right_ids"] = kwargs["known"] = None
     return SHIPPED_LOSS(*args, **kwargs)
+
+
+def batch_only_loss(*args, **kwargs):
+    kwargs["known"] = None
+    return SHIPPED_LOSS(*args, **kwargs)
+
+
+LOSSES = {"graded": SHIPPED_LOSS, "batch": batch_only_loss, "single": single_positive_loss}
 
 
 def run(variant: str, seed: int, data: Path, out: Path, epochs: int) -> dict:
@@ -60,7 +71,7 @@ def run(variant: str, seed: int, data: Path, out: Path, epochs: int) -> dict:
     job["spec"].update({"model": str(ROOT / "examples" / "tiny-vit.json"), "trainData": str(data / "train.csv"),
                         "evalData": str(data / "eval.csv"), "output": str(out / f"{variant}-{seed}"),
                         "seed": seed, "epochs": epochs})
-    accumulation.weighted_contrastive_loss = SHIPPED_LOSS if variant == "graded" else single_positive_loss
+    accumulation.weighted_contrastive_loss = LOSSES[variant]
     try:
         summary = train(resolve(apply_defaults(job)))
     finally:
@@ -72,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--variants", nargs="+", choices=sorted(LOSSES), default=list(LOSSES))
     ap.add_argument("--partial", type=int, default=4, help="grade-1 documents sampled per query")
     ap.add_argument("--data-seed", type=int, default=15)
     ap.add_argument("--data", default=None, help="a folder with train.csv and eval.csv (default: generate one)")
@@ -80,9 +92,9 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="kontrast-graded-"))
     data = Path(args.data).resolve() if args.data else generate(out / "data", seed=args.data_seed,
                                                                   partial=args.partial)
-    results: dict[str, list[dict]] = {"graded": [], "single": []}
+    results: dict[str, list[dict]] = {variant: [] for variant in args.variants}
     for seed in args.seeds:
-        for variant in (("graded", "single") if seed % 2 == 0 else ("single", "graded")):
+        for variant in (args.variants if seed % 2 == 0 else args.variants[::-1]):
             metrics = run(variant, seed, data, out, args.epochs)
             results[variant].append(metrics)
             print(json.dumps({"variant": variant, "seed": seed, "ndcg_exp@10": round(metrics["ndcg_exp@10"], 4),
