@@ -10,7 +10,7 @@ of 64 holds several queries twice. Eval queries are unseen in training. ``--data
 folder with a train.csv and an eval.csv of the same columns instead (the example's: the
 effect of the loss on ``kontrast train examples/trainjob.yaml``).
 
-Both variants run the example TrainJob (tiny ViT, random init, batch 64, lr 2e-3) through the
+The variants run the example TrainJob (tiny ViT, random init, batch 64, lr 2e-3) through the
 shipped trainer, same data, same seeds; they differ only in the loss:
 
 * ``graded``: as shipped; every pair known from the batch's rows or the training table is a
