@@ -205,6 +205,14 @@ class KnownPairs:
         return _expand(owner[hit], col[hit], self.rel[pos[hit]], q_of, d_of, uq.numel(), ud.numel())
 
 
+def _max_per_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct keys, sorted, and the highest value given for each."""
+    uniq, inverse = torch.unique(keys, return_inverse=True)
+    top = torch.zeros(uniq.numel(), dtype=values.dtype, device=values.device).scatter_reduce(
+        0, inverse, values, reduce="amax", include_self=False)
+    return uniq, top
+
+
 def _ranges(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For ranges of the given lengths laid end to end: each element's range and its offset in it."""
     owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
@@ -242,10 +250,7 @@ class _PairRelevance:
         self.raw_q, self.raw_d, self.known = q, d, known
         self.q, n_q = _compact(q)
         self.d, n_d = _compact(d)
-        keys, inverse = torch.unique(self.q * n_d + self.d, return_inverse=True)
-        rel = torch.zeros(keys.numel(), dtype=w.dtype, device=w.device).scatter_reduce(
-            0, inverse, w, reduce="amax", include_self=False)
-        self.batch = KnownPairs(keys, rel, n_d)
+        self.batch = KnownPairs(*_max_per_key(self.q * n_d + self.d, w), n_d)
         self.q_count = torch.bincount(self.q, minlength=n_q)[self.q]
         self.d_count = torch.bincount(self.d, minlength=n_d)[self.d]
 
@@ -259,9 +264,8 @@ class _PairRelevance:
         if self.known is not None and len(self.known):
             tr, tc, trel = self.known.pairs(raw_q, raw_d)
             # A pair both in the batch and in the table: its highest weight.
-            keys, inverse = torch.unique(torch.cat([r, tr]) * d.numel() + torch.cat([c, tc]), return_inverse=True)
-            rel = torch.zeros(keys.numel(), dtype=rel.dtype, device=rel.device).scatter_reduce(
-                0, inverse, torch.cat([rel, trel.to(rel.dtype)]), reduce="amax", include_self=False)
+            keys, rel = _max_per_key(torch.cat([r, tr]) * d.numel() + torch.cat([c, tc]),
+                                     torch.cat([rel, trel.to(rel.dtype)]))
             r, c = keys // d.numel(), keys % d.numel()
         return (r, c, rel) if queries_are_rows else (c, r, rel)
 
@@ -276,6 +280,38 @@ def _soft_ce(logits: torch.Tensor, r: torch.Tensor, c: torch.Tensor, rel: torch.
     picked = torch.zeros(rows, dtype=logits.dtype, device=t.device).index_add(0, r, t * logits[r, c])
     ce = torch.logsumexp(logits, dim=1) - picked / total.clamp_min(torch.finfo(t.dtype).tiny)
     return torch.where(total > 0, ce, torch.zeros_like(ce))
+
+
+def _logits(rows: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]):
+    logits = scale * (rows @ columns.T)
+    return logits if bias is None else logits + bias
+
+
+def _ce_part(logits_lr, known_lr, logits_rl, known_rl, pairs: _PairRelevance, w, all_w) -> torch.Tensor:
+    """These rows' share of the symmetric soft-target InfoNCE (the whole loss without split)."""
+    ce_lr = _soft_ce(logits_lr, *known_lr, pairs.d_count)
+    ce_rl = _soft_ce(logits_rl, *known_rl, pairs.q_count)
+    total_w = all_w.sum()
+    part = 0.5 * ((w * ce_lr).sum() + (w * ce_rl).sum())
+    return torch.where(total_w > 0, part / total_w.clamp_min(torch.finfo(torch.float32).tiny), part * 0)
+
+
+def _siglip_part(logits_lr, known_lr, all_w, n: int) -> torch.Tensor:
+    """These rows' share of the sigmoid loss. Only one direction: the N x N sigmoid terms are
+    symmetric in left and right. Every pair is a negative, log sigmoid(-x), except the known
+    ones, whose term is their weight x the binary cross-entropy with their graded label:
+    relevance over the best of its query in the batch (1 for the best; the optimum sigmoid
+    equals the label, so grades stay ordered)."""
+    r, c, rel = known_lr
+    tiny = torch.finfo(torch.float32).tiny
+    best = torch.zeros(logits_lr.shape[0], dtype=rel.dtype, device=rel.device).scatter_reduce(
+        0, r, rel, reduce="amax")[r]
+    label = torch.where(best > 0, rel / best.clamp_min(tiny), torch.zeros_like(rel))
+    mean_w = all_w.mean()
+    pos_w = torch.where(mean_w > 0, rel / mean_w.clamp_min(tiny), rel * 0)
+    x = logits_lr[r, c]
+    positives = pos_w * (label * F.logsigmoid(x) + (1 - label) * F.logsigmoid(-x)) - F.logsigmoid(-x)
+    return -(F.logsigmoid(-logits_lr).sum() + positives.sum()) / n
 
 
 def weighted_contrastive_loss(
@@ -346,42 +382,21 @@ def weighted_contrastive_loss(
         mine = slice(offset, offset + rows)
         # Known pairs of each row's query with a column's document (and of each row's
         # document with a column's query, for the right->left direction), sparse.
-        r, c, rel = pairs.pairs(mine, queries_are_rows=True)
+        known_lr = pairs.pairs(mine, queries_are_rows=True)
 
         # Rows are this process's (or all) queries/documents, columns the global batch.
-        logits_lr = scale * (q @ all_right.T)
-        if bias is not None:
-            logits_lr = logits_lr + bias
-
+        logits_lr = _logits(q, all_right, scale, bias)
         if kind == "ce":
             # Without split the rows are all columns: the reverse logits are the transpose and
             # the reverse pairs the same, swapped.
             if split:
-                logits_rl = scale * (d @ all_left.T)
-                if bias is not None:
-                    logits_rl = logits_rl + bias
-                r_rl, c_rl, rel_rl = pairs.pairs(mine, queries_are_rows=False)
+                logits_rl, known_rl = _logits(d, all_left, scale, bias), pairs.pairs(mine, queries_are_rows=False)
             else:
-                logits_rl, r_rl, c_rl, rel_rl = logits_lr.T, c, r, rel
-            ce_lr = _soft_ce(logits_lr, r, c, rel, pairs.d_count)
-            ce_rl = _soft_ce(logits_rl, r_rl, c_rl, rel_rl, pairs.q_count)
-            total_w = all_w.sum()
-            part = 0.5 * ((w * ce_lr).sum() + (w * ce_rl).sum())
-            part = torch.where(total_w > 0, part / total_w.clamp_min(torch.finfo(torch.float32).tiny), part * 0)
+                r, c, rel = known_lr
+                logits_rl, known_rl = logits_lr.T, (c, r, rel)
+            part = _ce_part(logits_lr, known_lr, logits_rl, known_rl, pairs, w, all_w)
         else:
-            # Only one direction: the N x N sigmoid terms are symmetric in left and right.
-            # Every pair is a negative, log sigmoid(-x), except the known ones, whose term is
-            # their weight x the binary cross-entropy with their graded label: relevance over
-            # the best of its query in the batch (1 for the best; the optimum sigmoid equals
-            # the label, so grades stay ordered).
-            tiny = torch.finfo(torch.float32).tiny
-            best = torch.zeros(rows, dtype=rel.dtype, device=device).scatter_reduce(0, r, rel, reduce="amax")[r]
-            label = torch.where(best > 0, rel / best.clamp_min(tiny), torch.zeros_like(rel))
-            mean_w = all_w.mean()
-            pos_w = torch.where(mean_w > 0, rel / mean_w.clamp_min(tiny), rel * 0)
-            x = logits_lr[r, c]
-            positives = pos_w * (label * F.logsigmoid(x) + (1 - label) * F.logsigmoid(-x)) - F.logsigmoid(-x)
-            part = -(F.logsigmoid(-logits_lr).sum() + positives.sum()) / n
+            part = _siglip_part(logits_lr, known_lr, all_w, n)
 
         if not split:
             return part
