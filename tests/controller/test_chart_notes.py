@@ -23,8 +23,9 @@ PATH = re.compile(r"(?<![\w/.-])((?:examples|crds|files)/[\w./-]*\w)")
 
 
 def notes_text() -> str:
-    """The NOTES without their template actions (a path or command never sits inside one)."""
-    return re.sub(r"\{\{.*?\}\}", "", NOTES.read_text())
+    """The NOTES with each template action as the placeholder word "x" (a path or command
+    never sits inside one, but a value such as the namespace does)."""
+    return re.sub(r"\{\{.*?\}\}", "x", NOTES.read_text())
 
 
 def commands(tool: str) -> list[list[str]]:
