@@ -172,6 +172,10 @@ def _logs(args: argparse.Namespace) -> int:
         pod = client.worker_pod(args.name, args.worker, args.namespace, args.attempt)
         print(f"==> pod {pod['metadata']['name']} (attempt {attempt_of(pod)}, worker {args.worker})",
               file=sys.stderr, flush=True)
+        if not (pod.get("spec") or {}).get("nodeName"):
+            phase = (pod.get("status") or {}).get("phase") or "Pending"
+            print(f"kontrast logs: pod {pod['metadata']['name']} is {phase} and not on a node yet: no log so far",
+                  file=sys.stderr, flush=True)
         for chunk in client.logs(args.name, args.worker, args.namespace, follow=args.follow,
                                  attempt=attempt_of(pod), tail_lines=args.tail):
             sys.stdout.write(chunk)
