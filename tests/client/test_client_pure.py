@@ -235,3 +235,16 @@ def test_validate_does_not_import_kubernetes(tmp_path):
             "import kontrast.client; assert 'kubernetes' not in sys.modules, 'imported kubernetes'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_readme_documents_the_exit_codes():
+    from kontrast import cli
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("Exit codes of `submit`, `watch` and `logs`:"):]
+    table = table[:table.index("\n\n", table.index("| code |"))]
+    documented = {int(row.split("|")[1]) for row in table.splitlines() if row.startswith("| ") and
+                  row.split("|")[1].strip().isdigit()}
+    codes = {getattr(cli, n) for n in dir(cli) if n.startswith("EXIT_")}
+    assert documented == codes
+    assert "kontrast submit examples/cluster-cpu.yaml --watch" in readme
