@@ -177,7 +177,7 @@ def _logs(args: argparse.Namespace) -> int:
             print(f"kontrast logs: pod {pod['metadata']['name']} is {phase} and not on a node yet: no log so far",
                   file=sys.stderr, flush=True)
         for chunk in client.logs(args.name, args.worker, args.namespace, follow=args.follow,
-                                 attempt=attempt_of(pod), tail_lines=args.tail):
+                                 tail_lines=args.tail, pod=pod):
             sys.stdout.write(chunk)
             sys.stdout.flush()
     except NoWorkerPod as exc:

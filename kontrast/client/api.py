@@ -390,9 +390,12 @@ class Client:
         return dict(select_worker_pod(self.worker_pods(name, namespace), name, worker, attempt))
 
     def logs(self, name: str, worker: int = 0, namespace: Optional[str] = None, *, follow: bool = False,
-             attempt: Optional[int] = None, tail_lines: Optional[int] = None) -> Iterator[str]:
-        """The log of a worker's trainer container as text chunks; with ``follow`` until it ends."""
-        pod = self.worker_pod(name, worker, namespace, attempt)
+             attempt: Optional[int] = None, tail_lines: Optional[int] = None,
+             pod: Optional[Mapping[str, Any]] = None) -> Iterator[str]:
+        """The log of a worker's trainer container as text chunks; with ``follow`` until it ends.
+        ``pod``: one :meth:`worker_pod` already chose (else it is looked up)."""
+        if pod is None:
+            pod = self.worker_pod(name, worker, namespace, attempt)
         kwargs: dict[str, Any] = {"container": TRAINER_CONTAINER, "follow": follow, "_preload_content": False}
         if tail_lines is not None:
             kwargs["tail_lines"] = tail_lines

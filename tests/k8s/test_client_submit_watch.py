@@ -228,6 +228,36 @@ def test_watch_of_a_finished_job_returns_at_once(control_plane, namespace):
     assert proc.stdout.splitlines()[-1] == "Succeeded: Training completed"
 
 
+def test_watch_on_a_terminal_redraws_the_progress_line(control_plane, namespace):
+    """stdout a pseudo-terminal: the progress line is redrawn in place (carriage return and
+    erase-line), the other lines are whole."""
+    import os
+    import pty
+
+    create(control_plane, namespace, "tty")
+    patch_status(control_plane.kube(), namespace, "tty", {
+        "phase": "Succeeded", "message": "Training completed", "conditions": [RUNNING],
+        "progress": PROGRESS | {"step": 8, "percent": 100.0}})
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "kontrast.cli", "watch", "tty", "-n", namespace],
+                            stdout=follower, stderr=subprocess.PIPE, env=env(control_plane))
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the command ended and closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert proc.wait(60) == 0, proc.stderr.read()
+    text = out.decode().replace("\r\n", "\n")  # the terminal's own newline translation
+    assert "\r\x1b[Kepoch 1/2 [####################] 100% step 8/8" in text
+    assert "\nSucceeded: Training completed\n" in text
+
+
 def test_watch_exit_codes_not_found_deleted_timeout(control_plane, namespace):
     proc = kontrast(control_plane, "watch", "nothing", "-n", namespace)
     assert proc.returncode == 4
@@ -259,6 +289,11 @@ def test_client_create_from_dict_validates_locally_first(client, namespace):
     with pytest.raises(ApiRejected) as err:
         client.create(trainjob({}, name="ok") | {"metadata": {"name": "ok", "annotations": {"a b": "c"}}})
     assert err.value.status == 422 and "metadata.annotations" in str(err.value)
+    dry = client.create(trainjob({}, name="ok"), dry_run=True)
+    assert dry.name == "ok" and dry.raw["spec"]["epochs"] == 5
+    with pytest.raises(ApiRejected) as err:
+        client.get("ok")
+    assert err.value.not_found
     snap = client.create(trainjob({}, name="ok"))
     assert (snap.name, snap.namespace, snap.phase) == ("ok", namespace, "")
     assert snap.raw["spec"]["epochs"] == 5  # the server's defaults
