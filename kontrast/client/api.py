@@ -202,8 +202,9 @@ class Client:
 
         It is validated locally first, as ``kontrast validate`` does (TrainJobInvalid lists
         every problem; nothing is sent). A file's other objects (a PersistentVolumeClaim
-        beside the TrainJob) are created first when they do not exist yet. The server's
-        refusal raises ApiRejected with its own message and causes.
+        beside the TrainJob) are created first when they do not exist yet, after the server
+        accepted the TrainJob in a dry run. The server's refusal raises ApiRejected with its
+        own message and causes.
         """
         others: list[dict[str, Any]] = []
         if isinstance(source, Mapping):
@@ -211,9 +212,12 @@ class Client:
         else:
             obj, others = read_documents(source)
         ns = self._namespace_of(obj, namespace)
+        obj = {**obj, "metadata": {**(obj.get("metadata") or {}), "namespace": ns}}
+        if others and not dry_run:
+            # the server's checks first, so a TrainJob it refuses leaves nothing behind
+            _call(self._custom.create_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, obj, dry_run="All")
         for other in others:
             self._create_if_absent(other, ns, dry_run)
-        obj = {**obj, "metadata": {**(obj.get("metadata") or {}), "namespace": ns}}
         created = _call(self._custom.create_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, obj,
                         **({"dry_run": "All"} if dry_run else {}))
         return Snapshot.from_object(created)

@@ -135,13 +135,17 @@ def test_submit_prints_the_servers_own_rejection(control_plane, namespace, tmp_p
     assert 'TrainJob.kontrast.dev "product-search-cpu" is invalid: metadata.labels: Invalid value: "team name"' \
         in proc.stderr
     assert proc.stdout == ""
-    assert control_plane.kube().get(tj_path(namespace))["items"] == []
+    kube = control_plane.kube()
+    assert kube.get(tj_path(namespace))["items"] == []
+    # the server judged the TrainJob before the file's volume was created
+    assert kube.get(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims")["items"] == []
 
 
 def test_submit_to_a_missing_namespace(control_plane, tmp_path):
     proc = kontrast(control_plane, "submit", str(EXAMPLE), "-n", "no-such-namespace")
     assert proc.returncode == 4
     assert 'namespaces "no-such-namespace" not found' in proc.stderr
+    assert "PersistentVolumeClaim" not in proc.stderr  # the TrainJob's dry run failed first
 
 
 # --- watch ----------------------------------------------------------------------------------
