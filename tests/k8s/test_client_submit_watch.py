@@ -6,7 +6,6 @@ terminal: plain lines)."""
 
 from __future__ import annotations
 
-import copy
 import queue
 import subprocess
 import sys
