@@ -1,7 +1,14 @@
-"""The `kontrast` command: validate, train, evaluate and launch TrainJobs.
+"""The `kontrast` command: validate, train, evaluate and launch TrainJobs; submit and follow them in a cluster.
 
 Subcommands import their heavy dependencies lazily, so `kontrast validate` works in an
-environment without torch (the operator image) and starts fast everywhere.
+environment without torch (the operator image) or the kubernetes package, and starts fast
+everywhere.
+
+Exit codes of `submit`, `watch` and `logs` (EXIT_* below; the README lists them too):
+0 the TrainJob Succeeded (or, without --watch, was created), 1 it Failed, 2 bad command-line
+usage, 3 the TrainJob file is invalid (nothing was sent), 4 the API server refused a request
+or could not be reached (its message is printed), 5 the TrainJob was deleted while watched,
+6 --timeout passed before it finished, 130 interrupted (Ctrl-C; the TrainJob keeps running).
 """
 
 from __future__ import annotations
@@ -12,6 +19,15 @@ import sys
 import yaml
 
 from . import __version__
+
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INVALID = 3
+EXIT_API = 4
+EXIT_DELETED = 5
+EXIT_TIMEOUT = 6
+EXIT_INTERRUPTED = 130
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -72,6 +88,114 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace):
+    from .client import Client
+
+    return Client(args.namespace, context=args.context)
+
+
+def _follow(client, name: str, namespace: str | None, timeout: float | None) -> int:
+    """Print a TrainJob's changes until it finishes; the exit code says how it ended."""
+    from .client import ClientError, Follower, Printer, TrainJobDeleted, WaitTimeout
+
+    printer = Printer(sys.stdout, sys.stderr)
+    follower = Follower()
+    ns = namespace or client.namespace
+    last = None
+    try:
+        for snap in client.stream(name, ns, timeout=timeout):
+            if last is None:
+                printer.line(f"TrainJob {ns}/{name}")
+            last = snap
+            printer.events(follower.update(snap))
+    except WaitTimeout as exc:
+        printer.end_progress()
+        print(f"kontrast: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except TrainJobDeleted as exc:
+        printer.end_progress()
+        print(f"kontrast: {exc}", file=sys.stderr)
+        return EXIT_DELETED
+    except ClientError as exc:
+        printer.end_progress()
+        print(f"kontrast: {exc}", file=sys.stderr)
+        return EXIT_API
+    except KeyboardInterrupt:
+        printer.end_progress()
+        print(f"kontrast: interrupted; the TrainJob keeps running (kontrast watch {name} -n {ns})",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_SUCCEEDED if last is not None and last.succeeded else EXIT_FAILED
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from .api import TrainJobInvalid
+    from .client import ClientError, read_documents
+
+    try:
+        read_documents(args.file)  # local validation first: nothing is sent for an invalid file
+    except TrainJobInvalid as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        client = _client(args)
+        created = client.create(args.file, namespace=args.namespace)
+    except TrainJobInvalid as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    except ClientError as exc:
+        print(f"kontrast submit: {args.file}: {exc}", file=sys.stderr)
+        return EXIT_API
+    print(f"trainjob.kontrast.dev/{created.name} created in namespace {created.namespace}", flush=True)
+    if not args.watch:
+        return EXIT_SUCCEEDED
+    return _follow(client, created.name, created.namespace, args.timeout)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from .client import ClientError
+
+    try:
+        client = _client(args)
+    except ClientError as exc:
+        print(f"kontrast watch: {exc}", file=sys.stderr)
+        return EXIT_API
+    return _follow(client, args.name, args.namespace, args.timeout)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from .client import ClientError, NoWorkerPod
+    from .client.pods import attempt_of
+
+    try:
+        client = _client(args)
+        pod = client.worker_pod(args.name, args.worker, args.namespace, args.attempt)
+        print(f"==> pod {pod['metadata']['name']} (attempt {attempt_of(pod)}, worker {args.worker})",
+              file=sys.stderr, flush=True)
+        if not (pod.get("spec") or {}).get("nodeName"):
+            phase = (pod.get("status") or {}).get("phase") or "Pending"
+            print(f"kontrast logs: pod {pod['metadata']['name']} is {phase} and not on a node yet: no log so far",
+                  file=sys.stderr, flush=True)
+        for chunk in client.logs(args.name, args.worker, args.namespace, follow=args.follow,
+                                 tail_lines=args.tail, pod=pod):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except NoWorkerPod as exc:
+        print(f"kontrast logs: {exc}", file=sys.stderr)
+        return EXIT_API
+    except ClientError as exc:
+        print(f"kontrast logs: {exc}", file=sys.stderr)
+        return EXIT_API
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--namespace", help="default: the kube context's namespace")
+    p.add_argument("--context", help="the kubeconfig context to use (default: the current one)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kontrast", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kontrast {__version__}")
@@ -103,13 +227,46 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="(re)write report.html and the PNG plots of a run's output folder")
     p.add_argument("output", help="the run's output folder (finished or in progress)")
 
+    p = sub.add_parser("submit", help="create a TrainJob in the current kube context (validated first)",
+                       description="Validate a TrainJob file as `kontrast validate` does, then create it "
+                                   "(and the file's other objects that do not exist yet, such as a "
+                                   "PersistentVolumeClaim). Exit codes: 0 created (with --watch: "
+                                   "Succeeded), 1 Failed, 3 invalid file, 4 refused by the API server, "
+                                   "5 deleted while watched, 6 --timeout passed, 130 interrupted.")
+    p.add_argument("file")
+    p.add_argument("-w", "--watch", action="store_true", help="then follow it as `kontrast watch` does")
+    p.add_argument("--timeout", type=float, help="with --watch: give up after this many seconds (exit 6)")
+    _cluster_options(p)
+
+    p = sub.add_parser("watch", help="follow a TrainJob: progress, conditions, metrics; exit code says how it ended",
+                       description="Follow a TrainJob with a watch until it finishes. Exit codes: "
+                                   "0 Succeeded, 1 Failed, 4 not found or refused by the API server, "
+                                   "5 deleted while watched, 6 --timeout passed, 130 interrupted.")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 6)")
+    _cluster_options(p)
+
+    p = sub.add_parser("logs", help="show the log of a TrainJob worker pod (the newest attempt)")
+    p.add_argument("name")
+    p.add_argument("--worker", type=int, default=0, help="the worker (node) index (default 0: rank 0's pod)")
+    p.add_argument("--attempt", type=int, help="an older attempt's pod (default: the newest)")
+    p.add_argument("-f", "--follow", action="store_true", help="follow the log until the container ends")
+    p.add_argument("--tail", type=int, help="only the last N lines")
+    _cluster_options(p)
+
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("export", "report") and rest:
+    if args.command in ("export", "report", "submit", "watch", "logs") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "export":
         return _export(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "submit":
+        return _submit(args)
+    if args.command == "watch":
+        return _watch(args)
+    if args.command == "logs":
+        return _logs(args)
     if args.command == "validate":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
