@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from kontrast.contract import EXIT_PERMANENT
-from kontrast.trainer import checkpoint as ckpt
-from kontrast.trainer.launch import exit_code_of, torchrun_args
+from kontrast.trainer.run import checkpoint as ckpt
+from kontrast.trainer.cli.launch import exit_code_of, torchrun_args
 
 VENV_BIN = Path(sys.executable).parent
 
