@@ -11,7 +11,8 @@ import pytest
 import torch
 from numeric import assert_all_rel_close
 
-from kontrast.trainer.model.build import MaskedMaxPooler, build_model
+from kontrast.trainer.model.build import build_model
+from kontrast.trainer.model.text import MaskedMaxPooler
 from kontrast.trainer.precision import resolve_precision
 from specs import params_of
 
@@ -267,7 +268,7 @@ def test_pretrained_url_cache_is_keyed_by_the_whole_url_and_downloaded_once(tmp_
 
     import fsspec
 
-    from kontrast.trainer.model import build as model_module
+    from kontrast.trainer.model import sources as model_module
 
     fs = fsspec.filesystem("memory")
     fs.pipe("/bucket-a/model.pt", b"A" * 1000)

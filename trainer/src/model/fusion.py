@@ -80,7 +80,6 @@ class FusedModel(nn.Module):
             self.right_clip.eval()
         return self
 
-    # -- encoders ------------------------------------------------------------------------
     def _text(self, clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """[b, f, ctx] -> [b, f, d] (unnormalised)."""
         b, f, ctx = tokens.shape
@@ -118,7 +117,6 @@ class FusedModel(nn.Module):
             cols += [i + 1 for i in self.right_text_idx]
         return torch.cat(parts, dim=1), right_weights[:, cols]
 
-    # -- forward -------------------------------------------------------------------------
     def forward(self, left_tokens, left_weights, image, right_tokens, right_weights):
         """Returns (left [b, d], right [b, d], logit_scale (exp'd), logit_bias or None)."""
         if self.right_clip is None and self.right_text_idx:
