@@ -43,7 +43,9 @@ from typing import Callable, Optional, Sequence
 import urllib3
 from PIL import Image
 
+from .. import storage
 from ..errors import DataProblem
+from ..layout import CacheFolder
 from ..locations import has_scheme
 
 log = logging.getLogger(__name__)
@@ -64,9 +66,6 @@ class TransientImageError(Exception):
 class PermanentImageError(Exception):
     """The image does not exist or does not decode: retrying cannot help."""
 
-
-# --------------------------------------------------------------------------------------------
-# fetching (the I/O edge)
 
 #: Redirects are followed (CDNs, signed URLs); every other retry is ``with_retries``'s, with backoff.
 _FOLLOW_REDIRECTS_ONLY = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5,
@@ -152,14 +151,12 @@ def decode(data: bytes, at_least: Optional[int] = None) -> Image.Image:
         raise PermanentImageError(f"{type(exc).__name__}: {exc}") from None
 
 
-# --------------------------------------------------------------------------------------------
-# the cache
-
 class ImageCache:
     """Node-local image bytes keyed by the SHA-256 of the location (remote images only)."""
 
     def __init__(self, folder: str | Path, fetch: Callable[[str], bytes] = fetch_bytes):
-        self.folder = Path(folder) / "images"
+        self.root = str(folder)
+        self.folder = CacheFolder(self.root).images
         self.fetch = fetch
 
     def path(self, location: str) -> Path:
@@ -176,21 +173,16 @@ class ImageCache:
         except FileNotFoundError:
             pass
         data = with_retries(self.fetch, location)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data)}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)   # atomic: a concurrent reader sees the whole file or none
+        # atomic: a concurrent reader sees the whole file or none
+        storage.write_atomic(str(path), lambda f: f.write(data), durable=False)
         return data
 
     def load(self, location: str, at_least: Optional[int] = None) -> Image.Image:
         return decode(self.read(location), at_least)
 
     def __reduce__(self):
-        return (ImageCache, (self.folder.parent, self.fetch))
+        return (ImageCache, (self.root, self.fetch))
 
-
-# --------------------------------------------------------------------------------------------
-# the prefetch: fills the cache and finds the bad images in one pass
 
 @dataclass
 class BadImage:
@@ -242,9 +234,6 @@ def _progress(total: int, label: str):
     return tqdm(total=total, desc=f"prefetch {label}", unit="img", file=sys.stderr, mininterval=2.0,
                 disable=not sys.stderr.isatty())
 
-
-# --------------------------------------------------------------------------------------------
-# the bad-image policy (pure)
 
 @dataclass
 class Policy:

@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .. import storage
 from ..errors import DataError, DataProblem
 from ..layout import CacheFolder
 from .check import check_table
@@ -88,13 +88,12 @@ def shared_table_file(location: str, cols: Columns, cache: str, *, require_posit
 def build_table_file(location: str, cols: Columns, target: Path, require_positive_weight: bool) -> None:
     """Read, check and write the table file atomically (written beside it, then renamed)."""
     table = check_table(read_raw(location), location, cols, require_positive_weight=require_positive_weight)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+
+    def write(f) -> None:
+        with pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table, max_chunksize=table.num_rows or None)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    storage.write_atomic(str(target), write, durable=False)
 
 
 def _build_in_child(location: str, cols: Columns, target: Path, require_positive_weight: bool) -> None:

@@ -31,6 +31,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Mapping, Optional
 
+from kontrast.api import GROUP, PLURAL, VERSION
 from kontrast.contract import JOB_NAME_ENV, JOB_NAMESPACE_ENV, STATUS_INTERVAL_ENV
 
 from .reporters import Reporter
@@ -41,10 +42,8 @@ SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 SA_DIR_ENV = "KONTRAST_SERVICEACCOUNT_DIR"  # tests and unusual mounts
 DEFAULT_INTERVAL = 5.0
 MAX_SAVED = 20
-GROUP, VERSION, PLURAL = "kontrast.dev", "v1alpha1", "trainjobs"
 
 
-# --- the schema ---------------------------------------------------------------------------
 def status_schema() -> dict:
     """``status`` of the TrainJob CRD (the single source of truth)."""
     from kontrast.api import openapi_schema
@@ -117,7 +116,6 @@ def progress_fields(p: Mapping[str, Any]) -> dict:
     return out
 
 
-# --- the API client -----------------------------------------------------------------------
 class StatusClient:
     """GET and merge-PATCH one TrainJob's status with the pod's ServiceAccount token."""
 
@@ -166,7 +164,6 @@ class StatusClient:
         self._request("PATCH", body, "application/merge-patch+json")
 
 
-# --- the reporter -------------------------------------------------------------------------
 class StatusReporter(Reporter):
     """A Reporter (see report.py) that mirrors training into the TrainJob's status."""
 

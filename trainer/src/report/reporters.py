@@ -98,9 +98,6 @@ class Reporters(Reporter):
         self._call("close")
 
 
-# --------------------------------------------------------------------------------------------
-# terminal
-
 def format_duration(seconds: Optional[float]) -> str:
     if seconds is None:
         return "--:--"
@@ -197,9 +194,6 @@ class TerminalReporter(Reporter):
             self.stream.flush()
             self._open_line = False
 
-
-# --------------------------------------------------------------------------------------------
-# JSON lines
 
 class JsonlReporter(Reporter):
     """Appends one JSON object per event to ``<output>/progress.jsonl``.

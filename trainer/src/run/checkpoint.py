@@ -44,6 +44,7 @@ import torch
 
 from .. import storage
 from ..errors import PermanentError
+from ..layout import OutputFolder
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +66,17 @@ IDENTITY_FIELDS = (
 )
 
 
-def checkpoint_dir(output: str) -> str:
-    return storage.join(output, "checkpoints")
-
-
 def resumable_location(output: str, step: int) -> str:
-    return storage.join(checkpoint_dir(output), f"step_{step}.pt")
+    return OutputFolder(output).resumable(step)
 
 
 def model_location(output: str, epoch: int) -> str:
-    return storage.join(checkpoint_dir(output), f"epoch_{epoch}.pt")
+    return OutputFolder(output).epoch_model(epoch)
 
 
 def list_resumable(output: str) -> list[tuple[int, str]]:
     """(step, location) of every published resumable checkpoint, oldest first."""
-    folder = checkpoint_dir(output)
+    folder = OutputFolder(output).checkpoints
     found = []
     for name in storage.list_names(folder):
         m = _RESUMABLE.match(name)
@@ -133,9 +130,6 @@ def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
         return {k[len("module."):]: v for k, v in state_dict.items()}
     return state_dict
 
-
-# --------------------------------------------------------------------------------------------
-# run identity
 
 def inputs_hash(spec: Mapping[str, Any], global_batch: int) -> str:
     """sha256 of the training inputs (IDENTITY_FIELDS as written, and the global batch)."""

@@ -25,6 +25,7 @@ import torch
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 
 from .. import storage
+from ..layout import OutputFolder
 from .model_card import model_card
 from .run_files import read_run
 from ..locations import has_scheme
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 
 #: The checkpoint key holding the config (see checkpoint.py).
 CONFIG_KEY = "open_clip_config"
-#: What the model folder is called inside a run's output.
-MODEL_DIR = "model"
 
 
 def open_clip_config(model: torch.nn.Module, model_cfg: dict[str, Any], params: Any,
@@ -59,9 +58,9 @@ def open_clip_config(model: torch.nn.Module, model_cfg: dict[str, Any], params: 
         cfg["init_logit_bias"] = float(model.logit_bias.detach().float().reshape(-1)[0])
     pooler = getattr(getattr(model, "text", None), "pooler", None)
     if pooler is not None and "hf_model_name" in text_cfg:
-        from ..model.build import _pooling_name, POOLERS
+        from ..model.text import POOLERS, pooling_name
 
-        text_cfg["hf_pooler_type"] = POOLERS.get(_pooling_name(pooler), text_cfg.get("hf_pooler_type"))
+        text_cfg["hf_pooler_type"] = POOLERS.get(pooling_name(pooler), text_cfg.get("hf_pooler_type"))
     pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     preprocess = {
         "size": pp.get("size", model.visual.image_size),
@@ -151,7 +150,7 @@ def export_checkpoint(checkpoint: str, out: str, *, run_output: Optional[str] = 
 
 def _run_output_of(checkpoint: str) -> Optional[str]:
     parts = checkpoint.replace("\\", "/").rstrip("/").split("/")
-    if len(parts) >= 3 and parts[-2] == "checkpoints":
+    if len(parts) >= 3 and parts[-2] == OutputFolder.CHECKPOINTS:
         return "/".join(parts[:-2]) or "/"
     return None
 
@@ -178,4 +177,4 @@ def export_run(output: str, summary: dict[str, Any]) -> Optional[str]:
     if checkpoint is None:
         log.warning("no checkpoint to export")
         return None
-    return export_checkpoint(checkpoint, storage.join(output, MODEL_DIR), run_output=output)
+    return export_checkpoint(checkpoint, OutputFolder(output).model, run_output=output)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import storage
 from ..data.images import decode, fetch_bytes
-from .run_files import GALLERY
+from ..layout import OutputFolder
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Gallery:
     """Records each evaluation's top-k for the chosen queries and writes gallery.json."""
 
     def __init__(self, output: str, examples, eval_set, n: int = QUERIES, k: int = TOP_K, docs=None):
-        self.location = storage.join(output, GALLERY)
+        self.location = OutputFolder(output).gallery
         self.examples = examples
         self.docs = docs if docs is not None else examples   #: where eval_set.doc_rows point (a corpus)
         self.eval_set = eval_set

@@ -15,27 +15,21 @@ import json
 from typing import Any, Callable, Optional
 
 from .. import storage
-from .export import MODEL_DIR
+from ..layout import OutputFolder
 from .run_files import RunFiles, read_run
 from ..report.tensorboard import available as tensorboard_available
-
-REPORT = "report.html"
-PLOTS = "plots"
-TENSORBOARD = "tensorboard"
 
 
 def run_outputs(output: str, *, model: bool) -> dict[str, str]:
     """Where a finished run's report, plots, exported model and TensorBoard logs are (status.outputs)."""
-    out = {"report": storage.join(output, REPORT), "plots": storage.join(output, PLOTS)}
+    folder = OutputFolder(output)
+    out = {"report": folder.report, "plots": folder.plots}
     if model:
-        out["model"] = storage.join(output, MODEL_DIR)
+        out["model"] = folder.model
     if tensorboard_available():
-        out["tensorboard"] = storage.join(output, TENSORBOARD)
+        out["tensorboard"] = folder.tensorboard
     return out
 
-
-# --------------------------------------------------------------------------------------------
-# plots
 
 #: (file stem, title, y label, [(series label, step-event key)]) of the per-step plots.
 STEP_PLOTS = (
@@ -111,9 +105,6 @@ def make_plots(run: RunFiles) -> dict[str, bytes]:
         plots["eval"] = _png(draw_eval)
     return plots
 
-
-# --------------------------------------------------------------------------------------------
-# the page
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -216,10 +207,11 @@ def write_report(output: str) -> list[str]:
     run = read_run(output)
     plots = make_plots(run)
     written = []
+    folder = OutputFolder(output)
     for stem, png in plots.items():
-        location = storage.join(output, PLOTS, f"{stem}.png")
+        location = folder.plot(stem)
         storage.write_atomic(location, lambda f, png=png: f.write(png))
         written.append(location)
-    location = storage.join(output, REPORT)
+    location = folder.report
     storage.write_text(location, render_html(run, plots))
     return [location, *written]

@@ -12,11 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .. import storage
-
-PROGRESS = "progress.jsonl"
-SUMMARY = "summary.json"
-GALLERY = "gallery.json"
-
+from ..layout import OutputFolder
 
 @dataclass
 class RunFiles:
@@ -78,9 +74,10 @@ def read_events(text: str) -> list[dict[str, Any]]:
 
 
 def read_run(output: str) -> RunFiles:
-    progress = _read_text(storage.join(output, PROGRESS))
-    if progress is None and not storage.exists(storage.join(output, SUMMARY)):
-        raise FileNotFoundError(f"{output}: neither {PROGRESS} nor {SUMMARY} is there; is it a run's output folder?")
-    return RunFiles(output=output, events=read_events(progress or ""),
-                    summary=_read_json(storage.join(output, SUMMARY)),
-                    gallery=_read_json(storage.join(output, GALLERY)))
+    folder = OutputFolder(output)
+    progress = _read_text(folder.progress)
+    if progress is None and not storage.exists(folder.summary):
+        raise FileNotFoundError(f"{output}: neither {folder.PROGRESS} nor {folder.SUMMARY} is there; "
+                                "is it a run's output folder?")
+    return RunFiles(output=output, events=read_events(progress or ""), summary=_read_json(folder.summary),
+                    gallery=_read_json(folder.gallery))
