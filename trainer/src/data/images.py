@@ -43,6 +43,8 @@ from typing import Callable, Optional, Sequence
 import urllib3
 from PIL import Image
 
+from kontrast.api.data import Data
+
 from .. import storage
 from ..errors import DataProblem
 from ..layout import CacheFolder
@@ -236,17 +238,6 @@ def _progress(total: int, label: str):
 
 
 @dataclass
-class Policy:
-    on_bad: str = "fail"               #: fail | skip
-    max_fraction: float = 0.0
-
-    @classmethod
-    def of(cls, params) -> "Policy":
-        """From ``params.data`` (the CRD supplies the defaults)."""
-        return cls(params.data["onBadImage"], float(params.data["maxBadFraction"]))
-
-
-@dataclass
 class BadImageReport:
     file: str
     checked: int
@@ -264,11 +255,11 @@ def problems_of(bad: Sequence[BadImage], file: str, column: str) -> list[DataPro
             for b in sorted(bad, key=lambda b: b.row)]
 
 
-def too_many(bad: int, checked: int, policy: Policy) -> Optional[str]:
-    """Why skipping is not allowed here, or None."""
-    if policy.on_bad != "skip":
+def too_many(bad: int, checked: int, policy: Data) -> Optional[str]:
+    """Why skipping is not allowed here (``policy``: spec.data), or None."""
+    if not policy.skips_bad_images:
         return "data.onBadImage is fail"
-    if checked and bad / checked > policy.max_fraction:
+    if checked and bad / checked > policy.max_bad_fraction:
         return (f"{bad} of {checked} distinct images ({100.0 * bad / checked:.2f}%) are bad, more than "
-                f"data.maxBadFraction ({100.0 * policy.max_fraction:.2f}%)")
+                f"data.maxBadFraction ({100.0 * policy.max_bad_fraction:.2f}%)")
     return None

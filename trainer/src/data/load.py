@@ -12,13 +12,15 @@ from typing import Optional
 
 import numpy as np
 
+from kontrast.api.data import Data
+
 from ..distributed import all_gather_objects
 from ..errors import DataError, DataProblem, ProblemCollector
 from ..layout import default_cache
 from ..params import Params
 from .columns import Columns
 from .examples import Examples, StringColumn, load_examples
-from .images import BadImageReport, ImageCache, Policy, prefetch, problems_of, too_many
+from .images import BadImageReport, ImageCache, prefetch, problems_of, too_many
 from .read import MAX_PROBLEMS, with_lines
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def cache_folder(params: Params) -> str:
     """data.cache, else $KONTRAST_CACHE, else ~/.cache/kontrast."""
-    return params.data.get("cache") or default_cache()
+    return params.data.cache or default_cache()
 
 
 def _local_share() -> tuple[int, int]:
@@ -51,7 +53,7 @@ def load_data(location: str, params: Params, *, require_positive_weight: bool,
     bad = sorted({b.location: b for b in all_gather_objects(bad)}.values(), key=lambda b: b.row)
     report = BadImageReport(location, len(images), bad=bad)
     if bad:
-        examples = _apply_policy(examples, report, Policy.of(params))
+        examples = _apply_policy(examples, report, params.data)
     if examples.uses_images:
         queries = f"{_distinct(examples.left_ids)} distinct queries, " if examples.left_ids is not None else ""
         log.info("%s: %d rows, %s%d distinct documents; checked all %d distinct images",
@@ -74,10 +76,10 @@ def _distinct(ids: np.ndarray) -> int:
     return int(np.count_nonzero(np.bincount(ids))) if len(ids) else 0
 
 
-def _apply_policy(examples: Examples, report: BadImageReport, policy: Policy) -> Examples:
+def _apply_policy(examples: Examples, report: BadImageReport, policy: Data) -> Examples:
     column = examples.right_keys[0]
     why = too_many(len(report.bad), report.checked, policy)
-    if why is not None and policy.on_bad != "skip":
+    if why is not None and not policy.skips_bad_images:
         collector = ProblemCollector(MAX_PROBLEMS)
         for p in with_lines(examples.file, problems_of(report.bad, examples.file, column)):
             collector.add(p)
