@@ -121,10 +121,10 @@ def print_model_only(r: dict) -> None:
 
 
 def dynamic_probe(args) -> None:
-    """accumulation.probe_micro_batch with the real cuda_probe on ViT-B-16."""
+    """micro_batch.probe_micro_batch with the real cuda_probe on ViT-B-16."""
     ensure_importable()
     from kontrast.trainer.model.fusion import FusedModel
-    from kontrast.trainer.step.accumulation import cuda_probe, param_bytes, probe_micro_batch
+    from kontrast.trainer.step.micro_batch import cuda_probe, param_bytes, probe_micro_batch
     from kontrast.trainer.precision import resolve_precision
 
     cfg = TINY if args.smoke else model_config("ViT-B-16")

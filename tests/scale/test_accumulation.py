@@ -15,7 +15,8 @@ from scale import helpers
 from scale.helpers import tiny_clip, two_tower_batch
 
 from kontrast.trainer.step import accumulation
-from kontrast.trainer.step.accumulation import contrastive_step, search_micro_batch, split_micro_batches
+from kontrast.trainer.step.accumulation import contrastive_step, split_micro_batches
+from kontrast.trainer.step.micro_batch import search_micro_batch
 from kontrast.trainer.step.known_pairs import KnownPairs
 
 

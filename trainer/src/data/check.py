@@ -233,10 +233,24 @@ def check_table(raw: pa.Table, file: str, cols: Columns, *, require_positive_wei
     problems.raise_if_any()
     if raw.num_rows == 0:
         raise DataError([DataProblem(file, "the file has a header but no data rows")])
-
     left = [text_column(raw, k) for k in cols.left_keys]
     right = [text_column(raw, k) for k in cols.right_keys]
     weights = parse_weights(raw.column(cols.weight_key), cols.weight_key, problems) if cols.has_pairs else None
+    field_weights = _field_weights(cols, left, right, problems)
+    problems.raise_if_any()
+    if weights is not None and require_positive_weight and not (weights > 0).any():
+        raise DataError([DataProblem(file, "every row has weight 0, so there is nothing to learn from",
+                                     column=cols.weight_key)])
+    documents = _documents(raw, file, cols, right, field_weights["right"])
+    if not cols.has_pairs:
+        return documents
+    return _with_pairs(documents, raw, cols, left, field_weights["left"], weights)
+
+
+def _field_weights(cols: Columns, left: list[pa.Array], right: list[pa.Array],
+                   problems: _Problems) -> dict[str, np.ndarray]:
+    """Each side's per-row field weights (empty fields get 0, the rest renormalised); a row
+    empty on a whole side is a problem."""
     resolved: dict[str, Any] = {}
     for side, keys, base, texts in (("left", cols.left_keys, cols.left_weights, left),
                                     ("right", cols.right_keys, cols.right_weights, right)):
@@ -248,28 +262,32 @@ def check_table(raw: pa.Table, file: str, cols: Columns, *, require_positive_wei
         problems.rows(empty, lambda i, side=side, used=used: f"the row is empty on the whole {side} side "
                       f"(no value in {used})", used[0] if len(used) == 1 else None)
         resolved[side] = w
-    problems.raise_if_any()
-    if weights is not None and require_positive_weight and not (weights > 0).any():
-        raise DataError([DataProblem(file, "every row has weight 0, so there is nothing to learn from",
-                                     column=cols.weight_key)])
+    return resolved
 
+
+def _documents(raw: pa.Table, file: str, cols: Columns, right: list[pa.Array],
+               right_weights: np.ndarray) -> pa.Table:
+    """The right side's columns: resolved images, texts, field weights, image codes, document ids."""
     images = resolve_images(right[0], parent_location(file))
     doc_key = {"doc_key": text_column(raw, cols.doc_id_key)} if cols.doc_id_key else {}
     documents = pa.table({
         "image": images,
         **{f"right{i}": t for i, t in enumerate(right[1:], start=1)},
-        "right_weights": _fixed_list(resolved["right"]),
+        "right_weights": _fixed_list(right_weights),
         "image_code": pa.array(codes(images).astype(np.int32)),
         **doc_key,
     })
-    documents = documents.append_column("right_id", pa.array(dense_ids(doc_identity(documents, cols))))
-    if not cols.has_pairs:
-        return documents
+    return documents.append_column("right_id", pa.array(dense_ids(doc_identity(documents, cols))))
+
+
+def _with_pairs(documents: pa.Table, raw: pa.Table, cols: Columns, left: list[pa.Array],
+                left_weights: np.ndarray, weights: np.ndarray) -> pa.Table:
+    """The documents with the left side's columns added: texts, field weights, row weights, query ids."""
     query = [text_column(raw, cols.query_id_key)] if cols.query_id_key else \
         [t for t, b in zip(left, cols.left_weights) if b > 0]
     pairs = {
         **{f"left{i}": t for i, t in enumerate(left)},
-        "left_weights": _fixed_list(resolved["left"]),
+        "left_weights": _fixed_list(left_weights),
         "weight": pa.array(weights.astype(np.float32)),
         "left_id": pa.array(dense_ids(query)),
     }

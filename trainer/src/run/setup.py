@@ -39,7 +39,7 @@ from ..precision import Precision, lost_update_warning, precision_warnings, reso
 from ..ship.export import open_clip_config
 from ..ship.gallery import Gallery
 from ..spec import Resolved
-from ..step.accumulation import param_bytes, probe_micro_batch
+from ..step.micro_batch import param_bytes, probe_micro_batch
 from ..step.known_pairs import KnownPairs
 from ..step.schedule import Schedule, make_schedule
 from ..step.train_step import forward, seed_everything, to_device, trainable_of
@@ -241,7 +241,7 @@ def plan_run(params: Params, n_rows: int, world: World, micro: Optional[int] = N
 def choose_micro_batch(params: Params, world: World, fused=None, dataset=None, precision=None,
                        optimizer=None) -> int:
     """Rows per forward pass: batchSize; with dynamicBatchSize on CUDA, the largest divisor of
-    batchSize x accumFreq whose forward+backward fits the GPU (``accumulation.probe_micro_batch``,
+    batchSize x accumFreq whose forward+backward fits the GPU (``micro_batch.probe_micro_batch``,
     the smallest over ranks). Feature caching keeps the contrastive batch whatever the
     micro-batch. On CPU dynamicBatchSize does nothing."""
     if not params.dynamic_batch_size or world.device.type != "cuda" or fused is None:

@@ -1,5 +1,6 @@
 """How one optimizer step is computed over several micro-batches without changing the maths:
-feature-caching accumulation (accumFreq) and the micro-batch search (dynamicBatchSize).
+feature-caching accumulation (accumFreq; the micro-batch search of dynamicBatchSize that
+chooses the micro-batch is in ``micro_batch.py``).
 
 Feature-caching accumulation (``contrastive_step``). A contrastive loss is not a sum of
 per-sample terms, so plain gradient accumulation would shrink the batch of negatives. We
@@ -15,19 +16,13 @@ dropout / patch dropout draw the same masks in both and the cached embeddings ar
 the gradient pass differentiates. Cost: one extra no-grad forward per sample (about 4/3 of
 the compute) and the memory of the cached embeddings (k * B * d floats). BatchNorm towers
 (ResNet/timm) update their running statistics in both passes, as in open_clip.
-
-dynamicBatchSize (``search_micro_batch``, ``probe_micro_batch``). On CUDA the trainer
-probes forward+backward of the real model on real rows at micro-batch sizes that divide the
-step (halving until one fits, then bisecting between the fit and the last failure), and
-trains with feature-caching accumulation over the resulting micro-steps, so the contrastive
-batch stays batchSize x accumFreq and the maths does not change. On CPU it does nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -35,8 +30,7 @@ from torch import nn
 from .known_pairs import KnownPairs
 from .losses import scale_grad, weighted_contrastive_loss
 
-__all__ = ["contrastive_step", "split_micro_batches", "divisors", "search_micro_batch", "cuda_probe",
-           "probe_micro_batch", "param_bytes", "ROW_KEYS"]
+__all__ = ["contrastive_step", "split_micro_batches", "ROW_KEYS"]
 
 #: Keys of the forward output that hold one row per sample (concatenated across micro-batches).
 ROW_KEYS = ("left", "right", "weights", "left_ids", "right_ids")
@@ -86,30 +80,33 @@ def contrastive_step(
     Returns the full-batch loss (detached).
     """
     backward = backward or (lambda loss: loss.backward())
-    k = len(micro_batches)
-    if k == 0:
+    if not micro_batches:
         raise ValueError("no micro-batches")
-
-    def loss_of(rows: Mapping[str, Any], scale, bias) -> torch.Tensor:
-        return weighted_contrastive_loss(
-            rows["left"], rows["right"], rows["weights"], scale, bias, kind=kind,
-            left_ids=rows.get("left_ids"), right_ids=rows.get("right_ids"), local_loss=local_loss, known=known)
-
-    if k == 1:
+    settings = {"kind": kind, "local_loss": local_loss, "known": known}
+    if len(micro_batches) == 1:
         out = forward(micro_batches[0])
-        loss = loss_of(out, out["logit_scale"], out.get("logit_bias"))
+        loss = _loss_of(out, out["logit_scale"], out.get("logit_bias"), **settings)
         backward(loss)
         return loss.detach()
+    return _cached_step(forward, micro_batches, settings, model, backward)
 
-    cached: list[dict] = []
-    states = []
+
+def _loss_of(rows: Mapping[str, Any], scale, bias, *, kind: str, local_loss: bool,
+             known: Optional[KnownPairs]) -> torch.Tensor:
+    return weighted_contrastive_loss(
+        rows["left"], rows["right"], rows["weights"], scale, bias, kind=kind,
+        left_ids=rows.get("left_ids"), right_ids=rows.get("right_ids"), local_loss=local_loss, known=known)
+
+
+def _cached_step(forward, micro_batches: Sequence[Any], settings: dict[str, Any], model: Optional[nn.Module],
+                 backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """Feature caching over k > 1 micro-batches: cache every micro-batch's rows without
+    gradients, then one gradient pass per micro-batch against the cached rest (DDP's no_sync
+    on all but the last), each replaying its caching pass's RNG state."""
+    k = len(micro_batches)
     state_device = (torch.device("cuda", torch.cuda.current_device())
                     if torch.cuda.is_available() and torch.cuda.is_initialized() else torch.device("cpu"))
-    with torch.no_grad():
-        for mb in micro_batches:
-            states.append(_rng_state(state_device))
-            out = forward(mb)
-            cached.append({key: out[key].detach() for key in ROW_KEYS if out.get(key) is not None})
+    cached, states = _cache_rows(forward, micro_batches, state_device)
     after = _rng_state(state_device)
     sync_off = getattr(model, "no_sync", None)
     loss = None
@@ -118,131 +115,31 @@ def contrastive_step(
         with ctx:
             _set_rng_state(states[j], state_device)
             out = forward(mb)
-            rows = {key: torch.cat([out[key] if i == j else cached[i][key] for i in range(k)])
-                    for key in ("left", "right")}
-            for key in ROW_KEYS[2:]:
-                if key in cached[0]:
-                    rows[key] = torch.cat([c[key] for c in cached])
             bias = out.get("logit_bias")
-            loss = loss_of(rows, scale_grad(out["logit_scale"], 1.0 / k),
-                           None if bias is None else scale_grad(bias, 1.0 / k))
+            loss = _loss_of(_rows_with(out, j, cached), scale_grad(out["logit_scale"], 1.0 / k),
+                            None if bias is None else scale_grad(bias, 1.0 / k), **settings)
             backward(loss)
     _set_rng_state(after, state_device)
     return loss.detach()
 
 
-def divisors(n: int) -> list[int]:
-    """Divisors of n, largest first."""
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]), reverse=True)
+def _cache_rows(forward, micro_batches: Sequence[Any], state_device: torch.device) -> tuple[list[dict], list]:
+    """Every micro-batch's rows, detached, and the RNG state before each one's forward."""
+    cached: list[dict] = []
+    states = []
+    with torch.no_grad():
+        for mb in micro_batches:
+            states.append(_rng_state(state_device))
+            out = forward(mb)
+            cached.append({key: out[key].detach() for key in ROW_KEYS if out.get(key) is not None})
+    return cached, states
 
 
-def search_micro_batch(batch_size: int, fits: Callable[[int], bool]) -> int:
-    """The largest divisor of ``batch_size`` for which ``fits(m)`` holds.
-
-    Micro-batches divide the step evenly (equal shapes on every micro-step and rank). Probes
-    halve the size (batch_size, then the largest divisor <= half of the last failure, ...)
-    until one fits, then bisect among the divisors between that fit and the last failure, so
-    O(log B) probes. Assumes ``fits`` is monotone (smaller fits if larger does). Raises
-    RuntimeError when not even 1 fits.
-    """
-    cands = divisors(batch_size)  # descending
-    fail, i = -1, 0
-    while not fits(cands[i]):
-        if cands[i] == 1:
-            raise RuntimeError("dynamicBatchSize: not even a micro-batch of 1 fits in memory")
-        fail = i
-        half = cands[i] // 2
-        i = next(j for j, c in enumerate(cands) if c <= max(half, 1))
-    lo, hi = fail, i  # cands[lo] fails (or lo == -1), cands[hi] fits
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(cands[mid]):
-            hi = mid
-        else:
-            lo = mid
-    return cands[hi]
-
-
-def cuda_probe(step: Callable[[int], None], device: torch.device, reserve_bytes: int = 0,
-               headroom: float = 0.92) -> Callable[[int], bool]:
-    """A ``fits`` predicate for search_micro_batch: run ``step(m)`` (forward+backward of a
-    micro-batch of m, gradients zeroed after) and report whether it ran without OOM and with
-    the peak plus ``reserve_bytes`` (e.g. the AdamW state not yet allocated) under
-    ``headroom`` of the device memory."""
-    total = torch.cuda.get_device_properties(device).total_memory
-
-    def fits(m: int) -> bool:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            step(m)
-            torch.cuda.synchronize(device)
-            ok = torch.cuda.max_memory_allocated(device) + reserve_bytes <= headroom * total
-        except torch.cuda.OutOfMemoryError:
-            ok = False
-        torch.cuda.empty_cache()
-        return ok
-
-    return fits
-
-
-def _proxy_loss(left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Local symmetric InfoNCE: the memory of the real loss without its collectives (ranks
-    probe independently, so a probe must never wait for another rank)."""
-    logits = scale.float() * left.float() @ right.float().T
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels))
-
-
-def probe_micro_batch(
-    step_rows: int,
-    forward_rows: Callable[[int], tuple],
-    module: nn.Module,
-    device: torch.device,
-    *,
-    optimizer_bytes: int = 0,
-    world_size: int = 1,
-    local_loss: bool = False,
-    fits_factory: Callable = None,
-) -> int:
-    """dynamicBatchSize: the largest micro-batch (a divisor of ``step_rows``) whose forward +
-    backward fits, probed on the real model.
-
-    ``forward_rows(m)`` runs the trainable forward on m real rows and returns (left, right,
-    logit_scale). The probe's peak must leave room for what a probe does not allocate: the
-    AdamW state (``optimizer_bytes``, created lazily at the first step), DDP's gradient
-    buckets (one more copy of the gradients when world_size > 1) and the full loss's fp32
-    logits over the global batch (a few N_rows x N_global matrices). Model buffers (BatchNorm
-    statistics) and the RNG are restored afterwards, so probing changes nothing about the run.
-    ``fits_factory(step, device, reserve_bytes) -> fits`` defaults to ``cuda_probe``.
-    """
-    fits_factory = fits_factory or cuda_probe
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    n_global = step_rows * world_size
-    n_rows = step_rows if local_loss else n_global
-    reserve = optimizer_bytes + 4 * 6 * n_rows * n_global  # logits, softmax, grads, mask, both directions
-    if world_size > 1:
-        reserve += param_bytes(trainable)
-    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-
-    def step(m: int) -> None:
-        try:
-            left, right, scale = forward_rows(m)[:3]
-            _proxy_loss(left, right, scale).backward()
-        finally:
-            module.zero_grad(set_to_none=True)
-
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            return search_micro_batch(step_rows, fits_factory(step, device, reserve))
-        finally:
-            with torch.no_grad():
-                for name, b in module.named_buffers():
-                    b.copy_(buffers[name])
-
-
-def param_bytes(params: Iterable[torch.Tensor]) -> int:
-    """Bytes held by these tensors (to size the AdamW state a probe must leave room for)."""
-    return sum(p.numel() * p.element_size() for p in params)
+def _rows_with(out: Mapping[str, Any], j: int, cached: list[dict]) -> dict[str, torch.Tensor]:
+    """The full batch's rows with micro-batch j's live embeddings in place of its cached ones."""
+    rows = {key: torch.cat([out[key] if i == j else cached[i][key] for i in range(len(cached))])
+            for key in ("left", "right")}
+    for key in ROW_KEYS[2:]:
+        if key in cached[0]:
+            rows[key] = torch.cat([c[key] for c in cached])
+    return rows
