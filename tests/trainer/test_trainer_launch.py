@@ -1,4 +1,4 @@
-"""trainer/src/launch.py: the pod command (torchrun from PET_*, permanent exit code kept, SIGTERM saves)."""
+"""trainer/src/cli/launch.py: the pod command (torchrun from PET_*, permanent exit code kept, SIGTERM saves)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 torchrun (also when launched by the operator with PET_* / rendezvous settings) exports
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT to every worker; without
 WORLD_SIZE the trainer is a plain single process and nothing is initialised, so
-``kontrast train FILE`` needs no launcher. Which rows each rank takes: data/sampler.py.
+``kontrast train FILE`` needs no launcher. Which rows each rank takes: data/batches.py.
 """
 
 from __future__ import annotations

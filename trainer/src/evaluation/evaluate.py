@@ -9,7 +9,7 @@ pair is irrelevant. Relevance is held sparsely (one entry per eval row).
 With a corpus (corpusData) the candidates are the corpus's distinct documents instead of the
 eval file's: each eval row's document is found in the corpus by the same identity (docIdKey,
 else the right fields of non-zero weight), joined column by column over Arrow's hash tables
-(``table.joint_ids``), never a Python object per corpus row. A relevant document (grade > 0)
+(``data.check.joint_ids``), never a Python object per corpus row. A relevant document (grade > 0)
 missing from the corpus is a DataError naming the eval row and the corpus file: its metrics
 would silently count a relevant document that can never be retrieved. Eval rows of grade 0
 need no corpus entry (they only name a negative), and a relevant document whose corpus rows
@@ -36,11 +36,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..distributed import all_gather, all_reduce_max, world_and_rank
-from ..data.examples import Examples
-from ..data.dataset import PairDataset, SideDataset, collate
-from .metrics import DEEP_K, METRIC_KEYS, Qrels, grades_for, make_qrels, ranking_metrics
 from ..data.check import joint_ids, raise_row_problems
+from ..data.dataset import PairDataset, SideDataset, collate
+from ..data.examples import Examples
+from ..distributed import all_gather, all_reduce_max, world_and_rank
+from .metrics import DEEP_K, METRIC_KEYS, Qrels, grades_for, make_qrels, ranking_metrics
 from .topk import sharded_topk
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from ..params import Params
 from ..precision import Precision
 from ..spec import Resolved
 from .sources import checkpoint_file, checkpoint_has, local_pretrained, model_name
-from .text import POOLERS, CappedTokenizer, MaskedMaxPooler, fed_context_length, pooling_name
+from .text import CappedTokenizer, MaskedMaxPooler, POOLERS, fed_context_length, pooling_name
 
 log = logging.getLogger(__name__)
 

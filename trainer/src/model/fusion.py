@@ -56,7 +56,7 @@ class FusedModel(nn.Module):
     ``frozen_right``: encode the right side with a frozen, gradient-free copy of the
     starting model (documents already indexed with it stay valid).
     ``image_norm``: (mean, std) for uint8 image batches, which are normalised here, on the
-    device (``data.normalize_images``; default open_clip's OpenAI mean/std, which models
+    device (``data.transforms.normalize_images``; default open_clip's OpenAI mean/std, which models
     without their own use); float images are taken as already normalised.
     """
 

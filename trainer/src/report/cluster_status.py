@@ -165,7 +165,7 @@ class StatusClient:
 
 
 class StatusReporter(Reporter):
-    """A Reporter (see report.py) that mirrors training into the TrainJob's status."""
+    """A Reporter (see reporters.py) that mirrors training into the TrainJob's status."""
 
     def __init__(self, client: Any, interval: float = DEFAULT_INTERVAL, schema: Optional[Mapping[str, Any]] = None,
                  clock: Callable[[], float] = time.monotonic, background: bool = True):

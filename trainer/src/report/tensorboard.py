@@ -12,8 +12,8 @@ import importlib.util
 import logging
 from typing import Optional
 
-from .reporters import Reporter
 from ..locations import has_scheme
+from .reporters import Reporter
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-from . import checkpoint as ckpt
-from ..report.reporters import Reporters, utc_now
 from ..errors import Interrupted
+from ..report.reporters import Reporters, utc_now
 from ..step.train_step import optimizer_step, seed_everything, step_seed, to_device
+from . import checkpoint as ckpt
 from .evaluations import is_new_best, measure, record_eval
 from .save import save
 from .save_policy import SavePolicy

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import checkpoint as ckpt
 from ..distributed import World
 from ..report.reporters import Reporters, utc_now
 from ..ship.export import CONFIG_KEY
+from . import checkpoint as ckpt
 from .setup import CheckpointParts
 from .state import Progress
 

@@ -19,14 +19,12 @@ from typing import Any, Optional, Sequence
 import open_clip
 import torch
 
-from . import checkpoint as ckpt
+from ..data.batches import StepSampler, TrainLoader, steps_per_epoch
+from ..data.dataset import PairDataset, collate
+from ..data.examples import Examples
 from ..data.images import ImageCache
 from ..data.load import cache_folder, load_corpus, load_data
 from ..data.transforms import image_normalization
-from ..data.examples import Examples
-from ..data.dataset import PairDataset, collate
-from ..data.batches import TrainLoader
-from ..data.batches import StepSampler, steps_per_epoch
 from ..distributed import World, all_reduce_min, wrap_ddp
 from ..errors import DataError, DataProblem, PermanentError
 from ..evaluation.evaluate import EvalSet, build_eval_set
@@ -39,10 +37,11 @@ from ..precision import Precision, lost_update_warning, precision_warnings, reso
 from ..ship.export import open_clip_config
 from ..ship.gallery import Gallery
 from ..spec import Resolved
-from ..step.micro_batch import param_bytes, probe_micro_batch
 from ..step.known_pairs import KnownPairs
+from ..step.micro_batch import param_bytes, probe_micro_batch
 from ..step.schedule import Schedule, make_schedule
 from ..step.train_step import forward, seed_everything, to_device, trainable_of
+from . import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 

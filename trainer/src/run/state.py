@@ -6,10 +6,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import checkpoint as ckpt
 from .. import storage
 from ..distributed import World, broadcast_object
 from ..errors import PermanentError
+from . import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 

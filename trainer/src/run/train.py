@@ -2,22 +2,22 @@
 
 Order of a run (every rank unless noted), the order of ``_train``; each stage has its module:
 
-1. ``setup`` (setup.py): read and validate the data first (``data.load_data``: one checked table per
-   node, memory-mapped by every rank; the processes of a node split the image prefetch and
+1. ``setup`` (setup.py): read and validate the data first (``data.load.load_data``: one checked table
+   per node, memory-mapped by every rank; the processes of a node split the image prefetch and
    share the problems, so every rank fails the same way with a DataError) so bad data fails
    before a model is downloaded; then seed, build the model
    (identical on all ranks), apply locks, wrap it in ``FusedModel`` and DDP, build AdamW
    with model-dependent betas/eps and the no-decay groups, and plan the steps; keep
-   trainData's relevant pairs for the loss's graded targets (``losses.KnownPairs``).
+   trainData's relevant pairs for the loss's graded targets (``step.known_pairs.KnownPairs``).
 2. ``resume`` (state.py) from the newest complete checkpoint in ``output`` (rank 0 picks it, all load it).
 3. Evaluate the starting model on evalData (every rank its share; against corpusData's
    documents when set), unless resuming.
 4. ``train_epoch`` (epoch.py): this rank's shard of a per-epoch permutation, cut into optimizer steps
-   of batchSize x accumFreq rows, each cut into micro-batches (``sampler.StepSampler``);
+   of batchSize x accumFreq rows, each cut into micro-batches (``data.batches.StepSampler``);
    ``step.train_step.optimizer_step`` runs one (``train_step``: one micro-batch is a plain forward/backward;
-   several use ``accumulation.contrastive_step``'s feature caching, whose gradients equal
+   several use ``step.accumulation.contrastive_step``'s feature caching, whose gradients equal
    the full batch's), then gradient clipping, the optimizer step, and the logit scale clamp
-   to [0, ln 100]. After each step ``save_policy`` says whether to save a resumable
+   to [0, ln 100]. After each step ``save_policy.py`` says whether to save a resumable
    checkpoint (checkpointEvery) or to save and stop (SIGTERM).
 5. ``end_epoch`` (epoch.py): evaluate when due and ``save`` (save.py) every saveFrequency epochs, after the last
    and at a new best (rank 0); ``summarise`` (summary.py): evaluate the final model, write summary.json

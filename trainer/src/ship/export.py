@@ -26,13 +26,13 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 
 from .. import storage
 from ..layout import OutputFolder
+from ..locations import has_scheme
 from .model_card import model_card
 from .run_files import read_run
-from ..locations import has_scheme
 
 log = logging.getLogger(__name__)
 
-#: The checkpoint key holding the config (see checkpoint.py).
+#: The checkpoint key holding the config (see run/checkpoint.py).
 CONFIG_KEY = "open_clip_config"
 
 

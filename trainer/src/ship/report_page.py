@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional
 
 from .. import storage
 from ..layout import OutputFolder
-from .run_files import RunFiles, read_run
 from ..report.tensorboard import available as tensorboard_available
+from .run_files import RunFiles, read_run
 
 
 def run_outputs(output: str, *, model: bool) -> dict[str, str]:

@@ -76,7 +76,7 @@ def contrastive_step(
     and optional "logit_bias". It must call the DDP-wrapped model once (DDP needs one forward
     per backward). ``model``: the (possibly DDP-wrapped) model, for ``no_sync``.
     ``backward``: e.g. ``lambda l: scaler.scale(l).backward()`` for fp16 AMP.
-    ``known``: the training table's relevant pairs (``losses.KnownPairs``), for the targets.
+    ``known``: the training table's relevant pairs (``known_pairs.KnownPairs``), for the targets.
     Returns the full-batch loss (detached).
     """
     backward = backward or (lambda loss: loss.backward())
