@@ -33,6 +33,11 @@ from kontrast import contract
 from . import storage
 
 
+def _place(*parts: str) -> property:
+    """A place inside the output folder: its root joined with ``parts``."""
+    return property(lambda self: storage.join(self.root, *parts))
+
+
 @dataclass(frozen=True)
 class OutputFolder:
     """The places inside one run's output folder (a local path or a URI)."""
@@ -48,49 +53,23 @@ class OutputFolder:
     GALLERY: ClassVar[str] = "gallery.json"
     TENSORBOARD: ClassVar[str] = "tensorboard"
 
-    def _at(self, *parts: str) -> str:
-        return storage.join(self.root, *parts)
-
-    @property
-    def checkpoints(self) -> str:
-        return self._at(self.CHECKPOINTS)
+    checkpoints = _place(CHECKPOINTS)
+    model = _place(MODEL)
+    plots = _place(PLOTS)
+    report = _place(REPORT)
+    progress = _place(PROGRESS)
+    summary = _place(SUMMARY)
+    gallery = _place(GALLERY)
+    tensorboard = _place(TENSORBOARD)
 
     def resumable(self, step: int) -> str:
-        return self._at(self.CHECKPOINTS, f"step_{step}.pt")
+        return storage.join(self.root, self.CHECKPOINTS, f"step_{step}.pt")
 
     def epoch_model(self, epoch: int) -> str:
-        return self._at(self.CHECKPOINTS, f"epoch_{epoch}.pt")
-
-    @property
-    def model(self) -> str:
-        return self._at(self.MODEL)
-
-    @property
-    def plots(self) -> str:
-        return self._at(self.PLOTS)
+        return storage.join(self.root, self.CHECKPOINTS, f"epoch_{epoch}.pt")
 
     def plot(self, stem: str) -> str:
-        return self._at(self.PLOTS, f"{stem}.png")
-
-    @property
-    def report(self) -> str:
-        return self._at(self.REPORT)
-
-    @property
-    def progress(self) -> str:
-        return self._at(self.PROGRESS)
-
-    @property
-    def summary(self) -> str:
-        return self._at(self.SUMMARY)
-
-    @property
-    def gallery(self) -> str:
-        return self._at(self.GALLERY)
-
-    @property
-    def tensorboard(self) -> str:
-        return self._at(self.TENSORBOARD)
+        return storage.join(self.root, self.PLOTS, f"{stem}.png")
 
 
 def default_cache() -> str:
