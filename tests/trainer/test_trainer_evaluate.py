@@ -23,7 +23,7 @@ from kontrast.trainer.data.examples import load_examples, parse_examples
 from kontrast.trainer.data.read import parse_table
 from kontrast.trainer.errors import DataError
 from kontrast.trainer.evaluation.job import evaluate_trainjob
-from kontrast.trainer.evaluation.evaluate import build_eval_set
+from kontrast.trainer.evaluation.eval_set import build_eval_set
 from kontrast.trainer.evaluation.metrics import Qrels, ranking_metrics
 from kontrast.trainer.data.columns import Columns
 from specs import params_of

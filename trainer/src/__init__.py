@@ -16,7 +16,7 @@ step/        one optimizer step (train_step): the losses (losses), the known pai
 run/         a run orchestrated (train): setup, progress and resume (state), the epochs
              (epoch), evaluations during the run (evaluations), saving (save, checkpoint,
              save_policy), the summary (summary)
-evaluation/  the eval set and evaluation (evaluate), sharded top-k (topk), the ranking
+evaluation/  the eval set (eval_set), evaluating a model (evaluate), sharded top-k (topk), the ranking
              metrics (metrics), ``kontrast evaluate``'s job (job)
 report/      progress reporters (reporters: terminal, progress.jsonl), the TrainJob's status
              in a cluster (cluster_status), TensorBoard (tensorboard)

@@ -27,7 +27,7 @@ from ..data.load import cache_folder, load_corpus, load_data
 from ..data.transforms import image_normalization
 from ..distributed import World, all_reduce_min, wrap_ddp
 from ..errors import DataError, DataProblem, PermanentError
-from ..evaluation.evaluate import EvalSet, build_eval_set
+from ..evaluation.eval_set import EvalSet, build_eval_set
 from ..layout import OutputFolder
 from ..model.build import ModelBundle, build_model
 from ..model.fusion import FusedModel
