@@ -32,7 +32,7 @@ def full_payload(model_name: str) -> dict:
 
 
 def time_save(output: str, payload: dict) -> tuple[float, int]:
-    from kontrast.trainer import checkpoint as ckpt
+    from kontrast.trainer.run import checkpoint as ckpt
     from kontrast.trainer import storage
 
     t0 = time.perf_counter()

@@ -78,7 +78,7 @@ def synthetic(n: int, cfg: dict, fields: int = 1, seed: int = 0, device="cpu"):
 
 
 def our_batch(images, left_tokens, right_tokens=None, device="cpu"):
-    """A batch in the layout of kontrast.trainer.data.collate."""
+    """A batch in the layout of kontrast.trainer.data.dataset.collate."""
     b = images.shape[0]
     ctx = left_tokens.shape[-1]
     if right_tokens is None:
@@ -98,14 +98,14 @@ def our_batch(images, left_tokens, right_tokens=None, device="cpu"):
 
 def our_trainer(clip, n_left: int = 1, n_right: int = 1, precision_name: str = "fp32", device="cpu",
                 kind: str = "ce", lr: float = 1e-4, fused_adamw: bool = True, world=None):
-    """Our training step exactly as kontrast.trainer.train runs it, as a closure(micro_batches);
+    """Our training step exactly as kontrast.trainer.run.train runs it, as a closure(micro_batches);
     DDP-wrapped when ``world`` is a distributed World."""
     ensure_importable()
     from kontrast.trainer.distributed import World, wrap_ddp
-    from kontrast.trainer.fusion import FusedModel
-    from kontrast.trainer.locks import make_adamw, param_groups
+    from kontrast.trainer.model.fusion import FusedModel
+    from kontrast.trainer.model.locks import make_adamw, param_groups
     from kontrast.trainer.precision import resolve_precision
-    from kontrast.trainer.train import LOGIT_SCALE_MAX, train_step
+    from kontrast.trainer.step.train_step import LOGIT_SCALE_MAX, train_step
 
     dev = torch.device(device)
     precision = resolve_precision(precision_name, dev.type)

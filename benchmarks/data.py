@@ -141,8 +141,10 @@ def epoch_rate(dataset, workers: int, batch: int = 32, collate=None, sampler=Non
 
 def cached_rates(table: Path, cache: Path, transform, tokenizer, workers: int) -> tuple[float, float]:
     """Images/s through the image cache: (prefetch + epoch 1 from an empty cache, epoch 2)."""
-    from kontrast.trainer.data import PairDataset, TrainLoader, load_data
-    from kontrast.trainer.images import ImageCache
+    from kontrast.trainer.data.dataset import PairDataset
+    from kontrast.trainer.data.batches import TrainLoader
+    from kontrast.trainer.data.load import load_data
+    from kontrast.trainer.data.images import ImageCache
 
     t0 = time.perf_counter()
     ex, _ = load_data(str(table), params(LOADER_SPEC, cache=str(cache)), require_positive_weight=True)
@@ -162,7 +164,9 @@ def bench_loader(args) -> None:
     import torch
     from open_clip_train.data import CsvDataset
 
-    from kontrast.trainer.data import PairDataset, TrainLoader, load_data
+    from kontrast.trainer.data.dataset import PairDataset
+    from kontrast.trainer.data.batches import TrainLoader
+    from kontrast.trainer.data.load import load_data
 
     tmp = Path(tempfile.mkdtemp(prefix="kontrast-bench-"))
     paths = make_jpegs(tmp / "imgs", args.images)
@@ -238,7 +242,7 @@ def child(args) -> None:
         sys.path.insert(0, args.baseline)
         from baseline_trainer.data import check_images, load_examples as main_load
     else:
-        from kontrast.trainer.data import load_data
+        from kontrast.trainer.data.load import load_data
     import numpy  # noqa: F401 - part of the baseline either way
     import pyarrow  # noqa: F401
     before = _memory()

@@ -58,8 +58,8 @@ def old_evaluator(scores: np.ndarray, relevance: np.ndarray, k: int = 10) -> flo
 
 
 def measure(kind: str, n_q: int, n_d: int, dim: int) -> dict:
-    from kontrast.trainer.metrics import make_qrels, ranking_metrics
-    from kontrast.trainer.topk import BLOCK_ELEMENTS, QUERY_BLOCK, chunked_topk
+    from kontrast.trainer.evaluation.metrics import make_qrels, ranking_metrics
+    from kontrast.trainer.evaluation.topk import BLOCK_ELEMENTS, QUERY_BLOCK, chunked_topk
 
     q, d = embeddings(n_q, dim, 1), embeddings(n_d, dim, 2)
     rq, rd, rg = relevant(n_q, n_d)

@@ -9,7 +9,7 @@ Sections (random initialisation everywhere: no downloads):
   2. ours vs open_clip_train.train_one_epoch on ViT-B-32 (benchmarks/throughput.py).
   3. dynamicBatchSize: the real CUDA probe (OOM -> halve -> bisect) for ViT-B-16 on a
      16384-row step.
-  4. end to end: ViT-B-32 `kontrast.trainer.train.train` on synthetic 256 px JPEGs through
+  4. end to end: ViT-B-32 `kontrast.trainer.run.train.train` on synthetic 256 px JPEGs through
      our data pipeline (decode, RandomResizedCrop, tokenise, DataLoader workers) with
      dynamicBatchSize on, against the data pipeline alone and the model-only figure: the
      pipeline is not the bottleneck when its samples/s is well above the model's.
@@ -121,10 +121,10 @@ def print_model_only(r: dict) -> None:
 
 
 def dynamic_probe(args) -> None:
-    """accumulation.probe_micro_batch with the real cuda_probe on ViT-B-16."""
+    """micro_batch.probe_micro_batch with the real cuda_probe on ViT-B-16."""
     ensure_importable()
-    from kontrast.trainer.fusion import FusedModel
-    from kontrast.trainer.accumulation import cuda_probe, param_bytes, probe_micro_batch
+    from kontrast.trainer.model.fusion import FusedModel
+    from kontrast.trainer.step.micro_batch import cuda_probe, param_bytes, probe_micro_batch
     from kontrast.trainer.precision import resolve_precision
 
     cfg = TINY if args.smoke else model_config("ViT-B-16")
@@ -200,12 +200,13 @@ def defaulted(obj: dict) -> dict:
 
 def end_to_end(args, model_only_rate: float | None) -> None:
     ensure_importable()
-    from kontrast.trainer.data import PairDataset, collate, load_examples
-    from kontrast.trainer.model import build_model
+    from kontrast.trainer.data.dataset import PairDataset, collate
+    from kontrast.trainer.data.examples import load_examples
+    from kontrast.trainer.model.build import build_model
     from kontrast.trainer.precision import resolve_precision
-    from kontrast.trainer.report import JsonlReporter
+    from kontrast.trainer.report.reporters import JsonlReporter
     from kontrast.trainer.spec import resolve
-    from kontrast.trainer.train import train
+    from kontrast.trainer.run.train import train
 
     rows = 64 if args.smoke else args.e2e_rows
     batch = 8 if args.smoke else args.batch

@@ -3,7 +3,7 @@
     python benchmarks/graded.py [--seeds 0 1 2] [--epochs 8] [--partial 4]
     python benchmarks/graded.py --data examples/data --seeds 0    # the example's own data set
 
-Data: the synthetic product-search generator (``kontrast.trainer.exampledata``) with its own
+Data: the synthetic product-search generator (``kontrast.trainer.data.example_data``) with its own
 seed and ``partial`` grade-1 documents per query, so every query has several graded documents
 (3: all attributes match, 2: the pattern differs, 1: the category matches) and a random batch
 of 64 holds several queries twice. Eval queries are unseen in training. ``--data`` takes a
@@ -43,10 +43,10 @@ ensure_importable()
 import yaml  # noqa: E402
 
 from kontrast.api import apply_defaults  # noqa: E402
-from kontrast.trainer import accumulation  # noqa: E402
-from kontrast.trainer.exampledata import generate  # noqa: E402
+from kontrast.trainer.step import accumulation  # noqa: E402
+from kontrast.trainer.data.example_data import generate  # noqa: E402
 from kontrast.trainer.spec import resolve  # noqa: E402
-from kontrast.trainer.train import train  # noqa: E402
+from kontrast.trainer.run.train import train  # noqa: E402
 
 SHIPPED_LOSS = accumulation.weighted_contrastive_loss
 

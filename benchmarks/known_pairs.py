@@ -31,7 +31,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from open_clip.loss import ClipLoss  # noqa: E402
 
-from kontrast.trainer.losses import KnownPairs, weighted_contrastive_loss  # noqa: E402
+from kontrast.trainer.step.known_pairs import KnownPairs  # noqa: E402
+from kontrast.trainer.step.losses import weighted_contrastive_loss
 
 
 def table(rows: int, seed: int = 0):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from kontrast.trainer.report_html import write_report
+from kontrast.trainer.ship.report_page import write_report
 
 
 def main(output: str, target: str = "docs/report.png", width: int = 1200, height: int = 2000) -> None:

@@ -10,7 +10,7 @@ because the TrainJob carries the annotation kontrast.dev/generate-example-data: 
 import sys
 from pathlib import Path
 
-from kontrast.trainer.exampledata import generate
+from kontrast.trainer.data.example_data import generate
 
 if __name__ == "__main__":
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "data"

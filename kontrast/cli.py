@@ -46,25 +46,25 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
-    from .trainer.__main__ import main as train_main
+    from .trainer.cli.train import main as train_main
 
     return train_main([args.file, *rest] if args.file else rest)
 
 
 def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
-    from .trainer.evaljob import main as evaluate_main
+    from .trainer.cli.evaluate import main as evaluate_main
 
     return evaluate_main([args.file, *rest] if args.file else rest)
 
 
 def _launch(args: argparse.Namespace, rest: list[str]) -> int:
-    from .trainer.launch import main as launch_main
+    from .trainer.cli.launch import main as launch_main
 
     return launch_main([args.file, *rest] if args.file else rest)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .trainer.export import export_checkpoint
+    from .trainer.ship.export import export_checkpoint
 
     try:
         export_checkpoint(args.checkpoint, args.out)
@@ -76,7 +76,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .trainer.report_html import write_report
+    from .trainer.ship.report_page import write_report
 
     try:
         written = write_report(args.output)

@@ -37,7 +37,7 @@ cd /  # import the installed package, not the checkout
 "$PYTHON" - <<PY
 import importlib.util, sys
 import torch, open_clip  # noqa: F401
-import kontrast.trainer.launch, kontrast.trainer.status_reporter  # noqa: F401
+import kontrast.trainer.cli.launch, kontrast.trainer.report.cluster_status  # noqa: F401
 if not "$DEV" and importlib.util.find_spec("kopf") is not None:
     sys.exit("kopf must not be installed in the trainer image")
 print("kontrast trainer installed: torch", torch.__version__, "cuda", torch.version.cuda)

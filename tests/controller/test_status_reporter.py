@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from kontrast.trainer.status_reporter import StatusClient, StatusReporter, conform, status_schema
+from kontrast.trainer.report.cluster_status import StatusClient, StatusReporter, conform, status_schema
 
 
 class FakeClient:

@@ -66,7 +66,7 @@ def kueue_operator(operator, kueue):
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A tiny model config and small train/eval CSVs (from the example data generator)."""
-    from kontrast.trainer.exampledata import generate
+    from kontrast.trainer.data.example_data import generate
 
     root = tmp_path_factory.mktemp("tiny")
     example = generate(root / "example")

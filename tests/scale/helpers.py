@@ -98,7 +98,7 @@ def loss_table(n: int):
     query on one rank with a document on the other (a batch holds both, but not the pair's row)."""
     import numpy as np
 
-    from kontrast.trainer.losses import KnownPairs
+    from kontrast.trainer.step.known_pairs import KnownPairs
 
     _, _, weights, left_ids, right_ids = loss_inputs(n)
     extra = [(int(left_ids[2]), int(right_ids[n - 3]), 2.0), (int(left_ids[n - 2]), int(right_ids[1]), 0.5),
@@ -110,7 +110,7 @@ def loss_table(n: int):
 
 def loss_grads(left, right, weights, left_ids, right_ids, kind, local, known=None):
     """Loss value and gradients w.r.t. features, logit scale and bias for these rows."""
-    from kontrast.trainer.losses import weighted_contrastive_loss
+    from kontrast.trainer.step.losses import weighted_contrastive_loss
 
     left = left.clone().requires_grad_()
     right = right.clone().requires_grad_()
@@ -142,7 +142,7 @@ class TwoTower(torch.nn.Module):
 def two_tower_grads(xq, xd, weights, ids, kind, local, world=None):
     """Parameter gradients of TwoTower (DDP-wrapped when world is distributed)."""
     from kontrast.trainer.distributed import wrap_ddp
-    from kontrast.trainer.losses import weighted_contrastive_loss
+    from kontrast.trainer.step.losses import weighted_contrastive_loss
 
     model = TwoTower()
     net = wrap_ddp(model, world) if world is not None else model
@@ -173,7 +173,7 @@ def worker_world_basics(world, n: int):
     import torch.distributed as dist
 
     from kontrast.trainer.distributed import all_reduce_max, all_reduce_mean, all_reduce_min, broadcast_object
-    from kontrast.trainer.sampler import shard_indices
+    from kontrast.trainer.data.batches import shard_indices
 
     world.barrier()
     return {
@@ -199,7 +199,7 @@ def accumulation_ddp(world, n_global: int, k: int, kind: str):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     from kontrast.trainer.distributed import wrap_ddp
-    from kontrast.trainer.accumulation import contrastive_step, split_micro_batches
+    from kontrast.trainer.step.accumulation import contrastive_step, split_micro_batches
 
     b = n_global // world.world_size
     rows = slice(world.rank * b, (world.rank + 1) * b)

@@ -14,9 +14,10 @@ from numeric import EXACT, assert_all_rel_close, assert_detects, assert_rel_clos
 from scale import helpers
 from scale.helpers import tiny_clip, two_tower_batch
 
-from kontrast.trainer import accumulation
-from kontrast.trainer.accumulation import contrastive_step, search_micro_batch, split_micro_batches
-from kontrast.trainer.losses import KnownPairs
+from kontrast.trainer.step import accumulation
+from kontrast.trainer.step.accumulation import contrastive_step, split_micro_batches
+from kontrast.trainer.step.micro_batch import search_micro_batch
+from kontrast.trainer.step.known_pairs import KnownPairs
 
 
 def clip_batch(n=8, seed=0):

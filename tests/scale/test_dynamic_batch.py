@@ -4,7 +4,7 @@ import torch
 
 from scale.helpers import tiny_resnet_clip
 
-from kontrast.trainer.accumulation import param_bytes, probe_micro_batch
+from kontrast.trainer.step.micro_batch import param_bytes, probe_micro_batch
 
 
 def test_probe_runs_real_steps_and_leaves_the_model_and_rng_as_they_were():

@@ -5,10 +5,10 @@ import torch
 
 from scale.helpers import tiny_clip
 
-from kontrast.trainer.locks import param_groups
-from kontrast.trainer.losses import weighted_contrastive_loss
-from kontrast.trainer.accumulation import contrastive_step
-from kontrast.trainer.fusion import frozen_copy
+from kontrast.trainer.model.locks import param_groups
+from kontrast.trainer.step.losses import weighted_contrastive_loss
+from kontrast.trainer.step.accumulation import contrastive_step
+from kontrast.trainer.model.fusion import frozen_copy
 
 
 def test_frozen_right_trains_queries_against_the_starting_models_documents():

@@ -6,8 +6,8 @@ from open_clip.utils import FrozenBatchNorm2d
 
 from scale.helpers import tiny_clip, tiny_resnet_clip
 
-from kontrast.trainer.locks import apply_locks, param_groups
-from kontrast.trainer.losses import weighted_contrastive_loss
+from kontrast.trainer.model.locks import apply_locks, param_groups
+from kontrast.trainer.step.losses import weighted_contrastive_loss
 from specs import params_of
 
 

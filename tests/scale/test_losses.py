@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from numeric import assert_all_rel_close, assert_rel_close
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from kontrast.trainer.losses import KnownPairs, scale_grad, weighted_contrastive_loss
+from kontrast.trainer.step.known_pairs import KnownPairs
+from kontrast.trainer.step.losses import scale_grad, weighted_contrastive_loss
 
 
 def rel_err(a, b):

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from kontrast.trainer.distributed import World, all_reduce_mean, init_from_env, unwrap, wrap_ddp
-from kontrast.trainer.sampler import StepSampler, shard_indices
+from kontrast.trainer.data.batches import StepSampler, shard_indices
 
 
 def test_single_process_world_without_torchrun(monkeypatch):

@@ -50,7 +50,7 @@ def write_job(folder: Path, name: str, **overrides) -> Path:
 
 
 def run_local(job: Path) -> None:
-    from kontrast.trainer.__main__ import main
+    from kontrast.trainer.cli.train import main
 
     assert main([str(job), "--device", "cpu", "--no-progress"]) == 0
 
@@ -85,7 +85,7 @@ def seed_checkpoint(src: Path, dst: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from kontrast.trainer.exampledata import generate
+    from kontrast.trainer.data.example_data import generate
 
     folder = tmp_path_factory.mktemp("torchrun")
     (folder / "tiny-vit.json").write_text(json.dumps(TINY))

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from kontrast.api import apply_defaults, validate
-from kontrast.trainer.exampledata import generate
+from kontrast.trainer.data.example_data import generate
 
 #: ~0.9M parameters, most of them the default tokenizer's 49408-token embedding.
 TINY = {
@@ -134,7 +134,7 @@ def resolve_spec(tmp_path) -> Callable[..., Any]:
 @pytest.fixture
 def run_training(resolve_spec) -> Callable[..., Any]:
     """Train a spec in-process; returns (summary, resolved)."""
-    from kontrast.trainer.train import train
+    from kontrast.trainer.run.train import train
 
     def _run(spec: dict[str, Any], reporters=(), **kw):
         resolved = resolve_spec(spec)

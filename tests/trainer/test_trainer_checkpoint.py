@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 
-from kontrast.trainer import checkpoint as ckpt
+from kontrast.trainer.run import checkpoint as ckpt
 from kontrast.trainer import storage
 from kontrast.trainer.errors import PermanentError
 

@@ -18,9 +18,11 @@ import pytest
 import spawned
 import torch
 
-from kontrast.trainer.data import PairDataset, load_data, sample_seed
+from kontrast.trainer.data.dataset import PairDataset, sample_seed
+from kontrast.trainer.data.load import load_data
 from kontrast.trainer.errors import DataError
-from kontrast.trainer.table import load_examples, parse_examples, parse_table
+from kontrast.trainer.data.examples import load_examples, parse_examples
+from kontrast.trainer.data.read import parse_table
 from specs import params_of
 
 SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"],
@@ -236,8 +238,8 @@ def test_the_checked_table_is_built_once_and_memory_mapped(tmp_path, cache):
 
 _CHILD = """
 import sys, time
-from kontrast.trainer.table import load_examples
-import kontrast.trainer.table as table
+from kontrast.trainer.data.examples import load_examples
+import kontrast.trainer.data.shared_table as table
 real = table._build_in_child
 def slow(*a, **k):
     print("built", flush=True)
@@ -253,7 +255,7 @@ print(ex.path, len(ex), flush=True)
 
 
 def test_large_files_are_checked_in_a_child_process_with_the_same_errors(tmp_path, monkeypatch):
-    import kontrast.trainer.table as table
+    import kontrast.trainer.data.shared_table as table
 
     monkeypatch.setattr(table, "IN_PROCESS_MAX_BYTES", 0)
     path = write(tmp_path, "query,image,title,score\nq,a.png,t,1\nq,a.png,\"two\nlines\",x\n", "csv")
@@ -328,7 +330,7 @@ def test_dataset_items_are_uint8_and_seeded(tmp_path, h):
 def test_device_normalisation_equals_torchvision():
     from torchvision import transforms
 
-    from kontrast.trainer.data import normalize_images
+    from kontrast.trainer.data.transforms import normalize_images
 
     images = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
     mean, std = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)
@@ -340,7 +342,7 @@ def test_device_normalisation_equals_torchvision():
 @pytest.mark.parametrize("base", ["/data/catalogue", "s3://bucket/catalogue"])
 def test_image_cells_resolve_vectorised_as_join_location_does(base, monkeypatch):
     from kontrast.trainer.locations import join_location
-    from kontrast.trainer.table import resolve_images
+    from kontrast.trainer.data.check import resolve_images
 
     monkeypatch.setenv("KONTRAST_PVC_ROOT", "/mnt/pvcs/")
     cells = ["a.jpg", "img/b.jpg", "/abs/c.jpg", "https://h/d.jpg", "s3://b/e.jpg", "pvc://data/img/f.jpg",

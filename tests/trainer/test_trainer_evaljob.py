@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kontrast.trainer.evaljob import evaluate_trainjob
+from kontrast.trainer.evaluation.job import evaluate_trainjob
 
 
 def test_periodic_evaluation_history_best_checkpoint_and_evaluate(run_training, base_spec, h, tmp_path):

@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 import yaml
 
-from kontrast.trainer.data import load_examples, parse_examples, parse_table
+from kontrast.trainer.data.examples import load_examples, parse_examples
+from kontrast.trainer.data.read import parse_table
 from kontrast.trainer.errors import DataError
-from kontrast.trainer.evaljob import evaluate_trainjob
-from kontrast.trainer.evaluate import build_eval_set
-from kontrast.trainer.metrics import Qrels, ranking_metrics
-from kontrast.trainer.table import Columns
+from kontrast.trainer.evaluation.job import evaluate_trainjob
+from kontrast.trainer.evaluation.eval_set import build_eval_set
+from kontrast.trainer.evaluation.metrics import Qrels, ranking_metrics
+from kontrast.trainer.data.columns import Columns
 from specs import params_of
 
 SPEC = {"leftKeys": ["q"], "leftWeights": [1], "rightKeys": ["img", "t"], "rightWeights": [1, 1], "weightKey": "w"}
@@ -137,9 +138,9 @@ def test_a_twin_of_every_document_pushes_each_one_rank_down(base_spec, twin_file
     """Every twin embeds exactly like its document (encoded one at a time) and comes first in the
     corpus, so it wins the tie: each eval-only ranking d1, d2, ... becomes twin(d1), d1, twin(d2),
     d2, ...; e.g. a query whose first relevant document was at rank r has MRR 1/(2r) instead of 1/r."""
-    import kontrast.trainer.train as train_module
+    import kontrast.trainer.evaluation.evaluate as evaluate_module
 
-    monkeypatch.setattr(train_module, "EVAL_BATCH", 1)
+    monkeypatch.setattr(evaluate_module, "EVAL_BATCH", 1)
     spec = {**base_spec, "evalData": str(twin_files["eval"]), "docIdKey": "sku"}
     alone = evaluate_trainjob(resolve_spec(spec), device="cpu", top_k_file=str(tmp_path / "alone.npz"))
     ranked = evaluate_trainjob(resolve_spec({**spec, "corpusData": str(twin_files["corpus"])}), device="cpu",
@@ -174,7 +175,7 @@ def test_a_twin_of_every_document_pushes_each_one_rank_down(base_spec, twin_file
 def test_a_relevant_document_missing_from_the_corpus_fails_kontrast_evaluate_with_78(base_spec, twin_files,
                                                                                    tmp_path, h, capsys):
     from kontrast.contract import EXIT_PERMANENT
-    from kontrast.trainer.evaljob import main
+    from kontrast.trainer.cli.evaluate import main
 
     with open(twin_files["corpus"], newline="") as f:
         header, *rows = list(csv.reader(f))
@@ -228,7 +229,7 @@ def test_two_processes_evaluate_a_corpus_like_one(base_spec, twin_files, resolve
                                                              "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "kontrast.trainer.evaljob", str(job), "--device", "cpu"]
+           "-m", "kontrast.trainer.cli.evaluate", str(job), "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     two = json.loads(proc.stdout[proc.stdout.index("{"):])["metrics"]

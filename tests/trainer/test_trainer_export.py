@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kontrast.cli import main as cli_main
-from kontrast.trainer.export import CONFIG_KEY, chosen_checkpoint, export_checkpoint
-from kontrast.trainer.model import build_model
+from kontrast.trainer.ship.export import CONFIG_KEY, chosen_checkpoint, export_checkpoint
+from kontrast.trainer.model.build import build_model
 from kontrast.trainer.precision import resolve_precision
 
 

@@ -8,13 +8,15 @@ import torch.nn.functional as F
 from numeric import assert_rel_close
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from kontrast.trainer.data import (PairDataset, collate, image_normalization, normalize_images, parse_examples,
-                                   parse_table)
+from kontrast.trainer.data.dataset import PairDataset, collate
+from kontrast.trainer.data.transforms import image_normalization, normalize_images
+from kontrast.trainer.data.examples import parse_examples
+from kontrast.trainer.data.read import parse_table
 from kontrast.trainer.distributed import World
-from kontrast.trainer.fusion import FusedModel, fuse
-from kontrast.trainer.model import build_model
+from kontrast.trainer.model.fusion import FusedModel, fuse
+from kontrast.trainer.model.build import build_model
 from kontrast.trainer.precision import resolve_precision
-from kontrast.trainer.train import train_step
+from kontrast.trainer.step.train_step import train_step
 from specs import params_of
 
 FP32 = resolve_precision("fp32", "cpu")

@@ -13,10 +13,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-import kontrast.trainer.images as images
-from kontrast.trainer.data import load_data
+import kontrast.trainer.data.images as images
+from kontrast.trainer.data.load import load_data
 from kontrast.trainer.errors import DataError
-from kontrast.trainer.images import ImageCache, TransientImageError, with_retries
+from kontrast.trainer.data.images import ImageCache, TransientImageError, with_retries
 from specs import params_of
 
 SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"],
@@ -198,7 +198,7 @@ def test_prefetch_reads_lazy_locations_a_window_at_a_time(tmp_path, h, monkeypat
     import numpy as np
     import pyarrow as pa
 
-    from kontrast.trainer.table import StringColumn
+    from kontrast.trainer.data.examples import StringColumn
 
     monkeypatch.setattr(images, "PREFETCH_WINDOW", 3)
     names = [h.write_image(tmp_path / f"{i}.png", colour=(i * 30, 0, 0)) for i in range(7)]
@@ -224,7 +224,7 @@ def test_skip_drops_the_rows_and_reports_them(run_training, base_spec, small_dat
     assert all(not ex.image(i).endswith(bad) for i in range(len(ex)))
     status = report.status()
     assert status["badImages"] == 1 and bad in status["examples"][0] and "404" in status["examples"][0]
-    from kontrast.trainer.status_reporter import conform, status_schema
+    from kontrast.trainer.report.cluster_status import conform, status_schema
 
     assert conform({"data": {"badImages": [status]}}, status_schema()) == {"data": {"badImages": [status]}}
 

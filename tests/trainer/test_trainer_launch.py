@@ -1,4 +1,4 @@
-"""trainer/src/launch.py: the pod command (torchrun from PET_*, permanent exit code kept, SIGTERM saves)."""
+"""trainer/src/cli/launch.py: the pod command (torchrun from PET_*, permanent exit code kept, SIGTERM saves)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from kontrast.contract import EXIT_PERMANENT
-from kontrast.trainer import checkpoint as ckpt
-from kontrast.trainer.launch import exit_code_of, torchrun_args
+from kontrast.trainer.run import checkpoint as ckpt
+from kontrast.trainer.cli.launch import exit_code_of, torchrun_args
 
 VENV_BIN = Path(sys.executable).parent
 

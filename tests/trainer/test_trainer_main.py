@@ -11,9 +11,9 @@ from pathlib import Path
 import yaml
 
 from kontrast.contract import EXIT_PERMANENT
-from kontrast.trainer.__main__ import main
-from kontrast.trainer.exampledata import generate
-from kontrast.trainer.report import JsonlReporter, TerminalReporter, format_progress
+from kontrast.trainer.cli.train import main
+from kontrast.trainer.data.example_data import generate
+from kontrast.trainer.report.reporters import JsonlReporter, TerminalReporter, format_progress
 
 ROOT = Path(__file__).resolve().parents[2]
 

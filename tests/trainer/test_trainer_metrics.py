@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from kontrast.trainer.data import parse_examples, parse_table
-from kontrast.trainer.evaluate import build_eval_set
-from kontrast.trainer.metrics import gcl_grades, make_qrels, ranking_metrics
+from kontrast.trainer.data.examples import parse_examples
+from kontrast.trainer.data.read import parse_table
+from kontrast.trainer.evaluation.eval_set import build_eval_set
+from kontrast.trainer.evaluation.metrics import gcl_grades, make_qrels, ranking_metrics
 from specs import params_of
 
 

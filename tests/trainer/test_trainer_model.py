@@ -11,7 +11,8 @@ import pytest
 import torch
 from numeric import assert_all_rel_close
 
-from kontrast.trainer.model import MaskedMaxPooler, build_model
+from kontrast.trainer.model.build import build_model
+from kontrast.trainer.model.text import MaskedMaxPooler
 from kontrast.trainer.precision import resolve_precision
 from specs import params_of
 
@@ -197,7 +198,7 @@ def test_max_pooler_is_correct_where_open_clips_is_broken():
 def test_lock_text_on_an_hf_tower(build, hf_model_json, unlocked, freeze_ln):
     """open_clip 3.3.0's HFTextEncoder.lock raises KeyError for BERT with unlocked layers; ours
     freezes the embeddings and all but the last `unlocked` layers, LayerNorms as asked."""
-    from kontrast.trainer.locks import apply_locks
+    from kontrast.trainer.model.locks import apply_locks
 
     model = build(model=str(hf_model_json)).model
     apply_locks(model, params_of({"lockText": True, "lockTextUnlockedLayers": unlocked,
@@ -267,7 +268,7 @@ def test_pretrained_url_cache_is_keyed_by_the_whole_url_and_downloaded_once(tmp_
 
     import fsspec
 
-    from kontrast.trainer import model as model_module
+    from kontrast.trainer.model import sources as model_module
 
     fs = fsspec.filesystem("memory")
     fs.pipe("/bucket-a/model.pt", b"A" * 1000)

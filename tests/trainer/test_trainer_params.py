@@ -44,11 +44,11 @@ def test_the_cache_folder_resolves_like_the_other_paths(h, tmp_path, monkeypatch
     spec = {"model": "RN50", "trainData": "t.csv", "output": "o", "leftKeys": ["q"], "leftWeights": [1],
             "rightKeys": ["i"], "rightWeights": [1], "weightKey": "w"}
     job = tmp_path / "jobs" / "tj.yaml"
-    assert resolve(h.trainjob({**spec, "data": {"cache": "cache"}}), job).params.data["cache"] == str(
+    assert resolve(h.trainjob({**spec, "data": {"cache": "cache"}}), job).params.data.cache == str(
         tmp_path / "jobs" / "cache")
     r = resolve(h.trainjob({**spec, "data": {"cache": "pvc://scratch/kontrast"}}), job).params
-    assert r.data["cache"] == "/mnt/pvcs/scratch/kontrast" and r.data["onBadImage"] == "fail"
-    assert "cache" not in resolve(h.trainjob(spec), job).params.data      # $KONTRAST_CACHE decides
+    assert r.data.cache == "/mnt/pvcs/scratch/kontrast" and r.data.on_bad_image == "fail"
+    assert resolve(h.trainjob(spec), job).params.data.cache is None       # $KONTRAST_CACHE decides
     with pytest.raises(SpecError, match=r"spec.data.cache.*node-local folder"):
         resolve(h.trainjob({**spec, "data": {"cache": "s3://b/cache"}}), job)
 

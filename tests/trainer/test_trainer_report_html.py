@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from kontrast.cli import main as cli_main
-from kontrast.trainer.gallery import QUERIES, TOP_K
+from kontrast.trainer.ship.gallery import QUERIES, TOP_K
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -54,7 +54,7 @@ def test_the_console_check_sees_script_errors(tmp_path):
 def finished_run(tmp_path_factory, tiny_model_json, small_data, h):
     """One evaluated 2-epoch run shared by the report tests."""
     from kontrast.trainer.spec import resolve
-    from kontrast.trainer.train import train
+    from kontrast.trainer.run.train import train
 
     out = tmp_path_factory.mktemp("run") / "out"
     spec = {"model": str(tiny_model_json), "trainData": str(small_data / "train.csv"),

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import kontrast.trainer.train as train_mod
-from kontrast.trainer.report import Reporter
+import kontrast.trainer.run.epoch as epoch_mod
+from kontrast.trainer.report.reporters import Reporter
 
 METRICS = {"ndcg@10", "mrr@10", "recall@10", "map"}
 
@@ -33,16 +33,16 @@ def final_state(summary):
 
 def final_optimizer(summary):
     """The AdamW state of the newest resumable checkpoint (model files hold none)."""
-    from kontrast.trainer.checkpoint import load_latest
+    from kontrast.trainer.run.checkpoint import load_latest
 
     return load_latest(summary["output"])[0]["optimizer"]
 
 
 def start_state(resolve_spec, spec):
     """The model a run starts from (same seed, same build)."""
-    from kontrast.trainer.model import build_model
+    from kontrast.trainer.model.build import build_model
     from kontrast.trainer.precision import resolve_precision
-    from kontrast.trainer.train import seed_everything
+    from kontrast.trainer.step.train_step import seed_everything
 
     r = resolve_spec(spec)
     seed_everything(r.params.seed)
@@ -104,14 +104,14 @@ def test_mid_epoch_checkpoint_resumes_exactly(run_training, quick, tmp_path, h, 
     assert names == ["epoch_1.pt", "epoch_2.pt", "step_6.pt", "step_8.pt"]
 
     spec["output"] = str(tmp_path / "killed")
-    real_step = train_mod.optimizer_step
+    real_step = epoch_mod.optimizer_step
 
-    def killed_in_step_7(run, micro_batches, lr, step):
+    def killed_in_step_7(*args, step, **kwargs):
         if step == 6:
             raise RuntimeError("killed")
-        return real_step(run, micro_batches, lr, step)
+        return real_step(*args, step=step, **kwargs)
 
-    monkeypatch.setattr(train_mod, "optimizer_step", killed_in_step_7)
+    monkeypatch.setattr(epoch_mod, "optimizer_step", killed_in_step_7)
     with pytest.raises(RuntimeError, match="killed"):
         run_training(spec)
     monkeypatch.undo()
@@ -145,7 +145,7 @@ def test_workers_load_in_subprocesses_with_the_same_result(run_training, quick, 
         seen.append(kwargs.get("num_workers"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod.torch.utils.data, "DataLoader", recording)
+    monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
     run_training({**quick, "workers": 0, "output": str(tmp_path / "w0")})
     run_training({**quick, "workers": 2, "output": str(tmp_path / "w2")})
     assert seen == [0, 2]
@@ -261,7 +261,7 @@ def test_precision_amp_on_cpu_uses_bf16_autocast(run_training, quick, tmp_path, 
 def test_scale_parameters_reach_the_loss_and_model(run_training, resolve_spec, quick, tmp_path, monkeypatch, caplog):
     caplog.set_level("INFO", logger="kontrast")
     calls = []
-    import kontrast.trainer.accumulation as accumulation
+    import kontrast.trainer.step.accumulation as accumulation
 
     real = accumulation.weighted_contrastive_loss
 

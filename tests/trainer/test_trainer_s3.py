@@ -8,7 +8,7 @@ import json
 import pytest
 import s3fs
 
-from kontrast.trainer import checkpoint as ckpt
+from kontrast.trainer.run import checkpoint as ckpt
 from kontrast.trainer import storage
 
 pytestmark = pytest.mark.s3

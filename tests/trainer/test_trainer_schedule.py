@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from kontrast.trainer.schedule import Schedule, make_schedule
+from kontrast.trainer.step.schedule import Schedule, make_schedule
 from specs import params_of
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kontrast.trainer.topk import chunked_topk
+from kontrast.trainer.evaluation.topk import chunked_topk
 
 
 def test_blocked_topk_equals_full_sort():

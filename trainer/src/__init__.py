@@ -1,19 +1,31 @@
 """kontrast.trainer: weighted multi-field contrastive fine-tuning of open_clip models.
 
-``kontrast train FILE`` (and ``torchrun -m kontrast.trainer FILE``) runs ``__main__.main``.
-One job per module:
+``kontrast train FILE`` (and ``torchrun -m kontrast.trainer FILE``) runs ``cli.train.main``.
+The packages follow the data, from the TrainJob to the shipped model:
 
-spec        TrainJob -> resolved values (model-dependent beta2/eps, paths, pvc:// URIs)
-table       CSV/TSV/Parquet read by pyarrow, vectorised checks, ids, the node-shared mapped table
-images      image fetching with retries, the node-local image cache, the prefetch, the bad-image policy
-data        loading (table + prefetch + policy), the Dataset, uint8 transforms, the DataLoader
-model       open_clip model/transforms/tokenizer, poolingMethod (a correct max pooler), logit init
-fusion      multi-field embeddings (normalise, weighted sum, normalise) as one DDP module
-train       the loop: resume, evaluate, epochs, checkpoints, summary
-schedule    learning-rate schedules          precision   what each precision value means
-checkpoint  atomic checkpoints, resume       storage     local / PVC / object-store writes
-evaluate    nDCG@10, MRR@10, Recall@10, mAP  report      progress reporters (terminal, JSONL)
-errors      permanent errors (exit 78)       exampledata the synthetic example data set
-losses, distributed, locks, memory: exact distributed losses, DDP, locks, accumulation
-launch, status_reporter: torchrun inside pods and the cluster-status reporter
+data/        a row parsed (read), checked (check), shared per node (shared_table, examples);
+             images fetched and cached (images); loading with the bad-image policy (load);
+             transforms, the Dataset (dataset), the steps' rows and the DataLoader (batches);
+             the synthetic example data set (example_data)
+model/       the open_clip model built (build) from a config JSON or pretrained weights
+             (sources), Hugging Face text towers and the tokenizer (text), multi-field
+             fusion (fusion), locked layers and the optimizer's groups (locks)
+step/        one optimizer step (train_step): the losses (losses), the known pairs
+             (known_pairs), feature-caching accumulation (accumulation), the micro-batch
+             search (micro_batch), the learning-rate schedule (schedule)
+run/         a run orchestrated (train): setup, progress and resume (state), the epochs
+             (epoch), evaluations during the run (evaluations), saving (save, checkpoint,
+             save_policy), the summary (summary)
+evaluation/  the eval set (eval_set), evaluating a model (evaluate), sharded top-k (topk), the ranking
+             metrics (metrics), ``kontrast evaluate``'s job (job)
+report/      progress reporters (reporters: terminal, progress.jsonl), the TrainJob's status
+             in a cluster (cluster_status), TensorBoard (tensorboard)
+ship/        the exported model (export) and its card (model_card), the HTML report
+             (report_page) and its gallery, a run's files read back (run_files)
+cli/         ``kontrast train`` (train), ``kontrast evaluate`` (evaluate), ``kontrast launch``
+             (launch), exit codes and the termination log (exits)
+
+Shared by all: spec (a TrainJob resolved), params (typed parameters), layout (the output and
+cache folders), storage (local / PVC / object-store writes), locations, distributed
+(process group and collectives), precision, errors (permanent errors, exit 78).
 """

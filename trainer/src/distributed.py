@@ -3,7 +3,7 @@
 torchrun (also when launched by the operator with PET_* / rendezvous settings) exports
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT to every worker; without
 WORLD_SIZE the trainer is a plain single process and nothing is initialised, so
-``kontrast train FILE`` needs no launcher. Which rows each rank takes: sampler.py.
+``kontrast train FILE`` needs no launcher. Which rows each rank takes: data/batches.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "init_from_env", "wrap_ddp", "unwrap", "all_reduce_mean", "all_reduce_max",
+__all__ = ["World", "init_from_env", "wrap_ddp", "unwrap", "world_and_rank", "all_gather", "all_gather_objects",
+           "gather_with_grad", "sum_over_ranks", "all_reduce_mean", "all_reduce_min", "all_reduce_max",
            "broadcast_object", "shutdown"]
 
 
@@ -112,6 +113,75 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if inner is None:
             return model
         model = inner
+
+
+def world_and_rank() -> tuple[int, int]:
+    """(processes, this one's rank) of the initialised process group; (1, 0) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def all_gather(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Every rank's ``x`` (all the same shape) concatenated along ``dim`` in rank order; no gradient."""
+    world, _ = world_and_rank()
+    if world == 1:
+        return x
+    x = x.contiguous()
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x)
+    return torch.cat(out, dim)
+
+
+def all_gather_objects(items: list) -> list:
+    """Every rank's list of picklable items, concatenated in rank order."""
+    world, _ = world_and_rank()
+    if world == 1:
+        return items
+    parts: list = [None] * world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over ranks, in place (``x`` itself without a process group)."""
+    if world_and_rank()[0] > 1:
+        dist.all_reduce(x)
+    return x
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient for our rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, rank = world_and_rank()
+        ctx.world, ctx.rank, ctx.n = world, rank, x.shape[0]
+        return all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((ctx.n,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        grad = grad.clone()  # all_reduce is in place; the incoming grad may be shared
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks (rank order); gradients flow back to each owner.
+
+    All ranks must pass the same number of rows (the sharding guarantees it).
+    """
+    world, _ = world_and_rank()
+    if world == 1:
+        return x
+    if not x.requires_grad:
+        return all_gather(x)
+    return _GatherWithGrad.apply(x)
 
 
 def all_reduce_mean(value: Union[float, int, torch.Tensor]) -> float:

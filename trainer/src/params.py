@@ -12,9 +12,11 @@ field lacks a property, so a new CRD field fails that test until it is added her
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Optional
+
+from kontrast.api.data import Data
 
 from .errors import SpecError
 from .locations import has_scheme, looks_like_path, resolve_location
@@ -99,7 +101,7 @@ class Params:
     corpus_data: Optional[str] = None           #: every retrievable document (the eval's candidates)
     eval_every: int                             #: epochs between evaluations during training (0: none)
     eval_grades: str                            #: weight | gcl (metrics.grades_for)
-    data: Mapping[str, Any]                     #: cache, onBadImage, maxBadFraction (see images.py)
+    data: Data                                  #: cache, onBadImage, maxBadFraction (kontrast.api.data)
     output: str
     storage_secret_ref: Optional[Mapping[str, Any]] = None   #: read by the operator, not the trainer
 
@@ -162,12 +164,12 @@ def _resolved_locations(spec: Mapping[str, Any], base_dir: Path, output: Optiona
     pretrained = spec.get("pretrained")
     if pretrained and looks_like_path(pretrained, base_dir):
         pretrained = loc("pretrained")
-    data = dict(spec.get("data") or {})
-    if data.get("cache"):
-        if has_scheme(data["cache"]) and not data["cache"].startswith(("pvc://", "file://")):
-            raise SpecError("data.cache", f"{data['cache']!r} is a URL; the cache is a node-local folder "
+    data = Data.from_spec(spec.get("data") or {})
+    if data.cache:
+        if has_scheme(data.cache) and not data.cache.startswith(("pvc://", "file://")):
+            raise SpecError("data.cache", f"{data.cache!r} is a URL; the cache is a node-local folder "
                                           "(a path, or pvc://<claim>/<path>) that every process on the node maps")
-        data["cache"] = resolve_location(data["cache"], base_dir)
+        data = replace(data, cache=resolve_location(data.cache, base_dir))
     return {
         "data": data,
         "train_data": loc("trainData"),

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .errors import SpecError
+from .errors import PermanentError, SpecError
 from .locations import resolve_location
 from .params import Params
 
 #: Annotation that lets `kontrast train` create the synthetic example data set when
-#: trainData is missing (used by examples/trainjob.yaml; see kontrast.trainer.exampledata).
+#: trainData is missing (used by examples/trainjob.yaml; see kontrast.trainer.data.example_data).
 GENERATE_EXAMPLE_DATA = "kontrast.dev/generate-example-data"
 
 
@@ -61,3 +61,14 @@ def resolve(trainjob: Mapping[str, Any], trainjob_file: Optional[str | Path] = N
         uid=metadata.get("uid"),
         annotations=dict(metadata.get("annotations") or {}),
     )
+
+
+def load_resolved(file: str, output: Optional[str] = None) -> Resolved:
+    """The TrainJob in ``file``, validated like ``kontrast validate`` and resolved."""
+    from kontrast.api import TrainJobInvalid, load_trainjob
+
+    try:
+        obj = load_trainjob(file)
+    except TrainJobInvalid as exc:
+        raise PermanentError(str(exc)) from None
+    return resolve(obj, file, output=output)

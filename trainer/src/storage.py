@@ -31,8 +31,11 @@ def _fs(location: str):
     return fs, path
 
 
-def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None]) -> None:
-    """Call ``write(fileobj)`` and publish the result at ``location`` all at once."""
+def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None], *, durable: bool = True) -> None:
+    """Call ``write(fileobj)`` and publish the result at ``location`` all at once.
+
+    ``durable``: a local file is flushed to disk before it is renamed into place (what a
+    checkpoint needs); the node's caches, rebuilt when lost, skip that."""
     if has_scheme(location):
         buf = io.BytesIO()
         write(buf)
@@ -49,8 +52,9 @@ def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None]) -> N
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         try:

@@ -1,0 +1,1 @@
+"""Command lines: `kontrast train`, `kontrast evaluate`, `kontrast launch`, and their exit codes."""

@@ -1,0 +1,136 @@
+"""The node-shared table file: each data file checked once per node, memory-mapped by every process.
+
+The checked, resolved table (texts, resolved image locations, per-row field weights, ids) is
+written once per node as an Arrow IPC file in the cache folder (``CacheFolder.tables``).
+Every rank and DataLoader worker on the node then memory-maps that file: the page cache
+holds the table once, however many processes read it, and memory does not grow with Python
+objects per row. The first process to take the file lock builds the file; the others wait
+on the lock and map it (a failed build leaves no file, so each of them fails with the same
+DataError).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from .. import storage
+from ..errors import DataError, DataProblem
+from ..layout import CacheFolder
+from .check import check_table
+from .columns import Columns
+from .read import read_raw
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever the layout of the node-shared table file changes.
+TABLE_FORMAT = 2
+#: Data files above this size are checked in a child process (see shared_table_file).
+IN_PROCESS_MAX_BYTES = 1 << 20
+
+
+def source_stamp(location: str) -> dict[str, Any]:
+    """What identifies this version of a data file: size and modification time (or ETag)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(location)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise DataError([DataProblem(location, "file not found")]) from None
+    except Exception as exc:  # noqa: BLE001 - unreachable store: permanent for this run
+        raise DataError([DataProblem(location, f"cannot read: {exc}")]) from None
+    keep = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "md5Hash", "generation")
+    return {k: str(info[k]) for k in keep if k in info}
+
+
+def table_key(location: str, cols: Columns, require_positive_weight: bool) -> str:
+    stamp = {"format": TABLE_FORMAT, "file": location, "source": source_stamp(location),
+             "columns": cols.__dict__, "positive": require_positive_weight}
+    return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def shared_table_file(location: str, cols: Columns, cache: str, *, require_positive_weight: bool = True) -> Path:
+    """The node's checked table file for ``location``: built by the first process to get the
+    lock, mapped by everyone.
+
+    A file larger than ``IN_PROCESS_MAX_BYTES`` is built in a child process, so the parsed
+    file and its temporaries never enter a training process's heap (whose allocator would
+    keep much of them); smaller ones are built in place, saving the child's start-up.
+    """
+    folder = CacheFolder(cache).tables
+    folder.mkdir(parents=True, exist_ok=True)
+    key = table_key(location, cols, require_positive_weight)
+    target = folder / f"{key}.arrow"
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            log.debug("%s: reusing the checked table %s", location, target)
+            return target
+        started = time.monotonic()
+        size = int(source_stamp(location).get("size") or 0)
+        if size > IN_PROCESS_MAX_BYTES:
+            _build_in_child(location, cols, target, require_positive_weight)
+        else:
+            build_table_file(location, cols, target, require_positive_weight)
+        log.info("%s: checked and wrote the node's table file in %.1f s", location, time.monotonic() - started)
+    return target
+
+
+def build_table_file(location: str, cols: Columns, target: Path, require_positive_weight: bool) -> None:
+    """Read, check and write the table file atomically (written beside it, then renamed)."""
+    table = check_table(read_raw(location), location, cols, require_positive_weight=require_positive_weight)
+
+    def write(f) -> None:
+        with pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table, max_chunksize=table.num_rows or None)
+
+    storage.write_atomic(str(target), write, durable=False)
+
+
+def _build_in_child(location: str, cols: Columns, target: Path, require_positive_weight: bool) -> None:
+    import subprocess
+
+    request = json.dumps({"location": location, "columns": cols.__dict__, "target": str(target),
+                          "positive": require_positive_weight})
+    done = subprocess.run([sys.executable, "-m", __name__], input=request, text=True,
+                          capture_output=True)
+    if done.returncode == 0:
+        return
+    try:
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(f"building the table of {location} failed:\n{done.stderr[-4000:]}") from None
+    raise DataError([DataProblem(**p) for p in answer["problems"]], answer["truncated"])
+
+
+def _child_main() -> int:
+    """``python -m kontrast.trainer.data.shared_table``: build one table file (request JSON on stdin); a
+    DataError comes back as JSON on stdout with exit code 78."""
+    from dataclasses import asdict
+
+    request = json.loads(sys.stdin.read())
+    cols = Columns(**{k: tuple(v) if isinstance(v, list) else v for k, v in request["columns"].items()})
+    try:
+        build_table_file(request["location"], cols, Path(request["target"]), request["positive"])
+    except DataError as exc:
+        print(json.dumps({"problems": [asdict(p) for p in exc.problems], "truncated": exc.truncated}))
+        return 78
+    return 0
+
+
+def map_table(path: str | Path) -> pa.Table:
+    """The table file, memory-mapped: pages are shared with every process mapping it."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

@@ -1,0 +1,1 @@
+"""Evaluation: the eval set, sharded top-k search, the ranking metrics, and `kontrast evaluate`'s job."""

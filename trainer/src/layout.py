@@ -1,0 +1,92 @@
+"""Where a run's files go: the output folder's layout and the node's cache folder.
+
+Every name below ``output`` and below the cache folder is written here once; the modules
+that write or read those files ask an ``OutputFolder`` or a ``CacheFolder`` for the place.
+
+``<output>/``::
+
+    checkpoints/step_N.pt      resumable checkpoints (checkpointEvery, SIGTERM, epoch ends)
+    checkpoints/epoch_N.pt     model-only checkpoints of the epoch ends that save
+    model/                     the exported open_clip model folder with its model card
+    plots/*.png                the report's plots
+    report.html                the run report
+    progress.jsonl             one event a line: start, step, eval, checkpoint, end
+    summary.json               the final summary
+    gallery.json               the report's before/after examples
+    tensorboard/               TensorBoard scalars (when tensorboard is installed)
+
+``<cache>/`` (data.cache, else $KONTRAST_CACHE, else ~/.cache/kontrast)::
+
+    tables/KEY.arrow           the node-shared checked tables (and KEY.lock)
+    images/                    the node-local image cache
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from kontrast import contract
+
+from . import storage
+
+
+def _place(*parts: str) -> property:
+    """A place inside the output folder: its root joined with ``parts``."""
+    return property(lambda self: storage.join(self.root, *parts))
+
+
+@dataclass(frozen=True)
+class OutputFolder:
+    """The places inside one run's output folder (a local path or a URI)."""
+
+    root: str
+
+    CHECKPOINTS: ClassVar[str] = "checkpoints"
+    MODEL: ClassVar[str] = "model"
+    PLOTS: ClassVar[str] = "plots"
+    REPORT: ClassVar[str] = "report.html"
+    PROGRESS: ClassVar[str] = "progress.jsonl"
+    SUMMARY: ClassVar[str] = "summary.json"
+    GALLERY: ClassVar[str] = "gallery.json"
+    TENSORBOARD: ClassVar[str] = "tensorboard"
+
+    checkpoints = _place(CHECKPOINTS)
+    model = _place(MODEL)
+    plots = _place(PLOTS)
+    report = _place(REPORT)
+    progress = _place(PROGRESS)
+    summary = _place(SUMMARY)
+    gallery = _place(GALLERY)
+    tensorboard = _place(TENSORBOARD)
+
+    def resumable(self, step: int) -> str:
+        return storage.join(self.root, self.CHECKPOINTS, f"step_{step}.pt")
+
+    def epoch_model(self, epoch: int) -> str:
+        return storage.join(self.root, self.CHECKPOINTS, f"epoch_{epoch}.pt")
+
+    def plot(self, stem: str) -> str:
+        return storage.join(self.root, self.PLOTS, f"{stem}.png")
+
+
+def default_cache() -> str:
+    """$KONTRAST_CACHE, else ~/.cache/kontrast (see data.cache in the CRD)."""
+    return os.environ.get(contract.CACHE_ENV) or str(Path.home() / ".cache" / "kontrast")
+
+
+@dataclass(frozen=True)
+class CacheFolder:
+    """The places inside the node's cache folder (always local: it is shared through the node's disk)."""
+
+    root: str
+
+    @property
+    def tables(self) -> Path:
+        return Path(self.root) / "tables"
+
+    @property
+    def images(self) -> Path:
+        return Path(self.root) / "images"

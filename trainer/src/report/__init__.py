@@ -1,0 +1,1 @@
+"""Reporting progress while a run goes: reporters (terminal, progress.jsonl), the cluster status, TensorBoard."""

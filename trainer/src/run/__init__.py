@@ -1,0 +1,1 @@
+"""A training run: setup, resume, the epochs, checkpoints and when they are saved, the summary."""

@@ -1,0 +1,1 @@
+"""One optimizer step: the losses, the known pairs, accumulation, the micro-batch search, the schedule."""
