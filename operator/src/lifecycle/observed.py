@@ -128,9 +128,9 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
             now: dt.datetime, *, failed_creates: Sequence[str] = (), missing_children: frozenset[str] = frozenset(),
             hang_after: Optional[float] = None, workload: Optional[Mapping[str, Any]] = None,
             read: Optional[Reads] = None) -> Observed:
-    """The snapshot. ``read`` (the cluster) is asked for what only the snapshot shows is needed:
-    the current Job's FailedCreate events while it is short of pods, its Workload while Kueue
-    holds it; without it, ``failed_creates`` and ``workload`` are taken as given."""
+    """The snapshot. ``read`` (the cluster) is asked only for what the snapshot shows it needs:
+    the current Job's FailedCreate events while the Job is short of pods, its Workload while
+    Kueue holds it. Without ``read``, ``failed_creates`` and ``workload`` are taken as given."""
     meta, spec = tj["metadata"], defaulted_spec(tj.get("spec") or {})
     status = dict(tj.get("status") or {})
     jobs = tuple(sorted(jobs, key=attempt_of))
