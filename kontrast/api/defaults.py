@@ -9,7 +9,7 @@ values. Doing exactly the same here lets `kontrast train` and `kontrast validate
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Mapping
 
 from .schema import openapi_schema
 
@@ -19,6 +19,11 @@ def apply_defaults(obj: dict[str, Any]) -> dict[str, Any]:
     result = copy.deepcopy(obj)
     _default(result, openapi_schema())
     return result
+
+
+def defaulted_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A defaulted deep copy of a TrainJob spec (any spec will do: nothing is validated)."""
+    return apply_defaults({"spec": dict(spec)})["spec"]
 
 
 def _default(value: Any, schema: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Which pod holds a TrainJob worker's log (pure).
 
-The operator labels every training pod (operator/src/render.py, ``worker_labels``) with
+The operator labels every training pod (operator/src/children/names.py, ``worker_labels``) with
 ``kontrast.dev/trainjob: <name>``, ``kontrast.dev/component: worker`` and
 ``kontrast.dev/attempt: <n>`` (a restart or resume creates attempt n+1); the Job controller
 adds the worker's index as ``batch.kubernetes.io/job-completion-index`` (label and annotation).

@@ -33,12 +33,13 @@ import kopf
 
 from kontrast.api import GROUP, PLURAL, VERSION
 
-from . import kueue
 from . import metrics as metrics_mod
-from . import render
+from .children import names
 from .config import ENV_KUBECONFIG, OperatorConfig
 from .kube import Kube, load_configuration
-from .lifecycle import PENDING, TERMINAL, controller_uid
+from .lifecycle import kueue
+from .lifecycle.objects import controller_uid
+from .lifecycle.phases import PENDING, TERMINAL
 from .metrics import Metrics
 from .reconcile import Reconciler
 
@@ -99,7 +100,7 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 def scope_watches(settings: kopf.OperatorSettings) -> None:
     """Let the API server filter every child watch by the TrainJob label."""
     for group, version, plural in WATCHED_CHILDREN:
-        settings.watching.label_selectors[group, version, plural] = render.LABEL_TRAINJOB
+        settings.watching.label_selectors[group, version, plural] = names.LABEL_TRAINJOB
     # Workloads carry no label of ours; Kueue labels every Workload of a Job with its uid.
     settings.watching.label_selectors[WORKLOADS] = kueue.JOB_UID_LABEL
 
@@ -202,7 +203,6 @@ async def trigger(memo: kopf.Memo, namespace: str, name: str) -> None:
         memo.running.discard(key)
 
 
-# --- TrainJobs ----------------------------------------------------------------------------
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
@@ -224,20 +224,19 @@ def trainjob_seen(event: Mapping[str, Any], memo: kopf.Memo, namespace: str, nam
         memo.metrics.set_phase(namespace, name, (status or {}).get("phase") or PENDING)
 
 
-# --- children -----------------------------------------------------------------------------
 def _owner(meta: Mapping[str, Any]) -> Optional[str]:
-    return (meta.get("annotations") or {}).get(render.ANNOTATION_TRAINJOB)
+    return (meta.get("annotations") or {}).get(names.ANNOTATION_TRAINJOB)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_TRAINJOB: kopf.PRESENT})
-@kopf.on.event("", "v1", "pods", labels={render.LABEL_TRAINJOB: kopf.PRESENT})
+@kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_TRAINJOB: kopf.PRESENT})
+@kopf.on.event("", "v1", "pods", labels={names.LABEL_TRAINJOB: kopf.PRESENT})
 async def worker_event(memo: kopf.Memo, meta: Mapping[str, Any], namespace: str, **_: Any) -> None:
     owner = _owner(meta)
     if owner:
         await trigger(memo, namespace, owner)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_TRAINJOB: kopf.PRESENT}, id="job_owner")
+@kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_TRAINJOB: kopf.PRESENT}, id="job_owner")
 def job_owner(event: Mapping[str, Any], memo: kopf.Memo, meta: Mapping[str, Any], uid: str, **_: Any) -> None:
     """Remember which TrainJob each worker Job belongs to, for the Workload events."""
     if event.get("type") == "DELETED":
@@ -273,5 +272,5 @@ def _base_child_handler(kind: str):
 
 
 for (_group, _version, _plural), _kind in BASE_CHILDREN.items():
-    kopf.on.event(_group, _version, _plural, labels={render.LABEL_TRAINJOB: kopf.PRESENT},
+    kopf.on.event(_group, _version, _plural, labels={names.LABEL_TRAINJOB: kopf.PRESENT},
                   id=f"{_kind.lower()}_event")(_base_child_handler(_kind))

@@ -19,7 +19,8 @@ from kubernetes.client.exceptions import ApiException
 
 from kontrast.api import GROUP, PLURAL, VERSION
 
-from . import kueue, render
+from .children import names
+from .lifecycle import kueue
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,6 @@ class Kube:
     def close(self) -> None:
         self.api.close()
 
-    # --- raw --------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, query: Optional[Mapping[str, Any]] = None,
                 content_type: str = "application/json") -> Any:
         """One REST call through the client's urllib3 pool (its TLS settings, and its
@@ -95,7 +95,6 @@ class Kube:
             raise exc
         return json.loads(resp.data) if resp.data else None
 
-    # --- TrainJobs --------------------------------------------------------------------------
     def get_trainjob(self, namespace: str, name: str) -> Optional[dict]:
         try:
             return self.request("GET", _path(f"{GROUP}/{VERSION}", "TrainJob", namespace, name))
@@ -108,16 +107,15 @@ class Kube:
         return self.request("PATCH", _path(f"{GROUP}/{VERSION}", "TrainJob", namespace, name, "status"),
                             body={"status": dict(patch)}, content_type="application/merge-patch+json")
 
-    # --- children ---------------------------------------------------------------------------
     def _list(self, api_version: str, kind: str, namespace: str, tj: Mapping[str, Any]) -> list[dict]:
-        selector = ",".join(f"{k}={v}" for k, v in render.selector_labels(tj).items())
+        selector = ",".join(f"{k}={v}" for k, v in names.selector_labels(tj).items())
         items = self.request("GET", _path(api_version, kind, namespace), query={"labelSelector": selector})["items"]
         uid = tj["metadata"].get("uid")
         if api_version == "v1" and kind == "Pod":
             # Pods belong to Jobs; the annotation carries the full TrainJob name.
             name = tj["metadata"]["name"]
             return [p for p in items
-                    if (p["metadata"].get("annotations") or {}).get(render.ANNOTATION_TRAINJOB) == name]
+                    if (p["metadata"].get("annotations") or {}).get(names.ANNOTATION_TRAINJOB) == name]
         return [i for i in items if _controlled_by(i, uid)]
 
     def list_jobs(self, tj: Mapping[str, Any]) -> list[dict]:
@@ -146,7 +144,7 @@ class Kube:
     def release_job(self, namespace: str, name: str, queue: Optional[str] = None) -> None:
         """Hand a held worker Job on: to Kueue (its queue label; Kueue unsuspends it when it
         admits it), or, without a queue, unsuspend it."""
-        body = ({"metadata": {"labels": {render.KUEUE_QUEUE_LABEL: queue}}} if queue
+        body = ({"metadata": {"labels": {names.KUEUE_QUEUE_LABEL: queue}}} if queue
                 else {"spec": {"suspend": False}})
         self.request("PATCH", _path("batch/v1", "Job", namespace, name), body=body,
                      content_type="application/merge-patch+json")

@@ -2,7 +2,7 @@
 
 Every trigger (TrainJob created/updated/resumed, a child changed, a wake-up the last
 decision asked for, the periodic resync) runs the same level-based reconcile: read the
-TrainJob and its children from the API server, let :func:`lifecycle.decide_observed` choose,
+TrainJob and its children from the API server, let :func:`lifecycle.plan.decide` choose,
 then do exactly what the plan says. Re-running it is always safe: creation treats
 AlreadyExists (of our own child) as success, deletes treat NotFound as success, and the
 status patch only carries fields that changed.
@@ -20,9 +20,11 @@ import logging
 import threading
 from typing import Any, Callable, Collection, Mapping, Optional
 
-from . import lifecycle, render
+from .children.base import BASE_KINDS, base_children
+from .children.job import children
 from .config import OperatorConfig
 from .kube import ChildConflict, Kube, api_error_message
+from .lifecycle.plan import Plan, create_failed, decide
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class Reconciler:
         self.metrics.set_phase(namespace, name, None)
 
     def reconcile(self, namespace: str, name: str, now: Optional[dt.datetime] = None,
-                  present: Optional[Callable[[str], Optional[Collection[str]]]] = None) -> Optional[lifecycle.Plan]:
+                  present: Optional[Callable[[str], Optional[Collection[str]]]] = None) -> Optional[Plan]:
         """``present(uid)``: the kinds of base children that exist for the TrainJob with that
         uid (from the operator's watches), or None when not known; missing ones are created
         again."""
@@ -65,31 +67,25 @@ class Reconciler:
             return plan
 
     def _reconcile(self, namespace: str, name: str, now: dt.datetime,
-                   present: Optional[Callable[[str], Optional[Collection[str]]]]) -> Optional[lifecycle.Plan]:
+                   present: Optional[Callable[[str], Optional[Collection[str]]]]) -> Optional[Plan]:
         tj = self.kube.get_trainjob(namespace, name)
         if tj is None:
             self.forget(namespace, name)
             return None
         seen = present(tj["metadata"]["uid"]) if present else None
-        missing = frozenset(lifecycle.BASE_KINDS) - frozenset(seen) if seen is not None else frozenset()
-        o = lifecycle.observe(tj, self.kube.list_jobs(tj), self.kube.list_pods(tj), now,
-                              missing_children=missing, hang_after=self.config.hang_after())
-        if o.pods_missing:
-            # Pods that cannot be created (quota, PodSecurity) show only as the Job's events.
-            o = lifecycle.dataclasses.replace(o, failed_creates=tuple(self.kube.failed_creates(o.current)))
-        if o.queued:
-            o = lifecycle.dataclasses.replace(o, workload=self.kube.workload(o.current))
-        plan = lifecycle.decide_observed(o)
+        missing = frozenset(BASE_KINDS) - frozenset(seen) if seen is not None else frozenset()
+        plan = decide(tj, self.kube.list_jobs(tj), self.kube.list_pods(tj), now,
+                      missing_children=missing, hang_after=self.config.hang_after(), read=self.kube)
         self.execute(tj, plan)
         return plan
 
-    def execute(self, tj: Mapping[str, Any], plan: lifecycle.Plan) -> None:
+    def execute(self, tj: Mapping[str, Any], plan: Plan) -> None:
         meta = tj["metadata"]
         ns, name = meta["namespace"], meta["name"]
         if plan.create is not None:
             c = plan.create
-            self._create(tj, render.children(tj, c.attempt, c.restarts, self.config, c.reason, c.hold,
-                                             c.active_deadline_seconds))
+            self._create(tj, children(tj, c.attempt, c.restarts, self.config, c.reason, c.hold,
+                                      c.active_deadline_seconds))
             if c.reason in ("PodFailed", "Disrupted", "Hung"):
                 self.metrics.restarted(c.reason)
         if plan.release:
@@ -97,7 +93,7 @@ class Reconciler:
             log.info("released Job %s/%s (older attempts are gone)%s", ns, plan.release,
                      f" to LocalQueue {plan.release_queue}" if plan.release_queue else "")
         if plan.repair:
-            self._create(tj, [o for o in render.base_children(tj, self.config) if o["kind"] in plan.repair])
+            self._create(tj, [o for o in base_children(tj, self.config) if o["kind"] in plan.repair])
 
         patch = plan.status_patch(tj.get("status") or {})
         if patch:
@@ -111,7 +107,7 @@ class Reconciler:
                 log.info("deleted Job %s/%s", ns, job)
         if plan.cleanup:
             # Everything but the Jobs (already deleted above) and, of course, the TrainJob.
-            self.kube.delete_children(reversed(render.base_children(tj, self.config)))
+            self.kube.delete_children(reversed(base_children(tj, self.config)))
             log.info("cleaned up the children of %s/%s", ns, name)
 
     def _create(self, tj: Mapping[str, Any], objs: list[dict[str, Any]]) -> None:
@@ -123,7 +119,7 @@ class Reconciler:
             # Record why in status (not only in a log), keep everything else as it was: the
             # failed attempt stays the newest Job, so nothing is counted twice.
             message = f"could not create the children: {api_error_message(exc)}"
-            self._patch_status(meta["namespace"], meta["name"], lifecycle.create_failed(tj, message, dt.datetime.now(dt.timezone.utc)))
+            self._patch_status(meta["namespace"], meta["name"], create_failed(tj, message, dt.datetime.now(dt.timezone.utc)))
             self.post_event(tj, "Warning", "CreateFailed", message)
             self.metrics.error("ChildConflict" if isinstance(exc, ChildConflict) else "CreateFailed")
             raise

@@ -192,7 +192,7 @@ def test_select_worker_pod_explains_what_is_missing():
 
 
 def test_labels_are_the_operators():
-    from kontrast.operator import render  # no kopf needed
+    from kontrast.operator.children import names as render  # no kopf needed
     tj_obj = {"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
               "metadata": {"name": "a" * 40, "namespace": "ml", "uid": "u"}, "spec": {}}
     labels = render.worker_labels(tj_obj, 7)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kontrast.operator import render
+from kontrast.operator.children import base
+from kontrast.operator.children.job import children
 from kontrast.operator.config import OperatorConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,12 +185,12 @@ def test_rbac_covers_exactly_what_the_operator_does(helm):
     plural = {"ServiceAccount": ("", "serviceaccounts"), "Role": ("rbac.authorization.k8s.io", "roles"),
               "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"), "Service": ("", "services"),
               "ConfigMap": ("", "configmaps"), "Job": ("batch", "jobs")}
-    for obj in render.children(tj, 0, 0, OperatorConfig()):
+    for obj in children(tj, 0, 0, OperatorConfig()):
         group, res = plural[obj["kind"]]
         for verb in ("create", "get", "delete"):
             assert _allowed(rules, group, res, verb), (obj["kind"], verb)
     # The per-job Role's verbs must be held by the operator (RBAC escalation prevention).
-    for rule in render.role(tj)["rules"]:
+    for rule in base.role(tj)["rules"]:
         for verb in rule["verbs"]:
             assert _allowed(rules, "kontrast.dev", "trainjobs/status", verb)
     for verb in ("list", "watch"):

@@ -7,7 +7,8 @@ from pathlib import Path
 import yaml
 
 from kontrast.api import apply_defaults, validate
-from kontrast.operator import render
+from kontrast.operator.children.job import worker_job
+from kontrast.operator.children.names import KUEUE_PRIORITY_LABEL, KUEUE_QUEUE_LABEL
 from kontrast.operator.config import OperatorConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ def trainjobs(name: str) -> list[dict]:
 
 def test_cpu_example():
     (tj,) = trainjobs("cluster-cpu.yaml")
-    job = render.worker_job(tj, 0, 0, OperatorConfig())
+    job = worker_job(tj, 0, 0, OperatorConfig())
     pod = job["spec"]["template"]["spec"]
     assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v] \
         == ["kontrast-data"]
@@ -42,7 +43,7 @@ def test_gpu_example_is_multinode_with_a_gpu_per_process():
     (tj,) = trainjobs("cluster-gpu.yaml")
     spec = tj["spec"]
     assert spec["nodes"] >= 2
-    job = render.worker_job(tj, 0, 0, OperatorConfig())
+    job = worker_job(tj, 0, 0, OperatorConfig())
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == spec["procsPerNode"]
     secret = spec["storageSecretRef"]["name"]
@@ -57,11 +58,11 @@ def test_kueue_example_names_the_example_queue_and_priority():
     (tj,) = trainjobs("kueue/trainjob.yaml")
     queues = {(d["kind"], d["metadata"]["name"]): d
               for d in yaml.safe_load_all((REPO / "examples" / "kueue" / "queues.yaml").read_text()) if d}
-    job = render.worker_job(tj, 0, 0, OperatorConfig())
+    job = worker_job(tj, 0, 0, OperatorConfig())
     labels = job["metadata"]["labels"]
-    local_queue = queues[("LocalQueue", labels[render.KUEUE_QUEUE_LABEL])]
+    local_queue = queues[("LocalQueue", labels[KUEUE_QUEUE_LABEL])]
     cluster_queue = queues[("ClusterQueue", local_queue["spec"]["clusterQueue"])]
-    assert ("WorkloadPriorityClass", labels[render.KUEUE_PRIORITY_LABEL]) in queues
+    assert ("WorkloadPriorityClass", labels[KUEUE_PRIORITY_LABEL]) in queues
     # Every resource a pod asks for is covered by the ClusterQueue (else Kueue never admits
     # it), and the quota fits exactly one such job.
     requests = job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]

@@ -1,8 +1,8 @@
-"""kueue.py: what Kueue says about a worker Job, from its Workload (pure)."""
+"""lifecycle/kueue.py: what Kueue says about a worker Job, from its Workload (pure)."""
 
 from __future__ import annotations
 
-from kontrast.operator import kueue
+from kontrast.operator.lifecycle import kueue
 
 
 def job(uid="job-uid"):

@@ -1,4 +1,4 @@
-"""lifecycle.py: observed children + status -> new status and actions (pure)."""
+"""lifecycle/: observed children + status -> new status and actions (pure)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import datetime as dt
 import pytest
 
 from kontrast import contract
-from kontrast.operator import render
-from kontrast.operator.lifecycle import Plan, decide, pod_failure
+from kontrast.operator.children.names import (ANNOTATION_RESTARTS, COMPLETION_INDEX_ANNOTATION, KUEUE_QUEUE_LABEL,
+                                              LABEL_ATTEMPT)
+from kontrast.operator.lifecycle.plan import Plan, decide
+from kontrast.operator.lifecycle.pods import pod_failure
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 
@@ -32,14 +34,14 @@ def tj(status=None, nodes=2, generation=1, **sched):
 
 def job(attempt, restarts=0, conditions=(), deleting=False, suspend=False, start=None, completion=None, queue=None):
     j = {
-        "metadata": {"name": f"clip-{attempt}", "uid": f"job-uid-{attempt}", "labels": {render.LABEL_ATTEMPT: str(attempt)},
-                     "annotations": {render.ANNOTATION_RESTARTS: str(restarts)}},
+        "metadata": {"name": f"clip-{attempt}", "uid": f"job-uid-{attempt}", "labels": {LABEL_ATTEMPT: str(attempt)},
+                     "annotations": {ANNOTATION_RESTARTS: str(restarts)}},
         "spec": {"suspend": suspend},
         "status": {"conditions": [{"type": t, "status": "True", "reason": r, "message": m}
                                   for t, r, m in conditions]},
     }
     if queue:
-        j["metadata"]["labels"][render.KUEUE_QUEUE_LABEL] = queue
+        j["metadata"]["labels"][KUEUE_QUEUE_LABEL] = queue
     if start:
         j["status"]["startTime"] = start
     if completion:
@@ -52,10 +54,10 @@ def job(attempt, restarts=0, conditions=(), deleting=False, suspend=False, start
 def pod(attempt, index, phase="Running", exit_code=None, message="", reason="", disrupted=None, waiting=None):
     p = {
         "metadata": {"name": f"clip-{attempt}-{index}-abcde",
-                     "labels": {render.LABEL_ATTEMPT: str(attempt)},
+                     "labels": {LABEL_ATTEMPT: str(attempt)},
                      "ownerReferences": [{"kind": "Job", "name": f"clip-{attempt}", "uid": f"job-uid-{attempt}",
                                           "controller": True}],
-                     "annotations": {render.COMPLETION_INDEX_ANNOTATION: str(index)}},
+                     "annotations": {COMPLETION_INDEX_ANNOTATION: str(index)}},
         "status": {"phase": phase, "conditions": [], "containerStatuses": []},
     }
     if exit_code is not None:
@@ -417,30 +419,32 @@ def test_kueue_jobs_are_never_released_by_the_operator():
 
 # --- the rules one by one -------------------------------------------------------------------
 def test_each_rule_reads_only_the_snapshot():
-    from kontrast.operator import lifecycle
+    from kontrast.operator.lifecycle import rules
+    from kontrast.operator.lifecycle.observed import observe
 
     obj, jobs, pods = running()
-    o = lifecycle.observe(obj, jobs, pods, at(20))
+    o = observe(obj, jobs, pods, at(20))
     assert o.current is jobs[0] and len(o.pods) == 2 and o.next_attempt == 1 and o.restarts == 0
     # rules that do not apply say so; the last rule always decides
-    for rule in (lifecycle.deleted, lifecycle.terminal, lifecycle.suspended, lifecycle.resumed,
-                 lifecycle.first_creation, lifecycle.succeeded, lifecycle.gang_restart):
+    for rule in (rules.deleted, rules.terminal, rules.suspended, rules.resumed,
+                 rules.first_creation, rules.succeeded, rules.gang_restart):
         assert rule(o) is None, rule.__name__
-    assert lifecycle.progress(o).phase == "Running"
-    assert lifecycle.RULES[-1] is lifecycle.progress and lifecycle.RULES[0] is lifecycle.deleted
+    assert rules.progress(o).phase == "Running"
+    assert rules.RULES[-1] is rules.progress and rules.RULES[0] is rules.deleted
 
 
 def test_restart_rule_alone_spends_or_fails():
-    from kontrast.operator import lifecycle
+    from kontrast.operator.lifecycle import rules
+    from kontrast.operator.lifecycle.observed import observe
 
     obj, jobs, pods = running()
-    o = lifecycle.observe(obj, jobs, pods, at(20))
-    d = lifecycle.restart(o, "PodFailed", "pod x exited with code 1", spend=True)
+    o = observe(obj, jobs, pods, at(20))
+    d = rules.restart(o, "PodFailed", "pod x exited with code 1", spend=True)
     assert (d.phase, d.restarts, d.create.attempt) == ("Restarting", 1, 1)
     obj["spec"]["scheduling"]["maxRestarts"] = 0
-    o = lifecycle.observe(obj, jobs, pods, at(20))
-    assert lifecycle.restart(o, "PodFailed", "x", spend=True).phase == "Failed"
-    assert lifecycle.restart(o, "Disrupted", "x", spend=False).phase == "Restarting"
+    o = observe(obj, jobs, pods, at(20))
+    assert rules.restart(o, "PodFailed", "x", spend=True).phase == "Failed"
+    assert rules.restart(o, "Disrupted", "x", spend=False).phase == "Restarting"
 
 
 # --- pods belong to their Job, by uid ---------------------------------------------------------
@@ -492,7 +496,7 @@ def test_created_suspended_then_resumed_gets_created():
 
 
 def test_create_failed_is_replaced_by_a_later_success():
-    from kontrast.operator.lifecycle import create_failed
+    from kontrast.operator.lifecycle.plan import create_failed
 
     obj, jobs, pods = running()
     plan = decide(obj, [job(0, conditions=[("Failed", "", "")])], [pod(0, 0, "Failed", 1)], at(30))
@@ -504,7 +508,7 @@ def test_create_failed_is_replaced_by_a_later_success():
 
 
 def test_exactly_the_phase_condition_is_true():
-    from kontrast.operator.lifecycle import PHASE_CONDITION
+    from kontrast.operator.lifecycle.phases import PHASE_CONDITION
 
     obj, jobs, pods = running()
     cases = [decide(obj, jobs, pods, at(20)),

@@ -7,8 +7,8 @@ import datetime as dt
 
 import pytest
 
-from kontrast.operator import render
 from kontrast.operator.__main__ import kopf_args
+from kontrast.operator.children.names import selector_labels
 from kontrast.operator.config import OperatorConfig
 from kontrast.operator.kube import ChildConflict
 from kontrast.operator.reconcile import Reconciler
@@ -140,7 +140,7 @@ def test_metrics_text():
 
 
 def test_child_labels_select_only_this_trainjob():
-    assert render.selector_labels(tj()) == {"kontrast.dev/trainjob": "clip"}
+    assert selector_labels(tj()) == {"kontrast.dev/trainjob": "clip"}
 
 
 def test_terminal_status_is_written_before_any_child_is_deleted():

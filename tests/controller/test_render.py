@@ -1,4 +1,4 @@
-"""render.py: TrainJob -> child manifests (pure)."""
+"""children/: TrainJob -> child manifests (pure)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import json
 import yaml
 
 from kontrast import contract
-from kontrast.operator import render
+from kontrast.operator.children.job import children, worker_job
+from kontrast.operator.children.names import (ANNOTATION_REASON, ANNOTATION_RESTARTS, ANNOTATION_TRAINJOB,
+                                              KUEUE_PRIORITY_LABEL, KUEUE_QUEUE_LABEL, LABEL_TRAINJOB, job_name,
+                                              service_name)
+from kontrast.operator.children.pod import STORAGE_SECRET_KEYS
 from kontrast.operator.config import OperatorConfig
 
 CONFIG = OperatorConfig(trainer_image="registry.example/kontrast-trainer:1", shm_size="1Gi")
@@ -45,7 +49,7 @@ def by_kind(objs):
 
 def test_children_kinds_names_and_ownership():
     tj = trainjob()
-    objs = render.children(tj, attempt=0, restarts=0, config=CONFIG)
+    objs = children(tj, attempt=0, restarts=0, config=CONFIG)
     assert [o["kind"] for o in objs] == ["ServiceAccount", "Role", "RoleBinding", "Service", "ConfigMap", "Job"]
     names = {o["kind"]: o["metadata"]["name"] for o in objs}
     assert names == {"ServiceAccount": "clip-trainer", "Role": "clip-trainer", "RoleBinding": "clip-trainer",
@@ -59,11 +63,11 @@ def test_children_kinds_names_and_ownership():
 
 def test_children_are_deterministic():
     tj = trainjob()
-    assert render.children(tj, 3, 1, CONFIG) == render.children(copy.deepcopy(tj), 3, 1, CONFIG)
+    assert children(tj, 3, 1, CONFIG) == children(copy.deepcopy(tj), 3, 1, CONFIG)
 
 
 def test_parent_labels_and_annotations_never_leak():
-    objs = render.children(trainjob(), 0, 0, CONFIG)
+    objs = children(trainjob(), 0, 0, CONFIG)
     job = by_kind(objs)["Job"]
     for meta in [o["metadata"] for o in objs] + [job["spec"]["template"]["metadata"]]:
         for key in meta.get("labels", {}):
@@ -73,16 +77,16 @@ def test_parent_labels_and_annotations_never_leak():
 
 
 def test_role_allows_only_this_jobs_status():
-    role = by_kind(render.children(trainjob(), 0, 0, CONFIG))["Role"]
+    role = by_kind(children(trainjob(), 0, 0, CONFIG))["Role"]
     assert role["rules"] == [{"apiGroups": ["kontrast.dev"], "resources": ["trainjobs/status"],
                               "resourceNames": ["clip"], "verbs": ["get", "patch"]}]
-    binding = by_kind(render.children(trainjob(), 0, 0, CONFIG))["RoleBinding"]
+    binding = by_kind(children(trainjob(), 0, 0, CONFIG))["RoleBinding"]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "clip-trainer"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "clip-trainer", "namespace": "ml"}]
 
 
 def test_headless_service_publishes_not_ready_pods():
-    svc = by_kind(render.children(trainjob(), 0, 0, CONFIG))["Service"]
+    svc = by_kind(children(trainjob(), 0, 0, CONFIG))["Service"]
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["publishNotReadyAddresses"] is True
     assert svc["spec"]["selector"] == {"kontrast.dev/trainjob": "clip", "kontrast.dev/component": "worker"}
@@ -90,19 +94,19 @@ def test_headless_service_publishes_not_ready_pods():
 
 def test_configmap_holds_the_spec_unchanged():
     tj = trainjob()
-    cm = by_kind(render.children(tj, 0, 0, CONFIG))["ConfigMap"]
+    cm = by_kind(children(tj, 0, 0, CONFIG))["ConfigMap"]
     doc = yaml.safe_load(cm["data"][contract.TRAINJOB_FILE])
     assert doc == {"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
                    "metadata": {"name": "clip", "namespace": "ml"}, "spec": tj["spec"]}
 
 
 def test_indexed_job_gang_and_failure_policy():
-    job = render.worker_job(trainjob(), attempt=2, restarts=1, config=CONFIG, reason="PodFailed")
+    job = worker_job(trainjob(), attempt=2, restarts=1, config=CONFIG, reason="PodFailed")
     spec = job["spec"]
     assert job["metadata"]["name"] == "clip-2"
     assert job["metadata"]["labels"]["kontrast.dev/attempt"] == "2"
-    assert job["metadata"]["annotations"][render.ANNOTATION_RESTARTS] == "1"
-    assert job["metadata"]["annotations"][render.ANNOTATION_REASON] == "PodFailed"
+    assert job["metadata"]["annotations"][ANNOTATION_RESTARTS] == "1"
+    assert job["metadata"]["annotations"][ANNOTATION_REASON] == "PodFailed"
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] == 2
     assert spec["backoffLimit"] == 0
@@ -121,7 +125,7 @@ def test_indexed_job_gang_and_failure_policy():
 
 
 def test_trainer_container_runs_launch_with_torchrun_env():
-    job = render.worker_job(trainjob(), attempt=2, restarts=0, config=CONFIG)
+    job = worker_job(trainjob(), attempt=2, restarts=0, config=CONFIG)
     (c,) = job["spec"]["template"]["spec"]["containers"]
     assert c["name"] == "trainer"
     assert c["image"] == "registry.example/kontrast-trainer:1"
@@ -142,7 +146,7 @@ def test_trainer_container_runs_launch_with_torchrun_env():
 def test_trainer_pod_meets_pod_security_restricted():
     """The checks of the "restricted" Pod Security Standard that concern a pod we render
     (the API server's PodSecurity admission runs them for real in tests/e2e)."""
-    pod = render.worker_job(trainjob(), 0, 0, OperatorConfig())["spec"]["template"]["spec"]
+    pod = worker_job(trainjob(), 0, 0, OperatorConfig())["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     sc = c["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False
@@ -158,13 +162,13 @@ def test_trainer_pod_meets_pod_security_restricted():
     for field in ("hostNetwork", "hostPID", "hostIPC"):
         assert not pod.get(field)
     # an admin who empties podSecurityContext cannot lose the container-level guarantees
-    pod = render.worker_job(trainjob(), 0, 0, OperatorConfig(pod_security_context={}))["spec"]["template"]["spec"]
+    pod = worker_job(trainjob(), 0, 0, OperatorConfig(pod_security_context={}))["spec"]["template"]["spec"]
     assert "securityContext" not in pod
     assert pod["containers"][0]["securityContext"]["runAsNonRoot"] is True
 
 
 def test_pvc_volumes_for_every_pvc_uri():
-    pod = render.worker_job(trainjob(), 0, 0, CONFIG)["spec"]["template"]["spec"]
+    pod = worker_job(trainjob(), 0, 0, CONFIG)["spec"]["template"]["spec"]
     claims = {v["persistentVolumeClaim"]["claimName"]: v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
     assert set(claims) == {"models", "data", "runs"}
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
@@ -175,7 +179,7 @@ def test_pvc_volumes_for_every_pvc_uri():
 
 
 def test_a_corpus_on_its_own_claim_is_mounted():
-    pod = render.worker_job(trainjob(corpusData="pvc://catalogue/documents.jsonl"), 0, 0, CONFIG)
+    pod = worker_job(trainjob(corpusData="pvc://catalogue/documents.jsonl"), 0, 0, CONFIG)
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["template"]["spec"]["volumes"]
               if "persistentVolumeClaim" in v]
     assert "catalogue" in claims
@@ -216,23 +220,23 @@ def secret_env(pod):
 def test_storage_secret_passes_only_the_s3_variables():
     tj = trainjob(model="ViT-B-32", trainData="s3://b/train.csv", evalData="s3://b/eval.csv", output="s3://b/out",
                   storageSecretRef={"name": "s3-creds"})
-    pod = render.worker_job(tj, 0, 0, CONFIG)["spec"]["template"]["spec"]
+    pod = worker_job(tj, 0, 0, CONFIG)["spec"]["template"]["spec"]
     assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert "envFrom" not in pod["containers"][0]  # never the whole Secret
     refs = secret_env(pod)
-    assert set(refs) == set(render.STORAGE_SECRET_KEYS["s3"])
+    assert set(refs) == set(STORAGE_SECRET_KEYS["s3"])
     assert all(r == {"name": "s3-creds", "key": k, "optional": True} for k, r in refs.items())
 
 
 def test_storage_secret_with_keys_passes_exactly_those():
     tj = trainjob(output="s3://b/out", storageSecretRef={"name": "creds", "keys": ["AWS_ACCESS_KEY_ID", "MY_TOKEN"]})
-    refs = secret_env(render.worker_job(tj, 0, 0, CONFIG)["spec"]["template"]["spec"])
+    refs = secret_env(worker_job(tj, 0, 0, CONFIG)["spec"]["template"]["spec"])
     assert refs == {"AWS_ACCESS_KEY_ID": {"name": "creds", "key": "AWS_ACCESS_KEY_ID", "optional": False},
                     "MY_TOKEN": {"name": "creds", "key": "MY_TOKEN", "optional": False}}
 
 
 def test_storage_secret_for_pvc_only_uris_passes_nothing():
-    pod = render.worker_job(trainjob(storageSecretRef={"name": "creds"}), 0, 0, CONFIG)["spec"]["template"]["spec"]
+    pod = worker_job(trainjob(storageSecretRef={"name": "creds"}), 0, 0, CONFIG)["spec"]["template"]["spec"]
     assert secret_env(pod) == {}
 
 
@@ -244,7 +248,7 @@ def test_scheduling_fields_reach_the_pod():
         "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "priorityClassName": "training",
     }
-    pod = render.worker_job(trainjob(scheduling=sched), 0, 0, CONFIG)["spec"]["template"]["spec"]
+    pod = worker_job(trainjob(scheduling=sched), 0, 0, CONFIG)["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["image"] == "my/trainer:dev"
     assert c["imagePullPolicy"] == "Always"
@@ -272,7 +276,7 @@ POD_SETTINGS = {
 
 
 def job_pod(tj, config=CONFIG, attempt=0):
-    return render.worker_job(tj, attempt, 0, config)["spec"]["template"]
+    return worker_job(tj, attempt, 0, config)["spec"]["template"]
 
 
 def test_pod_settings_from_the_trainjob_reach_the_pod():
@@ -283,7 +287,7 @@ def test_pod_settings_from_the_trainjob_reach_the_pod():
     assert pod["topologySpreadConstraints"] == [{**ZONE_SPREAD, "labelSelector": {"matchLabels": {
         "kontrast.dev/trainjob": "clip", "kontrast.dev/component": "worker", "kontrast.dev/attempt": "3"}}}]
     assert meta["labels"]["team"] == "search" and meta["labels"]["kontrast.dev/attempt"] == "3"
-    assert meta["annotations"] == {"sidecar.istio.io/inject": "false", render.ANNOTATION_TRAINJOB: "clip"}
+    assert meta["annotations"] == {"sidecar.istio.io/inject": "false", ANNOTATION_TRAINJOB: "clip"}
     env = pod["containers"][0]["env"]
     assert env[-2:] == POD_SETTINGS["env"]  # after the launcher's own variables
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
@@ -352,15 +356,15 @@ def test_enforced_settings_win_over_the_trainjob():
 
 def test_kontrast_labels_and_annotations_cannot_be_overridden():
     cfg = OperatorConfig(defaults={"podLabels": {"kontrast.dev/attempt": "9"},
-                                   "podAnnotations": {render.ANNOTATION_TRAINJOB: "other"}})
+                                   "podAnnotations": {ANNOTATION_TRAINJOB: "other"}})
     meta = job_pod(trainjob(), cfg)["metadata"]
     assert meta["labels"]["kontrast.dev/attempt"] == "0"
-    assert meta["annotations"][render.ANNOTATION_TRAINJOB] == "clip"
+    assert meta["annotations"][ANNOTATION_TRAINJOB] == "clip"
 
 
 def test_kueue_queue_label_and_suspended_job():
-    job = render.worker_job(trainjob(scheduling={"queueName": "team-a"}), 0, 0, CONFIG)
-    assert job["metadata"]["labels"][render.KUEUE_QUEUE_LABEL] == "team-a"
+    job = worker_job(trainjob(scheduling={"queueName": "team-a"}), 0, 0, CONFIG)
+    assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "team-a"
     assert job["spec"]["suspend"] is True
 
 
@@ -370,15 +374,15 @@ def test_kueue_pod_set_and_priority_class():
     passed through, no other TrainJob label is."""
     tj = trainjob(scheduling={"queueName": "team-a", "resources": {"requests": {"cpu": "4", "nvidia.com/gpu": 4},
                                                                     "limits": {"nvidia.com/gpu": 4}}})
-    tj["metadata"]["labels"][render.KUEUE_PRIORITY_LABEL] = "urgent"
-    job = render.worker_job(tj, 0, 0, CONFIG)
-    assert job["metadata"]["labels"][render.KUEUE_PRIORITY_LABEL] == "urgent"
+    tj["metadata"]["labels"][KUEUE_PRIORITY_LABEL] = "urgent"
+    job = worker_job(tj, 0, 0, CONFIG)
+    assert job["metadata"]["labels"][KUEUE_PRIORITY_LABEL] == "urgent"
     assert "team" not in job["metadata"]["labels"]
     assert job["spec"]["parallelism"] == job["spec"]["completions"] == 2
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["requests"] == {"cpu": "4", "nvidia.com/gpu": 4}
-    plain = render.worker_job(trainjob(scheduling={"queueName": "team-a"}), 0, 0, CONFIG)
-    assert render.KUEUE_PRIORITY_LABEL not in plain["metadata"]["labels"]
+    plain = worker_job(trainjob(scheduling={"queueName": "team-a"}), 0, 0, CONFIG)
+    assert KUEUE_PRIORITY_LABEL not in plain["metadata"]["labels"]
 
 
 def test_long_and_odd_names_stay_valid_and_distinct():
@@ -387,15 +391,15 @@ def test_long_and_odd_names_stay_valid_and_distinct():
     for name in (long_a, long_b, "9lives", "with.dots"):
         tj = trainjob(nodes=1000)
         tj["metadata"]["name"] = name
-        for o in render.children(tj, 12, 0, CONFIG):
+        for o in children(tj, 12, 0, CONFIG):
             n = o["metadata"]["name"]
             assert len(n) <= 63 and n[0].isalpha() and "." not in n, n
-            assert len(o["metadata"]["labels"][render.LABEL_TRAINJOB]) <= 63
-        job = render.job_name(name, 12, 1000)
+            assert len(o["metadata"]["labels"][LABEL_TRAINJOB]) <= 63
+        job = job_name(name, 12, 1000)
         assert len(f"{job}-999") <= 63
-    assert render.job_name(long_a, 0) != render.job_name(long_b, 0)
-    assert render.service_name("9lives") == "tj-9lives-workers"
-    assert render.service_name("with.dots") == "with-dots-workers"
+    assert job_name(long_a, 0) != job_name(long_b, 0)
+    assert service_name("9lives") == "tj-9lives-workers"
+    assert service_name("with.dots") == "with-dots-workers"
 
 
 def test_config_from_env():
@@ -432,27 +436,28 @@ def test_pod_fields_are_scheduling_fields_of_the_crd():
 
 def test_scheduling_defaults_come_from_the_crd():
     from kontrast.api.schema import spec_schema
+    from kontrast.api.scheduling import Scheduling, field_name
 
     props = spec_schema()["properties"]["scheduling"]["properties"]
     expected = {k: p["default"] for k, p in props.items() if "default" in p}
     assert expected  # maxRestarts, suspend, cleanup
-    assert {k: render.scheduling({})[k] for k in expected} == expected
+    assert {k: getattr(Scheduling.from_spec({}), field_name(k)) for k in expected} == expected
 
 
 def test_held_attempt_starts_suspended():
-    assert render.worker_job(trainjob(), 1, 0, CONFIG, hold=True)["spec"]["suspend"] is True
-    assert render.worker_job(trainjob(), 1, 0, CONFIG, hold=False)["spec"]["suspend"] is False
+    assert worker_job(trainjob(), 1, 0, CONFIG, hold=True)["spec"]["suspend"] is True
+    assert worker_job(trainjob(), 1, 0, CONFIG, hold=False)["spec"]["suspend"] is False
 
 
 def test_held_attempt_gets_kueues_label_only_when_released():
     tj = trainjob(scheduling={"queueName": "team-a"})
-    held = render.worker_job(tj, 1, 0, CONFIG, hold=True)
-    assert held["spec"]["suspend"] is True and render.KUEUE_QUEUE_LABEL not in held["metadata"]["labels"]
+    held = worker_job(tj, 1, 0, CONFIG, hold=True)
+    assert held["spec"]["suspend"] is True and KUEUE_QUEUE_LABEL not in held["metadata"]["labels"]
 
 
 def test_job_carries_the_deadline_left_and_pods_the_status_interval():
-    job = render.worker_job(trainjob(), 0, 0, OperatorConfig(status_interval_seconds=25), active_deadline_seconds=90)
+    job = worker_job(trainjob(), 0, 0, OperatorConfig(status_interval_seconds=25), active_deadline_seconds=90)
     assert job["spec"]["activeDeadlineSeconds"] == 90
-    assert "activeDeadlineSeconds" not in render.worker_job(trainjob(), 0, 0, CONFIG)["spec"]
+    assert "activeDeadlineSeconds" not in worker_job(trainjob(), 0, 0, CONFIG)["spec"]
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KONTRAST_STATUS_INTERVAL"] == "25"

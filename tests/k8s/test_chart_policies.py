@@ -14,7 +14,8 @@ import pytest
 from e2e.support import ensure_namespace, render_chart
 from harness.kube import ApiError, Kube
 from harness.waiting import wait_for
-from kontrast.operator import render
+from kontrast.operator.children.base import base_children
+from kontrast.operator.children.names import service_account_name
 from kontrast.operator.config import OperatorConfig
 from rulecases import trainjob
 
@@ -125,11 +126,11 @@ def test_status_policy_lets_only_the_operator_write_the_lifecycle(control_plane,
     tj = kube.post(tj_path(ns), trainjob({}, "mine"))
     # The trainer's identity exactly as the operator renders it (ServiceAccount, Role, binding);
     # an operator running in this session may have made them already.
-    apply_kinds(kube, render.base_children(tj, OperatorConfig())[:3], {
+    apply_kinds(kube, base_children(tj, OperatorConfig())[:3], {
         "ServiceAccount": f"/api/v1/namespaces/{ns}/serviceaccounts",
         "Role": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
         "RoleBinding": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"})
-    as_trainer = Kube(control_plane.service_account_client(ns, render.service_account_name("mine")))
+    as_trainer = Kube(control_plane.service_account_client(ns, service_account_name("mine")))
     # The operator's ServiceAccount, with (here) just the status rights it holds in the chart.
     ensure_namespace(control_plane, OPERATOR_NS)
     as_operator = as_service_account(control_plane, OPERATOR_NS, OPERATOR_SA)

@@ -11,12 +11,12 @@ field lacks a property, so a new CRD field fails that test until it is added her
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Optional
 
 from kontrast.api.data import Data
+from kontrast.api.scheduling import Scheduling, field_name
 
 from .errors import SpecError
 from .locations import has_scheme, looks_like_path, resolve_location
@@ -108,7 +108,7 @@ class Params:
     # Shape of the run and pod settings (the operator's; torchrun tells the trainer its world).
     nodes: int
     procs_per_node: int
-    scheduling: Mapping[str, Any]
+    scheduling: Scheduling                      #: typed, frozen (kontrast.api.scheduling)
 
     @property
     def pretrained_is_tag(self) -> bool:
@@ -129,6 +129,7 @@ class Params:
         values.update(_resolved_locations(defaulted, base_dir, output))
         if defaulted.get("checkpointEvery") is not None:
             values["checkpoint_every"] = CheckpointEvery(**defaulted["checkpointEvery"])
+        values["scheduling"] = Scheduling.from_spec(defaulted)
         beta2, eps = adam_defaults(defaulted["model"])
         values["beta2"] = defaulted.get("beta2", beta2)
         values["eps"] = defaulted.get("eps", eps)
@@ -136,11 +137,6 @@ class Params:
             raise SpecError("logitScale", "must be greater than 0 (it is exponentiated from its log), "
                                           f"got {values['logit_scale']}")
         return cls(**values)
-
-
-def field_name(spec_key: str) -> str:
-    """The Params field of a camelCase spec key: ``forceQuickGELU`` -> ``force_quick_gelu``."""
-    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", spec_key).lower()
 
 
 def field_names() -> set[str]:

@@ -46,7 +46,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/*
 The operator's permissions in a namespace (in a ClusterRole when it watches all namespaces, in
 a Role per namespace otherwise). Least privilege, verb by verb:
-- trainjobs: watch them; patch for kopf's own annotations and the deadline timer's finalizer.
+- trainjobs: watch them; patch for kopf's own annotations (handler progress, the diff base).
   The operator never writes spec.
 - trainjobs/status: phase and conditions. Holding get+patch here is also what lets it create
   the per-job Role that grants exactly these verbs (RBAC escalation prevention).

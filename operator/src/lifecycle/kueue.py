@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping, Optional
 
+from .phases import condition, condition_true
+
 #: On every Workload Kueue makes for a Job: the Job's uid.
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 GROUP, VERSION, PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
@@ -36,28 +38,17 @@ def workload_of(job: Mapping[str, Any], workloads: Iterable[Mapping[str, Any]]) 
     return None
 
 
-def _cond(wl: Mapping[str, Any], ctype: str) -> Optional[Mapping[str, Any]]:
-    for c in (wl.get("status") or {}).get("conditions") or []:
-        if c.get("type") == ctype:
-            return c
-    return None
-
-
-def _true(wl: Mapping[str, Any], ctype: str) -> bool:
-    c = _cond(wl, ctype)
-    return bool(c) and c.get("status") == "True"
-
-
 def queueing(workload: Optional[Mapping[str, Any]], queue: str) -> Queueing:
     """Why the Job waits: eviction (Preempted, ...) first, then the quota reservation's reason."""
     if workload is None:
         return Queueing("Pending", f"waiting for Kueue to create the Workload (LocalQueue {queue})")
-    evicted = _cond(workload, "Evicted")
-    if evicted and evicted.get("status") == "True":
+    status = workload.get("status")
+    evicted = condition(status, "Evicted")
+    if condition_true(status, "Evicted"):
         return Queueing(evicted.get("reason") or "Evicted", evicted.get("message") or "evicted by Kueue")
-    reserved = _cond(workload, "QuotaReserved")
+    reserved = condition(status, "QuotaReserved")
     if reserved and reserved.get("status") == "False":
         return Queueing(reserved.get("reason") or "Pending", reserved.get("message") or "")
-    if _true(workload, "QuotaReserved") and not _true(workload, "Admitted"):
+    if condition_true(status, "QuotaReserved") and not condition_true(status, "Admitted"):
         return Queueing("QuotaReserved", "quota reserved; waiting for admission checks")
     return Queueing("Pending", f"waiting for Kueue to admit the Workload (LocalQueue {queue})")

@@ -1,0 +1,169 @@
+"""One frozen snapshot of everything a rule may read, and :func:`observe`, which builds it."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
+
+from kontrast.api.defaults import defaulted_spec
+from kontrast.api.scheduling import Scheduling
+
+from .objects import (attempt_of, controller_uid, deleting, job_queue, job_suspended,
+                      restarts_spent)
+from .phases import PENDING, RESTARTING, condition, condition_true, parse_time
+from .pods import PodFailure, pod_failure, pod_lives, pod_running
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """One snapshot of everything a rule may read; rules never look anywhere else."""
+
+    now: dt.datetime
+    name: str
+    generation: Optional[int]
+    deleting: bool  # the TrainJob itself is being deleted
+    sched: Scheduling  # spec.scheduling with the CRD's defaults
+    nodes: int
+    status: Mapping[str, Any]  # the TrainJob's status as read
+    jobs: tuple[Mapping[str, Any], ...]  # every worker Job, oldest attempt first
+    current: Optional[Mapping[str, Any]]  # the newest Job, unless it is being deleted
+    next_attempt: int  # above every attempt seen, on Jobs and on pods that outlived theirs
+    restarts: int  # budget spent: the larger of status.restarts and the newest Job's record
+    pods: tuple[Mapping[str, Any], ...]  # the pods the current Job controls (by uid)
+    older_pods: tuple[Mapping[str, Any], ...]  # live pods of any other Job (or TrainJob of this name)
+    failures: tuple[PodFailure, ...]  # how pods of the current attempt failed
+    #: Why the current Job cannot create its pods (its FailedCreate events: quota, PodSecurity).
+    failed_creates: tuple[str, ...] = ()
+    #: Kinds of the base children (ServiceAccount, Role, ...) found missing; repaired at once.
+    missing_children: frozenset[str] = frozenset()
+    #: Restart a Running job whose progress has not moved for this long (None: never).
+    hang_after: Optional[float] = None
+    #: Kueue's Workload of the current Job, read while Kueue holds it (why it waits).
+    workload: Optional[Mapping[str, Any]] = None
+
+    @property
+    def phase(self) -> Optional[str]:
+        return self.status.get("phase")
+
+    @property
+    def live(self) -> tuple[Mapping[str, Any], ...]:
+        """Jobs not being deleted."""
+        return tuple(j for j in self.jobs if not deleting(j))
+
+    @property
+    def queue(self) -> Optional[str]:
+        """The LocalQueue named by today's spec (a new or released attempt goes there)."""
+        return self.sched.queue_name
+
+    @property
+    def hold(self) -> bool:
+        """Whether a new attempt must start held: older attempts or their pods still exist.
+
+        Held attempts carry no Kueue label, so Kueue cannot admit them early either."""
+        return bool(self.jobs) or bool(self.older_pods)
+
+    @property
+    def current_suspended(self) -> bool:
+        return job_suspended(self.current)
+
+    @property
+    def queued(self) -> bool:
+        """Kueue holds the current attempt: suspended, and handed to a queue by its own label."""
+        return _queued(self.current)
+
+    @property
+    def held(self) -> bool:
+        """The operator holds the current attempt: suspended and not (yet) handed to Kueue."""
+        return self.current_suspended and not job_queue(self.current)
+
+    @property
+    def all_running(self) -> bool:
+        return sum(1 for p in self.pods if pod_running(p)) >= self.nodes
+
+    @property
+    def pods_missing(self) -> bool:
+        """The current attempt runs (not suspended) but has fewer pods than nodes."""
+        return _pods_missing(self.current, self.pods, self.nodes)
+
+    def condition(self, ctype: str) -> Optional[Mapping[str, Any]]:
+        return condition(self.status, ctype)
+
+    def condition_true(self, ctype: str) -> bool:
+        return condition_true(self.status, ctype)
+
+    def waiting_message(self) -> str:
+        if self.queue:
+            return f"Waiting for Kueue to admit the worker Job (LocalQueue {self.queue})"
+        return f"Waiting for {self.nodes} node(s) to start"
+
+    def pending_phase(self) -> str:
+        """The phase while an attempt is not (yet) running: Restarting during a restart."""
+        return RESTARTING if self.condition_true("Restarting") else PENDING
+
+    def last_progress(self) -> Optional[dt.datetime]:
+        """When the trainer last reported progress, or the attempt started running if later."""
+        times = [parse_time((self.status.get("progress") or {}).get("updatedAt")),
+                 parse_time((self.condition("Running") or {}).get("lastTransitionTime"))]
+        return max((t for t in times if t is not None), default=None)
+
+
+def _queued(current: Optional[Mapping[str, Any]]) -> bool:
+    return job_suspended(current) and bool(job_queue(current))
+
+
+def _pods_missing(current: Optional[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], nodes: int) -> bool:
+    return current is not None and not job_suspended(current) and len(pods) < nodes
+
+
+class Reads(Protocol):
+    """The two reads that depend on what was observed (:class:`kontrast.operator.kube.Kube`)."""
+
+    def failed_creates(self, job: Mapping[str, Any]) -> Sequence[str]: ...
+
+    def workload(self, job: Mapping[str, Any]) -> Optional[Mapping[str, Any]]: ...
+
+
+def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
+            now: dt.datetime, *, failed_creates: Sequence[str] = (), missing_children: frozenset[str] = frozenset(),
+            hang_after: Optional[float] = None, workload: Optional[Mapping[str, Any]] = None,
+            read: Optional[Reads] = None) -> Observed:
+    """The snapshot. ``read`` (the cluster) is asked only for what the snapshot shows it needs:
+    the current Job's FailedCreate events while the Job is short of pods, its Workload while
+    Kueue holds it. Without ``read``, ``failed_creates`` and ``workload`` are taken as given."""
+    meta, spec = tj["metadata"], defaulted_spec(tj.get("spec") or {})
+    status = dict(tj.get("status") or {})
+    jobs = tuple(sorted(jobs, key=attempt_of))
+    pods = tuple(pods)
+    latest = jobs[-1] if jobs else None
+    current = latest if latest is not None and not deleting(latest) else None
+    current_uid = ((current or {}).get("metadata") or {}).get("uid")
+    # Pods belong to the Job that controls them, never to an attempt number or a name: a
+    # re-created Job or TrainJob of the same name must not inherit the old pods' failures.
+    mine = [bool(current_uid) and controller_uid(p) == current_uid for p in pods]
+    attempt_pods = tuple(p for p, m in zip(pods, mine) if m)
+    if read is not None and _pods_missing(current, attempt_pods, spec["nodes"]):
+        # Pods that cannot be created (quota, PodSecurity) show only as the Job's events.
+        failed_creates = read.failed_creates(current)
+    if read is not None and _queued(current):
+        workload = read.workload(current)
+    return Observed(
+        now=now,
+        name=meta["name"],
+        generation=meta.get("generation"),
+        deleting=bool(meta.get("deletionTimestamp")),
+        sched=Scheduling.from_spec(spec),
+        nodes=spec["nodes"],
+        status=status,
+        jobs=jobs,
+        current=current,
+        next_attempt=max([attempt_of(o) for o in (*jobs, *pods)], default=-1) + 1,
+        restarts=max(int(status.get("restarts") or 0), restarts_spent(latest)),
+        pods=attempt_pods,
+        older_pods=tuple(p for p, m in zip(pods, mine) if not m and pod_lives(p)),
+        failures=tuple(f for f in (pod_failure(p) for p in attempt_pods) if f is not None),
+        failed_creates=tuple(failed_creates),
+        missing_children=missing_children,
+        hang_after=hang_after,
+        workload=workload,
+    )
