@@ -45,6 +45,7 @@ def test_every_path_the_notes_name_exists():
     assert not missing, f"NOTES.txt names files that do not exist: {missing}"
 
 
+@pytest.mark.k8s  # kubectl from the test control plane's binaries
 def test_every_kubectl_command_parses():
     from harness.controlplane import ensure_binaries
 

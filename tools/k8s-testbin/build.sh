@@ -44,6 +44,14 @@ kueue_dir=$ROOT/kueue-v$KUEUE_VERSION
 weed_dir=$ROOT/seaweedfs-$SEAWEEDFS_VERSION
 bin_dir=$ROOT/bin-k8s-v$K8S_VERSION
 mkdir -p "$ROOT"
+# Two cold runs at once (make test beside a test that asks for kubectl) once raced: one
+# `rm -rf`ed the other's kubernetes-*.tmp mid-build. The build holds an flock; the second waits,
+# then finds everything cached.
+exec 9>"$ROOT/.testbin.lock"
+if ! flock -n 9; then
+    log "another build holds $ROOT/.testbin.lock; waiting"
+    flock 9
+fi
 
 # --- kube-apiserver, kube-controller-manager, kubectl ---------------------------------
 build_kubernetes() {
