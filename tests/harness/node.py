@@ -505,16 +505,28 @@ state = "{d / 'state'}"
 
     # ---------------------------------------------------------------- teardown
     def _drain(self, timeout: float = 120) -> None:
-        """Delete every pod (the kubelet stops its containers and sandboxes) and wait."""
+        """Stop everything that would make pods again (the cluster ends with the session), delete
+        every pod (the kubelet stops its containers and sandboxes) and wait for both."""
         kube = self.cp.kube()
-        for ns in kube.get("/api/v1/namespaces")["items"]:
-            name = ns["metadata"]["name"]
+        kube.patch(f"/api/v1/nodes/{NODE_NAME}", {"spec": {"unschedulable": True}})
+        owners = ("/apis/apps/v1/{ns}/deployments", "/apis/apps/v1/{ns}/replicasets",
+                  "/apis/apps/v1/{ns}/statefulsets", "/apis/apps/v1/{ns}/daemonsets", "/apis/batch/v1/{ns}/jobs")
+        namespaces = [ns["metadata"]["name"] for ns in kube.get("/api/v1/namespaces")["items"]]
+        for name in namespaces:
+            for path in owners:
+                try:
+                    kube.delete(path.format(ns=f"namespaces/{name}"),
+                                body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Orphan"})
+                except ApiError:
+                    pass
+        for name in namespaces:
             try:
                 kube.delete(f"/api/v1/namespaces/{name}/pods",
                             body={"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 1})
             except ApiError:
                 pass
         deadline = time.monotonic() + timeout
+        pods: list = []
         while time.monotonic() < deadline:
             pods = kube.get("/api/v1/pods")["items"]
             tasks = [line for line in self.ctr("tasks", "ls", "-q").stdout.split() if line]
