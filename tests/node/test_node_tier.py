@@ -77,7 +77,7 @@ def test_example_trains_on_two_pods_as_real_containers(data):
 
 def test_killed_container_resumes_from_its_checkpoint(data, node):
     c = data
-    c.create(example_trainjob("kill", epochs=30))
+    c.create(example_trainjob("kill", epochs=14))
     st = c.wait_checkpoint("kill", 2)
     ckpt_step = st["checkpoints"]["latest"]["step"]
     victim = c.pods("kill", attempt=0)[1]
@@ -98,7 +98,7 @@ def test_deleted_pod_resumes_without_spending_the_restart_budget(data, node):
     """Preemption and drains evict pods through the Eviction API (a DisruptionTarget condition,
     then a graceful deletion: the kubelet SIGTERMs the container, which checkpoints)."""
     c = data
-    c.create(example_trainjob("evict", epochs=30))
+    c.create(example_trainjob("evict", epochs=14))
     c.wait_checkpoint("evict", 1)
     victim = c.pods("evict", attempt=0)[1]["metadata"]["name"]
     c.kube.post(f"/api/v1/namespaces/{c.ns}/pods/{victim}/eviction",

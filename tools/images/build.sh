@@ -64,7 +64,8 @@ flock -n 8 || { log "another image build holds $CACHE/.build.lock; waiting"; flo
 WORK=$(mktemp -d)
 REGISTRY_PID=""
 cleanup() {
-    [ -n "$REGISTRY_PID" ] && kill "$REGISTRY_PID" 2>/dev/null && wait "$REGISTRY_PID" 2>/dev/null
+    # (|| true: the registry dies of the SIGTERM, 143, and set -e would make that the script's status)
+    if [ -n "$REGISTRY_PID" ]; then kill "$REGISTRY_PID" 2>/dev/null; wait "$REGISTRY_PID" 2>/dev/null || true; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
