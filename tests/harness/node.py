@@ -114,7 +114,9 @@ class Node:
 
     def __init__(self, workdir: Path, registry_port: int | None = None):
         self.workdir = Path(workdir)
-        self.registry_port = registry_port or int(os.environ.get("KONTRAST_REGISTRY_PORT", "35000"))
+        # A free port (a fixed one, in the ephemeral range, was once taken by a client socket);
+        # the images are pushed to it each session, so only the layer cache carries over.
+        self.registry_port = registry_port or int(os.environ.get("KONTRAST_REGISTRY_PORT") or free_port())
         self.registry = f"127.0.0.1:{self.registry_port}"
         self.cp: NodeControlPlane | None = None
         self.bin: Path | None = None

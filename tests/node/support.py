@@ -73,7 +73,7 @@ class Cluster:
         against the volume), owned by the trainer's UID."""
         import os
 
-        from kontrast.trainer.exampledata import generate
+        from kontrast.trainer.data.example_data import generate
 
         data = generate(folder / "product-search" / "data")
         for root, dirs, files in os.walk(folder):
