@@ -123,11 +123,9 @@ class PairRelevance:
 
     def __init__(self, q: torch.Tensor, d: torch.Tensor, w: torch.Tensor, known: Optional[KnownPairs] = None):
         self.raw_q, self.raw_d, self.known = q, d, known
-        self.q, n_q = _compact(q)
+        self.q, _ = _compact(q)
         self.d, n_d = _compact(d)
         self.batch = KnownPairs(*max_per_key(self.q * n_d + self.d, w), n_d)
-        self.q_count = torch.bincount(self.q, minlength=n_q)[self.q]
-        self.d_count = torch.bincount(self.d, minlength=n_d)[self.d]
 
     def pairs(self, rows: slice, *, queries_are_rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Known pairs of [rows x all columns] as (row, column, relevance): the rows' queries

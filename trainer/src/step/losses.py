@@ -21,7 +21,7 @@ Conventions (the caller relies on them):
 
 Graded multi-positive targets. Graded-relevance data has several documents per query, so a
 random batch often holds the same query twice, or a document relevant to another row's query.
-Every pair (query i, document j) whose relevance is known is a positive with its weight (the
+Every pair (query i, document j) whose relevance is known has a grade, its weight (the
 highest, if several rows give it); every other pair is a negative. Known means: some row of
 the batch pairs query i's identity with document j's identity, or, given ``known``
 (``KnownPairs``, built from the whole training table), some row of the table does. The
@@ -32,16 +32,23 @@ brings it in for one of them, and without the table it would be a negative for t
 
 Kinds:
 
-* ``ce``: symmetric soft-target InfoNCE. Row i's left->right term is the cross-entropy of its
-  logits against targets proportional to the relevance of its query to each column's
-  document (split evenly over columns holding the same document, whose logits are equal), and
-  likewise right->left. Each row's two terms are multiplied by the row weight, reduced as
-  1/2 (sum w_i CE_i + sum w_i CE'_i) / sum w_i. With one document per query the targets are
-  one-hot and this is open_clip's ClipLoss with weighted rows; equal weights give exactly
-  ``open_clip.loss.ClipLoss``. Targets in proportion to the grades make the optimum rank a
-  grade-3 document above a grade-1 one for the same query; masking the other document out
-  (the previous behaviour) left their order free. A row of weight 0 adds no term but still
-  serves as a negative for the others. All-zero weights give loss 0.
+* ``ce``: symmetric graded InfoNCE. Row i's left->right term is the cross-entropy of its
+  own pair (its query with its document, the target split evenly over columns holding a copy
+  of the document) against every column it must outrank: the unknown pairs and the known
+  pairs of a lower grade than its own. Known pairs of its grade or higher (another document
+  as relevant to its query, or more) are left out of its softmax: they are not below it, so
+  they are neither pushed away nor pulled. Likewise right->left with the row's document
+  against the columns' queries. Each row's two terms are multiplied by the row weight,
+  reduced as 1/2 (sum w_i CE_i + sum w_i CE'_i) / sum w_i. The optimum ranks every query's
+  documents by grade, and the gap between grades keeps widening as plain CE's gap to its
+  one positive does. Soft targets in proportion to the grades (the version before issue
+  #25) had their optimum at a logit gap of ln(3/1) between grades 3 and 1, 0.08 in cosine
+  at a logit scale of 14, so the order of a new query's grades was left to the seed; masking
+  every other relevant document (the version before that) left the order free. With one
+  document per query nothing is left out and this is open_clip's ClipLoss with weighted rows;
+  equal weights give exactly ``open_clip.loss.ClipLoss``. A row of weight 0 adds no term but
+  still serves as a negative for the others (a pair known only at weight 0 is below every
+  grade). All-zero weights give loss 0.
 * ``siglip``: sigmoid (binary cross-entropy) loss over all pairs. A known pair is a positive
   weighted by relevance / mean(w), with the graded label relevance / (the best relevance of
   its query in the batch): 1 for the best document, 2/3 for a grade 2 beside a grade 3. The
@@ -91,16 +98,27 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return _ScaleGrad.apply(x, factor)
 
 
-def _soft_ce(logits: torch.Tensor, r: torch.Tensor, c: torch.Tensor, rel: torch.Tensor,
-             multiplicity: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy against targets proportional to relevance / column multiplicity,
-    the targets given sparse as (row, column, relevance): lse_i - sum_j t_ij logit_ij."""
+def _ranked_ce(logits: torch.Tensor, r: torch.Tensor, c: torch.Tensor, rel: torch.Tensor,
+               own: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy of each row's own pair against the columns it must outrank.
+
+    The known pairs come sparse as (row, column, relevance); ``own`` marks the entries that are
+    the row's own pair (its document, or its query, in every column that holds a copy; the
+    target is split evenly over the copies). A row of grade g leaves out of its softmax the
+    other known pairs of grade g or more (they are not below it) and keeps those of a lower
+    grade as negatives, with every unknown pair: lse_i(kept) - mean_own logit_ij.
+    """
     rows = logits.shape[0]
-    t = rel / multiplicity[c].to(rel.dtype)
-    total = torch.zeros(rows, dtype=t.dtype, device=t.device).index_add(0, r, t)
-    picked = torch.zeros(rows, dtype=logits.dtype, device=t.device).index_add(0, r, t * logits[r, c])
-    ce = torch.logsumexp(logits, dim=1) - picked / total.clamp_min(torch.finfo(t.dtype).tiny)
-    return torch.where(total > 0, ce, torch.zeros_like(ce))
+    grade = torch.zeros(rows, dtype=rel.dtype, device=rel.device).scatter_reduce(
+        0, r[own], rel[own], reduce="amax", include_self=False)
+    above = ~own & (rel >= grade[r])
+    kept = logits.index_put((r[above], c[above]), torch.tensor(float("-inf"), dtype=logits.dtype,
+                                                                device=logits.device))
+    copies = torch.zeros(rows, dtype=logits.dtype, device=logits.device).index_add(
+        0, r[own], torch.ones_like(rel[own], dtype=logits.dtype))
+    picked = torch.zeros(rows, dtype=logits.dtype, device=logits.device).index_add(0, r[own], logits[r[own], c[own]])
+    ce = torch.logsumexp(kept, dim=1) - picked / copies.clamp_min(1)
+    return torch.where(copies > 0, ce, torch.zeros_like(ce))
 
 
 def _logits(rows: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -108,10 +126,13 @@ def _logits(rows: torch.Tensor, columns: torch.Tensor, scale: torch.Tensor, bias
     return logits if bias is None else logits + bias
 
 
-def _ce_part(logits_lr, known_lr, logits_rl, known_rl, pairs: PairRelevance, w, all_w) -> torch.Tensor:
-    """These rows' share of the symmetric soft-target InfoNCE (the whole loss without split)."""
-    ce_lr = _soft_ce(logits_lr, *known_lr, pairs.d_count)
-    ce_rl = _soft_ce(logits_rl, *known_rl, pairs.q_count)
+def _ce_part(logits_lr, known_lr, logits_rl, known_rl, pairs: PairRelevance, mine: slice, w,
+             all_w) -> torch.Tensor:
+    """These rows' share of the symmetric graded InfoNCE (the whole loss without split)."""
+    r, c, _ = known_lr
+    ce_lr = _ranked_ce(logits_lr, *known_lr, own=pairs.d[mine][r] == pairs.d[c])
+    r, c, _ = known_rl
+    ce_rl = _ranked_ce(logits_rl, *known_rl, own=pairs.q[mine][r] == pairs.q[c])
     total_w = all_w.sum()
     part = 0.5 * ((w * ce_lr).sum() + (w * ce_rl).sum())
     return torch.where(total_w > 0, part / total_w.clamp_min(torch.finfo(torch.float32).tiny), part * 0)
@@ -243,7 +264,7 @@ def _loss_part(kind: str, rows: _Rows, every: _Rows, pairs: PairRelevance, mine:
         # the reverse pairs the same, swapped.
         r, c, rel = known_lr
         logits_rl, known_rl = logits_lr.T, (c, r, rel)
-    return _ce_part(logits_lr, known_lr, logits_rl, known_rl, pairs, rows.w, every.w)
+    return _ce_part(logits_lr, known_lr, logits_rl, known_rl, pairs, mine, rows.w, every.w)
 
 
 def _full_batch(part: torch.Tensor, world: int) -> torch.Tensor:
