@@ -245,3 +245,36 @@ def worker_all(world):
     for importing torch and, at the first DDP construction, torch._dynamo)."""
     return {"loss": worker_loss_exactness(world, N_LOSS, N_SHARD),
             "accum": worker_accumulation_ddp(world, N_ACCUM, ACCUM_CONFIGS)}
+
+
+MATRYOSHKA_DIMS = (4, 2)
+MATRYOSHKA_CASES = [(kind, local, k) for kind in ("ce", "siglip") for local in (False, True) for k in (1, 2)]
+
+
+def matryoshka_grads(world, n_global: int, kind: str, local: bool, k: int):
+    """TwoTower (8-d embeddings) trained with Matryoshka widths MATRYOSHKA_DIMS through
+    ``contrastive_step``: this rank's contiguous chunk of the global batch in k micro-batches,
+    DDP-wrapped when ``world`` is given. Parameter gradients and the loss."""
+    from kontrast.trainer.distributed import wrap_ddp
+    from kontrast.trainer.step.accumulation import contrastive_step
+
+    world_size, rank = (world.world_size, world.rank) if world is not None else (1, 0)
+    b = n_global // world_size
+    rows = slice(rank * b, (rank + 1) * b)
+    xq, xd, weights, ids = (t[rows] for t in two_tower_batch(n_global))
+    model = TwoTower(d=8)
+    net = wrap_ddp(model, world) if world is not None else model
+    step = b // k
+    mbs = [slice(i, i + step) for i in range(0, b, step)]
+
+    def forward(mb):
+        q, d, s, bias = net(xq[mb], xd[mb])
+        return {"left": q, "right": d, "weights": weights[mb], "left_ids": ids[mb], "logit_scale": s,
+                "logit_bias": bias}
+
+    loss = contrastive_step(forward, mbs, kind=kind, local_loss=local, model=net, dims=MATRYOSHKA_DIMS)
+    return {"loss": loss, **{n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def worker_matryoshka(world, n_global: int):
+    return {case: matryoshka_grads(world, n_global, *case) for case in MATRYOSHKA_CASES}

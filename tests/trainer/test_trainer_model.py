@@ -11,6 +11,7 @@ import pytest
 import torch
 from numeric import assert_all_rel_close
 
+from kontrast.trainer.errors import SpecError
 from kontrast.trainer.model.build import build_model
 from kontrast.trainer.model.text import MaskedMaxPooler
 from kontrast.trainer.precision import resolve_precision
@@ -91,6 +92,13 @@ def test_logit_scale_and_bias_initialisation(build):
     assert s.model.logit_scale.exp().item() == pytest.approx(5.0) and s.model.logit_bias.item() == -3.0
     ce = build(logitBias=-2.0)  # ce cannot use a bias: it exists but is frozen
     assert ce.model.logit_bias.item() == -2.0 and not ce.model.logit_bias.requires_grad
+
+
+def test_matryoshka_dims_are_checked_against_the_embedding_width(build):
+    """The tiny model embeds in 16 dimensions: widths below it build, 16 itself fails naming the field."""
+    assert build(matryoshkaDims=[8, 4]).model.visual.output_dim == 16
+    with pytest.raises(SpecError, match=r"spec.matryoshkaDims: .*embedding width 16"):
+        build(matryoshkaDims=[16, 8])
 
 
 def test_pretrained_values_win_unless_set(build, tmp_path):

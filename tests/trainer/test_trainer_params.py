@@ -70,6 +70,16 @@ def test_logit_scale_must_be_positive(h, tmp_path):
         resolve(h.trainjob(spec), tmp_path / "tj.yaml")
 
 
+@pytest.mark.parametrize("dims", [[64, 128], [64, 64], [128, 64, 64]])
+def test_matryoshka_dims_must_be_strictly_descending(h, tmp_path, dims):
+    spec = {"model": "RN50", "trainData": "t.csv", "output": "o", "leftKeys": ["q"], "leftWeights": [1],
+            "rightKeys": ["i"], "rightWeights": [1], "weightKey": "w"}
+    assert resolve(h.trainjob({**spec, "matryoshkaDims": [256, 128, 64]}), tmp_path / "tj.yaml").params \
+        .matryoshka_dims == (256, 128, 64)
+    with pytest.raises(SpecError, match=r"spec.matryoshkaDims: must be strictly descending"):
+        resolve(h.trainjob({**spec, "matryoshkaDims": dims}), tmp_path / "tj.yaml")
+
+
 def test_every_crd_spec_property_has_a_params_field_and_no_more():
     """A field added to crds/trainjob.yaml needs its typed field in kontrast.trainer.params."""
     from kontrast.api import spec_schema

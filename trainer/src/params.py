@@ -68,6 +68,7 @@ class Params:
     local_loss: bool
     logit_scale: Optional[float] = None
     logit_bias: Optional[float] = None
+    matryoshka_dims: Optional[tuple[int, ...]] = None   #: widths trained besides the full one, largest first
 
     # Model construction (open_clip flags) and precision.
     model: str                                  #: as written (the "vit" rule and reports read it)
@@ -136,7 +137,21 @@ class Params:
         if values.get("logit_scale") is not None and values["logit_scale"] <= 0:
             raise SpecError("logitScale", "must be greater than 0 (it is exponentiated from its log), "
                                           f"got {values['logit_scale']}")
+        _check_matryoshka_dims(values.get("matryoshka_dims"))
         return cls(**values)
+
+
+def _check_matryoshka_dims(dims: Optional[tuple[int, ...]]) -> None:
+    """Largest first and each once (the model's width is checked where the model is built)."""
+    if dims and any(a <= b for a, b in zip(dims, dims[1:])):
+        raise SpecError("matryoshkaDims", f"must be strictly descending (largest first, each once), got {list(dims)}")
+
+
+def check_matryoshka_width(dims: Optional[tuple[int, ...]], width: int) -> None:
+    """Every Matryoshka width below the embedding width ``width`` of the model."""
+    if dims and dims[0] >= width:
+        raise SpecError("matryoshkaDims", f"every width must be below the model's embedding width {width}, "
+                                          f"got {list(dims)}")
 
 
 def field_names() -> set[str]:

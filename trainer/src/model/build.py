@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import SpecError
-from ..params import Params
+from ..params import Params, check_matryoshka_width
 from ..precision import Precision
 from ..spec import Resolved
 from .sources import checkpoint_file, checkpoint_has, local_pretrained, model_name
@@ -64,6 +64,9 @@ def build_model(resolved: Resolved, precision: Precision, device: torch.device |
     kwargs = {**_logit_init(params), **_hf_text_config(params, cfg, name, hf_text)}
     model, preprocess_train, preprocess_val = _create(name, resolved, precision, device, kwargs)
     _repair(model, resolved, name, hf_text)
+    width = getattr(model.visual, "output_dim", None)   # timm towers have none: the loss checks then
+    if width is not None:
+        check_matryoshka_width(params.matryoshka_dims, width)
     if params.grad_checkpointing:
         # Only when enabled: HF towers' set_grad_checkpointing ignores its argument.
         model.set_grad_checkpointing(True)

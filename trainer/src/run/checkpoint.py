@@ -64,6 +64,9 @@ IDENTITY_FIELDS = (
     "poolingMethod", "frozenRight", "lockImage", "lockImageFreezeBnStats", "lockImageUnlockedGroups",
     "lockText", "lockTextFreezeLayerNorm", "lockTextUnlockedLayers",
 )
+#: Training inputs added after checkpoints existed: in the hash only when set, so the
+#: checkpoints of runs that never set them keep their identity.
+IDENTITY_FIELDS_WHEN_SET = ("matryoshkaDims",)
 
 
 def resumable_location(output: str, step: int) -> str:
@@ -134,6 +137,7 @@ def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
 def inputs_hash(spec: Mapping[str, Any], global_batch: int) -> str:
     """sha256 of the training inputs (IDENTITY_FIELDS as written, and the global batch)."""
     inputs = {key: spec.get(key) for key in IDENTITY_FIELDS}
+    inputs.update({key: spec[key] for key in IDENTITY_FIELDS_WHEN_SET if spec.get(key) is not None})
     inputs["globalBatchSize"] = int(global_batch)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()
 

@@ -45,7 +45,7 @@ def _step(run: Run, micro_batches, lr: float, step: int) -> tuple[float, Optiona
     return optimizer_step(run.net, run.optimizer, micro_batches, lr=lr, step=step, kind=params.weighted_loss,
                           local_loss=params.local_loss, grad_clip_norm=params.grad_clip_norm,
                           precision=run.precision, scaler=run.scaler, known=run.known_pairs,
-                          logit_scale=run.clip.logit_scale)
+                          logit_scale=run.clip.logit_scale, dims=params.matryoshka_dims or ())
 
 
 def _save_when_asked(run: Run, progress: Progress, report: Reporters, policy: SavePolicy) -> None:

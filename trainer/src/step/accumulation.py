@@ -25,12 +25,13 @@ import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .known_pairs import KnownPairs
 from .losses import scale_grad, weighted_contrastive_loss
 
-__all__ = ["contrastive_step", "split_micro_batches", "ROW_KEYS"]
+__all__ = ["contrastive_step", "matryoshka_loss", "split_micro_batches", "ROW_KEYS"]
 
 #: Keys of the forward output that hold one row per sample (concatenated across micro-batches).
 ROW_KEYS = ("left", "right", "weights", "left_ids", "right_ids")
@@ -67,6 +68,7 @@ def contrastive_step(
     model: Optional[nn.Module] = None,
     backward: Optional[Callable[[torch.Tensor], None]] = None,
     known: Optional[KnownPairs] = None,
+    dims: Sequence[int] = (),
 ) -> torch.Tensor:
     """Forward and backward of one optimizer step over ``micro_batches`` (gradients accumulate
     in ``.grad``; the caller zeroes them before and steps the optimizer after).
@@ -77,12 +79,13 @@ def contrastive_step(
     per backward). ``model``: the (possibly DDP-wrapped) model, for ``no_sync``.
     ``backward``: e.g. ``lambda l: scaler.scale(l).backward()`` for fp16 AMP.
     ``known``: the training table's relevant pairs (``known_pairs.KnownPairs``), for the targets.
+    ``dims``: Matryoshka widths; the loss adds the loss at each (``matryoshka_loss``).
     Returns the full-batch loss (detached).
     """
     backward = backward or (lambda loss: loss.backward())
     if not micro_batches:
         raise ValueError("no micro-batches")
-    settings = {"kind": kind, "local_loss": local_loss, "known": known}
+    settings = {"kind": kind, "local_loss": local_loss, "known": known, "dims": tuple(dims)}
     if len(micro_batches) == 1:
         out = forward(micro_batches[0])
         loss = _loss_of(out, out["logit_scale"], out.get("logit_bias"), **settings)
@@ -92,10 +95,28 @@ def contrastive_step(
 
 
 def _loss_of(rows: Mapping[str, Any], scale, bias, *, kind: str, local_loss: bool,
-             known: Optional[KnownPairs]) -> torch.Tensor:
-    return weighted_contrastive_loss(
-        rows["left"], rows["right"], rows["weights"], scale, bias, kind=kind,
-        left_ids=rows.get("left_ids"), right_ids=rows.get("right_ids"), local_loss=local_loss, known=known)
+             known: Optional[KnownPairs], dims: tuple[int, ...]) -> torch.Tensor:
+    def loss(left, right):
+        return weighted_contrastive_loss(
+            left, right, rows["weights"], scale, bias, kind=kind,
+            left_ids=rows.get("left_ids"), right_ids=rows.get("right_ids"), local_loss=local_loss, known=known)
+
+    return matryoshka_loss(loss, rows["left"], rows["right"], dims)
+
+
+def matryoshka_loss(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], left: torch.Tensor,
+                    right: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """``loss`` at full width plus ``loss`` at each Matryoshka width, on the embeddings cut to
+    that width and renormalised (so the first ``d`` coordinates alone are a usable embedding).
+    Sums, unweighted, as sentence-transformers' MatryoshkaLoss does by default. Each term is a
+    full-batch loss with exact gradients (logit scale and bias included), so the sum is too."""
+    total = loss(left, right)
+    width = left.shape[1]
+    for d in dims:
+        if not 0 < d < width:
+            raise ValueError(f"Matryoshka width {d} is not below the embedding width {width}")
+        total = total + loss(F.normalize(left[:, :d], dim=-1), F.normalize(right[:, :d], dim=-1))
+    return total
 
 
 def _cached_step(forward, micro_batches: Sequence[Any], settings: dict[str, Any], model: Optional[nn.Module],

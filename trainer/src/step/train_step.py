@@ -48,7 +48,7 @@ def forward(net, batch):
 
 def train_step(net, micro_batches: list[dict[str, torch.Tensor]], *, kind: str, local_loss: bool,
                precision: Precision, scaler, world: Optional[World] = None,
-               known: Optional[KnownPairs] = None) -> torch.Tensor:
+               known: Optional[KnownPairs] = None, dims: tuple[int, ...] = ()) -> torch.Tensor:
     """Forward and backward of one optimizer step (gradients accumulate in .grad).
 
     One micro-batch: a plain step. Several: ``accumulation.contrastive_step``'s feature caching
@@ -65,13 +65,13 @@ def train_step(net, micro_batches: list[dict[str, torch.Tensor]], *, kind: str, 
 
     backward = (lambda loss: scaler.scale(loss).backward()) if scaler is not None else None
     return contrastive_step(rows_of, micro_batches, kind=kind, local_loss=local_loss, model=net, backward=backward,
-                            known=known)
+                            known=known, dims=dims)
 
 
 def optimizer_step(net, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, torch.Tensor]], *,
                    lr: float, step: int, kind: str, local_loss: bool, grad_clip_norm: Optional[float],
                    precision: Precision, scaler, known: Optional[KnownPairs],
-                   logit_scale: torch.Tensor) -> tuple[float, Optional[float]]:
+                   logit_scale: torch.Tensor, dims: tuple[int, ...] = ()) -> tuple[float, Optional[float]]:
     """One optimizer step at learning rate ``lr``: forward and backward over the micro-batches,
     unscale, clip, step (skipped on a non-finite loss without a scaler, which skips by itself),
     clamp ``logit_scale`` to [0, ln 100]. Returns the loss and the gradient norm before clipping."""
@@ -79,7 +79,7 @@ def optimizer_step(net, optimizer: torch.optim.Optimizer, micro_batches: list[di
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     loss = float(train_step(net, micro_batches, kind=kind, local_loss=local_loss, precision=precision,
-                            scaler=scaler, known=known))
+                            scaler=scaler, known=known, dims=dims))
     if scaler is not None:
         scaler.unscale_(optimizer)
     norm = grad_norm(trainable_of(optimizer), grad_clip_norm)
