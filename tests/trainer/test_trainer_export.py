@@ -148,6 +148,21 @@ def test_a_finished_run_exports_its_best_model_with_a_card(run_training, base_sp
         p.name for p in folder.iterdir())
 
 
+def test_a_matryoshka_run_reports_each_width_and_its_card_names_them(run_training, base_spec):
+    """matryoshkaDims [8, 4] on the 16-d tiny model: every evaluation has the width keys, the
+    widths' metrics are those of the cut embeddings (not copies of the full ones), and the card
+    says which widths were trained."""
+    summary, resolved = run_training({**base_spec, "matryoshkaDims": [8, 4], "saveFrequency": 2})
+    after = summary["eval"]["after"]
+    for width in (8, 4):
+        assert {f"ndcg@10@dim{width}", f"ndcg_exp@10@dim{width}", f"recall@10@dim{width}"} <= after.keys()
+        assert 0.0 < after[f"ndcg@10@dim{width}"] <= 1.0
+    assert "ndcg@10@dim4" in summary["eval"]["before"]
+    assert len({after["ndcg@10"], after["ndcg@10@dim8"], after["ndcg@10@dim4"]}) > 1
+    card = (Path(resolved.params.output) / "model" / "README.md").read_text()
+    assert "Matryoshka widths 8, 4 besides the full 16" in card
+
+
 def test_the_best_checkpoint_is_exported_when_evaluation_names_one():
     saved = [{"uri": f"/o/checkpoints/epoch_{i}.pt", "epoch": i} for i in (1, 2, 3)]
     assert chosen_checkpoint({"checkpoints": saved}) == "/o/checkpoints/epoch_3.pt"

@@ -9,16 +9,20 @@ time: the encoding plus the matmuls, split over the ranks. No rank waits idle in
 while another evaluates, so an evaluation never runs into the process-group timeout alone.
 
 The result (``EvalResult``) carries the metrics and, for galleries and error analysis, each
-query's top k documents and scores (indices into ``EvalSet.doc_rows``).
+query's top k documents and scores (indices into ``EvalSet.doc_rows``). With Matryoshka widths
+(``dims``) the same embeddings, cut to each width and renormalised, are searched again and
+``WIDTH_KEYS`` are added per width as ``<key>@dim<width>`` (``ndcg@10@dim64``): a few flat
+numbers, so status and summary.json stay readable.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..data.dataset import PairDataset, SideDataset, collate
 from ..distributed import all_gather, all_reduce_max, world_and_rank
@@ -29,6 +33,7 @@ from .topk import sharded_topk
 __all__ = ["EvalResult", "embed", "evaluate", "eval_batch_size", "METRIC_KEYS"]
 
 EVAL_BATCH = 256
+WIDTH_KEYS = ("ndcg@10", "ndcg_exp@10", "recall@10")   #: the metrics reported at each Matryoshka width
 
 
 def eval_batch_size(batch_size: int) -> int:
@@ -92,12 +97,13 @@ def embed(fused, pairs: PairDataset, rows, side: str, *, batch_size: int, device
 
 
 def evaluate(fused, pairs: PairDataset, eval_set: EvalSet, *, batch_size: int, device, precision,
-             workers: int = 0, k: int = DEEP_K, docs: Optional[PairDataset] = None) -> EvalResult:
+             workers: int = 0, k: int = DEEP_K, docs: Optional[PairDataset] = None,
+             dims: Sequence[int] = ()) -> EvalResult:
     """Metrics and top-k lists of ``fused`` (a FusedModel) on an eval set, on every rank.
 
     Collective: with several processes every rank must call it. ``docs`` holds the documents'
     rows when they come from a corpus (``build_eval_set(..., corpus=)``); by default they are
-    rows of ``pairs``.
+    rows of ``pairs``. ``dims``: Matryoshka widths to report ``WIDTH_KEYS`` at as well.
     Restores the model's train/eval mode.
     """
     world, rank = world_and_rank()
@@ -115,4 +121,10 @@ def evaluate(fused, pairs: PairDataset, eval_set: EvalSet, *, batch_size: int, d
     q = _gather_rows(q, n_q)
     scores, top = sharded_topk(q, d, k, offset=mine_d.start)
     top_docs, top_scores = top.cpu().numpy(), scores.cpu().numpy()
-    return EvalResult(ranking_metrics(top_docs, eval_set.qrels), top_docs, top_scores)
+    metrics = ranking_metrics(top_docs, eval_set.qrels)
+    for width in dims:
+        _, top_w = sharded_topk(F.normalize(q[:, :width], dim=-1), F.normalize(d[:, :width], dim=-1), k,
+                                offset=mine_d.start)
+        at_width = ranking_metrics(top_w.cpu().numpy(), eval_set.qrels)
+        metrics.update({f"{key}@dim{width}": at_width[key] for key in WIDTH_KEYS})
+    return EvalResult(metrics, top_docs, top_scores)

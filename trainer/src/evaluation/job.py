@@ -42,7 +42,8 @@ def evaluate_trainjob(resolved: Resolved, checkpoint: Optional[str] = None, devi
             _load(bundle.model, checkpoint)
         pairs, docs = eval_datasets(evals, bundle, params, ImageCache(cache_folder(params)))
         result: EvalResult = evaluate(fused, pairs, evals.eval_set, batch_size=eval_batch_size(params.batch_size),
-                                      device=world.device, precision=precision, docs=docs)
+                                      device=world.device, precision=precision, docs=docs,
+                                      dims=params.matryoshka_dims or ())
         if world.is_main and top_k_file:
             result.save(top_k_file, evals.eval_set)
         return {"model": params.model, "pretrained": params.pretrained, "checkpoint": checkpoint,

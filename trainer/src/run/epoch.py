@@ -97,4 +97,4 @@ def end_epoch(run: Run, progress: Progress, report: Reporters) -> bool:
 def measure_run(run: Run, gallery_phase: Optional[str] = None) -> Optional[dict[str, float]]:
     """``measure`` with this run's model, eval data, batch size, device and precision."""
     return measure(run.net, run.evaluation, batch_size=run.params.batch_size, device=run.world.device,
-                   precision=run.precision, gallery_phase=gallery_phase)
+                   precision=run.precision, gallery_phase=gallery_phase, dims=run.params.matryoshka_dims or ())

@@ -77,6 +77,14 @@ Documents with several fields (image + title) match training when indexed as a M
 `multimodal_combination` field with the right-side weights above; queries with the left ones."""
 
 
+def _matryoshka_note(dims: list[int], full: Optional[int]) -> str:
+    widths = ", ".join(str(d) for d in dims)
+    return (f"Note: trained with Matryoshka widths {widths} besides the full {full}: the first d "
+            "coordinates of an embedding, renormalised, are an embedding of width d (the evaluation "
+            "above reports `<metric>@dim<d>` for each). Cut and renormalise both queries and documents "
+            "alike: `torch.nn.functional.normalize(e[:, :d], dim=-1)`.")
+
+
 def model_card(config: dict[str, Any], run: Optional[RunFiles], *, checkpoint: str,
                epoch: Optional[int] = None) -> str:
     summary = (run.summary if run else None) or {}
@@ -102,6 +110,8 @@ def model_card(config: dict[str, Any], run: Optional[RunFiles], *, checkpoint: s
         parts.append(f"Note: training fed at most {fed} tokens per text to a tower with more positions; "
                      f"truncate texts to {fed} tokens to match it exactly (open_clip's tokenizer pads to the "
                      "tower's full length).")
+    if params.get("matryoshkaDims"):
+        parts.append(_matryoshka_note(params["matryoshkaDims"], config["model_cfg"].get("embed_dim")))
     if params.get("frozenRight"):
         parts.append("Note: trained with `frozenRight`, so documents must be encoded with the starting "
                      "model; this folder's image tower is the unchanged starting one only if the image "
