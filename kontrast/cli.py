@@ -191,6 +191,20 @@ def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(args: argparse.Namespace) -> int:
+    from .split import split_file
+
+    try:
+        counts = split_file(args.data, args.out, args.query_keys.split(","), args.doc_keys.split(","),
+                            fraction=args.fraction, seed=args.seed)
+    except (OSError, ValueError) as exc:
+        print(f"kontrast split: {exc}", file=sys.stderr)
+        return 1
+    for name, n in counts.items():
+        print(f"{args.out}/{name}.csv: {n} rows")
+    return 0
+
+
 def _cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--namespace", help="default: the kube context's namespace")
     p.add_argument("--context", help="the kubeconfig context to use (default: the current one)")
@@ -226,6 +240,18 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="(re)write report.html and the PNG plots of a run's output folder")
     p.add_argument("output", help="the run's output folder (finished or in progress)")
+
+    p = sub.add_parser("split", help="write GCL's evaluation splits of a CSV table (no leakage)",
+                       description="Hold out a fraction of the distinct queries and of the distinct "
+                                   "documents and write train.csv, eval_in_domain.csv, "
+                                   "eval_novel_queries.csv, eval_novel_documents.csv and eval_zero_shot.csv.")
+    p.add_argument("data", help="a CSV table (a header row, one row per (query, document))")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--query-keys", default="query", help="comma-separated columns that identify a query")
+    p.add_argument("--doc-keys", default="image,title", help="comma-separated columns that identify a document")
+    p.add_argument("--fraction", type=float, default=0.2,
+                   help="share of the queries, of the documents and of the remaining rows held out")
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("submit", help="create a TrainJob in the current kube context (validated first)",
                        description="Validate a TrainJob file as `kontrast validate` does, then create it "
@@ -265,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         return passes_rest[args.command](args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    own = {"validate": _validate, "export": _export, "report": _report, "submit": _submit, "watch": _watch,
-           "logs": _logs}
+    own = {"validate": _validate, "export": _export, "report": _report, "split": _split, "submit": _submit,
+           "watch": _watch, "logs": _logs}
     return own[args.command](args)
 
 
