@@ -73,6 +73,21 @@ def test_run_identity_refuses_another_runs_checkpoint():
         ckpt.check_identity(ckpt.run_identity("job", "uid-1", spec, 32), mine, "x")
 
 
+def test_matryoshka_dims_enter_the_identity_only_when_set():
+    """A field added later leaves the identity of runs that never set it as it was (their
+    checkpoints still resume), and changes it when set."""
+    import hashlib
+    import json
+
+    spec = {"model": "ViT-B-32", "trainData": "d.csv", "lr": 1e-3}
+    before = {key: spec.get(key) for key in ckpt.IDENTITY_FIELDS}
+    before["globalBatchSize"] = 64
+    assert ckpt.inputs_hash(spec, 64) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    mine = ckpt.run_identity("job", "uid-1", spec, 64)
+    with pytest.raises(PermanentError, match="training inputs"):
+        ckpt.check_identity(ckpt.run_identity("job", "uid-1", {**spec, "matryoshkaDims": [256, 64]}, 64), mine, "x")
+
+
 def test_storage_writes_through_fsspec_urls(tmp_path):
     url = f"memory://{tmp_path}/remote"
     ckpt.save_resumable(url, {"epoch": 3, "step": 1, "state_dict": {}})
