@@ -23,16 +23,18 @@ effect of the loss on ``kontrast train examples/trainjob.yaml``).
 The variants run the example TrainJob (tiny ViT, random init, batch 64, lr 2e-3) through the
 shipped trainer, same data, same seeds; they differ only in the loss:
 
-* ``graded``: as shipped; every pair known from the batch's rows or the training table is a
-  positive, with its weight.
-* ``batch``: only the pairs known from the batch's own rows are positives (the table's pairs
+* ``graded``: as shipped; every pair known from the batch's rows or the training table has
+  its weight as its grade, and each row's own pair outranks the lower grades and the unknown
+  pairs (``losses.py``).
+* ``batch``: only the pairs known from the batch's own rows are known (the table's pairs
   are not looked up): what the table adds.
 * ``single``: the loss gets no query/document identities, so each row's own document is its
   only positive and every other column a negative, nothing masked: plain single-positive
   weighted CE (the baseline of issue #15).
 
 Prints nDCG@10 with exponential gains (2^g - 1) and with linear gains on the eval set after
-training, per seed, and the mean and standard deviation over seeds of each variant.
+training, per seed (with the logit scale at each epoch's end), and the mean, standard
+deviation and max - min over seeds of each variant.
 """
 
 from __future__ import annotations
