@@ -217,11 +217,12 @@ def test_training_evaluates_against_the_corpus_before_during_and_after(run_train
 
 
 @pytest.mark.distributed
-def test_two_processes_evaluate_a_corpus_like_one(base_spec, twin_files, resolve_spec, tmp_path, h):
+@pytest.mark.parametrize("widths", [{}, {"matryoshkaDims": [8, 4]}], ids=["full", "matryoshka"])
+def test_two_processes_evaluate_a_corpus_like_one(base_spec, twin_files, resolve_spec, tmp_path, h, widths):
     """``kontrast evaluate`` under torchrun: each process encodes half the corpus and searches it;
-    the merged metrics equal one process's."""
+    the merged metrics equal one process's (with Matryoshka widths, at each width too)."""
     spec = {**base_spec, "evalData": str(twin_files["eval"]), "docIdKey": "sku",
-            "corpusData": str(twin_files["corpus"])}
+            "corpusData": str(twin_files["corpus"]), **widths}
     one = evaluate_trainjob(resolve_spec(spec), device="cpu")["metrics"]
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(h.trainjob(spec)))
@@ -234,5 +235,6 @@ def test_two_processes_evaluate_a_corpus_like_one(base_spec, twin_files, resolve
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     two = json.loads(proc.stdout[proc.stdout.index("{"):])["metrics"]
     assert two.keys() == one.keys()
+    assert ("ndcg@10@dim4" in one) == bool(widths)
     values = np.array([one[k] for k in one])
     assert np.linalg.norm(np.array([two[k] for k in one]) - values) / np.linalg.norm(values) < 1e-6
