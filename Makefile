@@ -33,6 +33,6 @@ chromium:
 test: venv testbin chromium
 	$(VENV)/bin/pytest
 
-## The tests that need neither the control plane, several processes, nor the S3 server.
+## The tests that need neither the control plane, several processes, the S3 server nor MLflow's.
 test-fast: venv chromium
-	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed and not s3"
+	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed and not s3 and not mlflow"

@@ -1,6 +1,6 @@
 #!/bin/sh
-# Install the kontrast trainer (kontrast + its `trainer` extra: torch, open_clip, ...) into the
-# Python environment of $PYTHON (default: python3). One script for trainer/Dockerfile and the
+# Install the kontrast trainer (kontrast + its `trainer` and `mlflow` extras: torch, open_clip,
+# the MLflow client, ...) into the Python environment of $PYTHON (default: python3). One script for trainer/Dockerfile and the
 # development environment; tests/controller/test_images.py runs it with --dry-run (pip
 # resolves every requirement without downloading gigabytes of wheels).
 #
@@ -25,10 +25,10 @@ SRC=${SRC:-$(dirname "$HERE")}
 
 if [ -n "$DEV" ]; then
   # shellcheck disable=SC2086
-  "$PYTHON" -m pip install --disable-pip-version-check $DRY --editable "$SRC[trainer,operator,dev,bench]"
+  "$PYTHON" -m pip install --disable-pip-version-check $DRY --editable "$SRC[trainer,mlflow,operator,dev,bench]"
 else
   # shellcheck disable=SC2086
-  "$PYTHON" -m pip install --disable-pip-version-check $DRY "$SRC[trainer]"
+  "$PYTHON" -m pip install --disable-pip-version-check $DRY "$SRC[trainer,mlflow]"
 fi
 [ -n "$DRY" ] && { echo "trainer requirements resolve"; exit 0; }
 
@@ -38,6 +38,7 @@ cd /  # import the installed package, not the checkout
 import importlib.util, sys
 import torch, open_clip  # noqa: F401
 import kontrast.trainer.cli.launch, kontrast.trainer.report.cluster_status  # noqa: F401
+import mlflow.tracking  # noqa: F401 - the client of spec.tracking.mlflow
 if not "$DEV" and importlib.util.find_spec("kopf") is not None:
     sys.exit("kopf must not be installed in the trainer image")
 print("kontrast trainer installed: torch", torch.__version__, "cuda", torch.version.cuda)

@@ -1,0 +1,191 @@
+"""spec.tracking.mlflow against a real ``mlflow server`` (SQLite, local artifact store): a local
+run, a resumed run, a 2-process torchrun run and a run whose server goes away, each read back
+through the MLflow client; with registeredModel, the model version loads back in open_clip."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from harness.mlflow import MLFLOW_VERSION, started_server
+from kontrast.trainer.report import mlflow_tracking
+from kontrast.trainer.report.mlflow_tracking import flatten, metric_key
+from kontrast.trainer.report.reporters import Reporter
+
+pytestmark = pytest.mark.mlflow
+
+
+def jsonl(out: Path, event: str) -> list[dict]:
+    return [e for e in map(json.loads, (out / "progress.jsonl").read_text().splitlines()) if e["event"] == event]
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+
+
+def log_batches(server) -> int:
+    """log-batch requests the server has answered so far (its access log)."""
+    return (server.workdir / "server.log").read_text(errors="replace").count("/runs/log-batch")
+
+
+def assert_tracked(client, out: Path, run_id: str, *, steps: int, epochs: int) -> None:
+    """The MLflow run holds what progress.jsonl holds: every step's loss, every evaluation."""
+    logged = history(client, run_id, "train/loss")
+    assert [s for s, _ in logged] == list(range(1, steps + 1))
+    assert [v for _, v in logged] == pytest.approx([e["loss"] for e in jsonl(out, "step")], rel=1e-6)
+    evals = [(e["epoch"], e["metrics"]["ndcg@10"]) for e in jsonl(out, "eval")]
+    assert [s for s, _ in evals][0] == 0 and evals[-1][0] == epochs
+    tracked = history(client, run_id, "eval/ndcg_at_10")
+    assert [s for s, _ in tracked] == [s for s, _ in evals]
+    assert [v for _, v in tracked] == pytest.approx([v for _, v in evals], rel=1e-6)
+
+
+def test_names_and_params_are_what_mlflow_accepts():
+    from mlflow.utils.validation import validate_param_and_metric_name
+
+    assert metric_key("ndcg@10") == "ndcg_at_10" and metric_key("rbp@0.8") == "rbp_at_0.8"
+    assert all(validate_param_and_metric_name(metric_key(k)) for k in ("p@10", "err@10", "a b/c.d-e:f"))
+    flat = flatten({"data": {"onBadImage": "skip", "cache": None}, "leftKeys": ["q"], "lr": 0.1, "x": "y" * 7000})
+    assert flat == {"data.onBadImage": "skip", "leftKeys": '["q"]', "lr": "0.1", "x": "y" * 6000}
+
+
+def test_the_server_is_the_clients_version():
+    from importlib.metadata import version
+
+    assert version("mlflow-skinny") == MLFLOW_VERSION
+
+
+def test_a_local_run_logs_params_batched_steps_evaluations_and_artifacts(run_training, base_spec, mlflow, tmp_path):
+    requests_before = log_batches(mlflow.server)
+    summary, resolved = run_training({**base_spec, "batchSize": 8, "evalEvery": 1, "tracking": mlflow.spec()})
+    out = Path(resolved.params.output)
+    run_id = summary["outputs"]["mlflow"]["runId"]
+    assert json.loads((out / "mlflow_run.json").read_text())["runId"] == run_id
+    assert jsonl(out, "start")[0]["tracking"]["mlflow"]["runId"] == run_id
+    client = mlflow.server.client()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == resolved.name
+    assert client.get_experiment(run.info.experiment_id).name == mlflow.experiment
+    assert run.data.params["batchSize"] == "8" and run.data.params["data.onBadImage"] == "fail"
+    assert run.data.params["rightWeights"] == "[0.5, 0.5]"
+    assert run.data.params["resolved.globalBatchSize"] == "8" and run.data.tags["kontrast.name"] == resolved.name
+    steps = summary["step"]
+    assert steps == 16
+    assert_tracked(client, out, run_id, steps=steps, epochs=2)
+    assert len(history(client, run_id, "perf/samples_per_second")) == steps
+    # Batched: a request per flush (checkpoints, evaluations, every FLUSH_SECONDS), not per step.
+    assert log_batches(mlflow.server) - requests_before < steps / 2
+
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"summary.json", "report.html", "plots", "model_card"} <= names
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {f"plots/{p.name}" for p in (out / "plots").iterdir()}
+    local = Path(client.download_artifacts(run_id, "summary.json", str(tmp_path)))
+    assert json.loads(local.read_text())["outputs"]["mlflow"]["runId"] == run_id
+    card = Path(client.download_artifacts(run_id, "model_card/README.md", str(tmp_path)))
+    assert card.read_text() == (out / "model" / "README.md").read_text()
+    assert "registeredModel" not in run.data.params and "modelVersion" not in summary["outputs"]["mlflow"]
+
+
+def test_a_resumed_run_continues_the_same_mlflow_run(run_training, base_spec, mlflow):
+    spec = {**base_spec, "epochs": 3, "tracking": mlflow.spec()}
+    stopped, resolved = run_training(spec, max_epochs=1)
+    out = Path(resolved.params.output)
+    first = json.loads((out / "mlflow_run.json").read_text())["runId"]
+    client = mlflow.server.client()
+    assert client.get_run(first).info.status == "KILLED"          # interrupted, to be continued
+    summary, _ = run_training(spec)
+    assert summary["outputs"]["mlflow"]["runId"] == first
+    assert len(client.search_runs([client.get_experiment_by_name(mlflow.experiment).experiment_id])) == 1
+    assert client.get_run(first).info.status == "FINISHED"
+    assert_tracked(client, out, first, steps=summary["step"], epochs=3)
+
+
+def test_a_two_process_torchrun_run_logs_once_from_rank_0(base_spec, mlflow, tmp_path, h):
+    spec = {**base_spec, "batchSize": 8, "tracking": mlflow.spec()}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(h.trainjob(spec, name="torchrun-mlflow")))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "kontrast.trainer", str(job), "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = Path(spec["output"])
+    client = mlflow.server.client()
+    runs = client.search_runs([client.get_experiment_by_name(mlflow.experiment).experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"      # rank 1 created no run
+    assert runs[0].data.params["resolved.worldSize"] == "2"
+    summary = json.loads((out / "summary.json").read_text())
+    assert_tracked(client, out, runs[0].info.run_id, steps=summary["step"], epochs=2)
+
+
+class StopServerAt(Reporter):
+    """Stops the MLflow server when training reaches ``step`` (the server goes away mid-run)."""
+
+    def __init__(self, server, step: int):
+        self.server, self.step, self.stopped_at = server, step, None
+
+    def on_step(self, progress):
+        if progress["step"] == self.step and self.stopped_at is None:
+            self.server.stop()
+            self.stopped_at = time.monotonic()
+
+
+def test_a_run_finishes_when_the_server_stops_mid_run(run_training, base_spec, caplog):
+    server = started_server()
+    try:
+        stopper = StopServerAt(server, step=3)
+        spec = {**base_spec, "epochs": 3, "evalEvery": 1,
+                "tracking": {"mlflow": {"uri": server.uri, "experiment": "down", "registeredModel": "down-model"}}}
+        with caplog.at_level(logging.WARNING, logger="kontrast"):
+            summary, resolved = run_training(spec, reporters=[stopper])
+        after_stop = time.monotonic() - stopper.stopped_at
+    finally:
+        server.stop()
+    assert summary["step"] == 12 and summary["epoch"] == 3 and (Path(resolved.params.output) / "model").is_dir()
+    assert summary["outputs"]["mlflow"]["runId"] and "modelVersion" not in summary["outputs"]["mlflow"]
+    warnings = [r.getMessage() for r in caplog.records if "MLflow tracking" in r.getMessage()]
+    assert warnings and "training continues" in warnings[0]
+    # One warning, then each request tried once: tracking costs the rest of the run seconds, not minutes.
+    assert len(warnings) <= 2, warnings
+    assert after_stop < mlflow_tracking.END_SECONDS / 2, after_stop
+
+
+def test_the_registered_model_version_loads_back_in_open_clip(run_training, base_spec, mlflow, tmp_path):
+    summary, resolved = run_training({**base_spec, "evalEvery": 1,
+                                      "tracking": mlflow.spec(registeredModel=f"{mlflow.experiment}-model")})
+    published = summary["outputs"]["mlflow"]
+    name, version = published["modelName"], published["modelVersion"]
+    assert published["modelUri"] == f"models:/{name}/{version}"
+    client = mlflow.server.client()
+    tags = client.get_model_version(name, version).tags
+    assert tags["kontrast.name"] == resolved.name and tags["kontrast.best_ndcg_at_10"]
+    assert float(tags["kontrast.best_ndcg_at_10"]) == pytest.approx(summary["best"]["ndcg@10"], rel=1e-5)
+    train = json.loads(tags["kontrast.data.trainData"])
+    assert train["location"] == resolved.params.train_data and int(train["size"]) == os.path.getsize(train["location"])
+    assert "kontrast.data.evalData" in tags
+    assert client.get_model_version(name, version).run_id == published["runId"]
+
+    # What the README shows: the MLflow client and one open_clip call.
+    import mlflow as mlflow_client
+    import open_clip
+
+    mlflow_client.set_tracking_uri(mlflow.uri)
+    path = mlflow_client.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp_path / "dl"))
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
+
+    exported = load_file(Path(resolved.params.output) / "model" / "open_clip_model.safetensors")
+    loaded = model.state_dict()
+    assert exported.keys() <= loaded.keys()
+    assert all(torch.equal(exported[k], loaded[k]) for k in exported)
+    assert preprocess.transforms[0].size in (16, [16], (16, 16))
