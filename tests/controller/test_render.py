@@ -139,6 +139,7 @@ def test_trainer_container_runs_launch_with_torchrun_env():
     assert env["PET_MASTER_PORT"] == "29500"
     assert env[contract.JOB_NAME_ENV] == "clip"
     assert env[contract.JOB_NAMESPACE_ENV] == "ml"
+    assert env[contract.JOB_UID_ENV] == job["metadata"]["ownerReferences"][0]["uid"]
     assert env[contract.TERMINATION_LOG_ENV] == contract.TERMINATION_LOG
     assert c["terminationMessagePath"] == contract.TERMINATION_LOG
 

@@ -129,6 +129,7 @@ def _env(tj: Mapping[str, Any], spec: Mapping[str, Any], attempt: int, config: O
         {"name": "PET_MASTER_PORT", "value": str(config.master_port)},
         {"name": contract.JOB_NAME_ENV, "value": meta["name"]},
         {"name": contract.JOB_NAMESPACE_ENV, "value": meta["namespace"]},
+        {"name": contract.JOB_UID_ENV, "value": meta.get("uid", "")},
         {"name": contract.STATUS_INTERVAL_ENV, "value": f"{config.status_interval_seconds:g}"},
         {"name": contract.TERMINATION_LOG_ENV, "value": contract.TERMINATION_LOG},
         {"name": contract.PVC_ROOT_ENV, "value": contract.PVC_ROOT_DEFAULT},

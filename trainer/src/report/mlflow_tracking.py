@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from kontrast.api.tracking import MlflowTracking
-from kontrast.contract import JOB_NAMESPACE_ENV
+from kontrast.contract import JOB_NAMESPACE_ENV, JOB_UID_ENV
 
 from .. import storage
 from ..layout import OutputFolder
@@ -96,7 +96,7 @@ def mlflow_tracker(resolved: Resolved, namespace: Optional[str] = None) -> Optio
                     "'kontrast[trainer,mlflow]'): the run is not tracked")
         return None
     params = resolved.params
-    identity = {"kontrast.name": resolved.name, "kontrast.uid": resolved.uid or "",
+    identity = {"kontrast.name": resolved.name, "kontrast.uid": resolved.uid or os.environ.get(JOB_UID_ENV, ""),
                 "kontrast.namespace": namespace if namespace is not None else os.environ.get(JOB_NAMESPACE_ENV, "")}
     data = {"trainData": params.train_data, "evalData": params.eval_data, "corpusData": params.corpus_data}
     return MlflowTracker(settings, OutputFolder(params.output), identity,
