@@ -146,9 +146,7 @@ class MlflowTracker(Reporter):
     def _find_or_create_run(self) -> dict[str, str]:
         kept = self._kept_run()
         if kept:
-            found = self.client.get_run(kept["runId"])
             self.client.update_run(kept["runId"], status="RUNNING")
-            self.artifact_uri = found.info.artifact_uri
             return kept
         name = self.settings.experiment or self.identity["kontrast.namespace"] or "Default"
         experiment = self.client.get_experiment_by_name(name)
@@ -173,7 +171,7 @@ class MlflowTracker(Reporter):
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.get_run(kept["runId"])
+            self.artifact_uri = self.client.get_run(kept["runId"]).info.artifact_uri
         except MlflowException as exc:
             if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
                 raise
