@@ -67,7 +67,7 @@ def test_the_server_is_the_clients_version():
 
 def test_a_local_run_logs_params_batched_steps_evaluations_and_artifacts(run_training, base_spec, mlflow, tmp_path):
     requests_before = log_batches(mlflow.server)
-    summary, resolved = run_training({**base_spec, "batchSize": 8, "evalEvery": 1, "tracking": mlflow.spec()})
+    summary, resolved = run_training({**base_spec, "batchSize": 4, "evalEvery": 1, "tracking": mlflow.spec()})
     out = Path(resolved.params.output)
     run_id = summary["outputs"]["mlflow"]["runId"]
     assert json.loads((out / "mlflow_run.json").read_text())["runId"] == run_id
@@ -76,15 +76,17 @@ def test_a_local_run_logs_params_batched_steps_evaluations_and_artifacts(run_tra
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == resolved.name
     assert client.get_experiment(run.info.experiment_id).name == mlflow.experiment
-    assert run.data.params["batchSize"] == "8" and run.data.params["data.onBadImage"] == "fail"
+    assert run.data.params["batchSize"] == "4" and run.data.params["data.onBadImage"] == "fail"
     assert run.data.params["rightWeights"] == "[0.5, 0.5]"
-    assert run.data.params["resolved.globalBatchSize"] == "8" and run.data.tags["kontrast.name"] == resolved.name
+    assert run.data.params["resolved.globalBatchSize"] == "4" and run.data.tags["kontrast.name"] == resolved.name
     steps = summary["step"]
-    assert steps == 16
+    assert steps == 32
     assert_tracked(client, out, run_id, steps=steps, epochs=2)
     assert len(history(client, run_id, "perf/samples_per_second")) == steps
-    # Batched: a request per flush (checkpoints, evaluations, every FLUSH_SECONDS), not per step.
-    assert log_batches(mlflow.server) - requests_before < steps / 2
+    # Batched: a request per flush (checkpoints, evaluations, every FLUSH_SECONDS), not per step
+    # (6 here when a step takes well under FLUSH_SECONDS).
+    requests = log_batches(mlflow.server) - requests_before
+    assert requests < steps / 2, f"{requests} log-batch requests for {steps} steps"
 
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"summary.json", "report.html", "plots", "model_card"} <= names
