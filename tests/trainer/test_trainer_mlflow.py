@@ -4,12 +4,12 @@ through the MLflow client; with registeredModel, the model version loads back in
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,6 @@ import yaml
 from safetensors.torch import load_file
 
 from harness.mlflow import MLFLOW_VERSION, started_server
-from kontrast.trainer.report import mlflow_tracking
 from kontrast.trainer.report.mlflow_tracking import flatten, metric_key
 from kontrast.trainer.report.reporters import Reporter
 
@@ -135,12 +134,12 @@ class StopServerAt(Reporter):
     """Stops the MLflow server when training reaches ``step`` (the server goes away mid-run)."""
 
     def __init__(self, server, step: int):
-        self.server, self.step, self.stopped_at = server, step, None
+        self.server, self.step, self.stopped = server, step, False
 
     def on_step(self, progress):
-        if progress["step"] == self.step and self.stopped_at is None:
+        if progress["step"] == self.step and not self.stopped:
             self.server.stop()
-            self.stopped_at = time.monotonic()
+            self.stopped = True
 
 
 def test_a_run_finishes_when_the_server_stops_mid_run(run_training, base_spec, caplog):
@@ -151,16 +150,20 @@ def test_a_run_finishes_when_the_server_stops_mid_run(run_training, base_spec, c
                 "tracking": {"mlflow": {"uri": server.uri, "experiment": "down", "registeredModel": "down-model"}}}
         with caplog.at_level(logging.WARNING, logger="kontrast"):
             summary, resolved = run_training(spec, reporters=[stopper])
-        after_stop = time.monotonic() - stopper.stopped_at
+        returned = dt.datetime.now(dt.timezone.utc)
     finally:
         server.stop()
-    assert summary["step"] == 12 and summary["epoch"] == 3 and (Path(resolved.params.output) / "model").is_dir()
+    out = Path(resolved.params.output)
+    assert stopper.stopped and summary["step"] == 12 and summary["epoch"] == 3 and (out / "model").is_dir()
     assert summary["outputs"]["mlflow"]["runId"] and "modelVersion" not in summary["outputs"]["mlflow"]
     warnings = [r.getMessage() for r in caplog.records if "MLflow tracking" in r.getMessage()]
     assert warnings and "training continues" in warnings[0]
-    # One warning, then each request tried once: tracking costs the rest of the run seconds, not minutes.
-    assert len(warnings) <= 2, warnings
-    assert after_stop < mlflow_tracking.END_SECONDS / 2, after_stop
+    assert len(warnings) <= 2, warnings        # one warning (and one "not waiting any longer" at most)
+    # What the end of the run waited for tracking: from progress.jsonl's end event (whole seconds)
+    # to train() returning, about 2 s. Each request is tried once while the server stays away:
+    # retrying the end's three requests would take 9 s, MLflow's own retries minutes.
+    ended = dt.datetime.fromisoformat(jsonl(out, "end")[-1]["time"].replace("Z", "+00:00"))
+    assert (returned - ended).total_seconds() < 8, returned - ended
 
 
 def test_the_registered_model_version_loads_back_in_open_clip(run_training, base_spec, mlflow, tmp_path):
