@@ -93,16 +93,18 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server not ready after {timeout}s (last: {last!r}); log:\n{tail}")
 
     def stop(self) -> None:
-        """Stop the server and every worker it started (its own process group)."""
+        """Stop the server and every worker it started (its own process group); killed when it
+        does not stop at once (uvicorn waits for idle keep-alive connections)."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait(timeout=10)
+        if self.proc is not None:
+            self.log.close()
         self.proc = None
-        self.log.close()
 
     def client(self):
         from mlflow.tracking import MlflowClient
@@ -126,20 +128,21 @@ class Mlflow:
         return {"mlflow": {"uri": self.uri, "experiment": self.experiment, **more}}
 
 
-def started_server() -> MlflowServer:
-    workdir = Path(tempfile.mkdtemp(prefix="kontrast-mlflow-"))
-    return MlflowServer(ensure_server_env(), workdir).start()
+def own_server(start: bool = True) -> MlflowServer:
+    """A server of the test's own (its port is chosen now; ``start=False``: not running yet)."""
+    made = MlflowServer(ensure_server_env(), Path(tempfile.mkdtemp(prefix="kontrast-mlflow-")))
+    return made.start() if start else made
 
 
 @pytest.fixture(scope="session")
 def mlflow_server():
     """``mlflow server`` on loopback for the whole session."""
-    server = started_server()
+    running = own_server()
     try:
-        yield server
+        yield running
     finally:
-        server.stop()
-        shutil.rmtree(server.workdir, ignore_errors=True)
+        running.stop()
+        shutil.rmtree(running.workdir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from harness.mlflow import MLFLOW_VERSION, started_server
+from harness.mlflow import MLFLOW_VERSION, own_server
 from kontrast.trainer.report.mlflow_tracking import flatten, metric_key
 from kontrast.trainer.report.reporters import Reporter
 
@@ -143,7 +144,7 @@ class StopServerAt(Reporter):
 
 
 def test_a_run_finishes_when_the_server_stops_mid_run(run_training, base_spec, caplog):
-    server = started_server()
+    server = own_server()
     try:
         stopper = StopServerAt(server, step=3)
         spec = {**base_spec, "epochs": 3, "evalEvery": 1,
@@ -194,3 +195,71 @@ def test_the_registered_model_version_loads_back_in_open_clip(run_training, base
     assert exported.keys() <= loaded.keys()
     assert all(torch.equal(exported[k], loaded[k]) for k in exported)
     assert preprocess.transforms[0].size in (16, [16], (16, 16))
+
+
+class StartServerAt(Reporter):
+    """Starts the (stopped) MLflow server when training reaches ``step``."""
+
+    def __init__(self, server, step: int):
+        self.server, self.step, self.started = server, step, False
+
+    def on_step(self, progress):
+        if progress["step"] == self.step and not self.started:
+            self.server.start()
+            self.started = True
+
+
+def test_a_server_that_comes_back_mid_run_gets_the_whole_run(run_training, base_spec):
+    server = own_server(start=False)                      # away when training starts
+    try:
+        starter = StartServerAt(server, step=3)
+        spec = {**base_spec, "epochs": 3, "evalEvery": 1,
+                "tracking": {"mlflow": {"uri": server.uri, "experiment": "late"}}}
+        summary, resolved = run_training(spec, reporters=[starter])
+        out = Path(resolved.params.output)
+        assert starter.started and "tracking" not in jsonl(out, "start")[0]   # no run at the start
+        run_id = summary["outputs"]["mlflow"]["runId"]
+        assert json.loads((out / "mlflow_run.json").read_text())["runId"] == run_id
+        client = server.client()
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.params["epochs"] == "3"
+        assert_tracked(client, out, run_id, steps=12, epochs=3)  # the steps before it came back too
+    finally:
+        server.stop()
+
+
+def test_a_server_that_never_answers_delays_neither_the_start_nor_the_end(run_training, base_spec, monkeypatch):
+    import socket
+
+    from kontrast.trainer.report import mlflow_tracking
+
+    # A black hole: the kernel accepts connections for the listening socket, nobody answers.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")  # each request hangs 2 s (3 tries: 9 s with backoff)
+    monkeypatch.setattr(mlflow_tracking, "START_SECONDS", 1.0)
+    monkeypatch.setattr(mlflow_tracking, "END_SECONDS", 2.0)
+    monkeypatch.setattr(mlflow_tracking, "CLOSE_SECONDS", 1.0)
+    waited: list[float] = []
+    begin = mlflow_tracking.MlflowTracker.begin
+
+    def timed_begin(self, info):
+        started = time.monotonic()
+        try:
+            return begin(self, info)
+        finally:
+            waited.append(time.monotonic() - started)
+
+    monkeypatch.setattr(mlflow_tracking.MlflowTracker, "begin", timed_begin)
+    try:
+        uri = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        summary, resolved = run_training({**base_spec, "tracking": {"mlflow": {"uri": uri}}})
+        returned = dt.datetime.now(dt.timezone.utc)
+    finally:
+        hole.close()
+    out = Path(resolved.params.output)
+    assert summary["step"] == 8 and (out / "model").is_dir() and "mlflow" not in summary["outputs"]
+    assert len(waited) == 1 and waited[0] < 1.5, waited
+    ended = dt.datetime.fromisoformat(jsonl(out, "end")[-1]["time"].replace("Z", "+00:00"))
+    assert (returned - ended).total_seconds() < 5, returned - ended     # END_SECONDS + CLOSE_SECONDS + rounding

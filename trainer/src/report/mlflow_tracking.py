@@ -16,10 +16,10 @@ One TrainJob is one MLflow run however often it is preempted: the run's id is wr
   the TrainJob and the data it learned from; then summary.json, report.html, plots/ and the
   model card as artifacts.
 
-Never fatal, never blocking: after the start every request runs on one background thread. A
-failing request is retried ``ATTEMPTS`` times with backoff, then logged as a warning; while
-the server stays unreachable later requests are tried once each, and the end of a run waits
-for tracking at most ``END_SECONDS``. Step metrics that could not be sent are kept (at most
+Never fatal, never blocking: every request runs on one background thread. A failing request
+is retried ``ATTEMPTS`` times with backoff, then logged as a warning; while the server stays
+unreachable later requests are tried once each. The start waits for the run at most
+``START_SECONDS`` (status shows its id when it came in time), the end at most ``END_SECONDS``. Step metrics that could not be sent are kept (at most
 ``MAX_PENDING``) and go with the next batch that gets through.
 """
 
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 10.0        #: step metrics are sent at most this often (and at checkpoints, evaluations)
 ATTEMPTS = 3                #: tries of a request while the server answered the last one
 BACKOFF_SECONDS = 1.0       #: before the second try; doubled for each further one
+START_SECONDS = 30.0        #: the longest the start waits for the run (it is then created in the background)
 END_SECONDS = 120.0         #: the longest the end of a run waits for its artifacts and model version
 CLOSE_SECONDS = 10.0        #: the longest close() waits for requests still queued
 MAX_PENDING = 100_000       #: step metrics kept while the server is unreachable (oldest dropped)
@@ -125,23 +126,35 @@ class MlflowTracker(Reporter):
         self._last_flush = time.monotonic()
         self._flush_queued = False
         self._ended = False
+        self._info: Mapping[str, Any] = {}       # begin()'s start info: the params
+        self._params_logged = False
         self._jobs: queue.Queue = queue.Queue()
         self._thread: Optional[threading.Thread] = None
 
-    # --- the start: synchronous -----------------------------------------------------------
+    # --- the start ------------------------------------------------------------------------
     def begin(self, info: Mapping[str, Any]) -> dict[str, str]:
-        """Continue this output's MLflow run or create one, log the params, start the
-        background thread. Returns ``{"uri", "experimentId", "runId"}`` ({} when the server
-        could not be reached: training goes on untracked)."""
-        run, ok = self._attempt(self._find_or_create_run, "creating the MLflow run")
-        if not ok:
-            return {}
-        self.run = run
-        self._attempt(lambda: self._log_params(info), "logging the params")
+        """Start the background thread, continue this output's MLflow run or create one, and log
+        the params. Returns ``{"uri", "experimentId", "runId"}``, or {} when the run is not
+        there within START_SECONDS (the server is down or slow: training goes on, and the run
+        is created when the server answers)."""
+        self._info = info
         self._thread = threading.Thread(target=self._work, name="kontrast-mlflow", daemon=True)
         self._thread.start()
-        log.info("tracking in MLflow run %s (experiment %s) at %s", run["runId"], run["experimentId"], run["uri"])
-        return dict(run)
+        opened = self._submit(self._open, "creating the MLflow run")
+        run = self._wait(opened, time.monotonic() + START_SECONDS, "the MLflow run")
+        if run:
+            log.info("tracking in MLflow run %s (experiment %s) at %s", run["runId"], run["experimentId"], run["uri"])
+        return dict(run or {})
+
+    def _open(self) -> dict[str, str]:
+        """The run, created (or continued) and its params logged, at the first request that needs
+        it: at the start, or when the server answers again."""
+        if not self.run:
+            self.run = self._find_or_create_run()
+        if not self._params_logged:
+            self._log_params(self._info)
+            self._params_logged = True
+        return self.run
 
     def _find_or_create_run(self) -> dict[str, str]:
         kept = self._kept_run()
@@ -190,7 +203,7 @@ class MlflowTracker(Reporter):
 
     # --- the hooks: queue work --------------------------------------------------------------
     def on_step(self, p):
-        if not self.run:
+        if self._thread is None:
             return
         from mlflow.entities import Metric
 
@@ -207,7 +220,7 @@ class MlflowTracker(Reporter):
         self._queue_flush()
 
     def on_eval(self, event):
-        if not self.run:
+        if self._thread is None:
             return
         from mlflow.entities import Metric
 
@@ -220,17 +233,18 @@ class MlflowTracker(Reporter):
     def on_end(self, summary):
         """Flush, register the model, then log the files; adds ``outputs.mlflow`` to ``summary``
         (and summary.json) for the sinks after this one, the cluster status among them."""
-        if not self.run:
+        if self._thread is None:
             return
         deadline = time.monotonic() + END_SECONDS
         self._queue_flush()
-        version = self._wait(self._submit(lambda: self._register(summary), "registering the model"), deadline)
-        outputs = {**self.run, **(version or {})}
-        summary.setdefault("outputs", {})["mlflow"] = outputs
-        if summary.get("summaryUri"):
-            storage.write_text(summary["summaryUri"], json.dumps(summary, indent=2) + "\n")
-        self._wait(self._submit(self._log_end_artifacts, "logging the report and summary"),
-                   deadline)
+        version = self._wait(self._submit(lambda: self._register(summary), "registering the model"), deadline,
+                             "the model version")
+        if self.run:
+            summary.setdefault("outputs", {})["mlflow"] = {**self.run, **(version or {})}
+            if summary.get("summaryUri"):
+                storage.write_text(summary["summaryUri"], json.dumps(summary, indent=2) + "\n")
+        self._wait(self._submit(self._log_end_artifacts, "logging the report and summary"), deadline,
+                   "the report and summary")
         self._ended = True
 
     def close(self):
@@ -238,8 +252,9 @@ class MlflowTracker(Reporter):
             return
         status = "FINISHED" if self._ended else "KILLED"    # a resume sets it RUNNING again
         self._queue_flush()
-        self._wait(self._submit(lambda: self.client.set_terminated(self.run["runId"], status),
-                                f"ending the MLflow run ({status})"), time.monotonic() + CLOSE_SECONDS)
+        self._wait(self._submit(lambda: self.run and self.client.set_terminated(self.run["runId"], status),
+                                f"ending the MLflow run ({status})"), time.monotonic() + CLOSE_SECONDS,
+                   "the run's end")
         self._jobs.put(None)
         self._thread = None
 
@@ -249,11 +264,12 @@ class MlflowTracker(Reporter):
         self._jobs.put((fn, what, future))
         return future
 
-    def _wait(self, future: Future, deadline: float) -> Any:
+    def _wait(self, future: Future, deadline: float, what: str) -> Any:
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
-            log.warning("MLflow tracking is behind: not waiting for it any longer (training is done)")
+            log.warning("MLflow tracking: not waiting any longer for %s (the server is slow or away; "
+                        "training goes on)", what)
             return None
 
     def _work(self) -> None:
@@ -262,11 +278,10 @@ class MlflowTracker(Reporter):
             if job is None:
                 return
             fn, what, future = job
-            result, _ = self._attempt(fn, what)
-            future.set_result(result)
+            future.set_result(self._attempt(fn, what))
 
-    def _attempt(self, fn: Callable[[], Any], what: str) -> tuple[Any, bool]:
-        """``fn()`` with retries; (result, True), or (None, False) after a warning."""
+    def _attempt(self, fn: Callable[[], Any], what: str) -> Any:
+        """``fn()`` with retries; None after a warning when it keeps failing."""
         tries = 1 if self._unreachable else ATTEMPTS
         for i in range(tries):
             try:
@@ -281,16 +296,16 @@ class MlflowTracker(Reporter):
                 else:
                     log.debug("MLflow tracking: %s failed again: %s", what, exc)
                 self._unreachable = True
-                return None, False
+                return None
             if self._unreachable:
                 log.info("MLflow tracking: the server answers again (%s)", what)
             self._unreachable = False
-            return result, True
-        return None, False
+            return result
+        return None
 
     def _queue_flush(self) -> None:
         with self._lock:
-            if self._flush_queued or not self._pending or not self.run:
+            if self._flush_queued or not self._pending:
                 return
             self._flush_queued = True
         self._submit(self._flush, "logging metrics")
@@ -300,6 +315,9 @@ class MlflowTracker(Reporter):
         with self._lock:
             self._flush_queued = False
             self._last_flush = time.monotonic()
+        if not self._pending:
+            return
+        self._open()
         while True:
             with self._lock:
                 batch, self._pending = self._pending[:BATCH_METRICS], self._pending[BATCH_METRICS:]
@@ -319,6 +337,7 @@ class MlflowTracker(Reporter):
         name, model = self.settings.registered_model, (summary.get("outputs") or {}).get("model")
         if not name or not model:
             return None
+        self._open()
         with tempfile.TemporaryDirectory(prefix="kontrast-mlflow-") as tmp:
             self.client.log_artifacts(self.run["runId"], str(_local_folder(model, Path(tmp))), "model")
         from mlflow.exceptions import MlflowException
@@ -352,6 +371,7 @@ class MlflowTracker(Reporter):
         return tags
 
     def _log_end_artifacts(self) -> None:
+        self._open()
         with tempfile.TemporaryDirectory(prefix="kontrast-mlflow-") as tmp:
             for place, folder in END_ARTIFACTS:
                 location = getattr(self.output, place)
