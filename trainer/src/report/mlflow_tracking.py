@@ -105,8 +105,8 @@ def mlflow_tracker(resolved: Resolved, namespace: Optional[str] = None) -> Optio
 
 
 class MlflowTracker(Reporter):
-    """Rank 0's MLflow reporter. :meth:`begin` finds or creates the run (synchronously, bounded);
-    the hooks queue their requests for the background thread."""
+    """Rank 0's MLflow reporter: :meth:`begin` and the hooks queue requests for one background
+    thread, and wait for them only at the start and the end, a bounded time."""
 
     def __init__(self, settings: MlflowTracking, output: OutputFolder, identity: Mapping[str, str],
                  data: Mapping[str, str]):
@@ -118,7 +118,7 @@ class MlflowTracker(Reporter):
         self.identity = dict(identity)          # kontrast.name, .namespace, .uid: tags of the run and version
         self.data = dict(data)                  # trainData, evalData, corpusData: resolved locations
         self.client = MlflowClient(tracking_uri=settings.uri, registry_uri=settings.uri)
-        self.run: dict[str, str] = {}           # uri, experimentId, runId once begin() succeeded
+        self.run: dict[str, str] = {}           # uri, experimentId, runId once created or continued
         self.artifact_uri = ""
         self._unreachable = False
         self._pending: list[Any] = []           # mlflow.entities.Metric not sent yet
