@@ -46,6 +46,6 @@ chromium:
 test: venv testbin node images chromium
 	$(VENV)/bin/pytest
 
-## The tests that need neither the control plane, several processes, the S3 server nor the node.
+## The tests that need neither the control plane, several processes, the S3 server, the node nor MLflow's.
 test-fast: venv chromium
-	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed and not s3 and not node"
+	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed and not s3 and not node and not mlflow"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from kontrast import __version__, contract
 
@@ -35,6 +35,7 @@ ENV_HANG = "KONTRAST_HANG_SECONDS"  # restart a Running job whose progress is ol
 ENV_STATUS_INTERVAL = contract.STATUS_INTERVAL_ENV  # the trainer's progress patch interval
 ENV_METRICS_PORT = "KONTRAST_METRICS_PORT"  # 0 disables the /metrics endpoint
 ENV_KUBECONFIG = "KONTRAST_OPERATOR_KUBECONFIG"  # else KUBECONFIG, else in-cluster
+ENV_TTL = "KONTRAST_TTL_SECONDS_AFTER_FINISHED"  # the platform's default; empty: keep finished TrainJobs
 
 #: ``spec.scheduling`` fields that shape the training pods and may have chart defaults.
 POD_FIELDS = ("resources", "nodeSelector", "tolerations", "priorityClassName", "schedulerName", "affinity",
@@ -83,6 +84,9 @@ class OperatorConfig:
     status_interval_seconds: float = 20.0
     metrics_port: int = 8081
     watch_namespaces: tuple[str, ...] = ()
+    #: Delete finished TrainJobs that set no spec.scheduling.ttlSecondsAfterFinished this long
+    #: after they finished (None: keep them).
+    ttl_seconds_after_finished: Optional[float] = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -108,10 +112,25 @@ class OperatorConfig:
             status_interval_seconds=float(env.get(ENV_STATUS_INTERVAL) or cls.status_interval_seconds),
             metrics_port=int(env.get(ENV_METRICS_PORT) or 8081),
             watch_namespaces=namespaces,
+            ttl_seconds_after_finished=_seconds(env, ENV_TTL),
         )
 
     def hang_after(self) -> float | None:
         return self.hang_seconds or None
+
+
+def _seconds(env: Mapping[str, str], name: str) -> Optional[float]:
+    """A non-negative number of seconds, or None when unset or empty."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {raw!r}")
+    return value
 
 
 def _json_object(env: Mapping[str, str], name: str) -> dict[str, Any]:

@@ -9,7 +9,8 @@ Triggers, all funnelled through :func:`trigger` (one retry policy, bursts collap
 - Child Jobs and Pods changed; the Kueue Workload of a child Job changed (queued, admitted,
   preempted: what the TrainJob's Queued condition reports); a base child (ServiceAccount, Role, RoleBinding, Service,
   ConfigMap) deleted, so it is created again at once.
-- A wake-up the last decision asked for (a deadline, the hang watchdog, a held attempt) and
+- A wake-up the last decision asked for (a deadline, the hang watchdog, a held attempt, a
+  finished job's ttlSecondsAfterFinished) and
   the periodic resync of every TrainJob not finished: explicit ``call_later`` timers in the
   operator's memory, not kopf timers, so no finalizer ever blocks a deletion.
 
@@ -163,7 +164,10 @@ async def _reconcile_now(memo: kopf.Memo, namespace: str, name: str) -> None:
     # yet (just created, or the operator just started), so nothing is repaired by mistake.
     present = {uid: frozenset(kind for kind, _ in kids) for uid, kids in memo.children.items()}
     plan = await asyncio.to_thread(memo.reconciler.reconcile, namespace, name, present=present.get)
-    if plan is None or plan.status.get("phase") in TERMINAL:
+    if plan is None or plan.delete_trainjob or plan.status.get("phase") in TERMINAL:
+        if plan is not None and plan.requeue_after is not None:
+            _wake_up(memo, namespace, name, plan.requeue_after)   # a finished job's TTL, no resync
+            return
         handle = memo.wakeups.pop((namespace, name), None)
         if handle is not None:
             handle.cancel()

@@ -177,9 +177,13 @@ class Kube:
         items.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", reverse=True)
         return [e.get("message") or "" for e in items]
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str, foreground: bool = False) -> bool:
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, foreground: bool = False,
+               uid: Optional[str] = None) -> bool:
+        """Delete (NotFound is fine); ``uid``: only that object, never a successor of the same name."""
         body = {"kind": "DeleteOptions", "apiVersion": "v1",
                 "propagationPolicy": "Foreground" if foreground else "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
             self.request("DELETE", _path(api_version, kind, namespace, name), body=body)
             return True
@@ -187,6 +191,11 @@ class Kube:
             if e.status == 404:
                 return False
             raise
+
+    def delete_trainjob(self, tj: Mapping[str, Any]) -> bool:
+        """Delete this TrainJob (by uid); garbage collection removes its children afterwards."""
+        meta = tj["metadata"]
+        return self.delete(f"{GROUP}/{VERSION}", "TrainJob", meta["namespace"], meta["name"], uid=meta.get("uid"))
 
     def delete_job(self, namespace: str, name: str) -> bool:
         """Foreground: the Job stays visible until its pods are gone, so attempt numbers only grow

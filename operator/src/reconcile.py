@@ -75,7 +75,8 @@ class Reconciler:
         seen = present(tj["metadata"]["uid"]) if present else None
         missing = frozenset(BASE_KINDS) - frozenset(seen) if seen is not None else frozenset()
         plan = decide(tj, self.kube.list_jobs(tj), self.kube.list_pods(tj), now,
-                      missing_children=missing, hang_after=self.config.hang_after(), read=self.kube)
+                      missing_children=missing, hang_after=self.config.hang_after(), read=self.kube,
+                      default_ttl=self.config.ttl_seconds_after_finished)
         self.execute(tj, plan)
         return plan
 
@@ -113,6 +114,8 @@ class Reconciler:
             # Everything but the Jobs (already deleted above) and, of course, the TrainJob.
             self.kube.delete_children(reversed(base_children(tj, self.config)))
             log.info("cleaned up the children of %s/%s", ns, name)
+        if plan.delete_trainjob and self.kube.delete_trainjob(tj):
+            log.info("deleted TrainJob %s/%s: its ttlSecondsAfterFinished ran out", ns, name)
 
     def _create(self, tj: Mapping[str, Any], objs: list[dict[str, Any]]) -> None:
         """Create ``objs`` (existing ones of ours are fine); on failure say why in status."""

@@ -166,6 +166,58 @@ def test_terminal_is_sticky_and_cleanup_never_resets_budget():
     assert not plan.events
 
 
+def finished(ttl=None, completion=99, phase_job=("Complete", "", "")):
+    """A TrainJob that finished at ``completion`` (its Jobs cleaned up), with the TTL set or not."""
+    obj, jobs, pods = running()
+    if ttl is not None:
+        obj["spec"]["scheduling"]["ttlSecondsAfterFinished"] = ttl
+    obj = apply(obj, decide(obj, [job(0, conditions=[phase_job], completion=ts(completion))], [], at(completion + 1)))
+    return obj
+
+
+def test_a_finished_job_without_ttl_is_kept_and_never_wakes_up():
+    obj = finished()
+    plan = decide(obj, [], [], at(10 ** 7))
+    assert not plan.delete_trainjob and plan.requeue_after is None and not plan.events
+
+
+def test_ttl_wakes_up_when_it_runs_out_then_deletes_the_trainjob_after_an_event():
+    obj = finished(ttl=300, completion=99)
+    assert obj["status"]["phase"] == "Succeeded"
+    plan = decide(obj, [], [], at(150))
+    assert not plan.delete_trainjob and plan.requeue_after == pytest.approx(249)   # 99 + 300 - 150
+    plan = decide(obj, [], [], at(399))
+    assert plan.delete_trainjob and plan.requeue_after is None
+    assert [(e.type, e.reason) for e in plan.events] == [("Normal", "TTLExpired")]
+    assert "ttlSecondsAfterFinished" in plan.events[0].message and ts(99) in plan.events[0].message
+    assert plan.create is None and plan.delete_jobs == [] and plan.status_patch(obj["status"]) == {}
+
+
+def test_ttl_counts_from_a_failure_too_and_zero_deletes_at_once():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"].update(maxRestarts=0, ttlSecondsAfterFinished=0)
+    obj = apply(obj, decide(obj, [job(0, conditions=[("Failed", "BackoffLimitExceeded", "x")])],
+                            [pod(0, 0, phase="Failed", exit_code=1)], at(50)))
+    assert obj["status"]["phase"] == "Failed"
+    assert decide(obj, [job(0)], [], at(50)).delete_trainjob
+
+
+def test_the_platform_default_ttl_applies_unless_the_trainjob_sets_its_own():
+    obj = finished(completion=99)
+    assert decide(obj, [], [], at(200), default_ttl=100).delete_trainjob
+    assert decide(obj, [], [], at(150), default_ttl=100).requeue_after == pytest.approx(49)
+    own = finished(ttl=1000, completion=99)
+    plan = decide(own, [], [], at(200), default_ttl=100)
+    assert not plan.delete_trainjob and plan.requeue_after == pytest.approx(899)
+
+
+def test_running_jobs_ignore_the_ttl():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["ttlSecondsAfterFinished"] = 0
+    plan = decide(obj, jobs, pods, at(10 ** 6))
+    assert plan.status["phase"] == "Running" and not plan.delete_trainjob
+
+
 def test_failed_with_cleanup_onsuccess_keeps_pods_but_always_cleans():
     obj, jobs, pods = running()
     failed = [job(0, conditions=[("Failed", "PodFailurePolicy", "exit 78")])]

@@ -139,6 +139,7 @@ def test_trainer_container_runs_launch_with_torchrun_env():
     assert env["PET_MASTER_PORT"] == "29500"
     assert env[contract.JOB_NAME_ENV] == "clip"
     assert env[contract.JOB_NAMESPACE_ENV] == "ml"
+    assert env[contract.JOB_UID_ENV] == job["metadata"]["ownerReferences"][0]["uid"]
     assert env[contract.TERMINATION_LOG_ENV] == contract.TERMINATION_LOG
     assert c["terminationMessagePath"] == contract.TERMINATION_LOG
 
@@ -238,6 +239,16 @@ def test_storage_secret_with_keys_passes_exactly_those():
 def test_storage_secret_for_pvc_only_uris_passes_nothing():
     pod = worker_job(trainjob(storageSecretRef={"name": "creds"}), 0, 0, CONFIG)["spec"]["template"]["spec"]
     assert secret_env(pod) == {}
+
+
+def test_mlflow_credentials_pass_only_the_clients_variables():
+    tracking = {"mlflow": {"uri": "https://mlflow.example.com", "credentialsSecretRef": {"name": "mlflow-token"}}}
+    pod = worker_job(trainjob(tracking=tracking), 0, 0, CONFIG)["spec"]["template"]["spec"]
+    assert "envFrom" not in pod["containers"][0]  # never the whole Secret
+    assert secret_env(pod) == {k: {"name": "mlflow-token", "key": k, "optional": True}
+                               for k in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    no_secret = {"mlflow": {"uri": "http://mlflow:5000"}}
+    assert secret_env(worker_job(trainjob(tracking=no_secret), 0, 0, CONFIG)["spec"]["template"]["spec"]) == {}
 
 
 def test_scheduling_fields_reach_the_pod():

@@ -170,3 +170,14 @@ def test_client_talks_http_with_the_token(tmp_path):
                            "application/merge-patch+json", "Bearer tok-1")
     assert seen[0][4] == {"status": {"progress": {"step": 1}}}
     assert seen[1][3] == "Bearer tok-2"
+
+
+def test_the_mlflow_run_is_in_status_from_the_start_and_its_model_version_at_the_end():
+    client, clock = FakeClient(), Clock()
+    r = reporter(client, clock)
+    run = {"uri": "http://mlflow:5000", "experimentId": "3", "runId": "abc"}
+    r.on_start({"epochs": 2, "totalSteps": 100, "startStep": 0, "tracking": {"mlflow": run}})
+    assert client.patches[-1]["outputs"] == {"mlflow": run}
+    version = {**run, "modelName": "search", "modelVersion": "4", "modelUri": "models:/search/4"}
+    r.on_end({"step": 100, "totalSteps": 100, "epoch": 2, "outputs": {"model": "/out/model", "mlflow": version}})
+    assert client.patches[-1]["outputs"]["mlflow"] == version     # the CRD's schema keeps every field

@@ -50,6 +50,7 @@ def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None], *, d
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the volume's other users
         with os.fdopen(fd, "wb") as f:
             write(f)
             if durable:
@@ -62,6 +63,18 @@ def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None], *, d
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def write_text(location: str, text: str) -> None:

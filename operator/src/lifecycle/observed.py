@@ -13,7 +13,7 @@ from ..children import names
 
 from .objects import (attempt_of, controller_uid, deleting, job_queue, job_suspended,
                       restarts_spent)
-from .phases import PENDING, RESTARTING, condition, condition_true, parse_time
+from .phases import PENDING, PHASE_CONDITION, RESTARTING, condition, condition_true, parse_time
 from .pods import PodFailure, pod_failure, pod_lives, pod_running
 
 
@@ -46,6 +46,8 @@ class Observed:
     workload: Optional[Mapping[str, Any]] = None
     #: The operator's record on the TrainJob as read (:func:`recorded`; empty before the first).
     record: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: The platform's ttlSecondsAfterFinished for TrainJobs that set none (None: keep them).
+    default_ttl: Optional[float] = None
 
     @property
     def live(self) -> tuple[Mapping[str, Any], ...]:
@@ -102,6 +104,18 @@ class Observed:
         """The phase while an attempt is not (yet) running: Restarting during a restart."""
         return RESTARTING if self.condition_true("Restarting") else PENDING
 
+    @property
+    def ttl(self) -> Optional[float]:
+        """Seconds a finished TrainJob is kept: its own spec.scheduling, else the platform's."""
+        own = self.sched.ttl_seconds_after_finished
+        return float(own) if own is not None else self.default_ttl
+
+    def finished_at(self) -> Optional[dt.datetime]:
+        """When the job Succeeded or Failed: status.completionTime, else its condition's transition."""
+        stamp = self.status.get("completionTime") or (
+            self.condition(PHASE_CONDITION.get(self.phase or "", "")) or {}).get("lastTransitionTime")
+        return parse_time(stamp)
+
     def last_progress(self) -> Optional[dt.datetime]:
         """When the trainer last reported progress, or the attempt started running if later."""
         times = [parse_time((self.status.get("progress") or {}).get("updatedAt")),
@@ -138,7 +152,7 @@ class Reads(Protocol):
 def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
             now: dt.datetime, *, failed_creates: Sequence[str] = (), missing_children: frozenset[str] = frozenset(),
             hang_after: Optional[float] = None, workload: Optional[Mapping[str, Any]] = None,
-            read: Optional[Reads] = None) -> Observed:
+            read: Optional[Reads] = None, default_ttl: Optional[float] = None) -> Observed:
     """The snapshot. ``read`` (the cluster) is asked only for what the snapshot shows it needs:
     the current Job's FailedCreate events while the Job is short of pods, its Workload while
     Kueue holds it. Without ``read``, ``failed_creates`` and ``workload`` are taken as given."""
@@ -184,4 +198,5 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
         hang_after=hang_after,
         workload=workload,
         record=record,
+        default_ttl=default_ttl,
     )

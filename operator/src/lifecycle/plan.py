@@ -28,6 +28,7 @@ class Plan:
     create: Optional[Create] = None
     delete_jobs: list[str] = dataclasses.field(default_factory=list)
     cleanup: bool = False  # delete every child but the TrainJob (after completion)
+    delete_trainjob: bool = False  # the TrainJob itself (its TTL ran out), after the events
     events: list[Event] = dataclasses.field(default_factory=list)
     release: Optional[str] = None  # hand this held worker Job on
     release_queue: Optional[str] = None  # ... to this Kueue LocalQueue (None: unsuspend it)
@@ -94,7 +95,7 @@ def plan(o: Observed, d: Decision) -> Plan:
     active = d.phase not in TERMINAL and not o.deleting
     return Plan(
         status=st, create=create, delete_jobs=_jobs_to_delete(o, d.delete_jobs),
-        cleanup=d.cleanup, release=d.release, release_queue=o.queue if d.release else None,
+        cleanup=d.cleanup, delete_trainjob=d.delete_trainjob, release=d.release, release_queue=o.queue if d.release else None,
         repair=tuple(k for k in BASE_KINDS if k in o.missing_children) if active and create is None else (),
         requeue_after=_requeue_after(o, d, st),
         record={} if o.deleting else {k: v for k, v in record_of(st["phase"], st["restarts"]).items()
@@ -110,8 +111,13 @@ def _jobs_to_delete(o: Observed, which: DeleteJobs) -> list[str]:
 
 def _requeue_after(o: Observed, d: Decision, st: Mapping[str, Any]) -> Optional[float]:
     """When a time-based rule (deadline, hang watchdog, waits) must look again, if sooner
-    than any event: an explicit wake-up instead of polling."""
-    if d.phase in TERMINAL or d.phase == SUSPENDED or o.deleting:
+    than any event: an explicit wake-up instead of polling. A finished job wakes up only for
+    its TTL."""
+    if o.deleting or d.delete_trainjob:
+        return None
+    if d.phase in TERMINAL:
+        return None if d.requeue_after is None else max(1.0, d.requeue_after)
+    if d.phase == SUSPENDED:
         return None
     times = [d.requeue_after]
     if st.get("startTime") and not o.queued:

@@ -80,6 +80,7 @@ class Decision:
     create: Optional[Create] = None
     delete_jobs: DeleteJobs = DeleteJobs.STALE  # by default, older attempts still alive go
     cleanup: bool = False  # delete every child but the TrainJob (after completion)
+    delete_trainjob: bool = False  # its TTL after finishing ran out: the TrainJob goes, its children with it
     release: Optional[str] = None  # hand this held worker Job on (to Kueue, or unsuspend it)
     requeue_after: Optional[float] = None  # reconcile again after this many seconds
     events: tuple[Event, ...] = ()  # besides the events of conditions that flip
@@ -95,13 +96,33 @@ def deleted(o: Observed) -> Optional[Decision]:
     return None
 
 
+def ttl_left(o: Observed) -> Optional[float]:
+    """Seconds until a finished TrainJob's ttlSecondsAfterFinished runs out (None: no TTL, or not finished)."""
+    finished = o.finished_at() if o.phase in TERMINAL else None
+    if o.ttl is None or finished is None:
+        return None
+    return o.ttl - (o.now - finished).total_seconds()
+
+
+def expired(o: Observed) -> Optional[Decision]:
+    """A finished TrainJob past its ttlSecondsAfterFinished is deleted; garbage collection takes
+    its children (ownerReferences). The output volume and a registered model are not children."""
+    left = ttl_left(o)
+    if left is None or left > 0:
+        return None
+    message = (f"deleting the TrainJob: it {o.phase.lower()} at {fmt_time(o.finished_at())}, "
+               f"{o.ttl:.0f}s ago (ttlSecondsAfterFinished); its output is kept")
+    return Decision(phase=o.phase, delete_trainjob=True, delete_jobs=DeleteJobs.NONE,
+                    events=(Event("Normal", "TTLExpired", message),))
+
+
 def terminal(o: Observed) -> Optional[Decision]:
-    """Terminal phases are sticky. Finish any cleanup a crash interrupted."""
+    """Terminal phases are sticky. Finish any cleanup a crash interrupted; wake up when the TTL runs out."""
     if o.phase not in TERMINAL:
         return None
     if o.live and o.sched.cleans_up(o.phase == SUCCEEDED):
-        return Decision(phase=o.phase, cleanup=True, delete_jobs=DeleteJobs.ALL)
-    return Decision(phase=o.phase)
+        return Decision(phase=o.phase, cleanup=True, delete_jobs=DeleteJobs.ALL, requeue_after=ttl_left(o))
+    return Decision(phase=o.phase, requeue_after=ttl_left(o))
 
 
 def suspended(o: Observed) -> Optional[Decision]:
@@ -311,7 +332,7 @@ def progress(o: Observed) -> Decision:
 
 
 RULES: tuple[Rule, ...] = (
-    deleted, terminal, suspended, resumed, first_creation, succeeded, deadline_exceeded,
+    deleted, expired, terminal, suspended, resumed, first_creation, succeeded, deadline_exceeded,
     permanent_error, gang_restart, hung, missing_job, held_attempt, queue_changed, queued, progress,
 )
 

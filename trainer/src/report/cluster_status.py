@@ -198,6 +198,8 @@ class StatusReporter(Reporter):
             patch["resolved"] = info["resolved"]
         if info.get("data"):
             patch["data"] = info["data"]
+        if (info.get("tracking") or {}).get("mlflow"):
+            patch["outputs"] = {"mlflow": dict(info["tracking"]["mlflow"])}
         progress = {"epochs": info.get("epochs"), "totalSteps": info.get("totalSteps")}
         if info.get("startStep") is not None:
             progress["step"] = info.get("startStep")

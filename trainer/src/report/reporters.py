@@ -10,7 +10,8 @@ A ``Reporter`` receives plain dicts (JSON-ready, camelCase keys matching the Tra
   "samplesPerSecond", "etaSeconds", "loss", "lr", "microBatchSize", "updatedAt"}``.
 * ``on_checkpoint(checkpoint)``: ``{"uri", "epoch", "step", "time"}``.
 * ``on_eval(event)``: ``{"phase": "before" | "after", "epoch", "metrics": {...}}``.
-* ``on_end(summary)``: the content of summary.json.
+* ``on_end(summary)``: the content of summary.json. A sink that publishes the run elsewhere
+  (MLflow) adds where to ``summary["outputs"]``, for the sinks after it.
 * ``close()``: always called, also after a failure.
 
 Only rank 0 reports. ``Reporters`` fans out to several sinks and swallows their errors

@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 
 from ..distributed import World, init_from_env, shutdown
 from ..layout import OutputFolder
+from ..report.mlflow_tracking import MlflowTracker, mlflow_tracker
 from ..report.reporters import JsonlReporter, Reporter, Reporters
 from ..report.tensorboard import tensorboard_reporter
 from ..spec import Resolved
@@ -64,29 +65,36 @@ def train(resolved: Resolved, *, world: Optional[World] = None, device: Optional
     started = time.monotonic()
     own_world = world is None
     world = world or init_from_env(device)
-    report = Reporters(_sinks(OutputFolder(resolved.params.output), reporters) if world.is_main else [])
+    tracker = mlflow_tracker(resolved) if world.is_main else None
+    report = Reporters(_sinks(OutputFolder(resolved.params.output), reporters, tracker) if world.is_main else [])
     try:
-        return _train(resolved, world, report, started, max_epochs)
+        return _train(resolved, world, report, started, max_epochs, tracker)
     finally:
         report.close()
         if own_world:
             shutdown()
 
 
-def _sinks(output: OutputFolder, reporters: Sequence[Reporter]) -> list[Reporter]:
-    """progress.jsonl (part of the output folder's contract, whoever else listens), the given
-    reporters, and TensorBoard when it is installed."""
+def _sinks(output: OutputFolder, reporters: Sequence[Reporter], tracker: Optional[MlflowTracker]) -> list[Reporter]:
+    """progress.jsonl (part of the output folder's contract, whoever else listens), MLflow (before
+    the given reporters: at the end it adds the model version to the summary they report), the
+    given reporters, and TensorBoard when it is installed."""
     board = tensorboard_reporter(output.tensorboard)
-    return [JsonlReporter(output.progress), *reporters, *([board] if board is not None else [])]
+    return [JsonlReporter(output.progress), *([tracker] if tracker is not None else []), *reporters,
+            *([board] if board is not None else [])]
 
 
 def _train(resolved: Resolved, world: World, report: Reporters, started: float,
-           max_epochs: Optional[int]) -> dict[str, Any]:
+           max_epochs: Optional[int], tracker: Optional[MlflowTracker] = None) -> dict[str, Any]:
     """Set up, resume, evaluate the starting model, train the epochs saving as asked, and
     summarise; or stop early after ``max_epochs`` epochs of this invocation."""
     run = setup(resolved, world)
     progress = _resume(run)
-    report.on_start(start_info(run, progress))
+    info = start_info(run, progress)
+    mlflow_run = tracker.begin(info) if tracker is not None else None
+    if mlflow_run:   # the MLflow run, created or continued: in progress.jsonl and status.outputs
+        info["tracking"] = {"mlflow": mlflow_run}
+    report.on_start(info)
     if progress.resumed_from is None:
         progress.eval_before = record_eval(progress, report, "before", measure_run(run, "before"),
                                            is_main=world.is_main)
