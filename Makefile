@@ -29,10 +29,11 @@ chromium:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-## Every test: unit, real control plane (k8s), operator end to end (e2e), distributed, S3 (s3).
+## Every test: unit, real control plane (k8s), operator end to end (e2e), distributed, S3 (s3),
+## the fault matrix (faults).
 test: venv testbin chromium
 	$(VENV)/bin/pytest
 
-## The tests that need neither the control plane, several processes, nor the S3 server.
+## The tests that need neither the control plane, several processes, the S3 server, nor the fault matrix.
 test-fast: venv chromium
-	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed and not s3"
+	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed and not s3 and not faults"

@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..data.batches import leave_sigterm_to_the_trainer
 from ..data.dataset import PairDataset, SideDataset, collate
 from ..distributed import all_gather, all_reduce_max, world_and_rank
 from .eval_set import EvalSet
@@ -78,7 +79,8 @@ def embed(fused, pairs: PairDataset, rows, side: str, *, batch_size: int, device
           workers: int = 0) -> torch.Tensor:
     """[len(rows), d] float32 embeddings of one side of the given rows, on ``device``."""
     loader = torch.utils.data.DataLoader(SideDataset(pairs, rows, side), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers, collate_fn=collate)
+                                         shuffle=False, num_workers=workers, collate_fn=collate,
+                                         worker_init_fn=leave_sigterm_to_the_trainer if workers else None)
     out = []
     for batch in loader:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

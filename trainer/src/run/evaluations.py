@@ -16,15 +16,16 @@ MAX_HISTORY = 200           #: evaluations kept in status.metrics.history
 
 
 def measure(net, evaluation: Optional[RunEval], *, batch_size: int, device, precision: Precision,
-            gallery_phase: Optional[str] = None) -> Optional[dict[str, float]]:
+            workers: int = 0, gallery_phase: Optional[str] = None) -> Optional[dict[str, float]]:
     """Retrieval metrics of the current model on evalData (None without it). Collective: every
     rank encodes and searches its share (``evaluate``), so no rank idles in a barrier under the
-    process-group timeout while another evaluates. With ``gallery_phase`` ("before", "after")
+    process-group timeout while another evaluates. ``workers`` DataLoader workers decode the
+    images (the run's ``workers``). With ``gallery_phase`` ("before", "after")
     rank 0 also keeps the report's examples from the same top-k lists."""
     if evaluation is None:
         return None
     result = evaluate(unwrap(net), evaluation.pairs, evaluation.eval_set, batch_size=eval_batch_size(batch_size),
-                      device=device, precision=precision, docs=evaluation.docs)
+                      device=device, precision=precision, workers=workers, docs=evaluation.docs)
     if gallery_phase and evaluation.gallery is not None:
         evaluation.gallery.record(gallery_phase, result.top_docs, result.top_scores)
     return result.metrics

@@ -1,0 +1,53 @@
+"""The two multi-process blockers of issue #22, on the production command (2 torchrun
+processes, ``workers: 2``, ``evalEvery: 1``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faults.launched import events, steps
+
+pytestmark = [pytest.mark.faults, pytest.mark.distributed]
+
+
+def test_an_evaluation_that_does_not_improve_does_not_hang_the_run(production_job):
+    """Every rank takes rank 0's save decision: with evalEvery 1, saveFrequency 4 and nothing
+    learnt (lr 1e-12), epoch 2's evaluation is no new best, so no rank saves there (before the
+    fix rank 1, which never learnt of epoch 1's best, saved alone and waited in a barrier
+    until the process-group timeout)."""
+    job = production_job(lr=1e-12, epochs=3, saveFrequency=4, checkpointEvery=None)
+    run = job.launch()
+    code = run.finish(timeout=180)
+    assert code == 0, run.output()[-4000:]
+    evals = [e for e in events(job.out) if e["event"] == "eval" and e["phase"] == "epoch"]
+    assert [e["epoch"] for e in evals] == [1, 2, 3]
+    ndcg = [e["metrics"]["ndcg@10"] for e in evals]
+    assert ndcg[1] <= ndcg[0], "the test needs an evaluation that does not improve"
+    assert sorted(p.name for p in (job.out / "checkpoints").glob("epoch_*.pt")) == ["epoch_1.pt", "epoch_3.pt"]
+    assert run.leftovers() == [] and job.temp_files() == []
+
+
+def test_sigterm_with_dataloader_workers_saves_and_resumes(production_job):
+    """torchrun sends SIGTERM to each worker's whole process group, DataLoader workers
+    included: they ignore it, the trainer finishes its step, saves and exits 143 (before the
+    fix the workers died and the trainer with them: no checkpoint)."""
+    job = production_job(epochs=1, evalEvery=0, checkpointEvery=None)
+    run = job.launch()
+    run.wait_for(lambda: len(steps(job.out)) >= 2, "two optimizer steps")
+    run.terminate()
+    assert run.finish(timeout=120) == 143, run.output()[-4000:]
+    assert "killed by signal" not in run.output()
+    saved = job.checkpoints()
+    assert len(saved) == 1 and 2 <= saved[0] < 8, run.output()[-4000:]
+    state = torch.load(job.out / "checkpoints" / f"step_{saved[0]}.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"]) == (0, saved[0])
+    assert run.leftovers() == [] and job.temp_files() == []
+
+    again = job.launch()
+    assert again.finish() == 0, again.output()[-4000:]
+    starts = [e for e in events(job.out) if e["event"] == "start"]
+    assert starts[-1]["startStep"] == saved[0]
+    assert steps(job.out)[-(8 - saved[0]):] == list(range(saved[0] + 1, 9))
+    assert again.leftovers() == [] and job.temp_files() == []
+
