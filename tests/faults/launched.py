@@ -109,6 +109,17 @@ class Launched:
     def release(self) -> None:
         (self.job.fault_dir / "release").touch()
 
+    def rank0_asked_to_stop(self) -> bool:
+        """Rank 0's SIGTERM handler has run (its log line; other ranks' lines carry ``rank N``)."""
+        return any("received SIGTERM" in line and " rank " not in line for line in self.output().splitlines())
+
+    def stop_while_paused(self, point: str) -> None:
+        """SIGTERM while rank 0 is held at ``point``; released once rank 0 has seen it."""
+        self.wait_for(self.paused(point), f"rank 0 paused at {point}")
+        self.terminate()
+        self.wait_for(self.rank0_asked_to_stop, "rank 0's SIGTERM handler")
+        self.release()
+
     def terminate(self) -> None:
         """What the kubelet does first: SIGTERM to the pod's command."""
         self.proc.send_signal(signal.SIGTERM)

@@ -29,26 +29,24 @@ def test_an_evaluation_that_does_not_improve_does_not_hang_the_run(production_jo
     assert run.leftovers() == [] and job.temp_files() == []
 
 
-def test_sigterm_with_dataloader_workers_saves_and_resumes(production_job):
-    """torchrun sends SIGTERM to each worker's whole process group, DataLoader workers
-    included: they ignore it, the trainer finishes its step, saves and exits 143 (before the
-    fix the workers died and the trainer with them: no checkpoint)."""
-    job = production_job(epochs=1, evalEvery=0, checkpointEvery=None)
-    run = job.launch()
-    run.wait_for(lambda: len(steps(job.out)) >= 2, "two optimizer steps")
-    run.terminate()
+def test_sigterm_mid_step_with_dataloader_workers_saves_that_step_and_resumes(production_job):
+    """torchrun sends SIGTERM to each trainer's whole process group, DataLoader workers
+    included: they ignore it, the trainer finishes the step it is in (step 5 of 8 in epoch 1),
+    saves it and exits 143 (before the fix the workers died and the trainer with them: no
+    checkpoint of step 5). The next launch resumes there and loses nothing."""
+    job = production_job()
+    run = job.launch(pause_step=5)
+    run.stop_while_paused("step")
     assert run.finish(timeout=120) == 143, run.output()[-4000:]
     assert "killed by signal" not in run.output()
-    saved = job.checkpoints()
-    assert len(saved) == 1 and 2 <= saved[0] < 8, run.output()[-4000:]
-    state = torch.load(job.out / "checkpoints" / f"step_{saved[0]}.pt", weights_only=True)
-    assert (state["epoch"], state["epoch_step"]) == (0, saved[0])
+    assert job.checkpoints() == [3, 5], run.output()[-4000:]    # checkpointEvery 3, then the stop
+    state = torch.load(job.out / "checkpoints" / "step_5.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"]) == (0, 5)
     assert run.leftovers() == [] and job.temp_files() == []
 
     again = job.launch()
     assert again.finish() == 0, again.output()[-4000:]
     starts = [e for e in events(job.out) if e["event"] == "start"]
-    assert starts[-1]["startStep"] == saved[0]
-    assert steps(job.out)[-(8 - saved[0]):] == list(range(saved[0] + 1, 9))
+    assert starts[-1]["startStep"] == 5
+    assert steps(job.out) == list(range(1, 17))       # every step once, none lost
     assert again.leftovers() == [] and job.temp_files() == []
-

@@ -7,6 +7,9 @@ delivers its fault there, on a condition rather than after a guessed sleep:
 KONTRAST_FAULT_PAUSE_SAVE=N   the N-th resumable checkpoint (step_*.pt) rank 0 writes stops
                               after its bytes are in the temporary file, before the rename
                               (file ``paused-save`` appears; mid-save)
+KONTRAST_FAULT_PAUSE_STEP=N   optimizer step N stops with its batches loaded, before the
+                              forward pass (file ``paused-step``; mid-step: the other rank
+                              waits in the step's gradient all-reduce)
 KONTRAST_FAULT_PAUSE_EVAL=N   the N-th evaluation stops before it starts encoding
                               (file ``paused-eval`` appears; mid-evaluation; the starting
                               model's evaluation is the first)
@@ -50,6 +53,7 @@ def _install() -> None:
     patches = {
         "kontrast.trainer.storage": _patch_storage,
         "kontrast.trainer.evaluation.evaluate": _patch_evaluate,
+        "kontrast.trainer.step.train_step": _patch_train_step,
     }
 
     class Finder(importlib.abc.MetaPathFinder):
@@ -103,6 +107,16 @@ def _patch_evaluate(module) -> None:
             pause()
         return original(*args, **kwargs)
     module.evaluate = _counting("KONTRAST_FAULT_PAUSE_EVAL", "eval", evaluate)
+
+
+def _patch_train_step(module) -> None:
+    original = module.optimizer_step
+
+    def optimizer_step(*args, pause=None, **kwargs):
+        if pause is not None:
+            pause()
+        return original(*args, **kwargs)
+    module.optimizer_step = _counting("KONTRAST_FAULT_PAUSE_STEP", "step", optimizer_step)
 
 
 if _DIR:

@@ -20,7 +20,6 @@ state (the mapped table, the open cache) and still seed augmentations per epoch.
 
 from __future__ import annotations
 
-import signal
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 
 from ..distributed import World
 from .dataset import PairDataset, collate
+from .workers import ignore_sigterm, start
 
 
 def shard_indices(n: int, world: World, epoch: int, seed: int) -> np.ndarray:
@@ -89,17 +89,6 @@ class _EpochBatches:
         return len(self.batches)
 
 
-def leave_sigterm_to_the_trainer(_worker_id: int) -> None:
-    """A DataLoader's ``worker_init_fn``: the worker ignores SIGTERM.
-
-    torchrun forwards SIGTERM to each trainer's whole process group, its DataLoader workers
-    included. A worker that died of it would take the trainer down with it (``DataLoader
-    worker (pid ...) is killed by signal: Terminated``) before it could save; instead the
-    trainer finishes its step, saves, and shuts its workers down (``TrainLoader.close``;
-    a worker whose trainer is gone exits on its own, and SIGKILL still ends it)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class TrainLoader:
     """``loader.epoch(e, batches)`` iterates one epoch's batches (lists of dataset positions)."""
 
@@ -108,15 +97,17 @@ class TrainLoader:
         extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers > 0 else {}
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
                                                   collate_fn=collate, pin_memory=pin_memory,
-                                                  worker_init_fn=leave_sigterm_to_the_trainer if workers else None,
+                                                  worker_init_fn=ignore_sigterm if workers else None,
                                                   **extra)
 
     def epoch(self, epoch: int, batches: Sequence[Sequence[int]]) -> Iterator[dict[str, torch.Tensor]]:
         self.sampler.epoch, self.sampler.batches = epoch, list(batches)
-        return iter(self.loader)
+        return start(self.loader)
 
     def close(self) -> None:
-        """Stop the persistent workers now (they ignore SIGTERM) rather than at interpreter exit."""
+        """Stop the persistent workers now (torch's own shutdown, a private method). Left to
+        interpreter exit, multiprocessing would SIGTERM them, which they ignore
+        (``workers.py``), and then wait for them."""
         iterator = getattr(self.loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()

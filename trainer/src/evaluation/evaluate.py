@@ -20,8 +20,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..data.batches import leave_sigterm_to_the_trainer
 from ..data.dataset import PairDataset, SideDataset, collate
+from ..data.workers import ignore_sigterm, start
 from ..distributed import all_gather, all_reduce_max, world_and_rank
 from .eval_set import EvalSet
 from .metrics import DEEP_K, METRIC_KEYS, ranking_metrics
@@ -80,9 +80,9 @@ def embed(fused, pairs: PairDataset, rows, side: str, *, batch_size: int, device
     """[len(rows), d] float32 embeddings of one side of the given rows, on ``device``."""
     loader = torch.utils.data.DataLoader(SideDataset(pairs, rows, side), batch_size=batch_size,
                                          shuffle=False, num_workers=workers, collate_fn=collate,
-                                         worker_init_fn=leave_sigterm_to_the_trainer if workers else None)
+                                         worker_init_fn=ignore_sigterm if workers else None)
     out = []
-    for batch in loader:
+    for batch in start(loader):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with precision.autocast():
             if side == "left":
