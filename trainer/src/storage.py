@@ -17,6 +17,8 @@ from typing import Callable
 
 from .locations import has_scheme
 
+TEMP_SUFFIX = ".tmp"   #: write_atomic's temporary files: ``.<name>.<random><TEMP_SUFFIX>`` beside the target
+
 
 def join(location: str, *parts: str) -> str:
     if has_scheme(location):
@@ -48,7 +50,7 @@ def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None], *, d
         return
     target = Path(location)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -62,6 +64,20 @@ def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None], *, d
         except FileNotFoundError:
             pass
         raise
+
+
+def remove_temporaries(folder: str | Path, name: str = "") -> list[str]:
+    """Delete the temporary files ``write_atomic`` left in a local ``folder`` (for targets
+    starting with ``name``): a process killed while writing (SIGKILL after the grace period)
+    leaves one, as large as the file it was writing. Only for a folder nobody else is writing
+    to now; object stores have none (one PUT)."""
+    if has_scheme(str(folder)) or not Path(folder).is_dir():
+        return []
+    removed = []
+    for path in Path(folder).glob(f".{name}*{TEMP_SUFFIX}"):
+        path.unlink(missing_ok=True)
+        removed.append(str(path))
+    return removed
 
 
 def write_text(location: str, text: str) -> None:

@@ -107,6 +107,15 @@ def prune(output: str, keep: int) -> list[str]:
     return old
 
 
+def remove_temporaries(output: str) -> None:
+    """Delete what a killed run was writing into ``output``'s folders (its checkpoints first)."""
+    folder = OutputFolder(output)
+    removed = [path for place in (folder.checkpoints, folder.root, folder.model, folder.plots)
+               for path in storage.remove_temporaries(place)]
+    if removed:
+        log.warning("removed %d temporary file(s) a stopped run left behind: %s", len(removed), ", ".join(removed))
+
+
 def load_checkpoint_file(location: str, map_location: Any = "cpu") -> dict[str, Any]:
     with storage.open_read(location) as f:
         obj = torch.load(f, map_location=map_location, weights_only=True)

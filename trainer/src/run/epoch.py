@@ -11,7 +11,7 @@ from ..errors import Interrupted
 from ..report.reporters import Reporters, utc_now
 from ..step.train_step import optimizer_step, seed_everything, step_seed, to_device
 from . import checkpoint as ckpt
-from .evaluations import is_new_best, measure, record_eval
+from .evaluations import is_new_best, measure, note_eval, report_eval
 from .save import save
 from .save_policy import SavePolicy
 from .setup import Run
@@ -56,6 +56,9 @@ def _save_when_asked(run: Run, progress: Progress, report: Reporters, policy: Sa
         save(run.checkpoint, progress, report, world=run.world, output=run.params.output,
              keep=run.params.keep_checkpoints, model_file=False)
         policy.saved()
+        # a SIGTERM during the save: stop on it rather than spend the grace period on
+        # another step and another save
+        stop = stop or policy.stop_wanted()
     if stop:
         raise Interrupted(f"stopped after optimizer step {progress.step}, saved to "
                           f"{ckpt.resumable_location(run.params.output, progress.step)}")
@@ -102,10 +105,12 @@ def end_epoch(run: Run, progress: Progress, report: Reporters) -> bool:
     saving = last or progress.epoch % params.save_frequency == 0 or is_new_best(progress, metrics)
     if run.world.distributed:
         saving = bool(broadcast_object(saving))
+    if metrics is not None:
+        note_eval(progress, "epoch", metrics, ckpt.model_location(params.output, progress.epoch) if saving else None)
     if saving:
         save(run.checkpoint, progress, report, world=run.world, output=params.output,
              keep=params.keep_checkpoints, model_file=True)
-    record_eval(progress, report, "epoch", metrics, is_main=run.world.is_main)
+    report_eval(progress, report, "epoch", metrics, is_main=run.world.is_main)
     return saving
 
 

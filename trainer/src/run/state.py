@@ -61,6 +61,8 @@ def resume(output: str, world: World, *, identity: dict[str, Any], clip, optimiz
     """The progress of the newest complete checkpoint in ``output`` (rank 0 finds it, every
     rank checks that this run wrote it and loads it into the model, optimizer and scaler), or
     a fresh start."""
+    if world.is_main:   # before this run writes: the operator starts an attempt once the old pods are gone
+        ckpt.remove_temporaries(output)
     found = ckpt.load_latest(output) if world.is_main else None
     location = broadcast_object(found[1] if found else None)
     if location is None:
