@@ -14,10 +14,12 @@ the result stays at least the model's input size (``decode(..., at_least=...)``)
 
 Errors:
 
-* transient (timeouts, connection resets, HTTP 408/429/5xx, other network OSErrors) are
-  retried with exponential backoff; when retries run out, ``TransientImageError`` is raised,
-  which is not a permanent error: the trainer exits non-78 and the pod is restarted;
-* permanent (HTTP 4xx such as 404, a missing file, bytes that do not decode) follow
+* transient (timeouts, connection resets, HTTP 408/429/5xx, a transfer slower than
+  ``FETCH_DEADLINE_S``, other network OSErrors) are retried with exponential backoff; when
+  retries run out, ``TransientImageError`` is raised, which is not a permanent error: the
+  trainer exits non-78 and the pod is restarted;
+* permanent (HTTP 4xx such as 404, a redirect loop, a malformed URL, a missing file, bytes
+  that do not decode, such as an HTML page served with 200 or a truncated body) follow
   ``data.onBadImage``: ``fail`` stops the run with a DataError naming every bad image's row
   (exit 78), ``skip`` drops the rows that use them, names the first few in the log and in
   ``status.data``, and still fails when more than ``data.maxBadFraction`` of the distinct
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import urllib3
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from kontrast.api.data import Data
 
@@ -52,7 +54,8 @@ from ..locations import has_scheme
 
 log = logging.getLogger(__name__)
 
-HTTP_TIMEOUT_S = 60
+HTTP_TIMEOUT_S = 30        #: connecting, and each wait for more bytes
+FETCH_DEADLINE_S = 60      #: one attempt's whole transfer: a server trickling bytes cannot hold a thread longer
 RETRIES = 5               #: attempts after the first
 BACKOFF_S = 0.5           #: first wait; doubles each retry, with jitter, capped at BACKOFF_MAX_S
 BACKOFF_MAX_S = 16.0
@@ -84,21 +87,57 @@ def _http() -> urllib3.PoolManager:
     with _pools_lock:
         if pid not in _pools:
             _pools[pid] = urllib3.PoolManager(num_pools=64, maxsize=PREFETCH_THREADS, retries=_FOLLOW_REDIRECTS_ONLY,
-                                              timeout=urllib3.Timeout(total=HTTP_TIMEOUT_S),
+                                              timeout=urllib3.Timeout(connect=HTTP_TIMEOUT_S, read=HTTP_TIMEOUT_S),
                                               headers={"User-Agent": "kontrast"})
         return _pools[pid]
 
 
 def _fetch_http(location: str) -> bytes:
+    deadline = time.monotonic() + FETCH_DEADLINE_S
     try:
-        resp = _http().request("GET", location)
-    except urllib3.exceptions.HTTPError as exc:   # timeouts, resets, refused, broken responses
-        raise TransientImageError(f"{type(exc).__name__}: {exc}") from None
-    if resp.status in (408, 429) or resp.status >= 500:
-        raise TransientImageError(f"HTTP {resp.status} {resp.reason}")
-    if resp.status >= 400:
-        raise PermanentImageError(f"HTTP Error {resp.status}: {resp.reason}")
-    return resp.data
+        resp = _http().request("GET", location, preload_content=False)
+    except urllib3.exceptions.HTTPError as exc:
+        raise _http_error(exc) from None
+    try:
+        if resp.status in (408, 429) or resp.status >= 500:
+            raise TransientImageError(f"HTTP {resp.status} {resp.reason}")
+        if resp.status >= 400:
+            raise PermanentImageError(f"HTTP Error {resp.status}: {resp.reason}")
+        return _body_until(resp, deadline)
+    except urllib3.exceptions.HTTPError as exc:
+        resp.close()
+        raise _http_error(exc) from None
+    except BaseException:
+        resp.close()   # the rest of the body is unread: this connection cannot serve another request
+        raise
+    finally:
+        resp.release_conn()
+
+
+def _body_until(resp, deadline: float) -> bytes:
+    """The response body, or TransientImageError once ``deadline`` passes: each socket read
+    is bounded by HTTP_TIMEOUT_S, so the whole transfer is bounded by the deadline plus one."""
+    chunks = []
+    while True:
+        chunk = resp.read1(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise TransientImageError(f"the transfer took longer than {FETCH_DEADLINE_S} s "
+                                      f"({sum(map(len, chunks))} bytes so far)")
+
+
+def _http_error(exc: urllib3.exceptions.HTTPError) -> Exception:
+    """urllib3's errors all subclass HTTPError, the permanent ones too: a malformed URL (or
+    redirect target) and a redirect loop cannot pass, anything else (timeouts, resets,
+    refused connections, broken responses) may."""
+    reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+    if isinstance(reason, urllib3.exceptions.LocationValueError):
+        return PermanentImageError(f"malformed URL: {reason}")
+    if isinstance(reason, urllib3.exceptions.ResponseError) and "redirect" in str(reason):
+        return PermanentImageError(f"more than {_FOLLOW_REDIRECTS_ONLY.redirect} redirects (a redirect loop?)")
+    return TransientImageError(f"{type(reason or exc).__name__}: {reason or exc}")
 
 
 def fetch_bytes(location: str) -> bytes:
@@ -149,6 +188,8 @@ def decode(data: bytes, at_least: Optional[int] = None) -> Image.Image:
             img.draft("RGB", (at_least, at_least))
         img.load()
         return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise PermanentImageError(f"not an image ({len(data)} bytes beginning {data[:24]!r})") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the data's problem
         raise PermanentImageError(f"{type(exc).__name__}: {exc}") from None
 
@@ -165,22 +206,26 @@ class ImageCache:
         key = hashlib.sha256(location.encode("utf-8")).hexdigest()
         return self.folder / key[:2] / key
 
-    def read(self, location: str) -> bytes:
-        """The image's bytes: from the cache, else fetched (with retries) and stored."""
+    def load(self, location: str, at_least: Optional[int] = None) -> Image.Image:
+        """The decoded image: from the cache, else fetched (with retries) and stored. Only
+        bytes that decode are stored, and a stored copy that no longer decodes is fetched
+        again: an error page served with 200 or a cut transfer must not stay bad after the
+        server recovers."""
         if not has_scheme(location):
-            return with_retries(self.fetch, location)
+            return decode(with_retries(self.fetch, location), at_least)
         path = self.path(location)
         try:
-            return path.read_bytes()
+            return decode(path.read_bytes(), at_least)
         except FileNotFoundError:
             pass
+        except PermanentImageError as exc:
+            log.warning("%s: the cached copy %s does not decode (%s); fetching it again", location, path, exc)
+            path.unlink(missing_ok=True)
         data = with_retries(self.fetch, location)
+        image = decode(data, at_least)
         # atomic: a concurrent reader sees the whole file or none
         storage.write_atomic(str(path), lambda f: f.write(data), durable=False)
-        return data
-
-    def load(self, location: str, at_least: Optional[int] = None) -> Image.Image:
-        return decode(self.read(location), at_least)
+        return image
 
     def __reduce__(self):
         return (ImageCache, (self.root, self.fetch))
