@@ -167,7 +167,8 @@ class Job:
         self.launches: list[Launched] = []
 
     def launch(self, nproc: int = 2, **faults: Any) -> Launched:
-        """Start the run; ``faults``: pause_save=N, pause_eval=N (see inject/sitecustomize.py)."""
+        """Start the run; ``faults``: pause_step=N, pause_save=N, pause_eval=N, constants="..."
+        (see inject/sitecustomize.py)."""
         import shutil
 
         shutil.rmtree(self.fault_dir, ignore_errors=True)

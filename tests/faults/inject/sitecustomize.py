@@ -15,6 +15,10 @@ KONTRAST_FAULT_PAUSE_EVAL=N   the N-th evaluation stops before it starts encodin
                               model's evaluation is the first)
 
 The process waits until the test creates ``release`` in the folder (or kills it).
+
+KONTRAST_FAULT_CONSTANTS=module:NAME=VALUE;...   sets module constants (float) when the
+                              module is imported: a test's monkeypatch, in every process
+                              (e.g. a short image fetch deadline)
 """
 
 import os
@@ -51,10 +55,16 @@ def _install() -> None:
     import importlib.util
 
     patches = {
-        "kontrast.trainer.storage": _patch_storage,
-        "kontrast.trainer.evaluation.evaluate": _patch_evaluate,
-        "kontrast.trainer.step.train_step": _patch_train_step,
+        "kontrast.trainer.storage": [_patch_storage],
+        "kontrast.trainer.evaluation.evaluate": [_patch_evaluate],
+        "kontrast.trainer.step.train_step": [_patch_train_step],
     }
+    for item in filter(None, os.environ.get("KONTRAST_FAULT_CONSTANTS", "").split(";")):
+        module, assignment = item.split(":")
+        name, value = assignment.split("=")
+        number = float(value)
+        number = int(number) if number.is_integer() else number
+        patches.setdefault(module, []).append(lambda m, name=name, number=number: setattr(m, name, number))
 
     class Finder(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
@@ -70,7 +80,8 @@ def _install() -> None:
 
             def patched_exec(module):
                 exec_module(module)
-                patches[name](module)
+                for patch in patches[name]:
+                    patch(module)
             loader.exec_module = patched_exec
             return spec
 
