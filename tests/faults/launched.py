@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import pytest
 import yaml
@@ -73,7 +73,7 @@ def steps(out: Path) -> list[int]:
 class Launched:
     """One ``kontrast launch`` of a TrainJob (all its processes) under the test's control."""
 
-    def __init__(self, job: "Job", nproc: int, env: dict[str, str]):
+    def __init__(self, job: "Job", nproc: int, env: dict[str, str], prefix: Sequence[str] = ()):
         self.job, self.token = job, uuid.uuid4().hex
         self.log = job.folder / f"launch-{self.token[:8]}.log"
         full = {**os.environ, **env, TOKEN_ENV: self.token, "OMP_NUM_THREADS": "1",
@@ -85,8 +85,8 @@ class Launched:
                   "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             full.pop(k, None)
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen([str(VENV_BIN / "kontrast"), "launch", str(job.path), "--", "--device",
-                                          "cpu", "--no-progress"], env=full, stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen([*prefix, str(VENV_BIN / "kontrast"), "launch", str(job.path), "--",
+                                          "--device", "cpu", "--no-progress"], env=full, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
     def output(self) -> str:
@@ -150,6 +150,16 @@ class Launched:
         return pids_with(self.token)
 
 
+def on_small_volume(folder: Path, size: str) -> list[str]:
+    """A command prefix: the rest runs with a tmpfs of ``size`` mounted at ``folder``, in a
+    mount namespace of its own (a user namespace too, so no privilege is needed). The tmpfs
+    goes with the namespace, so what it held at the end is copied to ``<folder>.after``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = (f'mount -t tmpfs -o size={size} kontrast-faults "{folder}" || exit 1; "$@"; code=$?; '
+              f'cp -a "{folder}" "{folder}.after"; exit $code')
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh"]
+
+
 class Job:
     """A TrainJob file for the tiny model and small data, and the runs launched from it."""
 
@@ -166,9 +176,9 @@ class Job:
         self.path.write_text(yaml.safe_dump(obj))
         self.launches: list[Launched] = []
 
-    def launch(self, nproc: int = 2, **faults: Any) -> Launched:
-        """Start the run; ``faults``: pause_step=N, pause_save=N, pause_eval=N, constants="..."
-        (see inject/sitecustomize.py)."""
+    def launch(self, nproc: int = 2, prefix: Sequence[str] = (), **faults: Any) -> Launched:
+        """Start the run (``prefix``: a command that execs the rest); ``faults``: pause_step=N,
+        pause_save=N, pause_eval=N, constants="..." (see inject/sitecustomize.py)."""
         import shutil
 
         shutil.rmtree(self.fault_dir, ignore_errors=True)
@@ -177,7 +187,7 @@ class Job:
         for key, value in faults.items():
             env[f"KONTRAST_FAULT_{key.upper()}"] = str(value)
         self.termination_log.unlink(missing_ok=True)
-        launched = Launched(self, nproc, env)
+        launched = Launched(self, nproc, env, prefix)
         self.launches.append(launched)
         return launched
 

@@ -9,8 +9,10 @@ completes).
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -33,6 +35,32 @@ def _fs(location: str):
     return fs, path
 
 
+class NoSpace(OSError):
+    """A local write ran out of space (ENOSPC, EDQUOT): how far it got and what is free."""
+
+    def __init__(self, target: Path, written: int, free: int):
+        super().__init__(errno.ENOSPC, f"no space left for {target}: {written} bytes written, {free} bytes free")
+        self.target, self.written, self.free = target, written, free
+
+
+class _KeepsWriteError:
+    """A file whose failed write keeps its OSError: torch.save turns it into a RuntimeError
+    ("unexpected pos") that no longer says the disk is full."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
 def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None], *, durable: bool = True) -> None:
     """Call ``write(fileobj)`` and publish the result at ``location`` all at once.
 
@@ -51,18 +79,21 @@ def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None], *, d
     target = Path(location)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    f = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as raw:
+            f = _KeepsWriteError(raw)
             write(f)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as exc:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        Path(tmp).unlink(missing_ok=True)
+        cause = f.error if f is not None and f.error is not None else exc
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(target, written, shutil.disk_usage(target.parent).free) from exc
         raise
 
 

@@ -88,15 +88,27 @@ def list_resumable(output: str) -> list[tuple[int, str]]:
 def save_resumable(output: str, payload: dict[str, Any]) -> str:
     """Publish ``payload`` as step_<payload['step']>.pt; returns its location."""
     location = resumable_location(output, int(payload["step"]))
-    storage.write_atomic(location, lambda f: torch.save(payload, f))
+    _write(location, payload)
     return location
 
 
 def save_model(output: str, payload: dict[str, Any]) -> str:
     """Publish the model-only epoch_<payload['epoch']>.pt; returns its location."""
     location = model_location(output, int(payload["epoch"]))
-    storage.write_atomic(location, lambda f: torch.save(payload, f))
+    _write(location, payload)
     return location
+
+
+def _write(location: str, payload: dict[str, Any]) -> None:
+    """A full output volume is permanent: every restart would resume and fail at the same save."""
+    try:
+        storage.write_atomic(location, lambda f: torch.save(payload, f))
+    except storage.NoSpace as exc:
+        raise PermanentError(
+            f"output volume full: writing {location} needs more than the {exc.written} bytes written before "
+            f"the volume filled up, and {exc.free} bytes are free beside the other files. A resumable checkpoint is published before "
+            "the oldest one beyond keepCheckpoints is deleted, so the volume needs room for keepCheckpoints + 1 "
+            "of them (and the model-only epoch files): give it more space or lower keepCheckpoints") from None
 
 
 def prune(output: str, keep: int) -> list[str]:
