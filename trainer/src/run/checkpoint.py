@@ -64,6 +64,11 @@ IDENTITY_FIELDS = (
     "poolingMethod", "frozenRight", "lockImage", "lockImageFreezeBnStats", "lockImageUnlockedGroups",
     "lockText", "lockTextFreezeLayerNorm", "lockTextUnlockedLayers",
 )
+#: Inputs added in identity version 2: which rows are the same query or document (in-batch
+#: positives) and which rows are dropped for bad images. A checkpoint written before them
+#: (no "version") is compared with the version-1 hash, so an upgrade does not orphan it.
+ADDED_IN_2 = ("queryIdKey", "docIdKey", "data.onBadImage", "data.maxBadFraction")
+IDENTITY_VERSION = 2
 
 
 def resumable_location(output: str, step: int) -> str:
@@ -152,26 +157,35 @@ def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     return state_dict
 
 
-def inputs_hash(spec: Mapping[str, Any], global_batch: int) -> str:
-    """sha256 of the training inputs (IDENTITY_FIELDS as written, and the global batch)."""
+def inputs_hash(spec: Mapping[str, Any], global_batch: int, version: int = IDENTITY_VERSION) -> str:
+    """sha256 of the training inputs (IDENTITY_FIELDS as written, and the global batch; from
+    ``version`` 2 also ADDED_IN_2)."""
     inputs = {key: spec.get(key) for key in IDENTITY_FIELDS}
     inputs["globalBatchSize"] = int(global_batch)
+    if version >= 2:
+        data = spec.get("data") or {}
+        inputs.update({key: spec.get(key) for key in ADDED_IN_2 if "." not in key})
+        inputs.update({key: data.get(key.split(".", 1)[1]) for key in ADDED_IN_2 if key.startswith("data.")})
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def run_identity(name: str, uid: Optional[str], spec: Mapping[str, Any], global_batch: int) -> dict[str, Any]:
-    """What a checkpoint records about the run that wrote it."""
-    return {"name": name, "uid": uid, "inputs": inputs_hash(spec, global_batch)}
+    """What a checkpoint records about the run that wrote it (and, to check a checkpoint of an
+    older kontrast, the hash it would have written)."""
+    return {"name": name, "uid": uid, "inputs": inputs_hash(spec, global_batch), "version": IDENTITY_VERSION,
+            "inputs_v1": inputs_hash(spec, global_batch, version=1)}
 
 
 def check_identity(recorded: Optional[Mapping[str, Any]], current: Mapping[str, Any], location: str) -> None:
     """Refuse (PermanentError) a checkpoint another run wrote: another TrainJob uid (when both
-    have one; local runs have none) or other training inputs."""
+    have one; local runs have none) or other training inputs (compared as the kontrast that
+    wrote it hashed them)."""
     if not recorded:
         log.warning("checkpoint %s does not record which run wrote it (an older kontrast); resuming it", location)
         return
+    expected = current["inputs"] if recorded.get("version", 1) >= 2 else current["inputs_v1"]
     other_uid = recorded.get("uid") and current.get("uid") and recorded["uid"] != current["uid"]
-    if other_uid or recorded.get("inputs") != current["inputs"]:
+    if other_uid or recorded.get("inputs") != expected:
         raise PermanentError(
             f"{location} was written by another run: {_describe(recorded)}; this run is {_describe(current)}. "
             "Resuming would continue another run's training: give this TrainJob a new output, or delete "
