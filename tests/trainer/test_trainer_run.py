@@ -11,6 +11,7 @@ import torch
 
 import kontrast.trainer.run.epoch as epoch_mod
 from kontrast.trainer.report.reporters import Reporter
+from numeric import assert_all_rel_close
 
 METRICS = {"ndcg@10", "mrr@10", "recall@10", "map"}
 
@@ -150,6 +151,28 @@ def test_workers_load_in_subprocesses_with_the_same_result(run_training, quick, 
     run_training({**quick, "workers": 2, "output": str(tmp_path / "w2")})
     assert seen == [0, 2]
     assert [e["loss"] for e in steps(tmp_path / "w0", h)] == [e["loss"] for e in steps(tmp_path / "w2", h)]
+
+
+def test_evaluation_decodes_in_the_workers_too(run_training, base_spec, tmp_path, monkeypatch):
+    """Every corpus image of an evaluation is decoded by ``workers`` DataLoader workers, not in
+    the training process, with the same metrics."""
+    seen = []
+    real = torch.utils.data.DataLoader
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("num_workers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
+    spec = {**base_spec, "epochs": 1, "batchSize": 8}
+    without, _ = run_training({**spec, "workers": 0, "output": str(tmp_path / "w0")})
+    loaders = len(seen)
+    seen.clear()
+    with_workers, _ = run_training({**spec, "workers": 2, "output": str(tmp_path / "w2")})
+    assert loaders > 1 and seen == [2] * loaders        # the training loader and every evaluation's
+    metrics = sorted(without["eval"]["after"])
+    as_tensors = [{"metrics": torch.tensor([run["eval"]["after"][k] for k in metrics])} for run in (without, with_workers)]
+    assert_all_rel_close(*as_tensors, 1e-5)
 
 
 def test_failing_reporter_never_fails_training(run_training, quick, caplog):
