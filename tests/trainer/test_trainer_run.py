@@ -96,6 +96,25 @@ def test_resume_after_interruption_continues_from_the_checkpoint(run_training, q
     assert [e["loss"] for e in steps(tmp_path / "full", h)] == [e["loss"] for e in log if e["event"] == "step"]
 
 
+def test_a_resumed_runs_duration_counts_every_invocation(run_training, quick, tmp_path, monkeypatch):
+    """The first invocation's clock runs an hour fast after its start: the resumed run's
+    summary (and report) still count that hour, kept in the checkpoint it resumed from."""
+    import time
+
+    spec = {**quick, "epochs": 2, "output": str(tmp_path / "out")}
+    real, calls = time.monotonic, []
+
+    def an_hour_later() -> float:
+        calls.append(1)
+        return real() + (3600.0 if len(calls) > 1 else 0.0)
+
+    monkeypatch.setattr(time, "monotonic", an_hour_later)
+    run_training(spec, max_epochs=1)
+    monkeypatch.setattr(time, "monotonic", real)
+    resumed, _ = run_training(spec)
+    assert 3600 <= resumed["durationSeconds"] < 3600 + 600, resumed["durationSeconds"]
+
+
 def test_mid_epoch_checkpoint_resumes_exactly(run_training, quick, tmp_path, h, monkeypatch):
     """checkpointEvery: a run killed mid-epoch loses only the steps since its last checkpoint,
     and resumed there it takes the same rows, lr and randomness as the uninterrupted run."""

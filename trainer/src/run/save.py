@@ -58,7 +58,7 @@ def _resumable_state(parts: CheckpointParts, progress: Progress) -> dict[str, An
     return {"epoch_step": progress.epoch_step, "optimizer": parts.optimizer.state_dict(),
             **({"scaler": parts.scaler.state_dict()} if parts.scaler is not None else {}),
             "eval_before": progress.eval_before, "checkpoints": progress.checkpoints,
-            "eval_history": progress.history, "best": progress.best}
+            "eval_history": progress.history, "best": progress.best, "seconds": progress.seconds()}
 
 
 def _version() -> str:

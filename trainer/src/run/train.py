@@ -86,6 +86,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     summarise; or stop early after ``max_epochs`` epochs of this invocation."""
     run = setup(resolved, world)
     progress = _resume(run)
+    progress.started = started
     report.on_start(start_info(run, progress))
     if progress.resumed_from is None:
         progress.eval_before = record_eval(progress, report, "before", measure_run(run, "before"),
@@ -107,7 +108,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     if last_epoch < epochs:
         log.info("stopped after epoch %d of %d (max_epochs)", last_epoch, epochs)
         return {"step": progress.step, "epoch": last_epoch, "stopped": True}
-    return summarise(run, progress, report, started)
+    return summarise(run, progress, report)
 
 
 def _resume(run: Run) -> Progress:
