@@ -176,14 +176,16 @@ class Job:
         self.path.write_text(yaml.safe_dump(obj))
         self.launches: list[Launched] = []
 
-    def launch(self, nproc: int = 2, prefix: Sequence[str] = (), **faults: Any) -> Launched:
-        """Start the run (``prefix``: a command that execs the rest); ``faults``: pause_step=N,
-        pause_save=N, pause_eval=N, constants="..." (see inject/sitecustomize.py)."""
+    def launch(self, nproc: int = 2, prefix: Sequence[str] = (), env: Optional[dict[str, str]] = None,
+               **faults: Any) -> Launched:
+        """Start the run (``prefix``: a command that execs the rest; ``env``: more variables);
+        ``faults``: pause_step=N, pause_save=N, pause_eval=N, constants="..." (see
+        inject/sitecustomize.py)."""
         import shutil
 
         shutil.rmtree(self.fault_dir, ignore_errors=True)
         self.fault_dir.mkdir()
-        env = {"KONTRAST_FAULT_DIR": str(self.fault_dir)}
+        env = {**(env or {}), "KONTRAST_FAULT_DIR": str(self.fault_dir)}
         for key, value in faults.items():
             env[f"KONTRAST_FAULT_{key.upper()}"] = str(value)
         self.termination_log.unlink(missing_ok=True)
