@@ -275,3 +275,23 @@ def test_a_truncated_body_is_retried(small_data, server, tmp_path):
     original = (small_data / path.lstrip("/")).read_bytes()
     assert ImageCache(tmp_path / "c").load(server.base + path).tobytes() == images.decode(original).tobytes()
     assert server.hits[path] == 2
+
+
+def test_the_image_caches_orphans_are_removed_by_the_next_prefetch(small_data, server, tmp_path):
+    """Files being written go through one staging folder; the prefetch deletes those older than
+    any write takes (a writer killed mid-write), not the ones being written now."""
+    import os
+    import time
+
+    cache = ImageCache(tmp_path / "c")
+    cache.incoming.mkdir(parents=True)
+    orphan, fresh = cache.incoming / ".ab12.x1.tmp", cache.incoming / ".cd34.x2.tmp"
+    for f in (orphan, fresh):
+        f.write_bytes(b"partial")
+    an_hour_ago = time.time() - 3600
+    os.utime(orphan, (an_hour_ago, an_hour_ago))
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+    locations = sorted({r["image"] for r in csv.DictReader(open(data, newline=""))})
+    assert images.prefetch(cache, locations, range(len(locations))) == []
+    assert not orphan.exists() and fresh.exists()
+    assert sorted(p.name for p in cache.incoming.iterdir()) == [fresh.name]   # nothing else staged is left

@@ -14,8 +14,9 @@ import io
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from .locations import has_scheme
 
@@ -61,11 +62,13 @@ class _KeepsWriteError:
         return getattr(self.f, name)
 
 
-def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None], *, durable: bool = True) -> None:
+def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None], *, durable: bool = True,
+                 staging: Optional[Path] = None) -> None:
     """Call ``write(fileobj)`` and publish the result at ``location`` all at once.
 
     ``durable``: a local file is flushed to disk before it is renamed into place (what a
-    checkpoint needs); the node's caches, rebuilt when lost, skip that."""
+    checkpoint needs); the node's caches, rebuilt when lost, skip that. ``staging``: the
+    local folder of the temporary file (same file system), beside the target by default."""
     if has_scheme(location):
         buf = io.BytesIO()
         write(buf)
@@ -78,7 +81,9 @@ def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None], *, d
         return
     target = Path(location)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    if staging is not None:
+        staging.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=staging or target.parent)
     f = None
     try:
         with os.fdopen(fd, "wb") as raw:
@@ -97,17 +102,22 @@ def write_atomic(location: str, write: Callable[[io.BufferedIOBase], None], *, d
         raise
 
 
-def remove_temporaries(folder: str | Path, name: str = "") -> list[str]:
+def remove_temporaries(folder: str | Path, name: str = "", older_than_s: float = 0.0) -> list[str]:
     """Delete the temporary files ``write_atomic`` left in a local ``folder`` (for targets
-    starting with ``name``): a process killed while writing (SIGKILL after the grace period)
-    leaves one, as large as the file it was writing. Only for a folder nobody else is writing
-    to now; object stores have none (one PUT)."""
+    starting with ``name``, unchanged for ``older_than_s``): a process killed while writing
+    (SIGKILL after the grace period) leaves one, as large as the file it was writing. Only
+    for a folder nobody else is writing to now, or with an age no write takes; object
+    stores have none (one PUT)."""
     if has_scheme(str(folder)) or not Path(folder).is_dir():
         return []
-    removed = []
+    removed, now = [], time.time()
     for path in Path(folder).glob(f".{name}*{TEMP_SUFFIX}"):
-        path.unlink(missing_ok=True)
-        removed.append(str(path))
+        try:
+            if now - path.stat().st_mtime >= older_than_s:
+                path.unlink()
+                removed.append(str(path))
+        except FileNotFoundError:
+            pass
     return removed
 
 

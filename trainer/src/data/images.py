@@ -62,6 +62,9 @@ BACKOFF_MAX_S = 16.0
 PREFETCH_THREADS = 16     #: I/O bound: threads wait on the network, not the CPU
 PREFETCH_WINDOW = 4096    #: locations read (and futures queued) at a time: memory stays flat
 NAMED_BAD = 5             #: bad images named in the log and in status
+#: An image cache temporary file this old is an orphan (its writer was killed): a write of
+#: bytes already in memory takes milliseconds.
+ORPHAN_AGE_S = 600
 
 
 class TransientImageError(Exception):
@@ -200,6 +203,7 @@ class ImageCache:
     def __init__(self, folder: str | Path, fetch: Callable[[str], bytes] = fetch_bytes):
         self.root = str(folder)
         self.folder = CacheFolder(self.root).images
+        self.incoming = CacheFolder(self.root).incoming_images   # one folder: orphans are found without a walk
         self.fetch = fetch
 
     def path(self, location: str) -> Path:
@@ -224,8 +228,14 @@ class ImageCache:
         data = with_retries(self.fetch, location)
         image = decode(data, at_least)
         # atomic: a concurrent reader sees the whole file or none
-        storage.write_atomic(str(path), lambda f: f.write(data), durable=False)
+        storage.write_atomic(str(path), lambda f: f.write(data), durable=False, staging=self.incoming)
         return image
+
+    def remove_orphans(self) -> None:
+        """Delete what writers killed mid-write left in the cache (every process may call it)."""
+        removed = storage.remove_temporaries(self.incoming, older_than_s=ORPHAN_AGE_S)
+        if removed:
+            log.info("removed %d image cache file(s) a killed process was writing", len(removed))
 
     def __reduce__(self):
         return (ImageCache, (self.root, self.fetch))
@@ -260,6 +270,7 @@ def prefetch(cache: ImageCache, images: Sequence[str], first_rows: Sequence[int]
     n = len(images)
     if not n:
         return []
+    cache.remove_orphans()
     bar = _progress(n, label) if progress else None
     bad = []
     with ThreadPoolExecutor(max_workers=max(1, min(threads, n))) as pool:
