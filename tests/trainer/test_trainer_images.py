@@ -295,3 +295,41 @@ def test_the_image_caches_orphans_are_removed_by_the_next_prefetch(small_data, s
     assert images.prefetch(cache, locations, range(len(locations))) == []
     assert not orphan.exists() and fresh.exists()
     assert sorted(p.name for p in cache.incoming.iterdir()) == [fresh.name]   # nothing else staged is left
+
+
+_PEAK = """
+import sys
+import kontrast.trainer.data.images as images
+from pathlib import Path
+
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024
+
+paths = sys.argv[2:]
+images.decode(Path(paths[0]).read_bytes())              # PIL's decoders loaded before the baseline
+before = hwm()
+bad = images.prefetch(images.ImageCache(sys.argv[1]), paths, range(len(paths)), threads=16)
+assert bad == [], bad
+print(hwm() - before)
+"""
+
+
+def test_the_prefetch_holds_a_bounded_number_of_decoded_pixels(tmp_path):
+    """12 PNGs of 16 megapixels (PNG has no draft mode: each decodes whole, 48 MB as RGB) on
+    16 threads: at most PREFETCH_PIXELS (64 MP) are decoded at a time, so the peak grows by a
+    few of them, not by all twelve (about 1.1 GB with the RGB copies)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    paths = []
+    for i in range(12):
+        path = tmp_path / f"big-{i}.png"
+        Image.new("RGB", (4000, 4000), (i * 20, 0, 0)).save(path)
+        paths.append(str(path))
+    done = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "c"), *paths], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    grown = int(done.stdout.strip())
+    assert grown < 500e6, f"the prefetch's peak memory grew by {grown / 1e6:.0f} MB"

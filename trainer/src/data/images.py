@@ -28,6 +28,7 @@ Errors:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -40,7 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import urllib3
 from PIL import Image, UnidentifiedImageError
@@ -61,6 +62,7 @@ BACKOFF_S = 0.5           #: first wait; doubles each retry, with jitter, capped
 BACKOFF_MAX_S = 16.0
 PREFETCH_THREADS = 16     #: I/O bound: threads wait on the network, not the CPU
 PREFETCH_WINDOW = 4096    #: locations read (and futures queued) at a time: memory stays flat
+PREFETCH_PIXELS = 64_000_000   #: decoded pixels in flight per process (RGB: ~0.2 GB; one larger image decodes alone)
 NAMED_BAD = 5             #: bad images named in the log and in status
 #: An image cache temporary file this old is an orphan (its writer was killed): a write of
 #: bytes already in memory takes milliseconds.
@@ -179,18 +181,44 @@ def with_retries(fetch: Callable[[str], bytes], location: str, *, retries: Optio
     raise AssertionError("unreachable")
 
 
-def decode(data: bytes, at_least: Optional[int] = None) -> Image.Image:
+class PixelBudget:
+    """Decoded pixels in flight across threads. Only JPEG decodes at a reduced size (draft
+    mode): 16 threads decoding 81-megapixel PNGs at once held 8 GB. A thread waits until its
+    image fits; an image larger than the whole budget waits for all of it."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+def decode(data: bytes, at_least: Optional[int] = None, budget: Optional[PixelBudget] = None) -> Image.Image:
     """Decode fully (``load``: a truncated file fails here, not mid-run) to RGB.
 
     ``at_least``: JPEGs may be decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay
-    at least this many pixels (PIL draft mode; the decoder skips the detail).
+    at least this many pixels (PIL draft mode; the decoder skips the detail). ``budget``:
+    wait until the image's pixels fit in it (the header gives the size before decoding).
+    Images above PIL's decompression-bomb limit (about 179 megapixels) are bad images.
     """
     try:
         img = Image.open(io.BytesIO(data))
         if at_least and img.format == "JPEG":
             img.draft("RGB", (at_least, at_least))
-        img.load()
-        return img.convert("RGB")
+        with budget.hold(img.width * img.height) if budget else contextlib.nullcontext():
+            img.load()
+            return img.convert("RGB")
     except UnidentifiedImageError:
         raise PermanentImageError(f"not an image ({len(data)} bytes beginning {data[:24]!r})") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the data's problem
@@ -210,23 +238,24 @@ class ImageCache:
         key = hashlib.sha256(location.encode("utf-8")).hexdigest()
         return self.folder / key[:2] / key
 
-    def load(self, location: str, at_least: Optional[int] = None) -> Image.Image:
+    def load(self, location: str, at_least: Optional[int] = None,
+             budget: Optional[PixelBudget] = None) -> Image.Image:
         """The decoded image: from the cache, else fetched (with retries) and stored. Only
         bytes that decode are stored, and a stored copy that no longer decodes is fetched
         again: an error page served with 200 or a cut transfer must not stay bad after the
         server recovers."""
         if not has_scheme(location):
-            return decode(with_retries(self.fetch, location), at_least)
+            return decode(with_retries(self.fetch, location), at_least, budget)
         path = self.path(location)
         try:
-            return decode(path.read_bytes(), at_least)
+            return decode(path.read_bytes(), at_least, budget)
         except FileNotFoundError:
             pass
         except PermanentImageError as exc:
             log.warning("%s: the cached copy %s does not decode (%s); fetching it again", location, path, exc)
             path.unlink(missing_ok=True)
         data = with_retries(self.fetch, location)
-        image = decode(data, at_least)
+        image = decode(data, at_least, budget)
         # atomic: a concurrent reader sees the whole file or none
         storage.write_atomic(str(path), lambda f: f.write(data), durable=False, staging=self.incoming)
         return image
@@ -257,12 +286,14 @@ def prefetch(cache: ImageCache, images: Sequence[str], first_rows: Sequence[int]
     Python strings and futures at once. Returns the permanent failures; a transient failure
     after all retries raises.
     """
+    budget = PixelBudget(PREFETCH_PIXELS)
+
     def one(item) -> Optional[BadImage]:
         location, row = item
         try:
             # the smallest draft (1/8 scale): the decoder still reads the whole entropy-coded
             # stream, so truncated data fails here, for 12% less work than 1/4 scale
-            cache.load(location, at_least=1)
+            cache.load(location, at_least=1, budget=budget)
             return None
         except PermanentImageError as exc:
             return BadImage(int(row), location, str(exc))
