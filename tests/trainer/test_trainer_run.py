@@ -157,7 +157,9 @@ def test_seed_gives_the_same_loss_curve(run_training, quick, tmp_path, h):
     assert curves["a"] == curves["b"] and curves["a"] != curves["c"]
 
 
-def test_workers_load_in_subprocesses_with_the_same_result(run_training, quick, tmp_path, h, monkeypatch):
+@pytest.fixture
+def loader_workers(monkeypatch) -> list:
+    """The ``num_workers`` of every DataLoader made while the test runs, in order."""
     seen = []
     real = torch.utils.data.DataLoader
 
@@ -166,23 +168,21 @@ def test_workers_load_in_subprocesses_with_the_same_result(run_training, quick, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
+    return seen
+
+
+def test_workers_load_in_subprocesses_with_the_same_result(run_training, quick, tmp_path, h, loader_workers):
+    seen = loader_workers
     run_training({**quick, "workers": 0, "output": str(tmp_path / "w0")})
     run_training({**quick, "workers": 2, "output": str(tmp_path / "w2")})
     assert seen == [0, 2]
     assert [e["loss"] for e in steps(tmp_path / "w0", h)] == [e["loss"] for e in steps(tmp_path / "w2", h)]
 
 
-def test_evaluation_decodes_in_the_workers_too(run_training, base_spec, tmp_path, monkeypatch):
+def test_evaluation_decodes_in_the_workers_too(run_training, base_spec, tmp_path, loader_workers):
     """Every corpus image of an evaluation is decoded by ``workers`` DataLoader workers, not in
     the training process, with the same metrics."""
-    seen = []
-    real = torch.utils.data.DataLoader
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs.get("num_workers"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
+    seen = loader_workers
     spec = {**base_spec, "epochs": 1, "batchSize": 8}
     without, _ = run_training({**spec, "workers": 0, "output": str(tmp_path / "w0")})
     loaders = len(seen)

@@ -110,24 +110,21 @@ def _patch_storage(storage) -> None:
     storage.write_atomic = only_checkpoints
 
 
-def _patch_evaluate(module) -> None:
-    original = module.evaluate
+def _pause_before(attribute: str, env: str, point: str):
+    """A patch holding rank 0 when it calls ``module.<attribute>`` the N-th time."""
+    def patch(module) -> None:
+        original = getattr(module, attribute)
 
-    def evaluate(*args, pause=None, **kwargs):
-        if pause is not None:
-            pause()
-        return original(*args, **kwargs)
-    module.evaluate = _counting("KONTRAST_FAULT_PAUSE_EVAL", "eval", evaluate)
+        def held(*args, pause=None, **kwargs):
+            if pause is not None:
+                pause()
+            return original(*args, **kwargs)
+        setattr(module, attribute, _counting(env, point, held))
+    return patch
 
 
-def _patch_train_step(module) -> None:
-    original = module.optimizer_step
-
-    def optimizer_step(*args, pause=None, **kwargs):
-        if pause is not None:
-            pause()
-        return original(*args, **kwargs)
-    module.optimizer_step = _counting("KONTRAST_FAULT_PAUSE_STEP", "step", optimizer_step)
+_patch_evaluate = _pause_before("evaluate", "KONTRAST_FAULT_PAUSE_EVAL", "eval")
+_patch_train_step = _pause_before("optimizer_step", "KONTRAST_FAULT_PAUSE_STEP", "step")
 
 
 if _DIR:
