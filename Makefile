@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: venv train test testbin test-fast chromium
+.PHONY: venv train test testbin node images test-fast chromium
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,18 @@ train: venv
 testbin:
 	bash tools/k8s-testbin/build.sh
 
+## The node tier's binaries (cached like testbin): kubelet, kube-proxy, kube-scheduler, the pause
+## binary, CoreDNS and the OCI registry from Go modules; containerd, runc, the CNI plugins,
+## buildah/podman and debootstrap from Debian (apt-get as root when missing).
+node: testbin
+	bash tools/k8s-node/build.sh
+
+## Both images (debootstrap base, buildah, layer cache) pushed to the local registry's storage
+## (~/.cache/kontrast/images/registry), which the node tier serves. Your own registry:
+##   tools/images/build.sh --registry registry.example.com/ml
+images: node
+	bash tools/images/build.sh
+
 ## Headless Chromium for the report's browser test (Debian's package; installed as root when missing).
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -30,10 +42,10 @@ chromium:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 ## Every test: unit, real control plane (k8s), operator end to end (e2e), distributed, S3 (s3),
-## the fault matrix (faults).
-test: venv testbin chromium
+## the real node (node: the images as containers under kubelet/containerd) and the fault matrix (faults).
+test: venv testbin node images chromium
 	$(VENV)/bin/pytest
 
-## The tests that need neither the control plane, several processes, the S3 server, nor the fault matrix.
+## The tests that need neither the control plane, several processes, the S3 server, the node nor the fault matrix.
 test-fast: venv chromium
-	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed and not s3 and not faults"
+	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed and not s3 and not node and not faults"

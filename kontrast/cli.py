@@ -196,7 +196,7 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", help="the kubeconfig context to use (default: the current one)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kontrast", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kontrast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,29 +253,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-f", "--follow", action="store_true", help="follow the log until the container ends")
     p.add_argument("--tail", type=int, help="only the last N lines")
     _cluster_options(p)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("export", "report", "submit", "watch", "logs") and rest:
+    # train, evaluate and launch pass the rest on (the trainer's own flags, torchrun's).
+    passes_rest = {"train": _train, "evaluate": _evaluate, "launch": _launch}
+    if args.command in passes_rest:
+        return passes_rest[args.command](args, rest)
+    if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "export":
-        return _export(args)
-    if args.command == "report":
-        return _report(args)
-    if args.command == "submit":
-        return _submit(args)
-    if args.command == "watch":
-        return _watch(args)
-    if args.command == "logs":
-        return _logs(args)
-    if args.command == "validate":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return _validate(args)
-    if args.command == "train":
-        return _train(args, rest)
-    if args.command == "evaluate":
-        return _evaluate(args, rest)
-    return _launch(args, rest)
+    own = {"validate": _validate, "export": _export, "report": _report, "submit": _submit, "watch": _watch,
+           "logs": _logs}
+    return own[args.command](args)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,32 @@
 # run for real by tests/controller/test_images.py in a fresh virtual environment.
 #
 # Usage: operator/install.sh [SOURCE]    SOURCE: the kontrast checkout (default: the repo root)
+#        operator/install.sh --print-requirements [SOURCE]   kontrast[operator]'s third-party
+#                   requirements, one a line, from SOURCE/pyproject.toml (Python >= 3.11)
+#        operator/install.sh --requirements FILE             install only those (the image's
+#                   dependency layer, built before the source is copied in)
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
-SRC=${1:-$(dirname "$HERE")}
 PYTHON=${PYTHON:-python3}
+case "${1:-}" in
+  --print-requirements)
+    "$PYTHON" - "${2:-$(dirname "$HERE")}/pyproject.toml" operator <<'PY'
+import sys
+try:
+    import tomllib
+except ImportError:  # Python < 3.11: no separate dependency layer
+    sys.exit(0)
+with open(sys.argv[1], "rb") as f:
+    project = tomllib.load(f)["project"]
+for req in project.get("dependencies", []) + project.get("optional-dependencies", {}).get(sys.argv[2], []):
+    print(req)
+PY
+    exit 0 ;;
+  --requirements)
+    if [ -s "$2" ]; then "$PYTHON" -m pip install --disable-pip-version-check -r "$2"; fi
+    exit 0 ;;
+esac
+SRC=${1:-$(dirname "$HERE")}
 
 "$PYTHON" -m pip install --disable-pip-version-check "$SRC[operator]"
 

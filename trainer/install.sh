@@ -5,6 +5,11 @@
 # resolves every requirement without downloading gigabytes of wheels).
 #
 # Usage: trainer/install.sh [--dry-run] [--dev] [SOURCE]
+#        trainer/install.sh --print-requirements [SOURCE]   the third-party requirements of
+#                   kontrast[trainer], one a line, read from SOURCE/pyproject.toml (needs
+#                   Python >= 3.11 for tomllib; prints nothing on older ones)
+#        trainer/install.sh --requirements FILE             install only those (the image's
+#                   big dependency layer, built before the source is copied in)
 #   --dev      also the test tools and the operator extra (a developer's or CI's venv)
 #   SOURCE     the kontrast checkout (default: the repo root); --editable with --dev
 # Wheels for another accelerator: set PIP_EXTRA_INDEX_URL (e.g. PyTorch's CPU-only index).
@@ -14,13 +19,34 @@ PYTHON=${PYTHON:-python3}
 DRY=""
 DEV=""
 SRC=""
+MODE=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY="--dry-run --quiet" ;;
     --dev) DEV=1 ;;
+    --print-requirements|--requirements) MODE=$arg ;;
     *) SRC=$arg ;;
   esac
 done
+
+if [ "$MODE" = --print-requirements ]; then
+  "$PYTHON" - "${SRC:-$(dirname "$HERE")}/pyproject.toml" trainer <<'PY'
+import sys
+try:
+    import tomllib
+except ImportError:  # Python < 3.11: no separate dependency layer, the full install does it all
+    sys.exit(0)
+with open(sys.argv[1], "rb") as f:
+    project = tomllib.load(f)["project"]
+for req in project.get("dependencies", []) + project.get("optional-dependencies", {}).get(sys.argv[2], []):
+    print(req)
+PY
+  exit 0
+fi
+if [ "$MODE" = --requirements ]; then
+  if [ -s "$SRC" ]; then "$PYTHON" -m pip install --disable-pip-version-check -r "$SRC"; fi
+  exit 0
+fi
 SRC=${SRC:-$(dirname "$HERE")}
 
 if [ -n "$DEV" ]; then

@@ -48,8 +48,6 @@ def validate(obj: Any, old: dict[str, Any] | None = None) -> list[str]:
     return problems
 
 
-# --------------------------------------------------------------------------------------------
-# unknown fields
 
 def _unknown_fields(value: Any, schema: dict[str, Any], path: str) -> Iterator[str]:
     if isinstance(value, dict):
@@ -72,8 +70,6 @@ def _unknown_fields(value: Any, schema: dict[str, Any], path: str) -> Iterator[s
             yield from _unknown_fields(child, schema["items"], f"{path}[{i}]")
 
 
-# --------------------------------------------------------------------------------------------
-# OpenAPI keywords
 
 def _schema_errors(obj: dict[str, Any], schema: dict[str, Any]) -> Iterator[str]:
     validator = jsonschema.Draft4Validator(schema)
@@ -106,8 +102,6 @@ def _describe(err: jsonschema.ValidationError) -> str:
     return err.message
 
 
-# --------------------------------------------------------------------------------------------
-# CEL rules
 
 _env = celpy.Environment()
 _programs: dict[str, Any] = {}

@@ -27,7 +27,6 @@ from .status import Metrics, Snapshot
 Source = Union[str, os.PathLike, Mapping[str, Any]]
 
 
-# --- errors ---------------------------------------------------------------------------------
 class ClientError(Exception):
     """A request that did not work (no kubeconfig, server unreachable, refused)."""
 
@@ -116,7 +115,6 @@ def _call(fn, *args, **kwargs):
         raise ClientError(f"cannot reach the API server: {exc}") from None
 
 
-# --- reading a TrainJob file ----------------------------------------------------------------
 def read_documents(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The file's TrainJob (validated as ``kontrast validate`` does, else TrainJobInvalid) and
     the other objects beside it (e.g. the PersistentVolumeClaim of examples/cluster-cpu.yaml)."""
@@ -144,7 +142,6 @@ def check_trainjob(obj: Any, source: str | None = None) -> dict[str, Any]:
     return dict(obj)
 
 
-# --- the client -----------------------------------------------------------------------------
 def _default_namespace(config_file: Optional[str], context: Optional[str]) -> Optional[str]:
     kubernetes = _kubernetes()
     try:

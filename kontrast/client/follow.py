@@ -14,7 +14,6 @@ from typing import Iterable, Optional, TextIO, Union
 from .status import METRIC_ORDER, Condition, Evaluation, Progress, Snapshot
 
 
-# --- events ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class PhaseChanged:
     phase: str
@@ -109,7 +108,6 @@ class Follower:
             self.steps_per_second = (new.step - old.step) / seconds
 
 
-# --- formatting -----------------------------------------------------------------------------
 def format_duration(seconds: Optional[float]) -> str:
     """``MM:SS`` or ``H:MM:SS``; ``--:--`` when unknown."""
     if seconds is None:
@@ -172,7 +170,6 @@ def format_outcome(snap: Snapshot) -> str:
     return text
 
 
-# --- printing -------------------------------------------------------------------------------
 class Printer:
     """Writes events to ``out``; with ``tty`` the progress line is redrawn in place (``\\r``).
 

@@ -39,6 +39,7 @@ from .config import ENV_KUBECONFIG, OperatorConfig
 from .kube import Kube, load_configuration
 from .lifecycle import kueue
 from .lifecycle.objects import controller_uid
+from .lifecycle.observed import record_of, recorded
 from .lifecycle.phases import PENDING, TERMINAL
 from .metrics import Metrics
 from .reconcile import Reconciler
@@ -211,17 +212,24 @@ async def trainjob_changed(memo: kopf.Memo, namespace: str, name: str, **_: Any)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def trainjob_seen(event: Mapping[str, Any], memo: kopf.Memo, namespace: str, name: str, uid: str,
-                  status: Mapping[str, Any], **_: Any) -> None:
-    """Keep the jobs-by-phase gauge current (cheap: no API call)."""
+async def trainjob_seen(event: Mapping[str, Any], memo: kopf.Memo, namespace: str, name: str, uid: str,
+                        meta: Mapping[str, Any], status: Mapping[str, Any], **_: Any) -> None:
+    """Keep the jobs-by-phase gauge current (cheap: no API call), and put back at once a
+    status phase the operator did not decide (the trainer's token can write status)."""
     if event.get("type") == "DELETED":
         memo.reconciler.forget(namespace, name)
         memo.children.pop(uid, None)
         handle = memo.wakeups.pop((namespace, name), None)
         if handle is not None:
             handle.cancel()
-    else:
-        memo.metrics.set_phase(namespace, name, (status or {}).get("phase") or PENDING)
+        return
+    status = status or {}
+    record = recorded({"metadata": meta})
+    decided = record.get(names.ANNOTATION_PHASE)
+    memo.metrics.set_phase(namespace, name, decided or status.get("phase") or PENDING)
+    shown = record_of(status.get("phase"), status.get("restarts") or 0)
+    if decided and record != shown and not meta.get("deletionTimestamp"):
+        await trigger(memo, namespace, name)
 
 
 def _owner(meta: Mapping[str, Any]) -> Optional[str]:

@@ -107,6 +107,11 @@ class Kube:
         return self.request("PATCH", _path(f"{GROUP}/{VERSION}", "TrainJob", namespace, name, "status"),
                             body={"status": dict(patch)}, content_type="application/merge-patch+json")
 
+    def annotate_trainjob(self, namespace: str, name: str, annotations: Mapping[str, str]) -> dict:
+        return self.request("PATCH", _path(f"{GROUP}/{VERSION}", "TrainJob", namespace, name),
+                            body={"metadata": {"annotations": dict(annotations)}},
+                            content_type="application/merge-patch+json")
+
     def _list(self, api_version: str, kind: str, namespace: str, tj: Mapping[str, Any]) -> list[dict]:
         selector = ",".join(f"{k}={v}" for k, v in names.selector_labels(tj).items())
         items = self.request("GET", _path(api_version, kind, namespace), query={"labelSelector": selector})["items"]

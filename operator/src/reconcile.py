@@ -98,6 +98,10 @@ class Reconciler:
         patch = plan.status_patch(tj.get("status") or {})
         if patch:
             self._patch_status(ns, name, patch)
+        if plan.record:
+            # After the status: a crash between the two leaves the older record, from which
+            # the rules decide the same phase again (and write completionTime, ...).
+            self._patch(ns, name, self.kube.annotate_trainjob, plan.record)
         self.metrics.set_phase(ns, name, plan.status.get("phase"))
         for event in plan.events:
             self.post_event(tj, event.type, event.reason, event.message)
@@ -127,8 +131,12 @@ class Reconciler:
             log.info("created %s %s/%s", obj["kind"], meta["namespace"], obj["metadata"]["name"])
 
     def _patch_status(self, ns: str, name: str, patch: Mapping[str, Any]) -> None:
+        self._patch(ns, name, self.kube.patch_trainjob_status, patch)
+
+    @staticmethod
+    def _patch(ns: str, name: str, how: Callable[[str, str, Mapping[str, Any]], Any], patch: Mapping[str, Any]) -> None:
         try:
-            self.kube.patch_trainjob_status(ns, name, patch)
+            how(ns, name, patch)
         except Exception as exc:  # e.g. deleted meanwhile
             if getattr(exc, "status", None) == 404:
                 return

@@ -195,6 +195,21 @@ def test_permanent_exit_code_fails_at_once_with_the_trainers_message():
     assert any(e.type == "Warning" and e.reason == "Failed" and "score" in e.message for e in plan.events)
 
 
+def test_oom_killed_fails_at_once_naming_the_container_and_its_limit():
+    """The kernel's OOM kill would recur on every restart from the checkpoint: Failed at once,
+    reason OOMKilled, the budget kept. The peer that lost its gang exits 1 first."""
+    obj, jobs, pods = running()
+    failed = [job(0, conditions=[("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")])]
+    oom = pod(0, 1, "Failed", exit_code=137, reason="OOMKilled")
+    oom["spec"] = {"containers": [{"name": "trainer", "resources": {"limits": {"memory": "200Mi"}}}]}
+    plan = decide(obj, failed, [pod(0, 0, "Failed", exit_code=1), oom], at(20))
+    assert plan.status["phase"] == "Failed" and plan.create is None and plan.status["restarts"] == 0
+    failed_cond = cond(plan, "Failed")
+    assert failed_cond["reason"] == "OOMKilled"
+    assert "container trainer" in failed_cond["message"] and "memory limit 200Mi" in failed_cond["message"]
+    assert "spec.scheduling.resources.limits.memory" in plan.status["message"]
+
+
 def test_permanent_even_when_another_node_failed_first():
     obj, jobs, pods = running()
     failed = [job(0, conditions=[("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")])]

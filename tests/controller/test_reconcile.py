@@ -8,7 +8,7 @@ import datetime as dt
 import pytest
 
 from kontrast.operator.__main__ import kopf_args
-from kontrast.operator.children.names import selector_labels
+from kontrast.operator.children.names import ANNOTATION_PHASE, ANNOTATION_RESTARTS, selector_labels
 from kontrast.operator.config import OperatorConfig
 from kontrast.operator.kube import ChildConflict
 from kontrast.operator.reconcile import Reconciler
@@ -71,6 +71,11 @@ class FakeKube:
                 st.pop(k, None)
             else:
                 st[k] = v
+
+
+    def annotate_trainjob(self, ns, name, annotations):
+        self.calls.append(("annotate", tuple(sorted(annotations))))
+        self.tj["metadata"].setdefault("annotations", {}).update(annotations)
 
 
 def tj(**sched):
@@ -203,3 +208,19 @@ def test_every_child_watch_is_filtered_by_the_api_server():
     assert scoped == {**{key: "kontrast.dev/trainjob" for key in handlers.WATCHED_CHILDREN},
                       handlers.WORKLOADS: "kueue.x-k8s.io/job-uid"}  # only Kueue's Workloads of Jobs
     assert ("", "v1", "pods") in scoped and ("batch", "v1", "jobs") in scoped
+
+
+def test_a_phase_the_operator_did_not_decide_is_put_back_and_training_goes_on():
+    """Without the chart's admission policy the trainer's token can write status.phase; the
+    operator decides from its own record (annotations the trainer cannot write)."""
+    kube = FakeKube(tj())
+    rec = Reconciler(kube, OperatorConfig())
+    rec.reconcile("ml", "clip", NOW)
+    assert kube.tj["metadata"]["annotations"] == {ANNOTATION_PHASE: "Pending", ANNOTATION_RESTARTS: "0"}
+    kube.tj["status"].update(phase="Succeeded", restarts=99)  # forged through trainjobs/status
+    kube.calls.clear()
+    rec.reconcile("ml", "clip", NOW)
+    assert not [c for c in kube.calls if c[0] in ("delete", "create")], kube.calls
+    assert ("Job", "clip-0") in kube.objects
+    assert kube.tj["status"]["phase"] == "Pending" and kube.tj["status"]["restarts"] == 0
+    assert not [c for c in kube.calls if c[0] == "annotate"]  # the record did not change

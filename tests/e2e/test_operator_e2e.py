@@ -132,6 +132,26 @@ def test_trainer_service_account_can_only_patch_its_own_trainjob(control_plane, 
         assert err.value.status == 403, (method, path)
 
 
+def test_a_phase_forged_by_the_trainer_is_put_back_and_training_runs_to_its_end(control_plane, tjs, operator, tiny):
+    """No admission policy here (the chart's needs Kubernetes 1.30+ and can be off), so RBAC lets
+    the trainer's token write status.phase. The operator decides from its own record, so a forged
+    Succeeded (and restart count) is overwritten and the run trains to its real end, where it
+    once made the next reconcile clean the run up."""
+    tjs.create(trainjob("forged", tiny, epochs=12))
+    wait_for(lambda: (s := tjs.status("forged")).get("phase") == "Running" and (s.get("progress") or {}).get("step"),
+             240, "forged to train")
+    as_trainer = Kube(control_plane.service_account_client(tjs.ns, "forged-trainer"))
+    as_trainer.patch(f"{TJ_PATH.format(ns=tjs.ns)}/forged/status", {"status": {"phase": "Succeeded", "restarts": 5}})
+    tjs.patch_spec("forged", {"scheduling": {"maxRestarts": 4}})  # any reconcile follows
+    st = wait_for(lambda: (s := tjs.status("forged")).get("phase") != "Succeeded" and s, 60,
+                  "the operator to put its own phase back")
+    assert st["phase"] == "Running" and st["restarts"] == 0, tjs.debug("forged")
+    st = tjs.wait_phase("forged", ("Succeeded", "Failed"), timeout=300)
+    assert st["phase"] == "Succeeded" and st["restarts"] == 0, tjs.debug("forged")
+    assert st["progress"]["step"] == st["progress"]["totalSteps"], st["progress"]
+    assert st["checkpoints"]["latest"]["epoch"] == 12
+
+
 def test_killed_pod_restarts_from_checkpoint(tjs, tiny):
     tjs.create(trainjob("resume", tiny, epochs=40))
     with StatusRecorder(tjs.kube, tjs.ns, "resume") as rec:

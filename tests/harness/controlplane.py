@@ -82,13 +82,20 @@ class ControlPlane:
     ServiceAccount so tests can run code under real RBAC.
     """
 
-    def __init__(self, bin_dir: Path, workdir: Path | None = None):
+    def __init__(self, bin_dir: Path, workdir: Path | None = None, *, address: str = "127.0.0.1",
+                 apiserver_args: list[str] = (), controllers: str = "*,-node-lifecycle-controller"):
+        """`address`: where kube-apiserver listens and what it advertises (the `kubernetes`
+        Service's endpoint when it is not loopback: harness.node puts it on the pod bridge).
+        `apiserver_args` are appended to kube-apiserver's; `controllers` is KCM's --controllers."""
         self.bin_dir = Path(bin_dir)
+        self.address = address
+        self.apiserver_args = list(apiserver_args)
+        self.controllers = controllers
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kontrast-cp-"))
         self.pki = self.workdir / "pki"
         self.port = free_port()
-        self.server = f"https://127.0.0.1:{self.port}"
+        self.server = f"https://{address}:{self.port}"
         self.ca_file = self.pki / "ca.crt"
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         self.admin_token = secrets.token_hex(24)
@@ -144,7 +151,8 @@ class ControlPlane:
         # The serving cert must be valid for 127.0.0.1: in-pod clients connect there.
         self.issue_serving_cert("apiserver", "kube-apiserver", [
             "IP:127.0.0.1", "IP:10.0.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
-            "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"])
+            "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"]
+            + ([f"IP:{self.address}"] if self.address != "127.0.0.1" else []))
         _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
         (pki / "tokens.csv").write_text(f'{self.admin_token},kontrast-admin,kontrast-admin,"system:masters"\n')
@@ -238,7 +246,7 @@ class ControlPlane:
             f"--cert-dir={pki}",
             f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--client-ca-file={self.ca_file}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={self.port}",
+            f"--bind-address={self.address}", f"--advertise-address={self.address}", f"--secure-port={self.port}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=RBAC",
             f"--token-auth-file={pki / 'tokens.csv'}",
@@ -248,9 +256,10 @@ class ControlPlane:
             "--allow-privileged=true",
             # The built-in `kubernetes` Service would point at 127.0.0.1, which Endpoints reject;
             # in-pod clients get KUBERNETES_SERVICE_HOST=127.0.0.1 from the node agent instead.
-            "--endpoint-reconciler-type=none",
+            *(["--endpoint-reconciler-type=none"] if self.address == "127.0.0.1" else []),
             # Fewer background goroutines on a 2-core machine.
             "--enable-priority-and-fairness=false", "--profiling=false",
+            *self.apiserver_args,
         ])
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
 
@@ -272,7 +281,7 @@ class ControlPlane:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             # No kubelet heartbeats here: without this controller the node agent's Node would be
             # tainted unreachable and its pods evicted whenever the agent is slow.
-            "--controllers=*,-node-lifecycle-controller",
+            f"--controllers={self.controllers}",
         ])
         kube = self.kube()
 

@@ -61,7 +61,7 @@ def naive(left, right, w, s, b, kind, lid=None, rid=None, table=()):
     for i in range(n):
         for j in range(n):
             r = rel(i, j)
-            if r is not None:
+            if r:  # known at weight 0: a plain negative
                 best = max(rel(i, k) or 0.0 for k in range(n))
                 y = r / best if best > 0 else 0.0
                 total += r / mean_w * -(y * math.log(1 / (1 + math.exp(-sim[i][j])))
@@ -221,6 +221,52 @@ def test_table_pair_is_a_positive_not_a_false_negative(kind):
 
     assert logit_gradient(table_pairs()) < -1e-4
     assert logit_gradient(None) > 1e-4
+
+
+# A click log: each query's clicked document at weight 1, the shown-but-not-clicked ones at 0.
+CLICKS = [(0, 10, 1.0), (0, 11, 0.0), (1, 10, 1.0), (1, 12, 0.0), (2, 11, 1.0), (2, 13, 0.0),
+          (3, 13, 1.0), (4, 14, 1.0)]
+
+
+def pair_logit_gradient(kind, lid, rid, w, cells, known=None, seed=6):
+    """dL/dlogit, the same shift added to every given (row, column) logit, which must all be
+    one (query, document) pair."""
+    n = len(lid)
+    left, right = feats(n=n, seed=seed)
+    s = torch.tensor(10.0)
+    b = torch.tensor(-3.0) if kind == "siglip" else None
+    delta = torch.zeros((), requires_grad=True)
+    q = torch.cat([left.detach(), torch.zeros(n, 1)], dim=1)
+    d = torch.cat([right.detach(), torch.zeros(n, 1)], dim=1)
+    shift = torch.zeros_like(q)
+    for i, j in cells:
+        d[j, -1] = 1.0
+        shift[i, -1] = 1.0
+    loss = weighted_contrastive_loss(q + shift * delta / s, d, torch.tensor(w), s, b, kind=kind,
+                                     left_ids=torch.tensor(lid), right_ids=torch.tensor(rid), known=known)
+    return torch.autograd.grad(loss, [delta])[0].item()
+
+
+@pytest.mark.parametrize("kind", ["ce", "siglip"])
+def test_click_log_pair_met_through_a_weight_0_row_is_a_positive(kind):
+    """Query 0 (clicked document 10) enters the batch through its weight-0 row (0, 11) and
+    document 10 through query 1's click: the table says they belong together, so the loss pulls
+    them together. Counting only positive rows, the table kept no pair of a click log at all."""
+    known = table_pairs(CLICKS)
+    kept = {(int(k) // known.n_docs, int(k) % known.n_docs) for k in known.keys}
+    assert {(0, 10), (1, 10)} <= kept and (4, 14) not in kept
+    lid, rid, w = [0, 1, 3, 4], [11, 10, 13, 14], [0.0, 1.0, 1.0, 1.0]
+    assert pair_logit_gradient(kind, lid, rid, w, [(0, 1)], known) < -1e-3
+    assert pair_logit_gradient(kind, lid, rid, w, [(0, 1)], None) > 1e-4   # from the batch alone: pushed
+
+
+@pytest.mark.parametrize("kind", ["ce", "siglip"])
+def test_a_weight_0_pair_is_pushed_apart_by_both_losses(kind):
+    """Row 0 states (query 5, document 5) at weight 0 and row 1 holds query 5 with a clicked
+    document: the stated pair is a negative for both losses (siglip's terms once cancelled)."""
+    lid, rid, w = [5, 5, 6, 7], [5, 6, 7, 8], [0.0, 1.0, 1.0, 1.0]
+    assert pair_logit_gradient(kind, lid, rid, w, [(0, 0), (1, 0)]) > 1e-3
+    assert pair_logit_gradient(kind, lid, rid, w, [(0, 0)]) > (1e-3 if kind == "siglip" else -1e-9)
 
 
 def test_table_pairs_need_ids():

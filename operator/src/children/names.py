@@ -22,6 +22,11 @@ ANNOTATION_TRAINJOB = "kontrast.dev/trainjob-name"  # the full name (labels are 
 #: On a worker Job: the restart budget spent when this attempt was created. The newest Job is
 #: the durable record of a restart decision, so an operator restart never counts one twice.
 ANNOTATION_RESTARTS = "kontrast.dev/restarts"
+#: On the TrainJob: the phase the operator decided last. ``status`` can be written by the
+#: trainer's token (trainjobs/status, for its progress); metadata cannot, so a phase the
+#: operator did not decide is never taken as a fact (without the chart's admission policy too).
+#: ANNOTATION_RESTARTS on the TrainJob is, likewise, the budget the operator counted.
+ANNOTATION_PHASE = "kontrast.dev/phase"
 #: On a worker Job: why this attempt was created (Created, Resumed, Recreated, QueueChanged,
 #: or the restart's PodFailed, Disrupted, Hung).
 ANNOTATION_REASON = "kontrast.dev/start-reason"

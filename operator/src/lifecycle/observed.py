@@ -9,6 +9,8 @@ from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
 from kontrast.api.defaults import defaulted_spec
 from kontrast.api.scheduling import Scheduling
 
+from ..children import names
+
 from .objects import (attempt_of, controller_uid, deleting, job_queue, job_suspended,
                       restarts_spent)
 from .phases import PENDING, RESTARTING, condition, condition_true, parse_time
@@ -26,6 +28,7 @@ class Observed:
     sched: Scheduling  # spec.scheduling with the CRD's defaults
     nodes: int
     status: Mapping[str, Any]  # the TrainJob's status as read
+    phase: Optional[str]  # the phase the operator decided last (:func:`recorded`)
     jobs: tuple[Mapping[str, Any], ...]  # every worker Job, oldest attempt first
     current: Optional[Mapping[str, Any]]  # the newest Job, unless it is being deleted
     next_attempt: int  # above every attempt seen, on Jobs and on pods that outlived theirs
@@ -41,10 +44,8 @@ class Observed:
     hang_after: Optional[float] = None
     #: Kueue's Workload of the current Job, read while Kueue holds it (why it waits).
     workload: Optional[Mapping[str, Any]] = None
-
-    @property
-    def phase(self) -> Optional[str]:
-        return self.status.get("phase")
+    #: The operator's record on the TrainJob as read (:func:`recorded`; empty before the first).
+    record: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def live(self) -> tuple[Mapping[str, Any], ...]:
@@ -116,6 +117,16 @@ def _pods_missing(current: Optional[Mapping[str, Any]], pods: Sequence[Mapping[s
     return current is not None and not job_suspended(current) and len(pods) < nodes
 
 
+def recorded(tj: Mapping[str, Any]) -> dict[str, str]:
+    """The operator's own record of what it decided: its annotations on the TrainJob."""
+    annotations = tj["metadata"].get("annotations") or {}
+    return {k: annotations[k] for k in (names.ANNOTATION_PHASE, names.ANNOTATION_RESTARTS) if k in annotations}
+
+
+def record_of(phase: str, restarts: int) -> dict[str, str]:
+    return {names.ANNOTATION_PHASE: phase, names.ANNOTATION_RESTARTS: str(restarts)}
+
+
 class Reads(Protocol):
     """The two reads that depend on what was observed (:class:`kontrast.operator.kube.Kube`)."""
 
@@ -147,6 +158,11 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
         failed_creates = read.failed_creates(current)
     if read is not None and _queued(current):
         workload = read.workload(current)
+    # status.phase and status.restarts are read only for a TrainJob this operator version has
+    # not reconciled yet (created by an older one); from then on its own record decides.
+    record = recorded(tj)
+    phase = record.get(names.ANNOTATION_PHASE, status.get("phase") if not record else None)
+    spent = int(record.get(names.ANNOTATION_RESTARTS, 0 if record else status.get("restarts") or 0))
     return Observed(
         now=now,
         name=meta["name"],
@@ -155,10 +171,11 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
         sched=Scheduling.from_spec(spec),
         nodes=spec["nodes"],
         status=status,
+        phase=phase,
         jobs=jobs,
         current=current,
         next_attempt=max([attempt_of(o) for o in (*jobs, *pods)], default=-1) + 1,
-        restarts=max(int(status.get("restarts") or 0), restarts_spent(latest)),
+        restarts=max(spent, restarts_spent(latest)),
         pods=attempt_pods,
         older_pods=tuple(p for p, m in zip(pods, mine) if not m and pod_lives(p)),
         failures=tuple(f for f in (pod_failure(p) for p in attempt_pods) if f is not None),
@@ -166,4 +183,5 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
         missing_children=missing_children,
         hang_after=hang_after,
         workload=workload,
+        record=record,
     )

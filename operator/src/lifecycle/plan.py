@@ -11,7 +11,7 @@ from ..children import names
 from ..children.base import BASE_KINDS
 from . import kueue
 from .objects import job_queue, name_of
-from .observed import Observed, observe
+from .observed import Observed, observe, record_of
 from .phases import PENDING, PHASE_CONDITION, RUNNING, SUSPENDED, TERMINAL, Conditions, truncate
 from .rules import KEEP, RULES, Create, Decision, DeleteJobs, Event, deadline_left
 
@@ -33,6 +33,9 @@ class Plan:
     release_queue: Optional[str] = None  # ... to this Kueue LocalQueue (None: unsuspend it)
     repair: tuple[str, ...] = ()  # kinds of missing base children to create again
     requeue_after: Optional[float] = None  # reconcile again after this many seconds
+    #: The operator's record of the decided phase and restarts: the TrainJob's annotations
+    #: that changed (written after the status; observe() reads them back).
+    record: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def status_patch(self, current: Mapping[str, Any] | None) -> dict[str, Any]:
         """A merge patch of the owned fields that differ from ``current`` (None deletes)."""
@@ -94,6 +97,8 @@ def plan(o: Observed, d: Decision) -> Plan:
         cleanup=d.cleanup, release=d.release, release_queue=o.queue if d.release else None,
         repair=tuple(k for k in BASE_KINDS if k in o.missing_children) if active and create is None else (),
         requeue_after=_requeue_after(o, d, st),
+        record={} if o.deleting else {k: v for k, v in record_of(st["phase"], st["restarts"]).items()
+                                      if o.record.get(k) != v},
         events=[*_transition_events(o.status.get("conditions") or [], st["conditions"]), *d.events])
 
 

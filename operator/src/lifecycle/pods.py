@@ -20,13 +20,24 @@ class PodFailure:
     reason: str
     message: str
     disrupted: bool
+    memory_limit: Optional[str] = None  # the trainer container's, as the pod spec gives it
+
+    @property
+    def oom_killed(self) -> bool:
+        return not self.disrupted and self.reason == "OOMKilled"
 
     @property
     def permanent(self) -> bool:
-        return self.exit_code == contract.EXIT_PERMANENT
+        """The trainer's permanent exit code, or the kernel's OOM kill: a restart from the
+        checkpoint would need the same memory again, so it would only spend the budget."""
+        return self.exit_code == contract.EXIT_PERMANENT or self.oom_killed
 
     def describe(self) -> str:
         where = f"pod {self.pod}" + (f" (node {self.index})" if self.index is not None else "")
+        if self.oom_killed:
+            limit = f"its memory limit {self.memory_limit}" if self.memory_limit else "the node's memory"
+            return (f"{where}: container {names.TRAINER_CONTAINER} was killed for using more than {limit} "
+                    "(OOMKilled); raise spec.scheduling.resources.limits.memory, or lower batchSize or workers")
         if self.disrupted:
             what = f"was disrupted ({self.reason})" if self.reason else "was disrupted"
         elif self.exit_code is not None:
@@ -54,6 +65,13 @@ def _trainer_state(pod: Mapping[str, Any]) -> Mapping[str, Any]:
     return {}
 
 
+def _trainer_memory_limit(pod: Mapping[str, Any]) -> Optional[str]:
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if c.get("name") == names.TRAINER_CONTAINER:
+            return ((c.get("resources") or {}).get("limits") or {}).get("memory")
+    return None
+
+
 def pod_failure(pod: Mapping[str, Any]) -> Optional[PodFailure]:
     """How a pod failed, or None while it has not (DisruptionTarget counts at once)."""
     status = pod.get("status") or {}
@@ -70,7 +88,7 @@ def pod_failure(pod: Mapping[str, Any]) -> Optional[PodFailure]:
         message = term.get("message") or status.get("message") or ""
     return PodFailure(
         pod=name_of(pod), index=pod_index(pod), exit_code=term.get("exitCode"),
-        reason=reason, message=truncate(message), disrupted=disrupted,
+        reason=reason, message=truncate(message), disrupted=disrupted, memory_limit=_trainer_memory_limit(pod),
     )
 
 

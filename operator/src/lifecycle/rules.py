@@ -181,11 +181,14 @@ def deadline_exceeded(o: Observed) -> Optional[Decision]:
 
 
 def permanent_error(o: Observed) -> Optional[Decision]:
-    """The trainer's permanent exit code (bad data, bad parameters): fail at once, no restart."""
+    """The trainer's permanent exit code (bad data, bad parameters) or an OOM kill: fail at
+    once, no restart."""
     job_cond = _job_failed(o)
     permanent = [f for f in o.failures if f.permanent]
     if job_cond is None or not (permanent or job_cond.get("reason") == "PodFailurePolicy"):
         return None
+    if permanent and permanent[0].oom_killed:
+        return _failed(o, "OOMKilled", permanent[0].describe(), stop=False)
     message = (permanent[0].message or permanent[0].describe()) if permanent else job_cond.get("message", "")
     return _failed(o, "PermanentError", message or "the trainer exited with a permanent error", stop=False)
 

@@ -21,10 +21,11 @@ def _compact(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 class KnownPairs:
     """The relevant (query, document) pairs of a whole training table, for lookups by the loss.
 
-    Only pairs that a batch could hold without their own row are kept: the query has another
-    relevant document and the document another query (each is then brought into a batch by
-    another row). A table with one document per query, or one query per document, keeps
-    nothing. Pairs of weight 0 are left out: they stay negatives. Held as sorted int64 keys
+    Only pairs that a batch could hold without their own row are kept: the query has a row
+    with another document and the document a row with another query, of any weight (each is
+    then brought into a batch by that row; click logs bring queries and documents in through
+    their shown-but-not-clicked rows of weight 0). A table with one row per query, or one per
+    document, keeps nothing. Pairs of weight 0 are left out: they stay negatives. Held as sorted int64 keys
     (query id x documents + document id) and float32 weights: 12 bytes a kept pair, in one
     array each, never a Python object per row.
     """
@@ -34,16 +35,20 @@ class KnownPairs:
 
     @classmethod
     def of_table(cls, left_ids: np.ndarray, right_ids: np.ndarray, weights: np.ndarray) -> "KnownPairs":
+        q_all = np.asarray(left_ids, dtype=np.int64)
+        d_all = np.asarray(right_ids, dtype=np.int64)
+        n_docs = int(d_all.max()) + 1 if d_all.size else 1
+        # Partners per query and per document, over every distinct pair (weight 0 included).
+        every = np.unique(q_all * n_docs + d_all)
+        q_partners = np.bincount(every // n_docs)
+        d_partners = np.bincount(every % n_docs)
+        del every
         positive = np.asarray(weights) > 0
-        q = np.asarray(left_ids, dtype=np.int64)[positive]
-        d = np.asarray(right_ids, dtype=np.int64)[positive]
-        w = np.asarray(weights, dtype=np.float32)[positive]
-        n_docs = int(d.max()) + 1 if d.size else 1
-        keys, inverse = np.unique(q * n_docs + d, return_inverse=True)
+        keys, inverse = np.unique(q_all[positive] * n_docs + d_all[positive], return_inverse=True)
         rel = np.zeros(keys.size, dtype=np.float32)
-        np.maximum.at(rel, inverse, w)
+        np.maximum.at(rel, inverse, np.asarray(weights, dtype=np.float32)[positive])
         uq, ud = keys // n_docs, keys % n_docs
-        shared = (np.bincount(uq)[uq] > 1) & (np.bincount(ud)[ud] > 1)
+        shared = (q_partners[uq] > 1) & (d_partners[ud] > 1)
         return cls(torch.from_numpy(keys[shared]), torch.from_numpy(rel[shared]), n_docs)
 
     def __len__(self) -> int:

@@ -46,8 +46,8 @@ Kinds:
   weighted by relevance / mean(w), with the graded label relevance / (the best relevance of
   its query in the batch): 1 for the best document, 2/3 for a grade 2 beside a grade 3. The
   optimal sigmoid equals the label, so grades stay ordered (hard +1 labels would push every
-  relevant document to the same saturated score). Other pairs are negatives (label 0,
-  weight 1), and the sum is divided by the global batch size, as in
+  relevant document to the same saturated score). Other pairs, those known only at weight 0
+  among them, are negatives (label 0, weight 1), and the sum is divided by the global batch size, as in
   ``open_clip.loss.SigLipLoss``; one document per query and equal weights give exactly
   SigLipLoss.
 """
@@ -124,6 +124,10 @@ def _siglip_part(logits_lr, known_lr, all_w, n: int) -> torch.Tensor:
     relevance over the best of its query in the batch (1 for the best; the optimum sigmoid
     equals the label, so grades stay ordered)."""
     r, c, rel = known_lr
+    # A pair known only at weight 0 (a stated negative) is a plain negative, as in ce: with
+    # its label 0 and weight 0 its terms would cancel the negative term to exactly nothing.
+    stated = rel > 0
+    r, c, rel = r[stated], c[stated], rel[stated]
     tiny = torch.finfo(torch.float32).tiny
     best = torch.zeros(logits_lr.shape[0], dtype=rel.dtype, device=rel.device).scatter_reduce(
         0, r, rel, reduce="amax")[r]
