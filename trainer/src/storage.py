@@ -121,6 +121,15 @@ def remove_temporaries(folder: str | Path, name: str = "", older_than_s: float =
     return removed
 
 
+def upload(local: str | Path, location: str) -> None:
+    """Publish a local file at ``location`` (an object store: one streamed PUT, no copy in memory)."""
+    if has_scheme(location):
+        fs, path = _fs(location)
+        fs.put_file(str(local), path)
+    else:
+        write_atomic(location, lambda f: shutil.copyfileobj(open(local, "rb"), f))
+
+
 def write_text(location: str, text: str) -> None:
     write_atomic(location, lambda f: f.write(text.encode("utf-8")))
 
