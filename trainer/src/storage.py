@@ -127,7 +127,8 @@ def upload(local: str | Path, location: str) -> None:
         fs, path = _fs(location)
         fs.put_file(str(local), path)
     else:
-        write_atomic(location, lambda f: shutil.copyfileobj(open(local, "rb"), f))
+        with open(local, "rb") as src:
+            write_atomic(location, lambda f: shutil.copyfileobj(src, f))
 
 
 def write_text(location: str, text: str) -> None:
