@@ -4,7 +4,7 @@ processes on the CPU), faults delivered on conditions, and the checks that nothi
 Every process of a launched run carries a unique token in its environment (DataLoader
 workers and torchrun's workers too, whatever session they start), so a test can find and
 signal all of them, and assert that none outlives the run. ``inject/sitecustomize.py`` holds
-rank 0 at a chosen point (mid-save, mid-evaluation) until the test releases it.
+rank 0 at a chosen point (mid-step, mid-save, mid-evaluation) until the test releases it.
 """
 
 from __future__ import annotations
