@@ -152,12 +152,14 @@ class Launched:
 
 def on_small_volume(folder: Path, size: str) -> list[str]:
     """A command prefix: the rest runs with a tmpfs of ``size`` mounted at ``folder``, in a
-    mount namespace of its own (a user namespace too, so no privilege is needed). The tmpfs
-    goes with the namespace, so what it held at the end is copied to ``<folder>.after``."""
+    mount namespace of its own (as root, like the test node agent; otherwise in a user
+    namespace too, where the kernel allows one). The tmpfs goes with the namespace, so what
+    it held at the end is copied to ``<folder>.after``."""
     folder.mkdir(parents=True, exist_ok=True)
     script = (f'mount -t tmpfs -o size={size} kontrast-faults "{folder}" || exit 1; "$@"; code=$?; '
               f'cp -a "{folder}" "{folder}.after"; exit $code')
-    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh"]
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return ["unshare", *user, "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
 
 
 class Job:
