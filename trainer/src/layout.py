@@ -20,6 +20,7 @@ that write or read those files ask an ``OutputFolder`` or a ``CacheFolder`` for 
 
     tables/KEY.arrow           the node-shared checked tables (and KEY.lock)
     images/                    the node-local image cache
+    images/.incoming/          its files being written
 """
 
 from __future__ import annotations
@@ -93,3 +94,7 @@ class CacheFolder:
     @property
     def images(self) -> Path:
         return Path(self.root) / "images"
+
+    @property
+    def incoming_images(self) -> Path:
+        return self.images / ".incoming"

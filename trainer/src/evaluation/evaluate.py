@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..data.dataset import PairDataset, SideDataset, collate
+from ..data.workers import ignore_sigterm, start
 from ..distributed import all_gather, all_reduce_max, world_and_rank
 from .eval_set import EvalSet
 from .metrics import DEEP_K, METRIC_KEYS, ranking_metrics
@@ -78,9 +79,10 @@ def embed(fused, pairs: PairDataset, rows, side: str, *, batch_size: int, device
           workers: int = 0) -> torch.Tensor:
     """[len(rows), d] float32 embeddings of one side of the given rows, on ``device``."""
     loader = torch.utils.data.DataLoader(SideDataset(pairs, rows, side), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers, collate_fn=collate)
+                                         shuffle=False, num_workers=workers, collate_fn=collate,
+                                         worker_init_fn=ignore_sigterm if workers else None)
     out = []
-    for batch in loader:
+    for batch in start(loader):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with precision.autocast():
             if side == "left":

@@ -21,13 +21,16 @@ training run that is otherwise fine.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Optional, TextIO
+from typing import Any, Callable, Iterable, Optional, TextIO
 
 from .. import storage
 from ..locations import has_scheme
@@ -201,38 +204,43 @@ class JsonlReporter(Reporter):
 
     Each line has ``event`` (start, step, checkpoint, eval, end) and ``time``. A resumed
     run appends to the same file, so the log shows where it picked up. On object stores
-    (no append) the whole file is re-uploaded at checkpoints, at the end and every
-    ``flush_every`` seconds.
+    (no append) the lines go to a local spool file, and the whole file is uploaded at
+    checkpoints, evaluations and the end, and otherwise at most every ``flush_every``
+    seconds per MiB it holds: a long run uploads about 1 MiB per ``flush_every`` rather
+    than its ever larger file every minute.
     """
 
-    def __init__(self, location: str, flush_every: float = 60.0):
+    FLUSH_BYTES = 1 << 20
+
+    def __init__(self, location: str, flush_every: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self.location = location
+        self.flush_every, self.clock = flush_every, clock
+        self._last_flush = clock()
+        self._pending = False
         self.remote = has_scheme(location)
-        self.flush_every = flush_every
-        self._lines: list[str] = []
-        self._last_flush = time.monotonic()
-        self._file = None
         if self.remote:
+            self._file = tempfile.NamedTemporaryFile("w+", encoding="utf-8", prefix="progress-", suffix=".jsonl")
             if storage.exists(location):
                 with storage.open_read(location) as f:
-                    self._lines = f.read().decode("utf-8").splitlines()
+                    shutil.copyfileobj(io.TextIOWrapper(f, encoding="utf-8"), self._file)
         else:
             Path(location).parent.mkdir(parents=True, exist_ok=True)
             self._file = open(location, "a", encoding="utf-8")
 
     def _write(self, event: str, payload: dict[str, Any], flush: bool = False) -> None:
         line = json.dumps({"event": event, "time": utc_now(), **payload}, sort_keys=False)
-        if self._file is not None:
-            self._file.write(line + "\n")
-            self._file.flush()
+        self._file.write(line + "\n")
+        self._file.flush()
+        if not self.remote:
             return
-        self._lines.append(line)
-        if flush or time.monotonic() - self._last_flush > self.flush_every:
+        self._pending = True
+        interval = self.flush_every * max(1.0, self._file.tell() / self.FLUSH_BYTES)
+        if flush or self.clock() - self._last_flush > interval:
             self._upload()
 
     def _upload(self) -> None:
-        storage.write_text(self.location, "\n".join(self._lines) + "\n")
-        self._last_flush = time.monotonic()
+        storage.upload(self._file.name, self.location)
+        self._last_flush, self._pending = self.clock(), False
 
     def on_start(self, info):
         self._write("start", info)
@@ -251,8 +259,9 @@ class JsonlReporter(Reporter):
                             "step": summary.get("step"), "epoch": summary.get("epoch")}, flush=True)
 
     def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        elif self._lines:
+        if self._file is None:
+            return
+        if self.remote and self._pending:
             self._upload()
+        self._file.close()
+        self._file = None

@@ -41,7 +41,7 @@ from ..report.mlflow_tracking import MlflowTracker, mlflow_tracker
 from ..report.reporters import JsonlReporter, Reporter, Reporters
 from ..report.tensorboard import tensorboard_reporter
 from ..spec import Resolved
-from .epoch import end_epoch, measure_run, train_epoch
+from .epoch import end_epoch, measure_run, stop_at_epoch_end, train_epoch
 from .evaluations import record_eval
 from .save_policy import SavePolicy, stop_on_sigterm
 from .setup import Run, setup
@@ -90,6 +90,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     summarise; or stop early after ``max_epochs`` epochs of this invocation."""
     run = setup(resolved, world)
     progress = _resume(run)
+    progress.started = started
     info = start_info(run, progress)
     mlflow_run = tracker.begin(info) if tracker is not None else None
     if mlflow_run:   # the MLflow run, created or continued: in progress.jsonl and status.outputs
@@ -102,15 +103,20 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     last_epoch = epochs if max_epochs is None else min(epochs, progress.epoch + max_epochs)
     policy = SavePolicy(run.params.checkpoint_every, world)
     run.net.train()
-    with stop_on_sigterm(policy):
-        while progress.epoch < last_epoch:
-            train_epoch(run, progress, report, policy)
-            if end_epoch(run, progress, report):
-                policy.saved()
+    try:
+        with stop_on_sigterm(policy):
+            while progress.epoch < last_epoch:
+                train_epoch(run, progress, report, policy)
+                if end_epoch(run, progress, report):
+                    policy.saved()
+                if progress.epoch < last_epoch:
+                    stop_at_epoch_end(run, progress, report, policy)
+    finally:
+        run.loader.close()
     if last_epoch < epochs:
         log.info("stopped after epoch %d of %d (max_epochs)", last_epoch, epochs)
         return {"step": progress.step, "epoch": last_epoch, "stopped": True}
-    return summarise(run, progress, report, started)
+    return summarise(run, progress, report)
 
 
 def _resume(run: Run) -> Progress:
