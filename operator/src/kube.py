@@ -141,13 +141,20 @@ class Kube:
                 f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not controlled by this TrainJob")
         return False
 
-    def release_job(self, namespace: str, name: str, queue: Optional[str] = None) -> None:
+    def release_job(self, namespace: str, name: str, queue: Optional[str] = None, unpark: bool = False) -> None:
         """Hand a held worker Job on: to Kueue (its queue label; Kueue unsuspends it when it
-        admits it), or, without a queue, unsuspend it."""
-        body = ({"metadata": {"labels": {names.KUEUE_QUEUE_LABEL: queue}}} if queue
-                else {"spec": {"suspend": False}})
-        self.request("PATCH", _path("batch/v1", "Job", namespace, name), body=body,
-                     content_type="application/merge-patch+json")
+        admits it), or, without a queue, unsuspend it, first taking it out of the parking queue
+        when ``unpark`` (Kueue lets a Job's queue label change only while it is suspended)."""
+        path = _path("batch/v1", "Job", namespace, name)
+        released = {names.ANNOTATION_HOLD: "false"}
+        if queue:
+            body: dict[str, Any] = {"metadata": {"labels": {names.KUEUE_QUEUE_LABEL: queue}, "annotations": released}}
+        else:
+            if unpark:
+                self.request("PATCH", path, body={"metadata": {"labels": {names.KUEUE_QUEUE_LABEL: None}}},
+                             content_type="application/merge-patch+json")
+            body = {"metadata": {"annotations": released}, "spec": {"suspend": False}}
+        self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
 
     def workload(self, job: Mapping[str, Any]) -> Optional[dict]:
         """Kueue's Workload of a Job (found by the job-uid label Kueue puts on it), or None,

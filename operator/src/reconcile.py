@@ -85,11 +85,11 @@ class Reconciler:
         if plan.create is not None:
             c = plan.create
             self._create(tj, children(tj, c.attempt, c.restarts, self.config, c.reason, c.hold,
-                                      c.active_deadline_seconds))
+                                      c.active_deadline_seconds, c.queue))
             if c.reason in ("PodFailed", "Disrupted", "Hung"):
                 self.metrics.restarted(c.reason)
         if plan.release:
-            self.kube.release_job(ns, plan.release, plan.release_queue)
+            self.kube.release_job(ns, plan.release, plan.release_queue, unpark=plan.release_unpark)
             log.info("released Job %s/%s (older attempts are gone)%s", ns, plan.release,
                      f" to LocalQueue {plan.release_queue}" if plan.release_queue else "")
         if plan.repair:

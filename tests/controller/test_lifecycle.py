@@ -7,8 +7,9 @@ import datetime as dt
 import pytest
 
 from kontrast import contract
-from kontrast.operator.children.names import (ANNOTATION_RESTARTS, COMPLETION_INDEX_ANNOTATION, KUEUE_QUEUE_LABEL,
-                                              LABEL_ATTEMPT)
+from kontrast.operator.children.names import (ANNOTATION_HOLD, ANNOTATION_PARKED_FOR, ANNOTATION_QUEUE, ANNOTATION_RESTARTS,
+                                              COMPLETION_INDEX_ANNOTATION, KUEUE_QUEUE_LABEL, LABEL_ATTEMPT,
+                                              PARKING_QUEUE)
 from kontrast.operator.lifecycle.plan import Plan, decide
 from kontrast.operator.lifecycle.pods import pod_failure
 
@@ -636,3 +637,59 @@ def test_running_attempt_keeps_its_queue():
     obj["spec"]["scheduling"]["queueName"] = "team-b"
     plan = decide(obj, [job(0, start=ts(1), queue="team-a")], pods, at(20))
     assert plan.create is None and not plan.delete_jobs and plan.status["phase"] == "Running"
+
+
+# --- Kueue labels Jobs of its own accord: a `default` LocalQueue, manageJobsWithoutQueueName ----
+def kjob(attempt, asked="", label=None, hold=False, suspend=True, restarts=0, start=None, conditions=(),
+         parked_for=None):
+    """A worker Job as this operator creates it (the queue it asked for, the hold recorded), with
+    the label Kueue left on it."""
+    j = job(attempt, restarts, conditions=conditions, suspend=suspend, queue=label, start=start)
+    j["metadata"]["annotations"].update({ANNOTATION_QUEUE: asked, ANNOTATION_HOLD: "true" if hold else "false"})
+    if parked_for:
+        j["metadata"]["annotations"][ANNOTATION_PARKED_FOR] = parked_for
+    return j
+
+
+def test_a_queue_kueue_defaulted_is_the_trainjobs_queue():
+    """Kueue's webhook labelled the unlabelled Job `default` and suspended it: queued there, not
+    a changed queueName (no replacement, however often it is reconciled)."""
+    obj = apply(tj(), decide(tj(), [], [], at(0)))
+    plan = decide(obj, [kjob(0, label="default")], [], at(5))
+    assert plan.create is None and not plan.delete_jobs and plan.release is None
+    assert plan.status["phase"] == "Pending" and "LocalQueue default" in plan.status["message"]
+    assert cond(plan, "Queued")["status"] == "True"
+
+
+def test_a_job_kueue_suspended_without_a_label_is_never_unsuspended():
+    """manageJobsWithoutQueueName: Kueue suspends every Job; the operator's own were not held."""
+    obj = apply(tj(), decide(tj(), [], [], at(0)))
+    plan = decide(obj, [kjob(0)], [], at(5))
+    assert plan.release is None and plan.create is None and not plan.delete_jobs
+    assert cond(plan, "Queued")["status"] == "True" and "spec.scheduling.queueName" in plan.status["message"]
+
+
+def test_a_restart_parks_the_attempt_then_hands_it_to_the_defaulted_queue():
+    obj, _, _ = running()
+    failed = [pod(0, 0, "Failed", 1), pod(0, 1)]
+    current = kjob(0, label="default", suspend=False, start=ts(1),
+                   conditions=[("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")])
+    plan = decide(obj, [current], failed, at(30))
+    assert plan.create.hold and plan.create.queue == "default"  # rendered in the parking queue
+    obj = apply(obj, plan)
+    held = kjob(1, label=PARKING_QUEUE, hold=True, restarts=1, parked_for="default")
+    plan = decide(obj, [held], [], at(40))
+    assert plan.release == "clip-1" and plan.release_queue == "default" and not plan.release_unpark
+
+
+def test_a_parked_attempt_whose_queue_went_is_unparked_and_started():
+    obj, _, _ = running()
+    plan = decide(obj, [kjob(1, asked="team-a", label=PARKING_QUEUE, hold=True, parked_for="team-a")], [], at(40))
+    assert plan.release == "clip-1" and plan.release_queue is None and plan.release_unpark
+
+
+def test_queue_named_after_kueue_defaulted_it_there_is_no_change():
+    obj = apply(tj(), decide(tj(), [], [], at(0)))
+    obj["spec"]["scheduling"]["queueName"] = "default"
+    plan = decide(obj, [kjob(0, label="default")], [], at(5))
+    assert plan.create is None and not plan.delete_jobs

@@ -8,6 +8,7 @@ data paths point at the tests' tiny data set.
 from __future__ import annotations
 
 import copy
+import signal
 import threading
 from pathlib import Path
 
@@ -58,12 +59,13 @@ def queued_condition(tjs, name: str, reason: str | None = None):
 
 class SuspendWatch:
     """Records every `spec.suspend` value each Job of a namespace goes through (a watch, not a
-    poll, so a flap that lasts one update is seen)."""
+    poll, so a flap that lasts one update is seen), and why the operator created each Job."""
 
     def __init__(self, kube, namespace: str):
         self.kube = kube
         self.path = f"/apis/batch/v1/namespaces/{namespace}/jobs"
         self.values: dict[str, list[bool]] = {}
+        self.reasons: dict[str, str] = {}
         self._stop = threading.Event()
 
     def __enter__(self) -> "SuspendWatch":
@@ -82,6 +84,8 @@ class SuspendWatch:
                     if event["type"] in ("ADDED", "MODIFIED"):
                         obj = event["object"]
                         seen = self.values.setdefault(obj["metadata"]["name"], [])
+                        self.reasons[obj["metadata"]["name"]] = (obj["metadata"].get("annotations") or {}).get(
+                            "kontrast.dev/start-reason", "")
                         value = bool(obj["spec"].get("suspend"))
                         if not seen or seen[-1] != value:
                             seen.append(value)
@@ -183,3 +187,77 @@ def test_deleting_a_queued_trainjob_removes_its_workload(kq, kueue, tiny):
     kq.delete("gone")
     wait_for(lambda: not kueue.workloads(kq.ns), 120, "the Workload to be deleted")
     assert not kq.kube.get(TJ_PATH.format(ns=kq.ns))["items"]
+
+
+DEFAULT_QUEUE = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+                 "metadata": {"name": "default"}, "spec": {"clusterQueue": "training"}}
+
+
+def unqueued(name: str, tiny: dict[str, Path], epochs: int) -> dict:
+    """The Kueue example's TrainJob without spec.scheduling.queueName."""
+    tj = queued(name, tiny, epochs=epochs)
+    del tj["spec"]["scheduling"]["queueName"]
+    return tj
+
+
+@pytest.fixture
+def kueue_manages_every_job(kueue):
+    """Kueue with manageJobsWithoutQueueName: true for one test (its manager restarted)."""
+    kueue.reconfigure(manage_jobs_without_queue_name=True)
+    try:
+        yield kueue
+    finally:
+        kueue.reconfigure(manage_jobs_without_queue_name=False)
+
+
+def test_a_default_local_queue_queues_trainjobs_without_a_queue_name(kq, kueue, tiny):
+    """Kueue labels every Job created without a queue `default` and suspends it: the operator
+    takes that as the TrainJob's queue (no replacement loop), and a restart's attempt waits in
+    the parking queue until the old pods are gone, then goes to `default` too."""
+    kq.kube.post(f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{kq.ns}/localqueues", DEFAULT_QUEUE)
+    with SuspendWatch(kq.kube, kq.ns) as watch, StatusRecorder(kq.kube, kq.ns, "defaulted") as rec:
+        kq.create(unqueued("defaulted", tiny, epochs=12))
+        try:
+            wait_for(lambda: (s := kq.status("defaulted")).get("phase") == "Running"
+                     and ((s.get("checkpoints") or {}).get("latest") or {}).get("epoch", 0) >= 1,
+                     300, "a first checkpoint of defaulted")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{kq.debug('defaulted')}\n{watch.reasons}") from None
+        # One Job, queued in `default` by Kueue, then admitted: never replaced.
+        assert watch.reasons == {"defaulted-0": "Created"}, (watch.reasons, [s.get("message") for s in rec.statuses])
+        (first,) = kq.jobs("defaulted")
+        assert first["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "default"
+        (wl,) = workloads(kueue, kq, "defaulted")
+        assert wl["spec"]["queueName"] == "default"
+
+        victim = kq.pods("defaulted", attempt=0)[1]
+        kq.agent.kill_pod(kq.ns, victim["metadata"]["name"], signal.SIGKILL)
+        st = kq.wait_phase("defaulted", "Succeeded", timeout=400)
+
+    assert st["restarts"] == 1
+    assert sorted(watch.reasons.values()) == ["Created", "PodFailed"], watch.reasons
+    second = watch.values["defaulted-1"]
+    # Created suspended in the parking queue, admitted once in `default`: one flip, nobody fights.
+    assert all(n <= 1 for n in watch.transitions().values()), watch.values
+    assert second == [True, False], second
+
+
+def test_kueue_managing_jobs_without_a_queue_name_holds_them_without_a_fight(kq, kueue_manages_every_job, tiny):
+    """manageJobsWithoutQueueName: Kueue suspends the operator's unlabelled Job; the operator
+    leaves it to Kueue (queued, never unsuspended), and naming a queue then moves it there."""
+    kueue = kueue_manages_every_job
+    with SuspendWatch(kq.kube, kq.ns) as watch:
+        kq.create(unqueued("managed", tiny, epochs=2))
+        wait_for(lambda: workloads(kueue, kq, "managed"), 120, "the Workload of managed")
+        # Queued with the Workload's own reason (no LocalQueue: it cannot be admitted).
+        cond = wait_for(lambda: (c := queued_condition(kq, "managed")) and c["reason"] != "Pending" and c,
+                        120, "the Workload's reason in the Queued condition")
+        assert kq.status("managed")["phase"] == "Pending", cond
+        assert not kq.pods("managed") and len(kq.jobs("managed")) == 1
+
+        kq.patch_spec("managed", {"scheduling": {"queueName": "training"}})
+        st = kq.wait_phase("managed", "Succeeded", timeout=300)
+
+    assert st["restarts"] == 0
+    assert sorted(watch.reasons.values()) == ["Created", "QueueChanged"], watch.reasons
+    assert all(n <= 1 for n in watch.transitions().values()), watch.values

@@ -9,8 +9,8 @@ from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
 from kontrast.api.defaults import defaulted_spec
 from kontrast.api.scheduling import Scheduling
 
-from .objects import (attempt_of, controller_uid, deleting, job_queue, job_suspended,
-                      restarts_spent)
+from .objects import (attempt_of, bound_queue, controller_uid, deleting, job_held, job_suspended,
+                      requested_queue, restarts_spent)
 from .phases import PENDING, RESTARTING, condition, condition_true, parse_time
 from .pods import PodFailure, pod_failure, pod_lives, pod_running
 
@@ -41,6 +41,8 @@ class Observed:
     hang_after: Optional[float] = None
     #: Kueue's Workload of the current Job, read while Kueue holds it (why it waits).
     workload: Optional[Mapping[str, Any]] = None
+    #: The LocalQueue Kueue gave an attempt created without one (a LocalQueue named `default`).
+    kueue_default: Optional[str] = None
 
     @property
     def phase(self) -> Optional[str]:
@@ -57,10 +59,17 @@ class Observed:
         return self.sched.queue_name
 
     @property
+    def target_queue(self) -> Optional[str]:
+        """Where a new or released attempt goes: today's spec, else the queue Kueue gave this
+        TrainJob's attempts by default (it would label the next one so again)."""
+        return self.queue or self.kueue_default
+
+    @property
     def hold(self) -> bool:
         """Whether a new attempt must start held: older attempts or their pods still exist.
 
-        Held attempts carry no Kueue label, so Kueue cannot admit them early either."""
+        Held attempts bound for a queue carry the parking queue's label, so Kueue cannot admit
+        them early either."""
         return bool(self.jobs) or bool(self.older_pods)
 
     @property
@@ -69,13 +78,14 @@ class Observed:
 
     @property
     def queued(self) -> bool:
-        """Kueue holds the current attempt: suspended, and handed to a queue by its own label."""
+        """Kueue holds the current attempt: suspended, and not by the operator (whatever its
+        label says: Kueue also suspends unlabelled Jobs with manageJobsWithoutQueueName)."""
         return _queued(self.current)
 
     @property
     def held(self) -> bool:
-        """The operator holds the current attempt: suspended and not (yet) handed to Kueue."""
-        return self.current_suspended and not job_queue(self.current)
+        """The operator holds the current attempt: suspended and not (yet) handed on."""
+        return job_held(self.current)
 
     @property
     def all_running(self) -> bool:
@@ -93,8 +103,8 @@ class Observed:
         return condition_true(self.status, ctype)
 
     def waiting_message(self) -> str:
-        if self.queue:
-            return f"Waiting for Kueue to admit the worker Job (LocalQueue {self.queue})"
+        if self.target_queue:
+            return f"Waiting for Kueue to admit the worker Job (LocalQueue {self.target_queue})"
         return f"Waiting for {self.nodes} node(s) to start"
 
     def pending_phase(self) -> str:
@@ -109,7 +119,13 @@ class Observed:
 
 
 def _queued(current: Optional[Mapping[str, Any]]) -> bool:
-    return job_suspended(current) and bool(job_queue(current))
+    return job_suspended(current) and not job_held(current)
+
+
+def _kueue_default(jobs: Sequence[Mapping[str, Any]]) -> Optional[str]:
+    """The queue Kueue put the newest attempt in that the operator created without one (the
+    label Kueue defaulted, or the queue a parked attempt inherited from its predecessor)."""
+    return next((bound_queue(j) for j in reversed(jobs) if requested_queue(j) is None and bound_queue(j)), None)
 
 
 def _pods_missing(current: Optional[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], nodes: int) -> bool:
@@ -166,4 +182,5 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
         missing_children=missing_children,
         hang_after=hang_after,
         workload=workload,
+        kueue_default=_kueue_default(jobs),
     )

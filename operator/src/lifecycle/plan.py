@@ -31,6 +31,7 @@ class Plan:
     events: list[Event] = dataclasses.field(default_factory=list)
     release: Optional[str] = None  # hand this held worker Job on
     release_queue: Optional[str] = None  # ... to this Kueue LocalQueue (None: unsuspend it)
+    release_unpark: bool = False  # ... first taking it out of the parking queue
     repair: tuple[str, ...] = ()  # kinds of missing base children to create again
     requeue_after: Optional[float] = None  # reconcile again after this many seconds
 
@@ -87,14 +88,22 @@ def plan(o: Observed, d: Decision) -> Plan:
     create = d.create
     if create is not None:
         left = deadline_left(o, st.get("startTime"))
-        create = dataclasses.replace(create, active_deadline_seconds=max(1, math.ceil(left)) if left else None)
+        create = dataclasses.replace(create, queue=o.target_queue,
+                                     active_deadline_seconds=max(1, math.ceil(left)) if left else None)
     active = d.phase not in TERMINAL and not o.deleting
     return Plan(
         status=st, create=create, delete_jobs=_jobs_to_delete(o, d.delete_jobs),
-        cleanup=d.cleanup, release=d.release, release_queue=o.queue if d.release else None,
+        cleanup=d.cleanup, release=d.release, release_queue=_release_queue(o) if d.release else None,
+        release_unpark=bool(d.release) and not _release_queue(o) and job_queue(o.current) == names.PARKING_QUEUE,
         repair=tuple(k for k in BASE_KINDS if k in o.missing_children) if active and create is None else (),
         requeue_after=_requeue_after(o, d, st),
         events=[*_transition_events(o.status.get("conditions") or [], st["conditions"]), *d.events])
+
+
+def _release_queue(o: Observed) -> Optional[str]:
+    """Where a held attempt goes: its target queue, else the queue Kueue labelled it with."""
+    label = job_queue(o.current)
+    return o.target_queue or (label if label != names.PARKING_QUEUE else None)
 
 
 def _jobs_to_delete(o: Observed, which: DeleteJobs) -> list[str]:

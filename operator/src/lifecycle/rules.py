@@ -12,7 +12,7 @@ import enum
 from typing import Any, Callable, Mapping, Optional
 
 from . import kueue
-from .objects import deleting, job_queue, name_of
+from .objects import deleting, job_queue, name_of, requested_queue
 from .observed import Observed
 from .phases import (FAILED, PENDING, RESTARTING, RUNNING, SUCCEEDED, SUSPENDED, TERMINAL, condition,
                      condition_true, fmt_time, parse_time, truncate)
@@ -30,15 +30,17 @@ POD_CREATE_RECHECK_SECONDS = 15.0
 class Create:
     """Create the children of one attempt (idempotent: existing ones are kept).
 
-    ``hold``: create the worker Job suspended and without Kueue's label, because older
-    attempts or their pods still exist; a later reconcile releases it (``Plan.release``).
+    ``hold``: create the worker Job suspended (and, bound for a queue, in the parking queue),
+    because older attempts or their pods still exist; a later reconcile releases it
+    (``Plan.release``). ``queue``: the LocalQueue it goes to (:attr:`.Observed.target_queue`).
     ``active_deadline_seconds``: what is left of the TrainJob's deadline, so the Job
-    controller enforces it too.
+    controller enforces it too. The last two are filled in by :func:`.plan.plan`.
     """
     attempt: int
     restarts: int
     reason: str
     hold: bool = False
+    queue: Optional[str] = None
     active_deadline_seconds: Optional[int] = None
 
 
@@ -269,8 +271,11 @@ def queue_changed(o: Observed) -> Optional[Decision]:
     """spec.scheduling.queueName changed (or went) while Kueue holds the attempt: a fresh
     attempt, held until the old Job is gone, then handed to the new queue or started. Not a
     relabel: a Job whose label is removed leaves its Workload behind in the old queue, and a
-    Job Kueue holds is never unsuspended by the operator (no fight over suspend)."""
-    if not o.queued or job_queue(o.current) == o.queue:
+    Job Kueue holds is never unsuspended by the operator (no fight over suspend).
+
+    Changed means: the spec names another queue than it did when the attempt was created, and
+    than the Job's label. A label Kueue defaulted (a LocalQueue named `default`) is no change."""
+    if not o.queued or o.queue in (requested_queue(o.current), job_queue(o.current)):
         return None
     where = f"to LocalQueue {o.queue}" if o.queue else "out of Kueue"
     return Decision(phase=o.pending_phase(), delete_jobs=DeleteJobs.ALL,
@@ -283,9 +288,11 @@ def queued(o: Observed) -> Optional[Decision]:
     A re-queued attempt starts the deadline's count again, as a suspend does."""
     if not o.queued:
         return None
-    why = kueue.queueing(o.workload, job_queue(o.current))
+    queue = job_queue(o.current)
+    why = kueue.queueing(o.workload, queue)
+    where = f"in LocalQueue {queue}" if queue else "without a LocalQueue (set spec.scheduling.queueName)"
     return Decision(phase=o.pending_phase(), start_time=None, message=truncate(
-        f"Queued by Kueue in LocalQueue {job_queue(o.current)} ({why.reason}): {why.message}"))
+        f"Queued by Kueue {where} ({why.reason}): {why.message}"))
 
 
 def progress(o: Observed) -> Decision:
