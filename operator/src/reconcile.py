@@ -86,7 +86,7 @@ class Reconciler:
             c = plan.create
             self._create(tj, children(tj, c.attempt, c.restarts, self.config, c.reason, c.hold,
                                       c.active_deadline_seconds, c.queue))
-            if c.reason in ("PodFailed", "Disrupted", "Hung"):
+            if c.reason in ("PodFailed", "Disrupted", "Evicted", "Hung"):
                 self.metrics.restarted(c.reason)
         if plan.release:
             self.kube.release_job(ns, plan.release, plan.release_queue, unpark=plan.release_unpark)

@@ -693,3 +693,73 @@ def test_queue_named_after_kueue_defaulted_it_there_is_no_change():
     obj["spec"]["scheduling"]["queueName"] = "default"
     plan = decide(obj, [kjob(0, label="default")], [], at(5))
     assert plan.create is None and not plan.delete_jobs
+
+
+# --- a Kueue eviction observed in the wrong order is never charged --------------------------------
+PREEMPTED = ("Evicted", "True", "Preempted", "Preempted to accommodate a workload")
+BACKOFF = ("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+
+
+def test_pods_failed_by_a_kueue_eviction_before_the_suspension_is_seen_spend_no_budget():
+    """The bad order, forced: the Job as read is not (yet) suspended but failed, its pods ended
+    Failed without DisruptionTarget (the Job controller stopped them for Kueue), and the
+    Workload, read after them, says Kueue evicted it."""
+    obj, _, _ = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    failed_job = job(0, conditions=[BACKOFF], start=ts(1), queue="team-a")
+    stopped = [pod(0, i, "Failed", 143) for i in range(2)]
+    plan = decide(obj, [failed_job], stopped, at(30), workload=workload(PREEMPTED))
+    assert plan.status["restarts"] == 0 and plan.create.reason == "Evicted"
+    assert "Preempted" in cond(plan, "Restarting")["message"]
+
+
+def test_a_job_kueue_suspended_and_the_job_controller_failed_restarts_without_budget():
+    """Suspended by Kueue and failed meanwhile: Kueue never re-admits a finished Job, so the
+    attempt is replaced (before: left queued for ever), and it is not the job's fault."""
+    obj, _, _ = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    failed_job = job(0, conditions=[BACKOFF], suspend=True, queue="team-a")
+    plan = decide(obj, [failed_job], [pod(0, i, "Failed", 143) for i in range(2)], at(30),
+                  workload=workload(PREEMPTED))
+    assert plan.create is not None and plan.status["restarts"] == 0
+
+
+def test_pods_failed_before_the_suspension_is_seen_without_a_job_failure_wait():
+    """Not failed, not (yet) seen suspended, Workload evicted: nothing counts, nothing restarts."""
+    obj, _, _ = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    plan = decide(obj, [job(0, start=ts(1), queue="team-a")], [pod(0, i, "Failed", 143) for i in range(2)],
+                  at(30), workload=workload(PREEMPTED))
+    assert plan.create is None and plan.status["restarts"] == 0 and not plan.delete_jobs
+
+
+def test_a_failed_job_in_a_queue_that_kueue_did_not_evict_spends_the_budget():
+    obj, _, _ = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    failed_job = job(0, conditions=[BACKOFF], start=ts(1), queue="team-a")
+    admitted = workload(("Admitted", "True", "Admitted", ""))
+    plan = decide(obj, [failed_job], [pod(0, 0, "Failed", 1), pod(0, 1)], at(30), workload=admitted)
+    assert plan.status["restarts"] == 1 and plan.create.reason == "PodFailed"
+
+
+def test_the_workload_is_read_when_a_queued_attempts_pods_fail():
+    """observe() asks the cluster for the Workload once pods of an attempt in a Kueue queue fail
+    (after the pods were listed, so it is never older than they are), not while they run."""
+    from kontrast.operator.lifecycle.observed import observe
+
+    class Reads:
+        asked = 0
+
+        def failed_creates(self, job):
+            return []
+
+        def workload(self, job):
+            Reads.asked += 1
+            return workload(PREEMPTED)
+
+    obj, _, _ = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    current = job(0, start=ts(1), queue="team-a")
+    assert observe(obj, [current], [pod(0, i) for i in range(2)], at(30), read=Reads()).workload is None
+    o = observe(obj, [current], [pod(0, 0, "Failed", 143), pod(0, 1)], at(30), read=Reads())
+    assert Reads.asked == 1 and o.workload is not None

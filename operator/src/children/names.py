@@ -23,7 +23,7 @@ ANNOTATION_TRAINJOB = "kontrast.dev/trainjob-name"  # the full name (labels are 
 #: the durable record of a restart decision, so an operator restart never counts one twice.
 ANNOTATION_RESTARTS = "kontrast.dev/restarts"
 #: On a worker Job: why this attempt was created (Created, Resumed, Recreated, QueueChanged,
-#: or the restart's PodFailed, Disrupted, Hung).
+#: or the restart's PodFailed, Disrupted, Evicted, Hung).
 ANNOTATION_REASON = "kontrast.dev/start-reason"
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"

@@ -38,6 +38,11 @@ def workload_of(job: Mapping[str, Any], workloads: Iterable[Mapping[str, Any]]) 
     return None
 
 
+def evicted(workload: Optional[Mapping[str, Any]]) -> bool:
+    """Kueue evicted the Workload (preempted it, or another eviction): it stops the Job's pods."""
+    return workload is not None and condition_true(workload.get("status"), "Evicted")
+
+
 def queueing(workload: Optional[Mapping[str, Any]], queue: Optional[str]) -> Queueing:
     """Why the Job waits: eviction (Preempted, ...) first, then the quota reservation's reason."""
     where = f" (LocalQueue {queue})" if queue else ""

@@ -9,7 +9,8 @@ from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
 from kontrast.api.defaults import defaulted_spec
 from kontrast.api.scheduling import Scheduling
 
-from .objects import (attempt_of, bound_queue, controller_uid, deleting, job_held, job_suspended,
+from ..children import names
+from .objects import (attempt_of, bound_queue, controller_uid, deleting, job_held, job_queue, job_suspended,
                       requested_queue, restarts_spent)
 from .phases import PENDING, RESTARTING, condition, condition_true, parse_time
 from .pods import PodFailure, pod_failure, pod_lives, pod_running
@@ -122,6 +123,14 @@ def _queued(current: Optional[Mapping[str, Any]]) -> bool:
     return job_suspended(current) and not job_held(current)
 
 
+def _failed_in_kueue(current: Optional[Mapping[str, Any]], failures: Sequence[PodFailure]) -> bool:
+    """The current attempt is in a Kueue queue and its pods or the Job failed: whether Kueue
+    evicted it (its Workload) decides whether that counts."""
+    queue = bound_queue(current) if current is not None else None
+    return bool(queue) and job_queue(current) != names.PARKING_QUEUE and (
+        bool(failures) or condition_true(current.get("status"), "Failed"))
+
+
 def _kueue_default(jobs: Sequence[Mapping[str, Any]]) -> Optional[str]:
     """The queue Kueue put the newest attempt in that the operator created without one (the
     label Kueue defaulted, or the queue a parked attempt inherited from its predecessor)."""
@@ -161,7 +170,8 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
     if read is not None and _pods_missing(current, attempt_pods, spec["nodes"]):
         # Pods that cannot be created (quota, PodSecurity) show only as the Job's events.
         failed_creates = read.failed_creates(current)
-    if read is not None and _queued(current):
+    failures = tuple(f for f in (pod_failure(p) for p in attempt_pods) if f is not None)
+    if read is not None and (_queued(current) or _failed_in_kueue(current, failures)):
         workload = read.workload(current)
     return Observed(
         now=now,
@@ -177,7 +187,7 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
         restarts=max(int(status.get("restarts") or 0), restarts_spent(latest)),
         pods=attempt_pods,
         older_pods=tuple(p for p, m in zip(pods, mine) if not m and pod_lives(p)),
-        failures=tuple(f for f in (pod_failure(p) for p in attempt_pods) if f is not None),
+        failures=failures,
         failed_creates=tuple(failed_creates),
         missing_children=missing_children,
         hang_after=hang_after,

@@ -195,14 +195,24 @@ def permanent_error(o: Observed) -> Optional[Decision]:
 def gang_restart(o: Observed) -> Optional[Decision]:
     """A pod failed or was disrupted: restart every node from the newest checkpoint.
 
-    Disruptions (preemption, eviction, drain) are not the job's fault and spend no budget.
+    Disruptions (preemption, eviction, drain) are not the job's fault and spend no budget. The
+    Job's own state decides before any pod failure counts: when Kueue evicts an attempt it
+    suspends the Job and the Job controller deletes the pods, which end Failed without a
+    DisruptionTarget, so they (and a Job failed by them) may be observed before, or without,
+    the suspension. A Job suspended and not failed is Kueue's to re-admit (see ``queued``); one
+    whose Workload Kueue evicted restarts without spending the budget.
     """
     job_cond = _job_failed(o)
     disrupted = [f for f in o.failures if f.disrupted]
-    if o.current is None or o.current_suspended or not (disrupted or job_cond is not None):
+    if o.current is None or not (disrupted or job_cond is not None):
+        return None
+    if o.current_suspended and job_cond is None:
         return None
     if disrupted:
         return restart(o, "Disrupted", disrupted[0].describe(), spend=False)
+    if kueue.evicted(o.workload):
+        why = kueue.queueing(o.workload, job_queue(o.current))
+        return restart(o, "Evicted", f"Kueue evicted the worker Job ({why.reason}: {why.message})", spend=False)
     ordinary = [f for f in o.failures if not f.disrupted]
     cause = ordinary[0].describe() if ordinary else (job_cond or {}).get("message") or "the worker Job failed"
     return restart(o, "PodFailed", cause, spend=True)
