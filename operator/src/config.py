@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 from kontrast import __version__, contract
 
+from .policy import Policy
+
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/kontrast/trainer:{__version__}"
 
 #: The numeric user and group the trainer image runs as (trainer/Dockerfile: USER 1000).
@@ -29,6 +31,7 @@ ENV_TRAINER_IMAGE = "KONTRAST_TRAINER_IMAGE"
 ENV_TRAINER_PULL_POLICY = "KONTRAST_TRAINER_IMAGE_PULL_POLICY"
 ENV_DEFAULTS = "KONTRAST_POD_DEFAULTS"  # JSON object: POD_FIELDS plus shmSize, cacheVolume, podSecurityContext
 ENV_ENFORCED = "KONTRAST_POD_ENFORCED"  # JSON object: POD_FIELDS a TrainJob cannot override
+ENV_POLICY = "KONTRAST_POLICY"  # JSON object: the allow-lists of policy.Policy
 ENV_WATCH_NAMESPACES = "KONTRAST_WATCH_NAMESPACES"  # comma-separated; empty = all namespaces
 ENV_RESYNC = "KONTRAST_RESYNC_SECONDS"  # every TrainJob not finished is reconciled this often
 ENV_HANG = "KONTRAST_HANG_SECONDS"  # restart a Running job whose progress is older (0: never)
@@ -83,6 +86,8 @@ class OperatorConfig:
     status_interval_seconds: float = 20.0
     metrics_port: int = 8081
     watch_namespaces: tuple[str, ...] = ()
+    #: What a TrainJob may pass to its pods beyond the CRD's own limits (see :mod:`.policy`).
+    policy: Policy = Policy()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -108,6 +113,7 @@ class OperatorConfig:
             status_interval_seconds=float(env.get(ENV_STATUS_INTERVAL) or cls.status_interval_seconds),
             metrics_port=int(env.get(ENV_METRICS_PORT) or 8081),
             watch_namespaces=namespaces,
+            policy=Policy.from_values(_json_object(env, ENV_POLICY), ENV_POLICY),
         )
 
     def hang_after(self) -> float | None:

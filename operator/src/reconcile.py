@@ -20,6 +20,7 @@ import logging
 import threading
 from typing import Any, Callable, Collection, Mapping, Optional
 
+from . import policy
 from .children.base import BASE_KINDS, base_children
 from .children.job import children
 from .config import OperatorConfig
@@ -75,7 +76,8 @@ class Reconciler:
         seen = present(tj["metadata"]["uid"]) if present else None
         missing = frozenset(BASE_KINDS) - frozenset(seen) if seen is not None else frozenset()
         plan = decide(tj, self.kube.list_jobs(tj), self.kube.list_pods(tj), now,
-                      missing_children=missing, hang_after=self.config.hang_after(), read=self.kube)
+                      missing_children=missing, hang_after=self.config.hang_after(),
+                      violations=policy.violations(tj.get("spec") or {}, self.config.policy), read=self.kube)
         self.execute(tj, plan)
         return plan
 

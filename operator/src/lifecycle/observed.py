@@ -44,6 +44,8 @@ class Observed:
     workload: Optional[Mapping[str, Any]] = None
     #: The LocalQueue Kueue gave an attempt created without one (a LocalQueue named `default`).
     kueue_default: Optional[str] = None
+    #: What the spec sets that the platform's policy does not allow, one message per field.
+    violations: tuple[str, ...] = ()
 
     @property
     def phase(self) -> Optional[str]:
@@ -152,7 +154,7 @@ class Reads(Protocol):
 def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
             now: dt.datetime, *, failed_creates: Sequence[str] = (), missing_children: frozenset[str] = frozenset(),
             hang_after: Optional[float] = None, workload: Optional[Mapping[str, Any]] = None,
-            read: Optional[Reads] = None) -> Observed:
+            violations: Sequence[str] = (), read: Optional[Reads] = None) -> Observed:
     """The snapshot. ``read`` (the cluster) is asked only for what the snapshot shows it needs:
     the current Job's FailedCreate events while the Job is short of pods, its Workload while
     Kueue holds it. Without ``read``, ``failed_creates`` and ``workload`` are taken as given."""
@@ -193,4 +195,5 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
         hang_after=hang_after,
         workload=workload,
         kueue_default=_kueue_default(jobs),
+        violations=tuple(violations),
     )

@@ -106,6 +106,14 @@ def terminal(o: Observed) -> Optional[Decision]:
     return Decision(phase=o.phase)
 
 
+def forbidden(o: Observed) -> Optional[Decision]:
+    """The spec passes the pods something the platform's policy does not allow: fail, and stop
+    any attempt (a TrainJob changed to break the policy does not go on either)."""
+    if not o.violations:
+        return None
+    return _failed(o, "PolicyViolation", "not allowed by the platform's policy: " + "; ".join(o.violations), stop=True)
+
+
 def suspended(o: Observed) -> Optional[Decision]:
     """Suspend: stop the pods (delete the attempt), keep the checkpoints and the budget."""
     if not o.sched.suspend:
@@ -325,7 +333,7 @@ def progress(o: Observed) -> Decision:
 
 
 RULES: tuple[Rule, ...] = (
-    deleted, terminal, suspended, resumed, first_creation, succeeded, deadline_exceeded,
+    deleted, terminal, forbidden, suspended, resumed, first_creation, succeeded, deadline_exceeded,
     permanent_error, gang_restart, hung, missing_job, held_attempt, queue_changed, queued, progress,
 )
 
