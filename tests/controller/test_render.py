@@ -93,12 +93,17 @@ def test_headless_service_publishes_not_ready_pods():
     assert svc["spec"]["selector"] == {"kontrast.dev/trainjob": "clip", "kontrast.dev/component": "worker"}
 
 
-def test_configmap_holds_the_spec_unchanged():
+def test_configmap_holds_the_spec_unchanged_the_uid_and_kontrasts_annotations():
+    """The trainer's run identity needs the uid; `kontrast.dev/generate-example-data` the annotation."""
     tj = trainjob()
+    tj["metadata"]["annotations"] = {"kontrast.dev/generate-example-data": "true",
+                                     "kubectl.kubernetes.io/last-applied-configuration": "{...}"}
     cm = by_kind(children(tj, 0, 0, CONFIG))["ConfigMap"]
     doc = yaml.safe_load(cm["data"][contract.TRAINJOB_FILE])
     assert doc == {"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
-                   "metadata": {"name": "clip", "namespace": "ml"}, "spec": tj["spec"]}
+                   "metadata": {"name": "clip", "namespace": "ml", "uid": tj["metadata"]["uid"],
+                                "annotations": {"kontrast.dev/generate-example-data": "true"}},
+                   "spec": tj["spec"]}
 
 
 def test_indexed_job_gang_and_failure_policy():
