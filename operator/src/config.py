@@ -37,6 +37,9 @@ ENV_RESYNC = "KONTRAST_RESYNC_SECONDS"  # every TrainJob not finished is reconci
 ENV_HANG = "KONTRAST_HANG_SECONDS"  # restart a Running job whose progress is older (0: never)
 ENV_STATUS_INTERVAL = contract.STATUS_INTERVAL_ENV  # the trainer's progress patch interval
 ENV_METRICS_PORT = "KONTRAST_METRICS_PORT"  # 0 disables the /metrics endpoint
+#: torchrun's rendezvous port in the pods (29500; the e2e tests, whose pods share the host's
+#: loopback with other test sessions, pick a free one).
+ENV_MASTER_PORT = "KONTRAST_MASTER_PORT"
 ENV_KUBECONFIG = "KONTRAST_OPERATOR_KUBECONFIG"  # else KUBECONFIG, else in-cluster
 
 #: ``spec.scheduling`` fields that shape the training pods and may have chart defaults.
@@ -112,6 +115,7 @@ class OperatorConfig:
             hang_seconds=float(env.get(ENV_HANG) or cls.hang_seconds),
             status_interval_seconds=float(env.get(ENV_STATUS_INTERVAL) or cls.status_interval_seconds),
             metrics_port=int(env.get(ENV_METRICS_PORT) or 8081),
+            master_port=int(env.get(ENV_MASTER_PORT) or cls.master_port),
             watch_namespaces=namespaces,
             policy=Policy.from_values(_json_object(env, ENV_POLICY), ENV_POLICY),
         )
