@@ -227,15 +227,21 @@ def gang_restart(o: Observed) -> Optional[Decision]:
 
 
 def hung(o: Observed) -> Optional[Decision]:
-    """The watchdog: a Running job whose progress has not moved for ``hang_after`` restarts."""
+    """The watchdog: a Running job whose progress has not moved for ``hang_after`` restarts.
+
+    Each stage of the trainer is judged by its own progress: the trainer moves
+    ``progress.updatedAt`` when the stage it reports (``progress.stage``: Loading, Prefetching
+    n/N images, Evaluating q/Q queries, Training steps) moves on, so a long set-up that moves is
+    not a hang, and one stuck on an image is."""
     last = o.last_progress()
     if o.hang_after is None or o.phase != RUNNING or not o.all_running or last is None:
         return None
     quiet = (o.now - last).total_seconds()
     if quiet < o.hang_after:
         return None
-    cause = (f"no progress reported for {quiet:.0f}s (the operator's hang limit is {o.hang_after:.0f}s): "
-             "the trainer looks hung")
+    stage = (o.status.get("progress") or {}).get("stageText")
+    cause = (f"no progress reported for {quiet:.0f}s{f' (stage {stage})' if stage else ''} "
+             f"(the operator's hang limit is {o.hang_after:.0f}s): the trainer looks hung")
     decision = restart(o, "Hung", cause, spend=True)
     return dataclasses.replace(decision, events=(Event("Warning", "Hung", cause),))
 

@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 
 from ..distributed import World, init_from_env, shutdown
 from ..layout import OutputFolder
+from ..report import heartbeat
 from ..report.reporters import JsonlReporter, Reporter, Reporters
 from ..report.tensorboard import tensorboard_reporter
 from ..spec import Resolved
@@ -84,6 +85,8 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
            max_epochs: Optional[int]) -> dict[str, Any]:
     """Set up, resume, evaluate the starting model, train the epochs saving as asked, and
     summarise; or stop early after ``max_epochs`` epochs of this invocation."""
+    heartbeat.report_to(report.on_stage)  # the set-up's long stages report their progress too
+    heartbeat.stage(heartbeat.LOADING)
     run = setup(resolved, world)
     progress = _resume(run)
     report.on_start(start_info(run, progress))
