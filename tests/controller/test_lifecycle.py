@@ -557,6 +557,16 @@ def test_deadline_wakes_up_at_the_time_left_and_the_job_carries_it():
     assert plan.create.active_deadline_seconds == 60
 
 
+def test_a_restart_that_kueue_will_admit_gets_the_whole_deadline():
+    """Kueue's admission starts the count again (startTime is cleared while queued): the Job
+    must not carry the 600 s left of 3600 and be failed by the Job controller after them."""
+    obj, _, _ = running()
+    obj["spec"]["scheduling"].update(activeDeadlineSeconds=3600, queueName="team-a")
+    failed = [job(0, conditions=[("Failed", "BackoffLimitExceeded", "")], start=ts(1), queue="team-a")]
+    plan = decide(obj, failed, [pod(0, 0, "Failed", 1)], at(3001))
+    assert plan.create.active_deadline_seconds == 3600
+
+
 def test_the_jobs_own_deadline_fails_the_trainjob_without_a_restart():
     obj, jobs, pods = running()
     obj["spec"]["scheduling"]["activeDeadlineSeconds"] = 100

@@ -87,7 +87,9 @@ def plan(o: Observed, d: Decision) -> Plan:
               restarts=o.restarts if d.restarts is None else d.restarts)
     create = d.create
     if create is not None:
-        left = deadline_left(o, st.get("startTime"))
+        # An attempt Kueue admits starts the deadline's count again (``queued`` clears
+        # startTime), so its Job carries the whole deadline, not what was left before it.
+        left = deadline_left(o, None if o.target_queue else st.get("startTime"))
         create = dataclasses.replace(create, queue=o.target_queue,
                                      active_deadline_seconds=max(1, math.ceil(left)) if left else None)
     active = d.phase not in TERMINAL and not o.deleting
