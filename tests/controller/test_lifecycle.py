@@ -366,7 +366,8 @@ def test_success_wins_over_a_passed_deadline():
 def test_missing_job_is_recreated_without_spending_budget():
     obj, jobs, pods = running()
     plan = decide(obj, [], [], at(30))
-    assert plan.create.attempt == 0 and plan.create.reason == "Recreated" and plan.status["restarts"] == 0
+    # attempt 0 is gone with its pods: the next is 1 (status.attempt), never 0 again
+    assert plan.create.attempt == 1 and plan.create.reason == "Recreated" and plan.status["restarts"] == 0
 
 
 def test_stale_attempts_are_deleted():
@@ -786,3 +787,12 @@ def test_the_workload_is_read_when_a_queued_attempts_pods_fail():
     assert observe(obj, [current], [pod(0, i) for i in range(2)], at(30), read=Reads()).workload is None
     o = observe(obj, [current], [pod(0, 0, "Failed", 143), pod(0, 1)], at(30), read=Reads())
     assert Reads.asked == 1 and o.workload is not None
+
+
+def test_attempt_numbers_only_grow_when_a_job_and_its_pods_were_deleted_by_hand():
+    obj, jobs, pods = running(attempt=3)
+    obj = apply(obj, decide(obj, jobs, pods, at(20)))
+    plan = decide(tj(), [], [], at(0))
+    assert plan.status["attempt"] == 0  # the first creation records its attempt
+    plan = decide(obj, [], [], at(30))  # clip-3 and its pods are gone
+    assert plan.create.attempt == 4 and plan.status["attempt"] == 4

@@ -29,7 +29,7 @@ class Observed:
     status: Mapping[str, Any]  # the TrainJob's status as read
     jobs: tuple[Mapping[str, Any], ...]  # every worker Job, oldest attempt first
     current: Optional[Mapping[str, Any]]  # the newest Job, unless it is being deleted
-    next_attempt: int  # above every attempt seen, on Jobs and on pods that outlived theirs
+    next_attempt: int  # above every attempt seen, on Jobs, on pods that outlived theirs, in status
     restarts: int  # budget spent: the larger of status.restarts and the newest Job's record
     pods: tuple[Mapping[str, Any], ...]  # the pods the current Job controls (by uid)
     older_pods: tuple[Mapping[str, Any], ...]  # live pods of any other Job (or TrainJob of this name)
@@ -133,6 +133,13 @@ def _failed_in_kueue(current: Optional[Mapping[str, Any]], failures: Sequence[Po
         bool(failures) or condition_true(current.get("status"), "Failed"))
 
 
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
 def _kueue_default(jobs: Sequence[Mapping[str, Any]]) -> Optional[str]:
     """The queue Kueue put the newest attempt in that the operator created without one (the
     label Kueue defaulted, or the queue a parked attempt inherited from its predecessor)."""
@@ -185,7 +192,9 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
         status=status,
         jobs=jobs,
         current=current,
-        next_attempt=max([attempt_of(o) for o in (*jobs, *pods)], default=-1) + 1,
+        # The status records the newest attempt too: a Job deleted by hand with its pods
+        # leaves no object that carries its number.
+        next_attempt=max([attempt_of(o) for o in (*jobs, *pods)] + [_int(status.get("attempt"), -1)]) + 1,
         restarts=max(int(status.get("restarts") or 0), restarts_spent(latest)),
         pods=attempt_pods,
         older_pods=tuple(p for p, m in zip(pods, mine) if not m and pod_lives(p)),

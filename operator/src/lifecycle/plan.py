@@ -17,7 +17,8 @@ from .rules import KEEP, RULES, Create, Decision, DeleteJobs, Event, deadline_le
 
 #: Status fields the operator owns; the trainer owns the rest (progress, checkpoints, metrics,
 #: resolved, data, outputs: the chart's admissionPolicy.trainerStatusFields).
-OWNED_FIELDS = ("phase", "observedGeneration", "conditions", "startTime", "completionTime", "restarts", "message")
+OWNED_FIELDS = ("phase", "observedGeneration", "conditions", "startTime", "completionTime", "restarts", "attempt",
+                "message")
 
 
 @dataclasses.dataclass
@@ -84,7 +85,8 @@ def plan(o: Observed, d: Decision) -> Plan:
         if value is not KEEP:
             st[key] = value
     st.update(phase=d.phase, observedGeneration=o.generation, conditions=conditions(o, d, st.get("message") or ""),
-              restarts=o.restarts if d.restarts is None else d.restarts)
+              restarts=o.restarts if d.restarts is None else d.restarts,
+              attempt=d.create.attempt if d.create else o.next_attempt - 1 if o.next_attempt else None)
     create = d.create
     if create is not None:
         # An attempt Kueue admits starts the deadline's count again (``queued`` clears
