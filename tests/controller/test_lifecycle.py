@@ -796,3 +796,27 @@ def test_attempt_numbers_only_grow_when_a_job_and_its_pods_were_deleted_by_hand(
     assert plan.status["attempt"] == 0  # the first creation records its attempt
     plan = decide(obj, [], [], at(30))  # clip-3 and its pods are gone
     assert plan.create.attempt == 4 and plan.status["attempt"] == 4
+
+
+# --- a crashed node is not the job's failure ---------------------------------------------------
+def unready(attempt, index, since):
+    p = pod(attempt, index)
+    p["status"]["conditions"].append({"type": "Ready", "status": "False", "lastTransitionTime": ts(since)})
+    return p
+
+
+def test_peers_failing_while_a_pod_on_a_lost_node_still_runs_wait_for_its_eviction():
+    obj, _, _ = running(nodes=3)
+    failed_job = [job(0, conditions=[BACKOFF], start=ts(1))]
+    pods = [pod(0, 0, "Failed", 1), pod(0, 1, "Failed", 1), unready(0, 2, since=20)]
+    plan = decide(obj, failed_job, pods, at(100))
+    assert plan.create is None and plan.status["restarts"] == 0 and not plan.delete_jobs
+    assert plan.requeue_after == pytest.approx(280) and "not Ready" in plan.status["message"]
+    # The taint manager evicts it: a disruption, no budget spent.
+    evicted = dict(pods[2], status={**pods[2]["status"], "phase": "Failed", "conditions": [
+        {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager", "message": "node lost"}]})
+    plan = decide(obj, failed_job, [*pods[:2], evicted], at(330))
+    assert plan.create is not None and plan.status["restarts"] == 0
+    # Never evicted (no taint manager): after the wait the failure counts.
+    plan = decide(obj, failed_job, pods, at(20 + 361))
+    assert plan.create is not None and plan.status["restarts"] == 1

@@ -16,7 +16,7 @@ from .objects import deleting, job_queue, name_of, requested_queue
 from .observed import Observed
 from .phases import (FAILED, PENDING, RESTARTING, RUNNING, SUCCEEDED, SUSPENDED, TERMINAL, condition,
                      condition_true, fmt_time, parse_time, truncate)
-from .pods import pod_running, pod_waiting
+from .pods import pod_running, pod_waiting, unready_since
 
 #: A new attempt waits (created suspended) until the pods of older attempts are gone, so two
 #: generations of a gang never train, hold GPUs or write checkpoints at once; at most this
@@ -24,6 +24,11 @@ from .pods import pod_running, pod_waiting
 TERMINATION_WAIT_SECONDS = 120.0
 #: How soon to look again while the current Job has fewer pods than nodes (quota, admission).
 POD_CREATE_RECHECK_SECONDS = 15.0
+#: How long peers' failures wait for a pod that stopped being Ready (its node may be lost) to
+#: be evicted: the node controller's taint-based eviction comes after 300 s (the default
+#: tolerationSeconds of not-ready/unreachable) and marks it DisruptionTarget, a restart that
+#: spends no budget. After this long the failure counts.
+NODE_LOSS_WAIT_SECONDS = 360.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,12 +223,31 @@ def gang_restart(o: Observed) -> Optional[Decision]:
         return None
     if disrupted:
         return restart(o, "Disrupted", disrupted[0].describe(), spend=False)
+    waiting = _node_loss_wait(o)
+    if waiting is not None:
+        return waiting
     if kueue.evicted(o.workload):
         why = kueue.queueing(o.workload, job_queue(o.current))
         return restart(o, "Evicted", f"Kueue evicted the worker Job ({why.reason}: {why.message})", spend=False)
     ordinary = [f for f in o.failures if not f.disrupted]
     cause = ordinary[0].describe() if ordinary else (job_cond or {}).get("message") or "the worker Job failed"
     return restart(o, "PodFailed", cause, spend=True)
+
+
+def _node_loss_wait(o: Observed) -> Optional[Decision]:
+    """Peers failed while a pod of the attempt still runs but is not Ready: its node has likely
+    stopped reporting (a crashed node's pod stays Running, without DisruptionTarget, until its
+    eviction). Wait for the eviction rather than charge the node's crash to the job."""
+    lost = [(p, parse_time(unready_since(p))) for p in o.pods if unready_since(p)]
+    if not lost:
+        return None
+    pod, since = lost[0]
+    left = NODE_LOSS_WAIT_SECONDS - ((o.now - since).total_seconds() if since else 0.0)
+    if left <= 0:
+        return None
+    return Decision(phase=o.phase or PENDING, requeue_after=max(1.0, left), message=truncate(
+        f"pod {name_of(pod)} is not Ready (its node may be lost) while its peers failed: waiting up to "
+        f"{NODE_LOSS_WAIT_SECONDS:.0f}s for its eviction before counting a failure"))
 
 
 def hung(o: Observed) -> Optional[Decision]:
