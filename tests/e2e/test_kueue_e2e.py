@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness.kube import ApiError
 from harness.waiting import wait_for
 
 from e2e.support import REPO, TJ_PATH, StatusRecorder, trainjob
@@ -261,3 +262,77 @@ def test_kueue_managing_jobs_without_a_queue_name_holds_them_without_a_fight(kq,
     assert st["restarts"] == 0
     assert sorted(watch.reasons.values()) == ["Created", "QueueChanged"], watch.reasons
     assert all(n <= 1 for n in watch.transitions().values()), watch.values
+
+
+VAP = "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies"
+VAPB = "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings"
+
+
+class SuspensionHeld:
+    """Keeps Kueue from suspending one Job (an admission policy denies the change) until the
+    block ends: the order in which Kueue's eviction and the Job's suspension are seen, forced."""
+
+    def __init__(self, kube, namespace: str, job: str):
+        self.kube, self.ns, self.job = kube, namespace, job
+        self.name = f"hold-suspend-{namespace}"
+
+    def __enter__(self) -> "SuspensionHeld":
+        self.kube.post(VAP, {
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": self.name},
+            "spec": {"failurePolicy": "Fail",
+                     "matchConstraints": {"resourceRules": [{"apiGroups": ["batch"], "apiVersions": ["v1"],
+                                                             "operations": ["UPDATE"], "resources": ["jobs"]}]},
+                     "validations": [{"expression": f"!(object.metadata.name == '{self.job}' && "
+                                                    "object.spec.suspend == true && oldObject.spec.suspend != true)",
+                                      "message": "the test holds this Job's suspension"}]}})
+        self.kube.post(VAPB, {
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": self.name},
+            "spec": {"policyName": self.name, "validationActions": ["Deny"],
+                     "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.ns}}}}})
+        path = f"/apis/batch/v1/namespaces/{self.ns}/jobs/{self.job}"
+
+        def enforced():
+            try:
+                self.kube.request("PATCH", path, {"spec": {"suspend": True}}, query={"dryRun": "All"},
+                                  content_type="application/merge-patch+json")
+            except ApiError as e:
+                return e.status in (400, 403, 422) and "holds this Job" in str(e)
+            return False
+        wait_for(enforced, 30, "the suspension block to be enforced", interval=0.3)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for path in (f"{VAPB}/{self.name}", f"{VAP}/{self.name}"):
+            try:
+                self.kube.delete(path)
+            except ApiError:
+                pass
+
+
+def test_a_pod_failure_seen_before_the_preemptions_suspension_spends_no_budget(kq, kueue, tiny):
+    """The bad order, forced: Kueue evicts low's Workload for high, but low's Job is not
+    suspended yet (held by an admission policy), and a pod of low fails meanwhile (a peer
+    crash) so the Job controller fails the Job. The operator, which reads the Workload before
+    counting a failure, restarts low without spending its budget; it resumes after high."""
+    kq.create(queued("low", tiny, epochs=20))
+    wait_for(lambda: (s := kq.status("low")).get("phase") == "Running"
+             and ((s.get("checkpoints") or {}).get("latest") or {}).get("epoch", 0) >= 1, 300,
+             "a first checkpoint of low")
+    with SuspensionHeld(kq.kube, kq.ns, "low-0"):
+        kq.create(queued("high", tiny, epochs=2, priority="urgent"))
+        wait_for(lambda: [w for w in workloads(kueue, kq, "low")
+                          if any(c["type"] == "Evicted" and c["status"] == "True"
+                                 for c in w.get("status", {}).get("conditions") or [])],
+                 120, "Kueue to evict low's Workload")
+        (low_job,) = kq.jobs("low")
+        assert not low_job["spec"].get("suspend")  # the suspension is held
+        kq.agent.kill_pod(kq.ns, kq.pods("low", attempt=0)[1]["metadata"]["name"], signal.SIGKILL)
+        restarting = wait_for(lambda: (c := kq.cond("low", "Restarting")) and c["status"] == "True" and c,
+                              120, "the operator to replace low's failed attempt")
+    assert restarting["reason"] == "Evicted", restarting
+    assert kq.status("low")["restarts"] == 0
+    kq.wait_phase("high", "Succeeded", timeout=300)
+    st = kq.wait_phase("low", "Succeeded", timeout=400)
+    assert st["restarts"] == 0
