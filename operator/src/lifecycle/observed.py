@@ -128,8 +128,8 @@ def _queued(current: Optional[Mapping[str, Any]]) -> bool:
 def _failed_in_kueue(current: Optional[Mapping[str, Any]], failures: Sequence[PodFailure]) -> bool:
     """The current attempt is in a Kueue queue and its pods or the Job failed: whether Kueue
     evicted it (its Workload) decides whether that counts."""
-    queue = bound_queue(current) if current is not None else None
-    return bool(queue) and job_queue(current) != names.PARKING_QUEUE and (
+    queue = job_queue(current) if current is not None else None
+    return bool(queue) and queue != names.PARKING_QUEUE and (
         bool(failures) or condition_true(current.get("status"), "Failed"))
 
 
@@ -164,7 +164,9 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
             violations: Sequence[str] = (), read: Optional[Reads] = None) -> Observed:
     """The snapshot. ``read`` (the cluster) is asked only for what the snapshot shows it needs:
     the current Job's FailedCreate events while the Job is short of pods, its Workload while
-    Kueue holds it. Without ``read``, ``failed_creates`` and ``workload`` are taken as given."""
+    Kueue holds it or once its pods failed in a Kueue queue (read after the pods, so never older
+    than they are). Without ``read``, ``failed_creates`` and ``workload`` are taken as given.
+    ``violations``: what the platform's policy does not allow in the spec (:mod:`..policy`)."""
     meta, spec = tj["metadata"], defaulted_spec(tj.get("spec") or {})
     status = dict(tj.get("status") or {})
     jobs = tuple(sorted(jobs, key=attempt_of))

@@ -86,7 +86,7 @@ def plan(o: Observed, d: Decision) -> Plan:
             st[key] = value
     st.update(phase=d.phase, observedGeneration=o.generation, conditions=conditions(o, d, st.get("message") or ""),
               restarts=o.restarts if d.restarts is None else d.restarts,
-              attempt=d.create.attempt if d.create else o.next_attempt - 1 if o.next_attempt else None)
+              attempt=d.create.attempt if d.create else _newest_attempt(o))
     create = d.create
     if create is not None:
         # An attempt Kueue admits starts the deadline's count again (``queued`` clears
@@ -102,6 +102,11 @@ def plan(o: Observed, d: Decision) -> Plan:
         repair=tuple(k for k in BASE_KINDS if k in o.missing_children) if active and create is None else (),
         requeue_after=_requeue_after(o, d, st),
         events=[*_transition_events(o.status.get("conditions") or [], st["conditions"]), *d.events])
+
+
+def _newest_attempt(o: Observed) -> Optional[int]:
+    """The highest attempt number seen (status.attempt keeps it when no Job or pod does)."""
+    return o.next_attempt - 1 if o.next_attempt else None
 
 
 def _release_queue(o: Observed) -> Optional[str]:
