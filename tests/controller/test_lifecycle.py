@@ -595,12 +595,12 @@ def test_set_up_is_judged_by_its_own_progress_and_a_stuck_stage_is_named():
     hang however long it takes; one that stops is, and the message says where it stopped."""
     obj, jobs, pods = running(t=10)
     for t in range(20, 500, 30):  # 480 s of set-up, an image every 30 s
-        obj["status"]["progress"] = {"stage": "Prefetching", "stageText": f"Prefetching {t}/5000",
+        obj["status"]["progress"] = {"stage": "Prefetching", "stageText": f"Prefetching({t}/5000)",
                                      "updatedAt": ts(t)}
         assert decide(obj, jobs, pods, at(t + 29), hang_after=90).status["phase"] == "Running"
     plan = decide(obj, jobs, pods, at(470 + 91), hang_after=90)
     assert cond(plan, "Restarting")["reason"] == "Hung"
-    assert "(stage Prefetching 470/5000)" in cond(plan, "Restarting")["message"]
+    assert "(stage Prefetching(470/5000))" in cond(plan, "Restarting")["message"]
 
 
 # --- Kueue: what the Workload says, queue changes ----------------------------------------------

@@ -179,14 +179,14 @@ def test_set_up_stages_move_updated_at_and_training_is_a_stage_too():
     r = reporter(client, clock)
     r.on_stage("Prefetching", 0, 500)
     first = client.patches[-1]["progress"]
-    assert first["stage"] == "Prefetching" and first["stageText"] == "Prefetching 0/500" and first["updatedAt"]
+    assert first["stage"] == "Prefetching" and first["stageText"] == "Prefetching(0/500)" and first["updatedAt"]
     n = len(client.patches)
     for done in range(1, 200):
         r.on_stage("Prefetching", done, 500)
     assert len(client.patches) == n  # throttled
     clock.t += 6.0
     r.on_stage("Prefetching", 200, 500)
-    assert client.patches[-1]["progress"]["stageText"] == "Prefetching 200/500"
+    assert client.patches[-1]["progress"]["stageText"] == "Prefetching(200/500)"
     r.on_stage("Loading", 0, None)
     assert client.patches[-1]["progress"]["stageText"] == "Loading"
     clock.t += 6.0

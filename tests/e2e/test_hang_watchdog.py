@@ -180,5 +180,5 @@ def test_a_long_set_up_that_moves_on_is_no_hang(tjs, tiny, watchdog, tmp_path):
     assert server.times[-1] - server.times[0] > HANG_SECONDS  # the prefetch really outlasted the limit
     assert st["restarts"] == 0, st
     stages = [(s.get("progress") or {}).get("stageText") for s in recorder.statuses]
-    assert any((t or "").startswith("Prefetching ") for t in stages), stages
+    assert any((t or "").startswith("Prefetching(") for t in stages), stages
     assert "STAGE" in tjs.cp.kubectl("get", "tj", "slow", "-n", tjs.ns).stdout

@@ -217,7 +217,7 @@ class StatusReporter(Reporter):
     def on_stage(self, stage, done, total):
         """A stage's start goes at once, its progress with the next throttled patch; each moves
         updatedAt, which the operator's hang watchdog reads."""
-        text = f"{stage} {done}/{total}" if total else stage
+        text = f"{stage}({done}/{total})" if total else stage  # one word: kubectl's columns split on spaces
         fields = {"stage": stage, "stageDone": done, "stageTotal": total, "stageText": text, "updatedAt": utc_now()}
         self._queue({"progress": {k: v for k, v in fields.items() if v is not None}}, now=done == 0)
 
