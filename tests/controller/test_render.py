@@ -413,8 +413,10 @@ def test_config_from_env():
         "KONTRAST_TRAINER_IMAGE": "img:2",
         "KONTRAST_POD_DEFAULTS": '{"nodeSelector": {"a": "b"}, "shmSize": "4Gi"}',
         "KONTRAST_WATCH_NAMESPACES": "ml, research",
+        "KONTRAST_MASTER_PORT": "31234",
     })
     assert cfg.trainer_image == "img:2"
+    assert cfg.master_port == 31234 and OperatorConfig.from_env({}).master_port == 29500
     assert cfg.defaults == {"nodeSelector": {"a": "b"}, "terminationGracePeriodSeconds": 120}
     assert cfg.shm_size == "4Gi"
     assert cfg.watch_namespaces == ("ml", "research")
