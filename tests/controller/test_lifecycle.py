@@ -7,9 +7,9 @@ import datetime as dt
 import pytest
 
 from kontrast import contract
-from kontrast.operator.children.names import (ANNOTATION_HOLD, ANNOTATION_PARKED_FOR, ANNOTATION_QUEUE, ANNOTATION_RESTARTS,
-                                              COMPLETION_INDEX_ANNOTATION, KUEUE_QUEUE_LABEL, LABEL_ATTEMPT,
-                                              PARKING_QUEUE)
+from kontrast.operator.children.names import (ANNOTATION_HOLD, ANNOTATION_PARKED_FOR, ANNOTATION_QUEUE,
+                                              ANNOTATION_RESTARTS, COMPLETION_INDEX_ANNOTATION, KUEUE_QUEUE_LABEL,
+                                              LABEL_ATTEMPT, PARKING_QUEUE)
 from kontrast.operator.lifecycle.plan import Plan, decide
 from kontrast.operator.lifecycle.pods import pod_failure
 

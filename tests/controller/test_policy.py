@@ -73,4 +73,5 @@ def test_a_trainjob_that_breaks_the_policy_fails_before_anything_runs():
     plan = decide(tj, [], [], NOW, violations=found)
     assert plan.create is None and plan.status["phase"] == "Failed"
     failed = {c["type"]: c for c in plan.status["conditions"]}["Failed"]
-    assert failed["reason"] == "PolicyViolation" and "spec.scheduling.env[0].valueFrom.secretKeyRef" in failed["message"]
+    assert failed["reason"] == "PolicyViolation"
+    assert "spec.scheduling.env[0].valueFrom.secretKeyRef" in failed["message"]

@@ -11,9 +11,9 @@ from kontrast.api.scheduling import Scheduling
 
 from ..config import OperatorConfig
 from .base import base_children
-from .names import (ANNOTATION_HOLD, ANNOTATION_PARKED_FOR, ANNOTATION_QUEUE, ANNOTATION_REASON, ANNOTATION_RESTARTS, ANNOTATION_TRAINJOB,
-                    KUEUE_PRIORITY_LABEL, KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, PARKING_QUEUE, TRAINER_CONTAINER, job_name,
-                    metadata, worker_labels)
+from .names import (ANNOTATION_HOLD, ANNOTATION_PARKED_FOR, ANNOTATION_QUEUE, ANNOTATION_REASON, ANNOTATION_RESTARTS,
+                    ANNOTATION_TRAINJOB, KUEUE_PRIORITY_LABEL, KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, PARKING_QUEUE,
+                    TRAINER_CONTAINER, job_name, metadata, worker_labels)
 from .pod import pod_settings, pod_spec
 
 #: Fail at once on the trainer's permanent exit code; ignore disruptions (see :func:`worker_job`).
