@@ -131,6 +131,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.wakeups = {}  # (namespace, name) -> asyncio.TimerHandle
     memo.children = {}  # TrainJob uid -> {(kind, name)} of its base children that exist
     memo.job_owners = {}  # worker Job uid -> TrainJob name (to route Kueue Workload events)
+    memo.children_refresh = asyncio.create_task(_refresh_children(memo))
     memo.metrics_runner = None
     if memo.config.metrics_port:
         try:
@@ -140,8 +141,24 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     log.info("kontrast operator started; trainer image %s", memo.config.trainer_image)
 
 
+async def _refresh_children(memo: kopf.Memo) -> None:
+    """Every resync period, which base children exist as the API server lists them (one LIST
+    per kind), replacing what the watches told: after a relist (410 Gone, an API server
+    restart) kopf sends no DELETED for what vanished meanwhile, so memory alone would never
+    repair it. A TrainJob known before with none listed now has lost them all."""
+    while True:
+        await asyncio.sleep(memo.config.resync_seconds)  # the period of the resync, not a wait for a state
+        try:
+            listed = await asyncio.to_thread(memo.kube.base_children_seen, memo.config.watch_namespaces)
+        except Exception as exc:  # noqa: BLE001 - the watches' view stays; try again next period
+            log.warning("listing the base children failed (%s); trying again at the next resync", exc)
+            continue
+        memo.children = {**{uid: set() for uid in memo.children}, **listed}
+
+
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.children_refresh.cancel()
     for handle in memo.wakeups.values():
         handle.cancel()
     if memo.metrics_runner is not None:

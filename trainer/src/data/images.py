@@ -50,6 +50,7 @@ from kontrast.api.data import Data
 
 from .. import storage
 from ..errors import DataProblem
+from ..report import heartbeat
 from ..layout import CacheFolder
 from ..locations import has_scheme
 
@@ -304,12 +305,16 @@ def prefetch(cache: ImageCache, images: Sequence[str], first_rows: Sequence[int]
     cache.remove_orphans()
     bar = _progress(n, label) if progress else None
     bad = []
+    done = 0
+    heartbeat.stage(heartbeat.PREFETCHING, done, n)
     with ThreadPoolExecutor(max_workers=max(1, min(threads, n))) as pool:
         for start in range(0, n, PREFETCH_WINDOW):
             window = [(images[i], first_rows[i]) for i in range(start, min(n, start + PREFETCH_WINDOW))]
             for result in pool.map(one, window):
                 if result is not None:
                     bad.append(result)
+                done += 1
+                heartbeat.stage(heartbeat.PREFETCHING, done, n)
                 if bar:
                     bar.update(1)
     if bar:

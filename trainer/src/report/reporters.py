@@ -51,6 +51,9 @@ class Reporter:
     def on_step(self, progress: dict[str, Any]) -> None:
         pass
 
+    def on_stage(self, stage: str, done: int, total: Optional[int]) -> None:
+        """The set-up moved on (see :mod:`.heartbeat`): ``done`` of ``total`` items of ``stage``."""
+
     def on_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         pass
 
@@ -88,6 +91,9 @@ class Reporters(Reporter):
 
     def on_step(self, progress):
         self._call("on_step", progress)
+
+    def on_stage(self, stage, done, total):
+        self._call("on_stage", stage, done, total)
 
     def on_checkpoint(self, checkpoint):
         self._call("on_checkpoint", checkpoint)

@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 
 from ..distributed import World, init_from_env, shutdown
 from ..layout import OutputFolder
+from ..report import heartbeat
 from ..report.mlflow_tracking import MlflowTracker, mlflow_tracker
 from ..report.reporters import JsonlReporter, Reporter, Reporters
 from ..report.tensorboard import tensorboard_reporter
@@ -88,6 +89,8 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
            max_epochs: Optional[int], tracker: Optional[MlflowTracker] = None) -> dict[str, Any]:
     """Set up, resume, evaluate the starting model, train the epochs saving as asked, and
     summarise; or stop early after ``max_epochs`` epochs of this invocation."""
+    heartbeat.report_to(report.on_stage)  # the set-up's long stages report their progress too
+    heartbeat.stage(heartbeat.LOADING)
     run = setup(resolved, world)
     progress = _resume(run)
     progress.started = started
