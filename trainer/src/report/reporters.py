@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, TextIO
 
+from kontrast.display import format_duration
+
 from .. import storage
 from ..locations import has_scheme
 
@@ -106,15 +108,6 @@ class Reporters(Reporter):
 
     def close(self):
         self._call("close")
-
-
-def format_duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "--:--"
-    seconds = int(round(max(0.0, seconds)))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
 def format_progress(p: dict[str, Any], width: int = 20) -> str:
