@@ -42,10 +42,11 @@ chromium:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 ## Every test: unit, real control plane (k8s), operator end to end (e2e), distributed, S3 (s3),
-## and the real node (node: the images as containers under kubelet/containerd).
+## the real node (node: the images as containers under kubelet/containerd) and the fault matrix (faults).
 test: venv testbin node images chromium
 	$(VENV)/bin/pytest
 
-## The tests that need neither the control plane, several processes, the S3 server nor the node.
+## The tests that need neither the control plane, several processes, the S3 server, the node, MLflow's
+## server nor the fault matrix.
 test-fast: venv chromium
-	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed and not s3 and not node"
+	$(VENV)/bin/pytest -m "not k8s and not e2e and not distributed and not s3 and not node and not mlflow and not faults"

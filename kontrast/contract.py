@@ -27,6 +27,7 @@ CACHE_MOUNT = "/var/cache/kontrast"
 #: Set by the operator in training pods so rank 0 reports into the TrainJob's status.
 JOB_NAME_ENV = "KONTRAST_TRAINJOB_NAME"
 JOB_NAMESPACE_ENV = "KONTRAST_TRAINJOB_NAMESPACE"
+JOB_UID_ENV = "KONTRAST_TRAINJOB_UID"  # what the MLflow run and model version are tagged with
 #: Seconds between rank 0's progress patches of the TrainJob status (the chart's
 #: trainer.statusIntervalSeconds, passed by the operator to every training pod).
 STATUS_INTERVAL_ENV = "KONTRAST_STATUS_INTERVAL"

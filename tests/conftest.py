@@ -1,1 +1,1 @@
-pytest_plugins = ["harness.fixtures", "harness.s3"]
+pytest_plugins = ["harness.fixtures", "harness.s3", "harness.mlflow"]

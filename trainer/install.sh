@@ -1,12 +1,12 @@
 #!/bin/sh
-# Install the kontrast trainer (kontrast + its `trainer` extra: torch, open_clip, ...) into the
-# Python environment of $PYTHON (default: python3). One script for trainer/Dockerfile and the
-# development environment; tests/controller/test_images.py runs it with --dry-run (pip
+# Install the kontrast trainer (kontrast + its `trainer` and `mlflow` extras: torch, open_clip,
+# the MLflow client, ...) into the Python environment of $PYTHON (default: python3). One script
+# for trainer/Dockerfile and the development environment; tests/controller/test_images.py runs it with --dry-run (pip
 # resolves every requirement without downloading gigabytes of wheels).
 #
 # Usage: trainer/install.sh [--dry-run] [--dev] [SOURCE]
 #        trainer/install.sh --print-requirements [SOURCE]   the third-party requirements of
-#                   kontrast[trainer], one a line, read from SOURCE/pyproject.toml (needs
+#                   kontrast[trainer,mlflow], one a line, read from SOURCE/pyproject.toml (needs
 #                   Python >= 3.11 for tomllib; prints nothing on older ones)
 #        trainer/install.sh --requirements FILE             install only those (the image's
 #                   big dependency layer, built before the source is copied in)
@@ -30,7 +30,7 @@ for arg in "$@"; do
 done
 
 if [ "$MODE" = --print-requirements ]; then
-  "$PYTHON" - "${SRC:-$(dirname "$HERE")}/pyproject.toml" trainer <<'PY'
+  "$PYTHON" - "${SRC:-$(dirname "$HERE")}/pyproject.toml" trainer mlflow <<'PY'
 import sys
 try:
     import tomllib
@@ -38,7 +38,8 @@ except ImportError:  # Python < 3.11: no separate dependency layer, the full ins
     sys.exit(0)
 with open(sys.argv[1], "rb") as f:
     project = tomllib.load(f)["project"]
-for req in project.get("dependencies", []) + project.get("optional-dependencies", {}).get(sys.argv[2], []):
+extras = project.get("optional-dependencies", {})
+for req in project.get("dependencies", []) + [r for extra in sys.argv[2:] for r in extras.get(extra, [])]:
     print(req)
 PY
   exit 0
@@ -51,10 +52,10 @@ SRC=${SRC:-$(dirname "$HERE")}
 
 if [ -n "$DEV" ]; then
   # shellcheck disable=SC2086
-  "$PYTHON" -m pip install --disable-pip-version-check $DRY --editable "$SRC[trainer,operator,dev,bench]"
+  "$PYTHON" -m pip install --disable-pip-version-check $DRY --editable "$SRC[trainer,mlflow,operator,dev,bench]"
 else
   # shellcheck disable=SC2086
-  "$PYTHON" -m pip install --disable-pip-version-check $DRY "$SRC[trainer]"
+  "$PYTHON" -m pip install --disable-pip-version-check $DRY "$SRC[trainer,mlflow]"
 fi
 [ -n "$DRY" ] && { echo "trainer requirements resolve"; exit 0; }
 
@@ -64,6 +65,7 @@ cd /  # import the installed package, not the checkout
 import importlib.util, sys
 import torch, open_clip  # noqa: F401
 import kontrast.trainer.cli.launch, kontrast.trainer.report.cluster_status  # noqa: F401
+import mlflow.tracking  # noqa: F401 - the client of spec.tracking.mlflow
 if not "$DEV" and importlib.util.find_spec("kopf") is not None:
     sys.exit("kopf must not be installed in the trainer image")
 print("kontrast trainer installed: torch", torch.__version__, "cuda", torch.version.cuda)

@@ -45,6 +45,7 @@ class Scheduling:
     active_deadline_seconds: Optional[int] = None
     suspend: bool
     cleanup: str                                #: Always | OnSuccess | Never
+    ttl_seconds_after_finished: Optional[int] = None  #: delete the TrainJob this long after it finished
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> "Scheduling":

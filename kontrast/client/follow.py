@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Optional, TextIO, Union
 
+from kontrast.display import format_duration
+
 from .status import METRIC_ORDER, Condition, Evaluation, Progress, Snapshot
 
 
@@ -106,16 +108,6 @@ class Follower:
         seconds = (new.updated_at - old.updated_at).total_seconds()
         if seconds > 0 and new.step > old.step:
             self.steps_per_second = (new.step - old.step) / seconds
-
-
-def format_duration(seconds: Optional[float]) -> str:
-    """``MM:SS`` or ``H:MM:SS``; ``--:--`` when unknown."""
-    if seconds is None:
-        return "--:--"
-    seconds = int(round(max(0.0, seconds)))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
 def format_progress(p: Progress, eta: Optional[float], width: int = 20) -> str:

@@ -10,6 +10,7 @@ Layout (pure functions decide, thin edges act):
   ``base`` (ServiceAccount, Role, RoleBinding, Service, ConfigMap), ``pod`` (the training pod),
   ``job`` (the worker Job of one attempt)
 - ``config``    the operator's settings (trainer image, pod defaults), read from the environment
+- ``policy``    what the platform lets a TrainJob pass to its pods (the chart's allow-lists), checked
 - ``kube``      the thin edge: API calls, idempotent create, deletes, status patches
 - ``reconcile`` observe -> decide -> act, serialised per TrainJob
 - ``handlers``  the kopf handlers (run with ``python -m kontrast.operator``)

@@ -15,9 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from kontrast import __version__, contract
+
+from .policy import Policy
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/kontrast/trainer:{__version__}"
 
@@ -29,12 +31,17 @@ ENV_TRAINER_IMAGE = "KONTRAST_TRAINER_IMAGE"
 ENV_TRAINER_PULL_POLICY = "KONTRAST_TRAINER_IMAGE_PULL_POLICY"
 ENV_DEFAULTS = "KONTRAST_POD_DEFAULTS"  # JSON object: POD_FIELDS plus shmSize, cacheVolume, podSecurityContext
 ENV_ENFORCED = "KONTRAST_POD_ENFORCED"  # JSON object: POD_FIELDS a TrainJob cannot override
+ENV_POLICY = "KONTRAST_POLICY"  # JSON object: the allow-lists of policy.Policy
 ENV_WATCH_NAMESPACES = "KONTRAST_WATCH_NAMESPACES"  # comma-separated; empty = all namespaces
 ENV_RESYNC = "KONTRAST_RESYNC_SECONDS"  # every TrainJob not finished is reconciled this often
 ENV_HANG = "KONTRAST_HANG_SECONDS"  # restart a Running job whose progress is older (0: never)
 ENV_STATUS_INTERVAL = contract.STATUS_INTERVAL_ENV  # the trainer's progress patch interval
 ENV_METRICS_PORT = "KONTRAST_METRICS_PORT"  # 0 disables the /metrics endpoint
+#: torchrun's rendezvous port in the pods (29500; the e2e tests, whose pods share the host's
+#: loopback with other test sessions, pick a free one).
+ENV_MASTER_PORT = "KONTRAST_MASTER_PORT"
 ENV_KUBECONFIG = "KONTRAST_OPERATOR_KUBECONFIG"  # else KUBECONFIG, else in-cluster
+ENV_TTL = "KONTRAST_TTL_SECONDS_AFTER_FINISHED"  # the platform's default; empty: keep finished TrainJobs
 
 #: ``spec.scheduling`` fields that shape the training pods and may have chart defaults.
 POD_FIELDS = ("resources", "nodeSelector", "tolerations", "priorityClassName", "schedulerName", "affinity",
@@ -83,6 +90,11 @@ class OperatorConfig:
     status_interval_seconds: float = 20.0
     metrics_port: int = 8081
     watch_namespaces: tuple[str, ...] = ()
+    #: Delete finished TrainJobs that set no spec.scheduling.ttlSecondsAfterFinished this long
+    #: after they finished (None: keep them).
+    ttl_seconds_after_finished: Optional[float] = None
+    #: What a TrainJob may pass to its pods beyond the CRD's own limits (see :mod:`.policy`).
+    policy: Policy = Policy()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -107,11 +119,28 @@ class OperatorConfig:
             hang_seconds=float(env.get(ENV_HANG) or cls.hang_seconds),
             status_interval_seconds=float(env.get(ENV_STATUS_INTERVAL) or cls.status_interval_seconds),
             metrics_port=int(env.get(ENV_METRICS_PORT) or 8081),
+            master_port=int(env.get(ENV_MASTER_PORT) or cls.master_port),
             watch_namespaces=namespaces,
+            ttl_seconds_after_finished=_seconds(env, ENV_TTL),
+            policy=Policy.from_values(_json_object(env, ENV_POLICY), ENV_POLICY),
         )
 
     def hang_after(self) -> float | None:
         return self.hang_seconds or None
+
+
+def _seconds(env: Mapping[str, str], name: str) -> Optional[float]:
+    """A non-negative number of seconds, or None when unset or empty."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {raw!r}")
+    return value
 
 
 def _json_object(env: Mapping[str, str], name: str) -> dict[str, Any]:

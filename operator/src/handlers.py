@@ -9,7 +9,8 @@ Triggers, all funnelled through :func:`trigger` (one retry policy, bursts collap
 - Child Jobs and Pods changed; the Kueue Workload of a child Job changed (queued, admitted,
   preempted: what the TrainJob's Queued condition reports); a base child (ServiceAccount, Role, RoleBinding, Service,
   ConfigMap) deleted, so it is created again at once.
-- A wake-up the last decision asked for (a deadline, the hang watchdog, a held attempt) and
+- A wake-up the last decision asked for (a deadline, the hang watchdog, a held attempt, a
+  finished job's ttlSecondsAfterFinished) and
   the periodic resync of every TrainJob not finished: explicit ``call_later`` timers in the
   operator's memory, not kopf timers, so no finalizer ever blocks a deletion.
 
@@ -130,6 +131,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.wakeups = {}  # (namespace, name) -> asyncio.TimerHandle
     memo.children = {}  # TrainJob uid -> {(kind, name)} of its base children that exist
     memo.job_owners = {}  # worker Job uid -> TrainJob name (to route Kueue Workload events)
+    memo.children_refresh = asyncio.create_task(_refresh_children(memo))
     memo.metrics_runner = None
     if memo.config.metrics_port:
         try:
@@ -139,8 +141,24 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     log.info("kontrast operator started; trainer image %s", memo.config.trainer_image)
 
 
+async def _refresh_children(memo: kopf.Memo) -> None:
+    """Every resync period, which base children exist as the API server lists them (one LIST
+    per kind), replacing what the watches told: after a relist (410 Gone, an API server
+    restart) kopf sends no DELETED for what vanished meanwhile, so memory alone would never
+    repair it. A TrainJob known before with none listed now has lost them all."""
+    while True:
+        await asyncio.sleep(memo.config.resync_seconds)  # the period of the resync, not a wait for a state
+        try:
+            listed = await asyncio.to_thread(memo.kube.base_children_seen, memo.config.watch_namespaces)
+        except Exception as exc:  # noqa: BLE001 - the watches' view stays; try again next period
+            log.warning("listing the base children failed (%s); trying again at the next resync", exc)
+            continue
+        memo.children = {**{uid: set() for uid in memo.children}, **listed}
+
+
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.children_refresh.cancel()
     for handle in memo.wakeups.values():
         handle.cancel()
     if memo.metrics_runner is not None:
@@ -163,7 +181,10 @@ async def _reconcile_now(memo: kopf.Memo, namespace: str, name: str) -> None:
     # yet (just created, or the operator just started), so nothing is repaired by mistake.
     present = {uid: frozenset(kind for kind, _ in kids) for uid, kids in memo.children.items()}
     plan = await asyncio.to_thread(memo.reconciler.reconcile, namespace, name, present=present.get)
-    if plan is None or plan.status.get("phase") in TERMINAL:
+    if plan is None or plan.delete_trainjob or plan.status.get("phase") in TERMINAL:
+        if plan is not None and plan.requeue_after is not None:
+            _wake_up(memo, namespace, name, plan.requeue_after)   # a finished job's TTL, no resync
+            return
         handle = memo.wakeups.pop((namespace, name), None)
         if handle is not None:
             handle.cancel()

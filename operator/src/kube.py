@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import urllib.parse
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -35,6 +35,11 @@ _PATHS = {
     ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
     (f"{GROUP}/{VERSION}", "TrainJob"): (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
+
+
+#: The base children's (apiVersion, kind), as :data:`.children.base.BASE_KINDS` names them.
+BASE_CHILD_TYPES = (("v1", "ServiceAccount"), ("rbac.authorization.k8s.io/v1", "Role"),
+                    ("rbac.authorization.k8s.io/v1", "RoleBinding"), ("v1", "Service"), ("v1", "ConfigMap"))
 
 
 class ChildConflict(RuntimeError):
@@ -123,6 +128,22 @@ class Kube:
                     if (p["metadata"].get("annotations") or {}).get(names.ANNOTATION_TRAINJOB) == name]
         return [i for i in items if _controlled_by(i, uid)]
 
+    def base_children_seen(self, namespaces: Sequence[str] = ()) -> dict[str, set[tuple[str, str]]]:
+        """Every TrainJob's base children as the API server lists them now: TrainJob uid ->
+        {(kind, name)}. One LIST per kind (per watched namespace), filtered by our label, so it
+        costs the same for any number of TrainJobs."""
+        seen: dict[str, set[tuple[str, str]]] = {}
+        for api_version, kind in BASE_CHILD_TYPES:
+            prefix, plural = _PATHS[(api_version, kind)]
+            paths = [f"{prefix}/namespaces/{ns}/{plural}" for ns in namespaces] or [f"{prefix}/{plural}"]
+            for path in paths:
+                for item in self.request("GET", path, query={"labelSelector": names.LABEL_TRAINJOB})["items"]:
+                    owner = next((o.get("uid") for o in item["metadata"].get("ownerReferences") or []
+                                  if o.get("controller")), None)
+                    if owner:
+                        seen.setdefault(owner, set()).add((kind, item["metadata"]["name"]))
+        return seen
+
     def list_jobs(self, tj: Mapping[str, Any]) -> list[dict]:
         return self._list("batch/v1", "Job", tj["metadata"]["namespace"], tj)
 
@@ -146,13 +167,20 @@ class Kube:
                 f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not controlled by this TrainJob")
         return False
 
-    def release_job(self, namespace: str, name: str, queue: Optional[str] = None) -> None:
+    def release_job(self, namespace: str, name: str, queue: Optional[str] = None, unpark: bool = False) -> None:
         """Hand a held worker Job on: to Kueue (its queue label; Kueue unsuspends it when it
-        admits it), or, without a queue, unsuspend it."""
-        body = ({"metadata": {"labels": {names.KUEUE_QUEUE_LABEL: queue}}} if queue
-                else {"spec": {"suspend": False}})
-        self.request("PATCH", _path("batch/v1", "Job", namespace, name), body=body,
-                     content_type="application/merge-patch+json")
+        admits it), or, without a queue, unsuspend it, first taking it out of the parking queue
+        when ``unpark`` (Kueue lets a Job's queue label change only while it is suspended)."""
+        path = _path("batch/v1", "Job", namespace, name)
+        released = {names.ANNOTATION_HOLD: "false"}
+        if queue:
+            body: dict[str, Any] = {"metadata": {"labels": {names.KUEUE_QUEUE_LABEL: queue}, "annotations": released}}
+        else:
+            if unpark:
+                self.request("PATCH", path, body={"metadata": {"labels": {names.KUEUE_QUEUE_LABEL: None}}},
+                             content_type="application/merge-patch+json")
+            body = {"metadata": {"annotations": released}, "spec": {"suspend": False}}
+        self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
 
     def workload(self, job: Mapping[str, Any]) -> Optional[dict]:
         """Kueue's Workload of a Job (found by the job-uid label Kueue puts on it), or None,
@@ -177,9 +205,13 @@ class Kube:
         items.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", reverse=True)
         return [e.get("message") or "" for e in items]
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str, foreground: bool = False) -> bool:
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, foreground: bool = False,
+               uid: Optional[str] = None) -> bool:
+        """Delete (NotFound is fine); ``uid``: only that object, never a successor of the same name."""
         body = {"kind": "DeleteOptions", "apiVersion": "v1",
                 "propagationPolicy": "Foreground" if foreground else "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
             self.request("DELETE", _path(api_version, kind, namespace, name), body=body)
             return True
@@ -187,6 +219,11 @@ class Kube:
             if e.status == 404:
                 return False
             raise
+
+    def delete_trainjob(self, tj: Mapping[str, Any]) -> bool:
+        """Delete this TrainJob (by uid); garbage collection removes its children afterwards."""
+        meta = tj["metadata"]
+        return self.delete(f"{GROUP}/{VERSION}", "TrainJob", meta["namespace"], meta["name"], uid=meta.get("uid"))
 
     def delete_job(self, namespace: str, name: str) -> bool:
         """Foreground: the Job stays visible until its pods are gone, so attempt numbers only grow

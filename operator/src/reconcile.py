@@ -20,6 +20,7 @@ import logging
 import threading
 from typing import Any, Callable, Collection, Mapping, Optional
 
+from . import policy
 from .children.base import BASE_KINDS, base_children
 from .children.job import children
 from .config import OperatorConfig
@@ -75,7 +76,9 @@ class Reconciler:
         seen = present(tj["metadata"]["uid"]) if present else None
         missing = frozenset(BASE_KINDS) - frozenset(seen) if seen is not None else frozenset()
         plan = decide(tj, self.kube.list_jobs(tj), self.kube.list_pods(tj), now,
-                      missing_children=missing, hang_after=self.config.hang_after(), read=self.kube)
+                      missing_children=missing, hang_after=self.config.hang_after(),
+                      violations=policy.violations(tj.get("spec") or {}, self.config.policy), read=self.kube,
+                      default_ttl=self.config.ttl_seconds_after_finished)
         self.execute(tj, plan)
         return plan
 
@@ -85,11 +88,11 @@ class Reconciler:
         if plan.create is not None:
             c = plan.create
             self._create(tj, children(tj, c.attempt, c.restarts, self.config, c.reason, c.hold,
-                                      c.active_deadline_seconds))
-            if c.reason in ("PodFailed", "Disrupted", "Hung"):
+                                      c.active_deadline_seconds, c.queue))
+            if c.reason in ("PodFailed", "Disrupted", "Evicted", "Hung"):
                 self.metrics.restarted(c.reason)
         if plan.release:
-            self.kube.release_job(ns, plan.release, plan.release_queue)
+            self.kube.release_job(ns, plan.release, plan.release_queue, unpark=plan.release_unpark)
             log.info("released Job %s/%s (older attempts are gone)%s", ns, plan.release,
                      f" to LocalQueue {plan.release_queue}" if plan.release_queue else "")
         if plan.repair:
@@ -113,6 +116,8 @@ class Reconciler:
             # Everything but the Jobs (already deleted above) and, of course, the TrainJob.
             self.kube.delete_children(reversed(base_children(tj, self.config)))
             log.info("cleaned up the children of %s/%s", ns, name)
+        if plan.delete_trainjob and self.kube.delete_trainjob(tj):
+            log.info("deleted TrainJob %s/%s: its ttlSecondsAfterFinished ran out", ns, name)
 
     def _create(self, tj: Mapping[str, Any], objs: list[dict[str, Any]]) -> None:
         """Create ``objs`` (existing ones of ours are fine); on failure say why in status."""

@@ -16,7 +16,8 @@ import yaml
 from kontrast.client import (ConditionChanged, EvaluationLanded, Finished, Follower, NoWorkerPod, PhaseChanged,
                              Printer, ProgressUpdated, Snapshot, eta_seconds, select_worker_pod)
 from kontrast.client import pods as podsel
-from kontrast.client.follow import format_duration, format_progress
+from kontrast.client.follow import format_progress
+from kontrast.display import format_duration
 from kontrast.client.status import Progress
 
 REPO = Path(__file__).resolve().parents[2]

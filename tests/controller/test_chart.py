@@ -196,11 +196,13 @@ def test_rbac_covers_exactly_what_the_operator_does(helm):
     for verb in ("list", "watch"):
         assert _allowed(rules, "batch", "jobs", verb) and _allowed(rules, "", "pods", verb)
         assert _allowed(rules, "kontrast.dev", "trainjobs", verb)
-    # Least privilege: no wildcards, never secrets, never update/delete of TrainJobs, read-only pods.
+    # A finished TrainJob is deleted when its ttlSecondsAfterFinished runs out: one by one, by uid.
+    assert _allowed(rules, "kontrast.dev", "trainjobs", "delete")
+    # Least privilege: no wildcards, never secrets, never update or delete-all of TrainJobs, read-only pods.
     for r in rules:
         assert "*" not in r["verbs"] and "*" not in r["resources"] and "*" not in r["apiGroups"]
         assert "secrets" not in r["resources"]
-    assert not _allowed(rules, "kontrast.dev", "trainjobs", "delete")
+    assert not _allowed(rules, "kontrast.dev", "trainjobs", "deletecollection")
     assert not _allowed(rules, "kontrast.dev", "trainjobs", "update")
     assert not _allowed(rules, "", "pods", "delete") and not _allowed(rules, "", "pods", "create")
 
@@ -263,6 +265,20 @@ def test_lifecycle_values_reach_the_operator_and_its_pods(helm):
         d for d in template(helm) if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
     }.items() if v is not None})
     assert 15 <= defaults.status_interval_seconds <= 30 and defaults.hang_seconds > 0
+    assert defaults.ttl_seconds_after_finished is None            # finished TrainJobs are kept unless asked
+
+
+@pytest.mark.parametrize("value,seconds", [("604800", 604800.0), ("0", 0.0)])
+def test_the_platform_ttl_default_reaches_the_operator(helm, value, seconds):
+    docs = template(helm, "--set", f"operator.ttlSecondsAfterFinished={value}")
+    assert chart_config(docs).ttl_seconds_after_finished == seconds
+
+
+def test_a_bad_ttl_default_names_its_variable():
+    with pytest.raises(ValueError, match="KONTRAST_TTL_SECONDS_AFTER_FINISHED must not be negative"):
+        OperatorConfig.from_env({"KONTRAST_TTL_SECONDS_AFTER_FINISHED": "-1"})
+    with pytest.raises(ValueError, match="KONTRAST_TTL_SECONDS_AFTER_FINISHED must be a number"):
+        OperatorConfig.from_env({"KONTRAST_TTL_SECONDS_AFTER_FINISHED": "a week"})
 
 
 def test_a_cache_volume_from_values_replaces_the_default_emptydir(helm, tmp_path):

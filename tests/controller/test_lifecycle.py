@@ -7,8 +7,9 @@ import datetime as dt
 import pytest
 
 from kontrast import contract
-from kontrast.operator.children.names import (ANNOTATION_RESTARTS, COMPLETION_INDEX_ANNOTATION, KUEUE_QUEUE_LABEL,
-                                              LABEL_ATTEMPT)
+from kontrast.operator.children.names import (ANNOTATION_HOLD, ANNOTATION_PARKED_FOR, ANNOTATION_QUEUE,
+                                              ANNOTATION_RESTARTS, COMPLETION_INDEX_ANNOTATION, KUEUE_QUEUE_LABEL,
+                                              LABEL_ATTEMPT, PARKING_QUEUE)
 from kontrast.operator.lifecycle.plan import Plan, decide
 from kontrast.operator.lifecycle.pods import pod_failure
 
@@ -164,6 +165,58 @@ def test_terminal_is_sticky_and_cleanup_never_resets_budget():
     plan = decide(obj, [], [], at(200))
     assert plan.create is None and plan.status["phase"] == "Succeeded" and plan.status["restarts"] == 2
     assert not plan.events
+
+
+def finished(ttl=None, completion=99, phase_job=("Complete", "", "")):
+    """A TrainJob that finished at ``completion`` (its Jobs cleaned up), with the TTL set or not."""
+    obj, jobs, pods = running()
+    if ttl is not None:
+        obj["spec"]["scheduling"]["ttlSecondsAfterFinished"] = ttl
+    obj = apply(obj, decide(obj, [job(0, conditions=[phase_job], completion=ts(completion))], [], at(completion + 1)))
+    return obj
+
+
+def test_a_finished_job_without_ttl_is_kept_and_never_wakes_up():
+    obj = finished()
+    plan = decide(obj, [], [], at(10 ** 7))
+    assert not plan.delete_trainjob and plan.requeue_after is None and not plan.events
+
+
+def test_ttl_wakes_up_when_it_runs_out_then_deletes_the_trainjob_after_an_event():
+    obj = finished(ttl=300, completion=99)
+    assert obj["status"]["phase"] == "Succeeded"
+    plan = decide(obj, [], [], at(150))
+    assert not plan.delete_trainjob and plan.requeue_after == pytest.approx(249)   # 99 + 300 - 150
+    plan = decide(obj, [], [], at(399))
+    assert plan.delete_trainjob and plan.requeue_after is None
+    assert [(e.type, e.reason) for e in plan.events] == [("Normal", "TTLExpired")]
+    assert "ttlSecondsAfterFinished" in plan.events[0].message and ts(99) in plan.events[0].message
+    assert plan.create is None and plan.delete_jobs == [] and plan.status_patch(obj["status"]) == {}
+
+
+def test_ttl_counts_from_a_failure_too_and_zero_deletes_at_once():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"].update(maxRestarts=0, ttlSecondsAfterFinished=0)
+    obj = apply(obj, decide(obj, [job(0, conditions=[("Failed", "BackoffLimitExceeded", "x")])],
+                            [pod(0, 0, phase="Failed", exit_code=1)], at(50)))
+    assert obj["status"]["phase"] == "Failed"
+    assert decide(obj, [job(0)], [], at(50)).delete_trainjob
+
+
+def test_the_platform_default_ttl_applies_unless_the_trainjob_sets_its_own():
+    obj = finished(completion=99)
+    assert decide(obj, [], [], at(200), default_ttl=100).delete_trainjob
+    assert decide(obj, [], [], at(150), default_ttl=100).requeue_after == pytest.approx(49)
+    own = finished(ttl=1000, completion=99)
+    plan = decide(own, [], [], at(200), default_ttl=100)
+    assert not plan.delete_trainjob and plan.requeue_after == pytest.approx(899)
+
+
+def test_running_jobs_ignore_the_ttl():
+    obj, jobs, pods = running()
+    obj["spec"]["scheduling"]["ttlSecondsAfterFinished"] = 0
+    plan = decide(obj, jobs, pods, at(10 ** 6))
+    assert plan.status["phase"] == "Running" and not plan.delete_trainjob
 
 
 def test_failed_with_cleanup_onsuccess_keeps_pods_but_always_cleans():
@@ -380,7 +433,8 @@ def test_success_wins_over_a_passed_deadline():
 def test_missing_job_is_recreated_without_spending_budget():
     obj, jobs, pods = running()
     plan = decide(obj, [], [], at(30))
-    assert plan.create.attempt == 0 and plan.create.reason == "Recreated" and plan.status["restarts"] == 0
+    # attempt 0 is gone with its pods: the next is 1 (status.attempt), never 0 again
+    assert plan.create.attempt == 1 and plan.create.reason == "Recreated" and plan.status["restarts"] == 0
 
 
 def test_stale_attempts_are_deleted():
@@ -571,6 +625,16 @@ def test_deadline_wakes_up_at_the_time_left_and_the_job_carries_it():
     assert plan.create.active_deadline_seconds == 60
 
 
+def test_a_restart_that_kueue_will_admit_gets_the_whole_deadline():
+    """Kueue's admission starts the count again (startTime is cleared while queued): the Job
+    must not carry the 600 s left of 3600 and be failed by the Job controller after them."""
+    obj, _, _ = running()
+    obj["spec"]["scheduling"].update(activeDeadlineSeconds=3600, queueName="team-a")
+    failed = [job(0, conditions=[("Failed", "BackoffLimitExceeded", "")], start=ts(1), queue="team-a")]
+    plan = decide(obj, failed, [pod(0, 0, "Failed", 1)], at(3001))
+    assert plan.create.active_deadline_seconds == 3600
+
+
 def test_the_jobs_own_deadline_fails_the_trainjob_without_a_restart():
     obj, jobs, pods = running()
     obj["spec"]["scheduling"]["activeDeadlineSeconds"] = 100
@@ -591,6 +655,19 @@ def test_hung_running_job_restarts_spending_budget_with_an_event():
     assert cond(plan, "Restarting")["reason"] == "Hung" and plan.create.reason == "Hung"
     assert "Hung" in [e.reason for e in plan.events]
     assert decide(obj, jobs, pods, at(10_000)).status["phase"] == "Running"  # no watchdog: never
+
+
+def test_set_up_is_judged_by_its_own_progress_and_a_stuck_stage_is_named():
+    """A prefetch that moves (the trainer's heartbeat moves updatedAt with each image) is no
+    hang however long it takes; one that stops is, and the message says where it stopped."""
+    obj, jobs, pods = running(t=10)
+    for t in range(20, 500, 30):  # 480 s of set-up, an image every 30 s
+        obj["status"]["progress"] = {"stage": "Prefetching", "stageText": f"Prefetching({t}/5000)",
+                                     "updatedAt": ts(t)}
+        assert decide(obj, jobs, pods, at(t + 29), hang_after=90).status["phase"] == "Running"
+    plan = decide(obj, jobs, pods, at(470 + 91), hang_after=90)
+    assert cond(plan, "Restarting")["reason"] == "Hung"
+    assert "(stage Prefetching(470/5000))" in cond(plan, "Restarting")["message"]
 
 
 # --- Kueue: what the Workload says, queue changes ----------------------------------------------
@@ -651,3 +728,162 @@ def test_running_attempt_keeps_its_queue():
     obj["spec"]["scheduling"]["queueName"] = "team-b"
     plan = decide(obj, [job(0, start=ts(1), queue="team-a")], pods, at(20))
     assert plan.create is None and not plan.delete_jobs and plan.status["phase"] == "Running"
+
+
+# --- Kueue labels Jobs of its own accord: a `default` LocalQueue, manageJobsWithoutQueueName ----
+def kjob(attempt, asked="", label=None, hold=False, suspend=True, restarts=0, start=None, conditions=(),
+         parked_for=None):
+    """A worker Job as this operator creates it (the queue it asked for, the hold recorded), with
+    the label Kueue left on it."""
+    j = job(attempt, restarts, conditions=conditions, suspend=suspend, queue=label, start=start)
+    j["metadata"]["annotations"].update({ANNOTATION_QUEUE: asked, ANNOTATION_HOLD: "true" if hold else "false"})
+    if parked_for:
+        j["metadata"]["annotations"][ANNOTATION_PARKED_FOR] = parked_for
+    return j
+
+
+def test_a_queue_kueue_defaulted_is_the_trainjobs_queue():
+    """Kueue's webhook labelled the unlabelled Job `default` and suspended it: queued there, not
+    a changed queueName (no replacement, however often it is reconciled)."""
+    obj = apply(tj(), decide(tj(), [], [], at(0)))
+    plan = decide(obj, [kjob(0, label="default")], [], at(5))
+    assert plan.create is None and not plan.delete_jobs and plan.release is None
+    assert plan.status["phase"] == "Pending" and "LocalQueue default" in plan.status["message"]
+    assert cond(plan, "Queued")["status"] == "True"
+
+
+def test_a_job_kueue_suspended_without_a_label_is_never_unsuspended():
+    """manageJobsWithoutQueueName: Kueue suspends every Job; the operator's own were not held."""
+    obj = apply(tj(), decide(tj(), [], [], at(0)))
+    plan = decide(obj, [kjob(0)], [], at(5))
+    assert plan.release is None and plan.create is None and not plan.delete_jobs
+    assert cond(plan, "Queued")["status"] == "True" and "spec.scheduling.queueName" in plan.status["message"]
+
+
+def test_a_restart_parks_the_attempt_then_hands_it_to_the_defaulted_queue():
+    obj, _, _ = running()
+    failed = [pod(0, 0, "Failed", 1), pod(0, 1)]
+    current = kjob(0, label="default", suspend=False, start=ts(1),
+                   conditions=[("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")])
+    plan = decide(obj, [current], failed, at(30))
+    assert plan.create.hold and plan.create.queue == "default"  # rendered in the parking queue
+    obj = apply(obj, plan)
+    held = kjob(1, label=PARKING_QUEUE, hold=True, restarts=1, parked_for="default")
+    plan = decide(obj, [held], [], at(40))
+    assert plan.release == "clip-1" and plan.release_queue == "default" and not plan.release_unpark
+
+
+def test_a_parked_attempt_whose_queue_went_is_unparked_and_started():
+    obj, _, _ = running()
+    plan = decide(obj, [kjob(1, asked="team-a", label=PARKING_QUEUE, hold=True, parked_for="team-a")], [], at(40))
+    assert plan.release == "clip-1" and plan.release_queue is None and plan.release_unpark
+
+
+def test_queue_named_after_kueue_defaulted_it_there_is_no_change():
+    obj = apply(tj(), decide(tj(), [], [], at(0)))
+    obj["spec"]["scheduling"]["queueName"] = "default"
+    plan = decide(obj, [kjob(0, label="default")], [], at(5))
+    assert plan.create is None and not plan.delete_jobs
+
+
+# --- a Kueue eviction observed in the wrong order is never charged --------------------------------
+PREEMPTED = ("Evicted", "True", "Preempted", "Preempted to accommodate a workload")
+BACKOFF = ("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+
+
+def test_pods_failed_by_a_kueue_eviction_before_the_suspension_is_seen_spend_no_budget():
+    """The bad order, forced: the Job as read is not (yet) suspended but failed, its pods ended
+    Failed without DisruptionTarget (the Job controller stopped them for Kueue), and the
+    Workload, read after them, says Kueue evicted it."""
+    obj, _, _ = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    failed_job = job(0, conditions=[BACKOFF], start=ts(1), queue="team-a")
+    stopped = [pod(0, i, "Failed", 143) for i in range(2)]
+    plan = decide(obj, [failed_job], stopped, at(30), workload=workload(PREEMPTED))
+    assert plan.status["restarts"] == 0 and plan.create.reason == "Evicted"
+    assert "Preempted" in cond(plan, "Restarting")["message"]
+
+
+def test_a_job_kueue_suspended_and_the_job_controller_failed_restarts_without_budget():
+    """Suspended by Kueue and failed meanwhile: Kueue never re-admits a finished Job, so the
+    attempt is replaced (before: left queued for ever), and it is not the job's fault."""
+    obj, _, _ = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    failed_job = job(0, conditions=[BACKOFF], suspend=True, queue="team-a")
+    plan = decide(obj, [failed_job], [pod(0, i, "Failed", 143) for i in range(2)], at(30),
+                  workload=workload(PREEMPTED))
+    assert plan.create is not None and plan.status["restarts"] == 0
+
+
+def test_pods_failed_before_the_suspension_is_seen_without_a_job_failure_wait():
+    """Not failed, not (yet) seen suspended, Workload evicted: nothing counts, nothing restarts."""
+    obj, _, _ = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    plan = decide(obj, [job(0, start=ts(1), queue="team-a")], [pod(0, i, "Failed", 143) for i in range(2)],
+                  at(30), workload=workload(PREEMPTED))
+    assert plan.create is None and plan.status["restarts"] == 0 and not plan.delete_jobs
+
+
+def test_a_failed_job_in_a_queue_that_kueue_did_not_evict_spends_the_budget():
+    obj, _, _ = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    failed_job = job(0, conditions=[BACKOFF], start=ts(1), queue="team-a")
+    admitted = workload(("Admitted", "True", "Admitted", ""))
+    plan = decide(obj, [failed_job], [pod(0, 0, "Failed", 1), pod(0, 1)], at(30), workload=admitted)
+    assert plan.status["restarts"] == 1 and plan.create.reason == "PodFailed"
+
+
+def test_the_workload_is_read_when_a_queued_attempts_pods_fail():
+    """observe() asks the cluster for the Workload once pods of an attempt in a Kueue queue fail
+    (after the pods were listed, so it is never older than they are), not while they run."""
+    from kontrast.operator.lifecycle.observed import observe
+
+    class Reads:
+        asked = 0
+
+        def failed_creates(self, job):
+            return []
+
+        def workload(self, job):
+            Reads.asked += 1
+            return workload(PREEMPTED)
+
+    obj, _, _ = running()
+    obj["spec"]["scheduling"]["queueName"] = "team-a"
+    current = job(0, start=ts(1), queue="team-a")
+    assert observe(obj, [current], [pod(0, i) for i in range(2)], at(30), read=Reads()).workload is None
+    o = observe(obj, [current], [pod(0, 0, "Failed", 143), pod(0, 1)], at(30), read=Reads())
+    assert Reads.asked == 1 and o.workload is not None
+
+
+def test_attempt_numbers_only_grow_when_a_job_and_its_pods_were_deleted_by_hand():
+    obj, jobs, pods = running(attempt=3)
+    obj = apply(obj, decide(obj, jobs, pods, at(20)))
+    plan = decide(tj(), [], [], at(0))
+    assert plan.status["attempt"] == 0  # the first creation records its attempt
+    plan = decide(obj, [], [], at(30))  # clip-3 and its pods are gone
+    assert plan.create.attempt == 4 and plan.status["attempt"] == 4
+
+
+# --- a crashed node is not the job's failure ---------------------------------------------------
+def unready(attempt, index, since):
+    p = pod(attempt, index)
+    p["status"]["conditions"].append({"type": "Ready", "status": "False", "lastTransitionTime": ts(since)})
+    return p
+
+
+def test_peers_failing_while_a_pod_on_a_lost_node_still_runs_wait_for_its_eviction():
+    obj, _, _ = running(nodes=3)
+    failed_job = [job(0, conditions=[BACKOFF], start=ts(1))]
+    pods = [pod(0, 0, "Failed", 1), pod(0, 1, "Failed", 1), unready(0, 2, since=20)]
+    plan = decide(obj, failed_job, pods, at(100))
+    assert plan.create is None and plan.status["restarts"] == 0 and not plan.delete_jobs
+    assert plan.requeue_after == pytest.approx(280) and "not Ready" in plan.status["message"]
+    # The taint manager evicts it: a disruption, no budget spent.
+    evicted = dict(pods[2], status={**pods[2]["status"], "phase": "Failed", "conditions": [
+        {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager", "message": "node lost"}]})
+    plan = decide(obj, failed_job, [*pods[:2], evicted], at(330))
+    assert plan.create is not None and plan.status["restarts"] == 0
+    # Never evicted (no taint manager): after the wait the failure counts.
+    plan = decide(obj, failed_job, pods, at(20 + 361))
+    assert plan.create is not None and plan.status["restarts"] == 1

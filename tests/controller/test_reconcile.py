@@ -29,7 +29,7 @@ class FakeKube:
         self.calls.append(("events", job["metadata"]["name"]))
         return self.failed
 
-    def release_job(self, ns, name, queue=None):
+    def release_job(self, ns, name, queue=None, unpark=False):
         self.calls.append(("release", name, queue))
 
     def get_trainjob(self, ns, name):

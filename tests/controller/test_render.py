@@ -9,8 +9,9 @@ import yaml
 
 from kontrast import contract
 from kontrast.operator.children.job import children, worker_job
-from kontrast.operator.children.names import (ANNOTATION_REASON, ANNOTATION_RESTARTS, ANNOTATION_TRAINJOB,
-                                              KUEUE_PRIORITY_LABEL, KUEUE_QUEUE_LABEL, LABEL_TRAINJOB, job_name,
+from kontrast.operator.children.names import (ANNOTATION_HOLD, ANNOTATION_PARKED_FOR, ANNOTATION_QUEUE, ANNOTATION_REASON,
+                                              ANNOTATION_RESTARTS, ANNOTATION_TRAINJOB, KUEUE_PRIORITY_LABEL,
+                                              KUEUE_QUEUE_LABEL, LABEL_TRAINJOB, PARKING_QUEUE, job_name,
                                               service_name)
 from kontrast.operator.children.pod import STORAGE_SECRET_KEYS
 from kontrast.operator.config import OperatorConfig
@@ -92,12 +93,17 @@ def test_headless_service_publishes_not_ready_pods():
     assert svc["spec"]["selector"] == {"kontrast.dev/trainjob": "clip", "kontrast.dev/component": "worker"}
 
 
-def test_configmap_holds_the_spec_unchanged():
+def test_configmap_holds_the_spec_unchanged_the_uid_and_kontrasts_annotations():
+    """The trainer's run identity needs the uid; `kontrast.dev/generate-example-data` the annotation."""
     tj = trainjob()
+    tj["metadata"]["annotations"] = {"kontrast.dev/generate-example-data": "true",
+                                     "kubectl.kubernetes.io/last-applied-configuration": "{...}"}
     cm = by_kind(children(tj, 0, 0, CONFIG))["ConfigMap"]
     doc = yaml.safe_load(cm["data"][contract.TRAINJOB_FILE])
     assert doc == {"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
-                   "metadata": {"name": "clip", "namespace": "ml"}, "spec": tj["spec"]}
+                   "metadata": {"name": "clip", "namespace": "ml", "uid": tj["metadata"]["uid"],
+                                "annotations": {"kontrast.dev/generate-example-data": "true"}},
+                   "spec": tj["spec"]}
 
 
 def test_indexed_job_gang_and_failure_policy():
@@ -139,6 +145,7 @@ def test_trainer_container_runs_launch_with_torchrun_env():
     assert env["PET_MASTER_PORT"] == "29500"
     assert env[contract.JOB_NAME_ENV] == "clip"
     assert env[contract.JOB_NAMESPACE_ENV] == "ml"
+    assert env[contract.JOB_UID_ENV] == job["metadata"]["ownerReferences"][0]["uid"]
     assert env[contract.TERMINATION_LOG_ENV] == contract.TERMINATION_LOG
     assert c["terminationMessagePath"] == contract.TERMINATION_LOG
 
@@ -238,6 +245,16 @@ def test_storage_secret_with_keys_passes_exactly_those():
 def test_storage_secret_for_pvc_only_uris_passes_nothing():
     pod = worker_job(trainjob(storageSecretRef={"name": "creds"}), 0, 0, CONFIG)["spec"]["template"]["spec"]
     assert secret_env(pod) == {}
+
+
+def test_mlflow_credentials_pass_only_the_clients_variables():
+    tracking = {"mlflow": {"uri": "https://mlflow.example.com", "credentialsSecretRef": {"name": "mlflow-token"}}}
+    pod = worker_job(trainjob(tracking=tracking), 0, 0, CONFIG)["spec"]["template"]["spec"]
+    assert "envFrom" not in pod["containers"][0]  # never the whole Secret
+    assert secret_env(pod) == {k: {"name": "mlflow-token", "key": k, "optional": True}
+                               for k in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    no_secret = {"mlflow": {"uri": "http://mlflow:5000"}}
+    assert secret_env(worker_job(trainjob(tracking=no_secret), 0, 0, CONFIG)["spec"]["template"]["spec"]) == {}
 
 
 def test_scheduling_fields_reach_the_pod():
@@ -407,8 +424,10 @@ def test_config_from_env():
         "KONTRAST_TRAINER_IMAGE": "img:2",
         "KONTRAST_POD_DEFAULTS": '{"nodeSelector": {"a": "b"}, "shmSize": "4Gi"}',
         "KONTRAST_WATCH_NAMESPACES": "ml, research",
+        "KONTRAST_MASTER_PORT": "31234",
     })
     assert cfg.trainer_image == "img:2"
+    assert cfg.master_port == 31234 and OperatorConfig.from_env({}).master_port == 29500
     assert cfg.defaults == {"nodeSelector": {"a": "b"}, "terminationGracePeriodSeconds": 120}
     assert cfg.shm_size == "4Gi"
     assert cfg.watch_namespaces == ("ml", "research")
@@ -449,10 +468,22 @@ def test_held_attempt_starts_suspended():
     assert worker_job(trainjob(), 1, 0, CONFIG, hold=False)["spec"]["suspend"] is False
 
 
-def test_held_attempt_gets_kueues_label_only_when_released():
+def test_held_attempt_waits_in_the_parking_queue_until_released():
+    """Kueue's webhook labels an unlabelled Job with a namespace's `default` LocalQueue and may
+    admit it; a held attempt bound for a queue is labelled with one that cannot exist instead."""
     tj = trainjob(scheduling={"queueName": "team-a"})
     held = worker_job(tj, 1, 0, CONFIG, hold=True)
-    assert held["spec"]["suspend"] is True and KUEUE_QUEUE_LABEL not in held["metadata"]["labels"]
+    assert held["spec"]["suspend"] is True and held["metadata"]["labels"][KUEUE_QUEUE_LABEL] == PARKING_QUEUE
+    assert held["metadata"]["annotations"][ANNOTATION_HOLD] == "true"
+    assert held["metadata"]["annotations"][ANNOTATION_QUEUE] == "team-a"
+    assert held["metadata"]["annotations"][ANNOTATION_PARKED_FOR] == "team-a"
+    # Bound for a queue Kueue defaulted (the spec names none): parked too, and the spec's "" recorded.
+    defaulted = worker_job(trainjob(), 1, 0, CONFIG, hold=True, queue="default")
+    assert defaulted["metadata"]["labels"][KUEUE_QUEUE_LABEL] == PARKING_QUEUE
+    assert defaulted["metadata"]["annotations"][ANNOTATION_QUEUE] == ""
+    # Without any queue nothing is labelled (Kueue, if it labels it, holds it as its own).
+    plain = worker_job(trainjob(), 1, 0, CONFIG, hold=True)
+    assert KUEUE_QUEUE_LABEL not in plain["metadata"]["labels"] and plain["spec"]["suspend"] is True
 
 
 def test_job_carries_the_deadline_left_and_pods_the_status_interval():

@@ -170,3 +170,37 @@ def test_client_talks_http_with_the_token(tmp_path):
                            "application/merge-patch+json", "Bearer tok-1")
     assert seen[0][4] == {"status": {"progress": {"step": 1}}}
     assert seen[1][3] == "Bearer tok-2"
+
+
+def test_the_mlflow_run_is_in_status_from_the_start_and_its_model_version_at_the_end():
+    client, clock = FakeClient(), Clock()
+    r = reporter(client, clock)
+    run = {"uri": "http://mlflow:5000", "experimentId": "3", "runId": "abc"}
+    r.on_start({"epochs": 2, "totalSteps": 100, "startStep": 0, "tracking": {"mlflow": run}})
+    assert client.patches[-1]["outputs"] == {"mlflow": run}
+    version = {**run, "modelName": "search", "modelVersion": "4", "modelUri": "models:/search/4"}
+    r.on_end({"step": 100, "totalSteps": 100, "epoch": 2, "outputs": {"model": "/out/model", "mlflow": version}})
+    assert client.patches[-1]["outputs"]["mlflow"] == version     # the CRD's schema keeps every field
+
+
+def test_set_up_stages_move_updated_at_and_training_is_a_stage_too():
+    """The heartbeat: a stage's start goes at once; its progress is throttled like steps, each
+    patch moving updatedAt (what the operator's hang watchdog reads); steps say Training."""
+    client, clock = FakeClient(), Clock()
+    r = reporter(client, clock)
+    r.on_stage("Prefetching", 0, 500)
+    first = client.patches[-1]["progress"]
+    assert first["stage"] == "Prefetching" and first["stageText"] == "Prefetching(0/500)" and first["updatedAt"]
+    n = len(client.patches)
+    for done in range(1, 200):
+        r.on_stage("Prefetching", done, 500)
+    assert len(client.patches) == n  # throttled
+    clock.t += 6.0
+    r.on_stage("Prefetching", 200, 500)
+    assert client.patches[-1]["progress"]["stageText"] == "Prefetching(200/500)"
+    r.on_stage("Loading", 0, None)
+    assert client.patches[-1]["progress"]["stageText"] == "Loading"
+    clock.t += 6.0
+    r.on_step(step(3))
+    assert client.patches[-1]["progress"]["stage"] == "Training"
+    assert client.patches[-1]["progress"]["stageDone"] == 3

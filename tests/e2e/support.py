@@ -60,8 +60,11 @@ class Operator:
     ServiceAccount. stop()/start() simulate an operator restart."""
 
     def __init__(self, kubeconfig: Path, metrics_port: int):
+        from harness.controlplane import free_port
+
         self.kubeconfig = kubeconfig
         self.metrics_port = metrics_port
+        self.master_port = free_port()
         self.runner = None
         self.extra_env: dict[str, str] = {}
         self.outputs: list[str] = []
@@ -73,6 +76,9 @@ class Operator:
                 # A short resync and progress interval keep the tests quick; the watchdog is
                 # off except in its own test (a tiny model's first step may be slow here).
                 "KONTRAST_RESYNC_SECONDS": "5", "KONTRAST_STATUS_INTERVAL": "1", "KONTRAST_HANG_SECONDS": "0",
+                # The pods share the host's loopback with other test sessions: a rendezvous port
+                # of this session's own, not torchrun's 29500 that every session would bind.
+                "KONTRAST_MASTER_PORT": str(self.master_port),
                 **self.extra_env}
 
     def start(self) -> "Operator":

@@ -9,6 +9,7 @@ import csv
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,63 @@ def test_a_hung_trainer_is_restarted_as_hung_then_fails_past_its_budget(tjs, tin
              60, "the hung pods to stop")
     # every process of the pods is gone, torchrun's workers (their own sessions) included
     wait_for(lambda: not trainer_processes("hung"), 30, "no process of the hung pods left")
+
+
+class SlowServer:
+    """Serves the images one at a time, each after ``delay`` seconds: a catalogue whose fetch
+    outlasts the hang limit while it moves on."""
+
+    def __init__(self, files: dict[str, Path], delay: float):
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                time.sleep(delay)  # the slow store: the point of this server, not a wait in the test
+                body = files[Path(self.path).name].read_bytes()
+                server.times.append(time.monotonic())
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(HTTPServer):
+            request_queue_size = 64  # every prefetch thread's connection waits its turn, none is dropped
+
+        self.times: list[float] = []
+        self.http = Server(("127.0.0.1", 0), Handler)
+        self.port = self.http.server_address[1]
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def test_a_long_set_up_that_moves_on_is_no_hang(tjs, tiny, watchdog, tmp_path):
+    """Prefetching the images takes longer than the hang limit, one image every second or so:
+    the trainer's heartbeat (status.progress.stage) shows it moving, so the watchdog waits."""
+    with open(tiny["train"], newline="") as f:
+        rows = list(csv.reader(f))
+    files = {Path(row[1]).name: Path(row[1]) for row in rows[1:]}
+    server = SlowServer(files, delay=1.6 * HANG_SECONDS / len(files))
+    try:
+        for row in rows[1:]:
+            row[1] = f"http://127.0.0.1:{server.port}/img/{Path(row[1]).name}"
+        data = tmp_path / "slow.csv"
+        with open(data, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+        tjs.create(trainjob("slow", tiny, nodes=1, epochs=1, trainData=str(data)))
+        with StatusRecorder(tjs.kube, tjs.ns, "slow") as recorder:
+            st = tjs.wait_phase("slow", "Succeeded", timeout=300)
+    finally:
+        server.close()
+    assert server.times[-1] - server.times[0] > HANG_SECONDS  # the prefetch really outlasted the limit
+    assert st["restarts"] == 0, st
+    stages = [(s.get("progress") or {}).get("stageText") for s in recorder.statuses]
+    assert any((t or "").startswith("Prefetching(") for t in stages), stages
+    assert "STAGE" in tjs.cp.kubectl("get", "tj", "slow", "-n", tjs.ns).stdout

@@ -176,3 +176,20 @@ def _first_rv(kube, path: str, out: dict, key: str, match) -> None:
             if match(event):
                 out[key] = int(rv)
                 return
+
+
+def test_a_job_deleted_with_its_pods_while_the_operator_is_down_comes_back_as_a_new_attempt(tjs, operator, tiny):
+    """Attempt numbers only grow: status.attempt remembers the newest when no Job or pod does."""
+    tjs.create(trainjob("renumbered", tiny, nodes=1, epochs=60))
+    tjs.wait_phase("renumbered", "Running")
+    operator.stop()
+    try:
+        tjs.kube.delete(f"/apis/batch/v1/namespaces/{tjs.ns}/jobs/renumbered-0",
+                        body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"})
+        wait_for(lambda: not tjs.jobs("renumbered") and not tjs.pods("renumbered"), 120,
+                 "the Job and its pods to be gone")
+    finally:
+        operator.start()
+    (job,) = wait_for(lambda: tjs.jobs("renumbered"), 60, "the Job to be created again")
+    assert job["metadata"]["name"] == "renumbered-1" and job["metadata"]["labels"]["kontrast.dev/attempt"] == "1"
+    wait_for(lambda: tjs.status("renumbered").get("attempt") == 1, 30, "status.attempt 1")

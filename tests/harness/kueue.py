@@ -60,6 +60,8 @@ class Kueue:
         self.webhook_port = free_port()
         self.health_port = free_port()
         self._created_dirs: list[Path] = []
+        #: Kueue's manageJobsWithoutQueueName: suspend and queue every Job, labelled or not.
+        self.manage_jobs_without_queue_name = False
 
     def __enter__(self) -> "Kueue":
         return self.start()
@@ -103,6 +105,20 @@ class Kueue:
             except OSError:
                 pass
 
+    def reconfigure(self, *, manage_jobs_without_queue_name: bool) -> None:
+        """Restart the manager with another configuration (the webhooks stay registered: the
+        new process serves them on the same port once it is ready)."""
+        proc = self.cp.procs.pop("kueue", None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001
+                proc.kill()
+                proc.wait(timeout=10)
+        self.manage_jobs_without_queue_name = manage_jobs_without_queue_name
+        self._spawn()
+
     def log_tail(self, lines: int = 60) -> str:
         return self.cp.log_tail("kueue", lines)
 
@@ -140,6 +156,7 @@ class Kueue:
             "leaderElection": {"leaderElect": False},
             "internalCertManagement": {"enable": False},
             "integrations": {"frameworks": ["batch/job"]},
+            "manageJobsWithoutQueueName": self.manage_jobs_without_queue_name,
         }
 
     def _spawn(self) -> None:

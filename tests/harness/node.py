@@ -114,9 +114,11 @@ class Node:
 
     def __init__(self, workdir: Path, registry_port: int | None = None):
         self.workdir = Path(workdir)
-        # A free port (a fixed one, in the ephemeral range, was once taken by a client socket);
-        # the images are pushed to it each session, so only the layer cache carries over.
-        self.registry_port = registry_port or int(os.environ.get("KONTRAST_REGISTRY_PORT") or free_port())
+        # A fixed address: buildah remembers which compressed blobs a registry (by address)
+        # holds, and zstd output differs run to run, so a new address each session re-uploads
+        # and stores the 3 GB torch layer again. Below 32768, outside Linux's ephemeral range,
+        # so no client socket holds it (35000 once was).
+        self.registry_port = registry_port or int(os.environ.get("KONTRAST_REGISTRY_PORT", "31500"))
         self.registry = f"127.0.0.1:{self.registry_port}"
         self.cp: NodeControlPlane | None = None
         self.bin: Path | None = None

@@ -48,6 +48,7 @@ from harness.kube import ApiError, Kube
 log = logging.getLogger("kontrast.test.nodeagent")
 
 VENV_BIN = str(Path(sys.executable).parent)
+REPO = Path(__file__).resolve().parents[2]
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 POD_IP = "127.0.0.1"
@@ -61,14 +62,19 @@ class Runtime:
     entrypoint: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"
+    #: Files the image ships: container path -> this checkout's file (bind-mounted).
+    files: dict[str, str] = field(default_factory=dict)
 
 
 # The trainer image runs `kontrast`, `torchrun` and `python` from the environment running the
 # tests, i.e. from this checkout.
 _PY = Runtime(path=[VENV_BIN], env={"PYTHONUNBUFFERED": "1"})
+#: ... and ships the tiny model's config where trainer/Dockerfile copies it.
+_TRAINER = Runtime(path=[VENV_BIN], env={"PYTHONUNBUFFERED": "1"},
+                   files={"/opt/kontrast/examples/tiny-vit.json": str(REPO / "examples" / "tiny-vit.json")})
 DEFAULT_IMAGES: dict[str, Runtime] = {
-    "kontrast-trainer": _PY,
-    "kontrast/trainer": _PY,
+    "kontrast-trainer": _TRAINER,
+    "kontrast/trainer": _TRAINER,
     "kontrast-operator": _PY,
     "kontrast/operator": _PY,
     "python": _PY,
@@ -713,7 +719,7 @@ class PodWorker(threading.Thread):
         term_dir.mkdir(exist_ok=True)
         term_file = term_dir / f"{c.name}-{c.restarts}"
         term_file.write_text("")
-        mounts = list(self.mounts_for(spec)) + [
+        mounts = list(self.mounts_for(spec)) + [(src, dst, True) for dst, src in runtime.files.items()] + [
             (str(self.hosts_file), "/etc/hosts", True),
             (str(term_file), spec.get("terminationMessagePath") or "/dev/termination-log", True),
         ]

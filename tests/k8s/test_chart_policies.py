@@ -251,3 +251,45 @@ def test_namespace_edit_and_view_users_get_trainjob_rights(control_plane, helm, 
     finally:
         for path in made:
             kube.delete(path)
+
+
+# --- the operator's reach -----------------------------------------------------------------
+def test_the_operator_creates_children_only_in_opted_in_namespaces(control_plane, helm, ns):
+    """admissionPolicy.operatorNamespaceLabel: the cluster-wide install's ClusterRole reaches every
+    namespace; the policy keeps the operator's creations to the namespaces a platform labelled."""
+    kube = control_plane.kube()
+    ensure_namespace(control_plane, OPERATOR_NS)
+    as_operator = as_service_account(control_plane, OPERATOR_NS, OPERATOR_SA)
+    grant(control_plane, ns, OPERATOR_NS, OPERATOR_SA, [{"apiGroups": [""], "resources": ["configmaps"],
+          "verbs": ["create", "delete"]}], "operator-children")
+    configmaps = f"/api/v1/namespaces/{ns}/configmaps"
+
+    def create(name: str) -> dict:
+        return as_operator.post(configmaps, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}})
+
+    wait_for(lambda: create("before-the-policy"), 30, "the operator's Role to apply")
+    # Not scoped to watchNamespaces: the guard is for the cluster-wide install. Deleted below.
+    docs = render_chart(helm, "--set", "admissionPolicy.operatorNamespaceLabel=kontrast.dev/trainjobs")
+    made = apply_kinds(kube, [d for d in docs if d["metadata"]["name"] == "kontrast-operator-namespaces"],
+                       {"ValidatingAdmissionPolicy": VAP, "ValidatingAdmissionPolicyBinding": VAPB})
+    try:
+        err = until_enforced(lambda: create(f"cm-{uuid.uuid4().hex[:6]}"), "the namespace guard")
+        assert err.status == 403
+        assert "only in namespaces labelled kontrast.dev/trainjobs=true" in err.message
+        # Others than the operator are not the policy's business.
+        kube.post(configmaps, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "admin-made"}})
+        kube.patch(f"/api/v1/namespaces/{ns}", {"metadata": {"labels": {"kontrast.dev/trainjobs": "true"}}})
+        wait_for(lambda: _creates(create), 30, "the opted-in namespace to accept the operator's ConfigMap")
+    finally:
+        for path in reversed(made):
+            kube.delete(path)
+
+
+def _creates(create) -> bool:
+    try:
+        create(f"cm-{uuid.uuid4().hex[:6]}")
+        return True
+    except ApiError as e:
+        if e.status == 403:
+            return False
+        raise

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -100,6 +103,12 @@ class Cluster:
     def logs(self, pod: str, previous: bool = False) -> str:
         args = ["logs", "-n", self.ns, pod, "-c", "trainer"] + (["--previous"] if previous else [])
         return self.node.kubectl(*args, check=False).stdout
+
+    def kontrast(self, *args: str) -> subprocess.CompletedProcess:
+        """The kontrast CLI as a user runs it against this cluster (its kubeconfig)."""
+        env = {**os.environ, "KUBECONFIG": str(self.node.cp.kubeconfig)}
+        return subprocess.run([sys.executable, "-m", "kontrast.cli", *args, "-n", self.ns], capture_output=True,
+                              text=True, env=env, timeout=120)
 
     def exec(self, pod: str, *cmd: str) -> str:
         return self.node.kubectl("exec", "-n", self.ns, pod, "-c", "trainer", "--", *cmd).stdout

@@ -60,6 +60,12 @@ def test_example_trains_on_two_pods_as_real_containers(data):
 
     # `kubectl logs` (API server -> kubelet -> containerd's log files) shows progress lines.
     wait_for(lambda: PROGRESS_LINE.search(c.logs(names[0])), 600, "a progress line in kubectl logs")
+    # `kontrast logs` picks the worker's pod and reads the same log through the kubelet.
+    for worker, pod in enumerate(names):
+        proc = c.kontrast("logs", "cpu", "--worker", str(worker))
+        assert proc.returncode == 0 and f"==> pod {pod} (attempt 0, worker {worker})" in proc.stderr, proc.stderr
+        assert "kontrast.launch: torchrun" in proc.stdout, proc.stdout[-2000:]
+        assert worker != 0 or PROGRESS_LINE.search(proc.stdout), proc.stdout[-2000:]  # rank 0 reports
 
     st = c.wait_phase("cpu", "Succeeded", timeout=900)
     assert st["restarts"] == 0

@@ -73,19 +73,36 @@ def test_run_identity_refuses_another_runs_checkpoint():
         ckpt.check_identity(ckpt.run_identity("job", "uid-1", spec, 32), mine, "x")
 
 
-def test_matryoshka_dims_enter_the_identity_only_when_set():
+def test_matryoshka_dims_enter_the_identity_only_when_set(monkeypatch):
     """A field added later leaves the identity of runs that never set it as it was (their
     checkpoints still resume), and changes it when set."""
-    import hashlib
-    import json
-
     spec = {"model": "ViT-B-32", "trainData": "d.csv", "lr": 1e-3}
-    before = {key: spec.get(key) for key in ckpt.IDENTITY_FIELDS}
-    before["globalBatchSize"] = 64
-    assert ckpt.inputs_hash(spec, 64) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    now = ckpt.inputs_hash(spec, 64)
+    monkeypatch.setattr(ckpt, "IDENTITY_FIELDS_WHEN_SET", ())
+    assert ckpt.inputs_hash(spec, 64) == now
+    monkeypatch.undo()
     mine = ckpt.run_identity("job", "uid-1", spec, 64)
     with pytest.raises(PermanentError, match="training inputs"):
         ckpt.check_identity(ckpt.run_identity("job", "uid-1", {**spec, "matryoshkaDims": [256, 64]}, 64), mine, "x")
+
+
+@pytest.mark.parametrize("change", [{"queryIdKey": "qid"}, {"docIdKey": "sku"}, {"data": {"onBadImage": "skip"}},
+                                    {"data": {"onBadImage": "skip", "maxBadFraction": 0.2}}])
+def test_run_identity_covers_the_id_columns_and_the_bad_image_policy(change):
+    """They decide the in-batch positives and the rows trained on: a resume with another one is refused."""
+    spec = {"model": "ViT-B-32", "trainData": "d.csv", "lr": 1e-3, "data": {"onBadImage": "skip", "maxBadFraction": 0.1}}
+    mine = ckpt.run_identity("job", "uid-1", spec, 64)
+    with pytest.raises(PermanentError, match="training inputs"):
+        ckpt.check_identity(ckpt.run_identity("job", "uid-1", {**spec, **change}, 64), mine, "x")
+
+
+def test_a_checkpoint_of_the_version_1_identity_still_resumes():
+    """Written before the identity covered the id columns: compared as it was hashed then."""
+    spec = {"model": "ViT-B-32", "trainData": "d.csv", "lr": 1e-3, "queryIdKey": "qid"}
+    old = {"name": "job", "uid": "uid-1", "inputs": ckpt.inputs_hash(spec, 64, version=1)}
+    ckpt.check_identity(old, ckpt.run_identity("job", "uid-1", spec, 64), "x")
+    with pytest.raises(PermanentError, match="training inputs"):
+        ckpt.check_identity(old, ckpt.run_identity("job", "uid-1", {**spec, "lr": 2e-3}, 64), "x")
 
 
 def test_storage_writes_through_fsspec_urls(tmp_path):

@@ -236,6 +236,20 @@ def test_the_checked_table_is_built_once_and_memory_mapped(tmp_path, cache):
     assert load_examples(str(path), params_of(SPEC)).weights.tolist() == [3.0]
 
 
+def test_a_killed_builders_temporary_file_is_removed_by_the_next_builder(tmp_path, cache):
+    """A builder SIGKILLed mid-write leaves ``.KEY.arrow.*.tmp`` (as large as the table); the
+    next process to take the lock removes it before building."""
+    path = write(tmp_path, "query,image,title,score\nq,a.png,t,1\n", "csv")
+    built = Path(load_examples(str(path), params_of(SPEC)).path)
+    orphan = built.parent / f".{built.name}.k1ll3d.tmp"
+    orphan.write_bytes(b"half a table")
+    other = built.parent / ".0123456789abcdef.arrow.other.tmp"     # another table's: not ours to judge
+    other.write_bytes(b"")
+    built.unlink()
+    assert load_examples(str(path), params_of(SPEC)).weights.tolist() == [1.0]
+    assert not orphan.exists() and other.exists()
+
+
 _CHILD = """
 import sys, time
 from kontrast.trainer.data.examples import load_examples

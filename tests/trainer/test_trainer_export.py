@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kontrast.cli import main as cli_main
-from kontrast.trainer.ship.export import CONFIG_KEY, chosen_checkpoint, export_checkpoint
+from kontrast.trainer.ship.export import CONFIG_KEY, checkpoint_name, chosen_checkpoint, export_checkpoint
 from kontrast.trainer.model.build import build_model
 from kontrast.trainer.precision import resolve_precision
 
@@ -135,6 +135,8 @@ def test_a_finished_run_exports_its_best_model_with_a_card(run_training, base_sp
                    '"type": "open_clip"'):
         assert needle in card, needle
     best = summary["best"]["uri"]
+    # The checkpoint is named within the output, not by a path on the machine that trained.
+    assert f"Exported from `checkpoints/{Path(best).name}`" in card
     assert chosen_checkpoint(summary) == best
     exported = load_file(folder / "open_clip_model.safetensors")
     chosen = torch.load(best, weights_only=True)
@@ -161,6 +163,13 @@ def test_a_matryoshka_run_reports_each_width_and_its_card_names_them(run_trainin
     assert len({after["ndcg@10"], after["ndcg@10@dim8"], after["ndcg@10@dim4"]}) > 1
     card = (Path(resolved.params.output) / "model" / "README.md").read_text()
     assert "Matryoshka widths 8, 4 besides the full 16" in card
+
+
+def test_the_card_names_the_checkpoint_within_the_output_or_by_its_uri():
+    assert checkpoint_name("/data/run/out/checkpoints/epoch_2.pt", "/data/run/out") == "checkpoints/epoch_2.pt"
+    assert checkpoint_name("s3://b/out/checkpoints/epoch_2.pt", "s3://b/out") == "s3://b/out/checkpoints/epoch_2.pt"
+    assert checkpoint_name("/elsewhere/epoch_2.pt", "/data/run/out") == "epoch_2.pt"
+    assert checkpoint_name("/elsewhere/epoch_2.pt", None) == "epoch_2.pt"
 
 
 def test_the_best_checkpoint_is_exported_when_evaluation_names_one():

@@ -5,9 +5,6 @@ and plays the failures."""
 from __future__ import annotations
 
 import csv
-import http.server
-import threading
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import fsspec
@@ -17,69 +14,18 @@ import kontrast.trainer.data.images as images
 from kontrast.trainer.data.load import load_data
 from kontrast.trainer.errors import DataError
 from kontrast.trainer.data.images import ImageCache, TransientImageError, with_retries
+from harness.image_server import ImageServer
 from specs import params_of
 
 SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"],
         "rightWeights": [0.75, 0.25], "weightKey": "score"}
 
 
-class ImageServer:
-    """Serves a folder over HTTP/1.1 (kept-alive connections); counts requests per path and
-    connections; ``fail[path]`` lists what the next requests of that path get instead of the
-    file (an HTTP status, or "drop" to close the connection); ``/moved/<path>`` redirects to
-    ``/<path>``."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.hits, self.fail = folder, Counter(), defaultdict(list)
-        self.connections = 0
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self):
-                server.connections += 1
-                super().setup()
-
-            def do_GET(self):
-                server.hits[self.path] += 1
-                if self.path.startswith("/moved/"):
-                    self.send_response(302)
-                    self.send_header("Location", self.path[len("/moved"):])
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                if server.fail[self.path]:
-                    what = server.fail[self.path].pop(0)
-                    if what == "drop":
-                        self.close_connection = True
-                        self.connection.shutdown(2)
-                        return
-                    self.send_error(what)
-                    return
-                file = server.folder / self.path.lstrip("/")
-                if not file.is_file():
-                    self.send_error(404, "File not found")
-                    return
-                body = file.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
 def server(small_data):
     s = ImageServer(small_data)
     yield s
-    s.httpd.shutdown()
+    s.close()
 
 
 @pytest.fixture(autouse=True)
@@ -257,3 +203,133 @@ def test_fsspec_urls_are_cached_by_location(tmp_path, h):
     fsspec.filesystem("memory").rm("/bucket/imgs/mem.png")
     assert cache.load("memory://bucket/imgs/mem.png").getpixel((0, 0)) == (1, 2, 3)   # from the cache
     assert cache.path("memory://bucket/imgs/mem.png") != cache.path("memory://other/imgs/mem.png")
+
+
+def test_redirect_loops_and_malformed_urls_are_bad_images_not_transient(small_data, server, tmp_path):
+    """urllib3's MaxRetryError (redirects exhausted) and LocationParseError subclass its
+    HTTPError: they are permanent, so onBadImage: skip applies instead of six attempts and a
+    restart."""
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+    paths = image_paths(data)
+    with open(data, newline="") as f:
+        rows = list(csv.reader(f))
+    rows[1][1] = f"{server.base}/loop{paths[0]}"
+    rows[2][1] = "http://[bad/cat.png"
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    spec = {**SPEC, "data": {"onBadImage": "skip", "maxBadFraction": 0.5}}
+    _, report = load_data(str(data), params_of(spec), require_positive_weight=True)
+    examples = report.status()["examples"]
+    assert any("/loop/" in e and "redirects" in e for e in examples), examples
+    assert any("[bad" in e and "malformed URL" in e for e in examples), examples
+    assert server.hits[f"/loop{paths[0]}"] == 1 + images._FOLLOW_REDIRECTS_ONLY.redirect   # one attempt
+
+
+def test_a_trickling_server_is_cut_off_at_the_deadline_and_retried(small_data, tmp_path, monkeypatch):
+    """One byte a second would hold a prefetch thread for minutes (each read is within the
+    read timeout); the attempt ends at FETCH_DEADLINE_S as a transient error, and the retry
+    gets the image once the server recovers."""
+    server = ImageServer(small_data, trickle_s=1.0)
+    try:
+        monkeypatch.setattr(images, "FETCH_DEADLINE_S", 0.5)
+        data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+        path = image_paths(data)[0]
+        url = server.base + path
+        assert len((small_data / path.lstrip("/")).read_bytes()) > 60     # a minute at one byte a second
+        server.fail[path] = ["trickle", "trickle"]
+        with pytest.raises(TransientImageError, match=r"took longer than 0.5 s .* \(after 2 attempts\)"):
+            with_retries(images.fetch_bytes, url, retries=1)
+        server.fail[path] = ["trickle"]
+        assert with_retries(images.fetch_bytes, url, retries=1) == (small_data / path.lstrip("/")).read_bytes()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("bad", ["html", "damaged cache"])
+def test_bytes_that_do_not_decode_are_not_cached_and_the_image_recovers(small_data, server, tmp_path, bad):
+    """An HTML page served with 200 is a bad image now but not forever: nothing is cached, so
+    the next read after the server recovers fetches it again; a cached copy damaged later is
+    dropped and fetched again. The reason names the bytes, not a BytesIO object."""
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+    path = image_paths(data)[0]
+    url, cache = server.base + path, ImageCache(tmp_path / "c")
+    if bad == "html":
+        server.fail[path] = ["html"]
+        with pytest.raises(images.PermanentImageError) as info:
+            cache.load(url)
+        assert "not an image" in str(info.value) and "DOCTYPE html" in str(info.value)
+        assert "BytesIO" not in str(info.value) and not cache.path(url).exists()
+    else:
+        cache.load(url)
+        cache.path(url).write_bytes(cache.path(url).read_bytes()[:40])
+    hits, original = server.hits[path], (small_data / path.lstrip("/")).read_bytes()
+    assert cache.load(url).tobytes() == images.decode(original).tobytes()
+    assert server.hits[path] == hits + 1 and cache.path(url).read_bytes() == original
+
+
+def test_a_truncated_body_is_retried(small_data, server, tmp_path):
+    """Fewer bytes than the Content-Length announced is a broken transfer, not a bad image."""
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+    path = image_paths(data)[0]
+    server.fail[path] = ["truncate"]
+    original = (small_data / path.lstrip("/")).read_bytes()
+    assert ImageCache(tmp_path / "c").load(server.base + path).tobytes() == images.decode(original).tobytes()
+    assert server.hits[path] == 2
+
+
+def test_the_image_caches_orphans_are_removed_by_the_next_prefetch(small_data, server, tmp_path):
+    """Files being written go through one staging folder; the prefetch deletes those older than
+    any write takes (a writer killed mid-write), not the ones being written now."""
+    import os
+    import time
+
+    cache = ImageCache(tmp_path / "c")
+    cache.incoming.mkdir(parents=True)
+    orphan, fresh = cache.incoming / ".ab12.x1.tmp", cache.incoming / ".cd34.x2.tmp"
+    for f in (orphan, fresh):
+        f.write_bytes(b"partial")
+    an_hour_ago = time.time() - 3600
+    os.utime(orphan, (an_hour_ago, an_hour_ago))
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+    locations = sorted({r["image"] for r in csv.DictReader(open(data, newline=""))})
+    assert images.prefetch(cache, locations, range(len(locations))) == []
+    assert not orphan.exists() and fresh.exists()
+    assert sorted(p.name for p in cache.incoming.iterdir()) == [fresh.name]   # nothing else staged is left
+
+
+_PEAK = """
+import sys
+import kontrast.trainer.data.images as images
+from pathlib import Path
+
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024
+
+paths = sys.argv[2:]
+images.decode(Path(paths[0]).read_bytes())              # PIL's decoders loaded before the baseline
+before = hwm()
+bad = images.prefetch(images.ImageCache(sys.argv[1]), paths, range(len(paths)), threads=16)
+assert bad == [], bad
+print(hwm() - before)
+"""
+
+
+def test_the_prefetch_holds_a_bounded_number_of_decoded_pixels(tmp_path):
+    """12 PNGs of 16 megapixels (PNG has no draft mode: each decodes whole, 48 MB as RGB) on
+    16 threads: at most PREFETCH_PIXELS (64 MP) are decoded at a time, so the peak grows by a
+    few of them, not by all twelve (about 1.1 GB with the RGB copies)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    paths = []
+    for i in range(12):
+        path = tmp_path / f"big-{i}.png"
+        Image.new("RGB", (4000, 4000), (i * 20, 0, 0)).save(path)
+        paths.append(str(path))
+    done = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "c"), *paths], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    grown = int(done.stdout.strip())
+    assert grown < 500e6, f"the prefetch's peak memory grew by {grown / 1e6:.0f} MB"

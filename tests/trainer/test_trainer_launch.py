@@ -146,3 +146,27 @@ def test_sigterm_saves_mid_epoch_and_the_next_run_resumes_there(tmp_path, small_
     assert events[second]["startStep"] == step and events[second]["resumedFrom"] == location
     assert [e["step"] for e in events[second + 1:]] == list(range(step + 1, 33))
     assert json.loads((out / "summary.json").read_text())["step"] == 32
+
+
+@pytest.mark.distributed
+def test_check_under_torchrun_applies_the_bad_fraction_to_the_whole_file(tmp_path, small_data, tiny_model_json, h):
+    """``--check`` on 2 processes: each prefetches half the images, and the bad ones of both
+    count against maxBadFraction together (3 of 58, 5.2%, against 5%), as on one process."""
+    with open(small_data / "train.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    for row in rows[1:]:
+        row[1] = str(small_data / row[1])
+    for i in (1, 2, 3):
+        rows[i][1] = str(small_data / f"gone-{i}.png")
+    h.write_csv(tmp_path / "train.csv", rows)
+    spec = {"model": str(tiny_model_json), "trainData": str(tmp_path / "train.csv"), "output": str(tmp_path / "out"),
+            "leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"], "rightWeights": [0.5, 0.5],
+            "weightKey": "score", "batchSize": 2, "epochs": 1, "contextLength": 8, "workers": 0,
+            "data": {"onBadImage": "skip", "maxBadFraction": 0.05}}
+    (tmp_path / "tj.yaml").write_text(yaml.safe_dump(h.trainjob(spec, name="checked")))
+    env = launch_env(tmp_path, nproc=2)
+    proc = subprocess.run([str(VENV_BIN / "kontrast"), "launch", str(tmp_path / "tj.yaml"), "--", "--check",
+                           "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_PERMANENT, proc.stdout[-3000:] + proc.stderr[-3000:]
+    message = (tmp_path / "termination-log").read_text()
+    assert "3 of " in message and "data.maxBadFraction (5.00%)" in message, message

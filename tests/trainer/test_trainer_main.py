@@ -111,3 +111,34 @@ def test_jsonl_reporter_appends_and_uploads_to_object_stores(tmp_path):
 
     with fsspec.open("memory://bucket/run/progress.jsonl", "rt") as f:
         assert [json.loads(line)["event"] for line in f.read().splitlines()] == ["step", "checkpoint"]
+
+
+def test_progress_on_an_object_store_is_spooled_and_uploaded_at_a_bounded_rate(monkeypatch):
+    """A long run's progress.jsonl on an object store: the lines wait in a local file, not in
+    memory, and a timed upload of a file of S MiB comes at most every S x flush_every
+    seconds, so the run uploads about 1 MiB per flush_every (the whole file each time, but
+    ever more rarely), not a growing file every minute."""
+    import fsspec
+
+    from kontrast.trainer import storage
+
+    now, uploaded = [0.0], []
+    real_upload = storage.upload
+
+    def counting(local, location):
+        uploaded.append(Path(local).stat().st_size)
+        real_upload(local, location)
+
+    monkeypatch.setattr(storage, "upload", counting)
+    remote = JsonlReporter("memory://bucket/long/progress.jsonl", flush_every=60, clock=lambda: now[0])
+    pad = "x" * 400
+    for step in range(20_000):        # one step a second: 5.5 hours, about 9 MB of lines
+        now[0] += 1.0
+        remote.on_step({"step": step, "pad": pad})
+    remote.close()
+    with fsspec.open("memory://bucket/long/progress.jsonl", "rt") as f:
+        lines = f.read().splitlines()
+    assert len(lines) == 20_000 and json.loads(lines[-1])["step"] == 19_999
+    minutes = 20_000 / 60
+    assert sum(uploaded) <= (minutes + 2) * 2**20, f"{len(uploaded)} uploads, {sum(uploaded) / 2**20:.0f} MiB in all"
+    assert not hasattr(remote, "_lines")

@@ -136,3 +136,47 @@ def test_tensorboard_scalars_match_progress_jsonl(finished_run):
         assert logged[e["step"]] == pytest.approx(e["loss"], rel=1e-6)
         assert e["gradNorm"] > 0 and e["dataWaitSeconds"] >= 0 and e["computeSeconds"] > 0
     assert [s.step for s in board.Scalars("eval/ndcg@10")] == [0, 8]   # before training, after the last step
+
+
+def test_the_plot_legends_stand_beside_the_curves_not_over_them(finished_run):
+    """Every legend's box is outside its axes' data area (it once sat over the eval curves)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from kontrast.trainer.ship.report_page import make_figures
+    from kontrast.trainer.ship.run_files import read_run
+
+    out, _ = finished_run
+    figures = make_figures(read_run(str(out)))
+    legends = 0
+    for stem, fig in figures.items():
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        for ax in fig.axes:
+            if ax.get_legend() is None:
+                continue
+            legends += 1
+            box, area = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+            assert not box.overlaps(area), f"{stem}: the legend {box} covers the axes {area}"
+            assert box.x1 <= fig.bbox.x1 + 1, f"{stem}: the legend is cut off at the figure's right edge"
+    assert legends >= 2                                                # eval and time
+
+
+def test_report_files_are_readable_by_the_volumes_other_users(finished_run):
+    """report.html and the plots follow the umask (0644 under 022), not mkstemp's 0600."""
+    import os
+    import stat
+
+    from kontrast.trainer.ship.report_page import write_report
+
+    out, _ = finished_run
+    old = os.umask(0o027)
+    try:
+        written = write_report(str(out))
+    finally:
+        os.umask(old)
+    assert str(out / "report.html") in written and len(written) > 1
+    assert {stat.S_IMODE(os.stat(p).st_mode) for p in written} == {0o640}
+    os.umask(old)
+    written = write_report(str(out))
+    assert {stat.S_IMODE(os.stat(p).st_mode) for p in written} == {0o666 & ~old}

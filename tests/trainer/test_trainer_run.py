@@ -11,6 +11,7 @@ import torch
 
 import kontrast.trainer.run.epoch as epoch_mod
 from kontrast.trainer.report.reporters import Reporter
+from numeric import assert_all_rel_close
 
 METRICS = {"ndcg@10", "mrr@10", "recall@10", "map"}
 
@@ -95,6 +96,25 @@ def test_resume_after_interruption_continues_from_the_checkpoint(run_training, q
     assert [e["loss"] for e in steps(tmp_path / "full", h)] == [e["loss"] for e in log if e["event"] == "step"]
 
 
+def test_a_resumed_runs_duration_counts_every_invocation(run_training, quick, tmp_path, monkeypatch):
+    """The first invocation's clock runs an hour fast after its start: the resumed run's
+    summary (and report) still count that hour, kept in the checkpoint it resumed from."""
+    import time
+
+    spec = {**quick, "epochs": 2, "output": str(tmp_path / "out")}
+    real, calls = time.monotonic, []
+
+    def an_hour_later() -> float:
+        calls.append(1)
+        return real() + (3600.0 if len(calls) > 1 else 0.0)
+
+    monkeypatch.setattr(time, "monotonic", an_hour_later)
+    run_training(spec, max_epochs=1)
+    monkeypatch.setattr(time, "monotonic", real)
+    resumed, _ = run_training(spec)
+    assert 3600 <= resumed["durationSeconds"] < 3600 + 600, resumed["durationSeconds"]
+
+
 def test_mid_epoch_checkpoint_resumes_exactly(run_training, quick, tmp_path, h, monkeypatch):
     """checkpointEvery: a run killed mid-epoch loses only the steps since its last checkpoint,
     and resumed there it takes the same rows, lr and randomness as the uninterrupted run."""
@@ -137,7 +157,9 @@ def test_seed_gives_the_same_loss_curve(run_training, quick, tmp_path, h):
     assert curves["a"] == curves["b"] and curves["a"] != curves["c"]
 
 
-def test_workers_load_in_subprocesses_with_the_same_result(run_training, quick, tmp_path, h, monkeypatch):
+@pytest.fixture
+def loader_workers(monkeypatch) -> list:
+    """The ``num_workers`` of every DataLoader made while the test runs, in order."""
     seen = []
     real = torch.utils.data.DataLoader
 
@@ -146,10 +168,30 @@ def test_workers_load_in_subprocesses_with_the_same_result(run_training, quick, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
+    return seen
+
+
+def test_workers_load_in_subprocesses_with_the_same_result(run_training, quick, tmp_path, h, loader_workers):
+    seen = loader_workers
     run_training({**quick, "workers": 0, "output": str(tmp_path / "w0")})
     run_training({**quick, "workers": 2, "output": str(tmp_path / "w2")})
     assert seen == [0, 2]
     assert [e["loss"] for e in steps(tmp_path / "w0", h)] == [e["loss"] for e in steps(tmp_path / "w2", h)]
+
+
+def test_evaluation_decodes_in_the_workers_too(run_training, base_spec, tmp_path, loader_workers):
+    """Every corpus image of an evaluation is decoded by ``workers`` DataLoader workers, not in
+    the training process, with the same metrics."""
+    seen = loader_workers
+    spec = {**base_spec, "epochs": 1, "batchSize": 8}
+    without, _ = run_training({**spec, "workers": 0, "output": str(tmp_path / "w0")})
+    loaders = len(seen)
+    seen.clear()
+    with_workers, _ = run_training({**spec, "workers": 2, "output": str(tmp_path / "w2")})
+    assert loaders > 1 and seen == [2] * loaders        # the training loader and every evaluation's
+    metrics = sorted(without["eval"]["after"])
+    as_tensors = [{"metrics": torch.tensor([run["eval"]["after"][k] for k in metrics])} for run in (without, with_workers)]
+    assert_all_rel_close(*as_tensors, 1e-5)
 
 
 def test_failing_reporter_never_fails_training(run_training, quick, caplog):

@@ -35,6 +35,8 @@ export GOFLAGS="${GOFLAGS:+$GOFLAGS }-p=2 -buildvcs=false"
 export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
 
 log() { echo "[k8s-node] $*" >&2; }
+# shellcheck source=../k8s-testbin/wrapper-gomod.sh
+. "$(dirname "$0")/../k8s-testbin/wrapper-gomod.sh"
 mkdir -p "$ROOT"
 exec 9>"$ROOT/.node.lock"
 if ! flock -n 9; then
@@ -69,7 +71,7 @@ install_debs() {
 
 # --- kubelet, kube-proxy, kube-scheduler (+ pause) -------------------------------------
 build_node() {
-    local work=$WORK/kubernetes tag=v$K8S_VERSION staging_tag=v0.${K8S_VERSION#1.}
+    local work=$WORK/kubernetes tag=v$K8S_VERSION
     mkdir -p "$work"
     local json gomod info src
     json=$(cd "$work" && go mod download -json "k8s.io/kubernetes@$tag")
@@ -78,23 +80,7 @@ build_node() {
     info=${gomod%.mod}.info
     [ -s "$gomod" ] || { log "no go.mod for k8s.io/kubernetes@$tag"; return 1; }
     # The same wrapper module as tools/k8s-testbin/build.sh: staging modules -> published tags.
-    local staging go_line godebug
-    staging=$(sed -n 's|^[[:space:]]*\(k8s.io/[^[:space:]]*\) => ./staging/src/k8s.io/.*|\1|p' "$gomod")
-    [ -n "$staging" ] || { log "no staging replaces found in $gomod"; return 1; }
-    go_line=$(sed -n 's/^go \(.*\)/\1/p' "$gomod" | head -1)
-    godebug=$(grep '^godebug ' "$gomod" || true)
-    {
-        echo "module local.test/k8s-node"
-        echo
-        echo "go $go_line"
-        [ -n "$godebug" ] && { echo; echo "$godebug"; }
-        echo
-        echo "require k8s.io/kubernetes $tag"
-        echo
-        echo "replace ("
-        for m in $staging; do echo "	$m => $m $staging_tag"; done
-        echo ")"
-    } >"$work/go.mod"
+    wrapper_gomod "$gomod" local.test/k8s-node "$tag" >"$work/go.mod"
     local pkgs="k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy k8s.io/kubernetes/cmd/kube-scheduler"
     (cd "$work" && go get $(for p in $pkgs; do echo "$p@$tag"; done))
     local build_date vpkg ldflags="-s -w"

@@ -34,6 +34,8 @@ export GOFLAGS="${GOFLAGS:+$GOFLAGS }-p=2 -buildvcs=false"
 export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
 
 log() { echo "[k8s-testbin] $*" >&2; }
+# shellcheck source=wrapper-gomod.sh
+. "$(dirname "$0")/wrapper-gomod.sh"
 # Throw-away wrapper-module dirs live under WORK; removed on exit, also on failure.
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -63,27 +65,8 @@ build_kubernetes() {
     info=${gomod%.mod}.info
     [ -s "$gomod" ] || { log "no go.mod for k8s.io/kubernetes@$tag"; return 1; }
 
-    # The release's own go.mod maps each staging module to ./staging/src/...; a consumer must
-    # map it to the published tag v0.<minor>.<patch> instead. Derive the list, never hand-type it.
-    local staging
-    staging=$(sed -n 's|^[[:space:]]*\(k8s.io/[^[:space:]]*\) => ./staging/src/k8s.io/.*|\1|p' "$gomod")
-    [ -n "$staging" ] || { log "no staging replaces found in $gomod"; return 1; }
-    local go_line godebug
-    go_line=$(sed -n 's/^go \(.*\)/\1/p' "$gomod" | head -1)
-    godebug=$(grep '^godebug ' "$gomod" || true)
-    {
-        echo "module local.test/k8s-testbin"
-        echo
-        echo "go $go_line"
-        [ -n "$godebug" ] && { echo; echo "$godebug"; }
-        echo
-        echo "require k8s.io/kubernetes $tag"
-        echo
-        echo "replace ("
-        for m in $staging; do echo "	$m => $m $staging_tag"; done
-        echo ")"
-    } >"$work/go.mod"
-    log "wrapper go.mod: $(echo "$staging" | wc -l) staging replaces -> $staging_tag"
+    wrapper_gomod "$gomod" local.test/k8s-testbin "$tag" >"$work/go.mod"
+    log "wrapper go.mod: $(grep -c ' => ' "$work/go.mod") staging replaces -> $staging_tag"
 
     local pkgs="k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl"
     (cd "$work" && go get $(for p in $pkgs; do echo "$p@$tag"; done))

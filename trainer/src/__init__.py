@@ -19,7 +19,8 @@ run/         a run orchestrated (train): setup, progress and resume (state), the
 evaluation/  the eval set (eval_set), evaluating a model (evaluate), sharded top-k (topk), the ranking
              metrics (metrics), ``kontrast evaluate``'s job (job)
 report/      progress reporters (reporters: terminal, progress.jsonl), the TrainJob's status
-             in a cluster (cluster_status), TensorBoard (tensorboard)
+             in a cluster (cluster_status), TensorBoard (tensorboard), MLflow tracking and the
+             model registry (mlflow_tracking)
 ship/        the exported model (export) and its card (model_card), the HTML report
              (report_page) and its gallery, a run's files read back (run_files)
 cli/         ``kontrast train`` (train), ``kontrast evaluate`` (evaluate), ``kontrast launch``

@@ -14,11 +14,13 @@ that write or read those files ask an ``OutputFolder`` or a ``CacheFolder`` for 
     summary.json               the final summary
     gallery.json               the report's before/after examples
     tensorboard/               TensorBoard scalars (when tensorboard is installed)
+    mlflow_run.json            the MLflow run this output belongs to (spec.tracking.mlflow)
 
 ``<cache>/`` (data.cache, else $KONTRAST_CACHE, else ~/.cache/kontrast)::
 
     tables/KEY.arrow           the node-shared checked tables (and KEY.lock)
     images/                    the node-local image cache
+    images/.incoming/          its files being written
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class OutputFolder:
     SUMMARY: ClassVar[str] = "summary.json"
     GALLERY: ClassVar[str] = "gallery.json"
     TENSORBOARD: ClassVar[str] = "tensorboard"
+    MLFLOW_RUN: ClassVar[str] = "mlflow_run.json"
 
     checkpoints = _place(CHECKPOINTS)
     model = _place(MODEL)
@@ -61,6 +64,7 @@ class OutputFolder:
     summary = _place(SUMMARY)
     gallery = _place(GALLERY)
     tensorboard = _place(TENSORBOARD)
+    mlflow_run = _place(MLFLOW_RUN)
 
     def resumable(self, step: int) -> str:
         return storage.join(self.root, self.CHECKPOINTS, f"step_{step}.pt")
@@ -90,3 +94,7 @@ class CacheFolder:
     @property
     def images(self) -> Path:
         return Path(self.root) / "images"
+
+    @property
+    def incoming_images(self) -> Path:
+        return self.images / ".incoming"

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 
 from kontrast.api.data import Data
 from kontrast.api.scheduling import Scheduling, field_name
+from kontrast.api.tracking import Tracking
 
 from .errors import SpecError
 from .locations import has_scheme, looks_like_path, resolve_location
@@ -105,6 +106,7 @@ class Params:
     data: Data                                  #: cache, onBadImage, maxBadFraction (kontrast.api.data)
     output: str
     storage_secret_ref: Optional[Mapping[str, Any]] = None   #: read by the operator, not the trainer
+    tracking: Tracking = Tracking()             #: MLflow (kontrast.api.tracking); rank 0 reports to it
 
     # Shape of the run and pod settings (the operator's; torchrun tells the trainer its world).
     nodes: int
@@ -131,6 +133,7 @@ class Params:
         if defaulted.get("checkpointEvery") is not None:
             values["checkpoint_every"] = CheckpointEvery(**defaulted["checkpointEvery"])
         values["scheduling"] = Scheduling.from_spec(defaulted)
+        values["tracking"] = Tracking.from_spec(defaulted.get("tracking"))
         beta2, eps = adam_defaults(defaulted["model"])
         values["beta2"] = defaulted.get("beta2", beta2)
         values["eps"] = defaulted.get("eps", eps)

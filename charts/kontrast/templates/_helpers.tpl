@@ -60,7 +60,7 @@ a Role per namespace otherwise). Least privilege, verb by verb:
 {{- define "kontrast.rules" -}}
 - apiGroups: [kontrast.dev]
   resources: [trainjobs]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, patch, delete]   # delete: spec.scheduling.ttlSecondsAfterFinished
 - apiGroups: [kontrast.dev]
   resources: [trainjobs/status]
   verbs: [get, patch]

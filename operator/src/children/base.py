@@ -72,12 +72,22 @@ def service(tj: Mapping[str, Any], config: OperatorConfig) -> dict[str, Any]:
     }
 
 
+#: The TrainJob annotations the trainer reads (``kontrast.dev/generate-example-data``); no other
+#: annotation reaches the pods (Argo CD's and kubectl's are no business of the trainer's).
+TRAINER_ANNOTATION_PREFIX = "kontrast.dev/"
+
+
 def trainjob_document(tj: Mapping[str, Any]) -> str:
-    """The TrainJob as the trainer reads it: apiVersion, kind, name, namespace, spec unchanged."""
+    """The TrainJob as the trainer reads it: apiVersion, kind, name, namespace, uid (the
+    checkpoints' run identity: another TrainJob's checkpoints are refused), the ``kontrast.dev/``
+    annotations, and the spec unchanged."""
+    meta = tj["metadata"]
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith(TRAINER_ANNOTATION_PREFIX)}
     doc = {
         "apiVersion": tj.get("apiVersion", API_VERSION),
         "kind": tj.get("kind", KIND),
-        "metadata": {"name": tj["metadata"]["name"], "namespace": tj["metadata"]["namespace"]},
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+                     **({"annotations": annotations} if annotations else {})},
         "spec": copy.deepcopy(tj["spec"]),
     }
     return yaml.safe_dump(doc, sort_keys=False)

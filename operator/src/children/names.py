@@ -28,10 +28,24 @@ ANNOTATION_RESTARTS = "kontrast.dev/restarts"
 #: ANNOTATION_RESTARTS on the TrainJob is, likewise, the budget the operator counted.
 ANNOTATION_PHASE = "kontrast.dev/phase"
 #: On a worker Job: why this attempt was created (Created, Resumed, Recreated, QueueChanged,
-#: or the restart's PodFailed, Disrupted, Hung).
+#: or the restart's PodFailed, Disrupted, Evicted, Hung).
 ANNOTATION_REASON = "kontrast.dev/start-reason"
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: On a worker Job: the LocalQueue spec.scheduling.queueName named when the attempt was created
+#: ("" for none). Kueue may label a Job with a queue of its own (a namespace's LocalQueue named
+#: `default`); this records what the operator asked for, so such a label is never taken for a
+#: changed spec.
+ANNOTATION_QUEUE = "kontrast.dev/queue-name"
+#: On a worker Job: "true" while the operator holds the attempt (created suspended until the older
+#: attempts' pods are gone), "false" otherwise. A suspended Job the operator does not hold is Kueue's.
+ANNOTATION_HOLD = "kontrast.dev/hold"
+#: The queue label of a held attempt bound for a Kueue queue. No LocalQueue of this name may exist,
+#: so Kueue queues the attempt where it can never be admitted until the operator relabels it. (An
+#: unlabelled Job is no hold where Kueue labels it with a `default` LocalQueue of the namespace.)
+PARKING_QUEUE = "kontrast-held"
+#: On a parked worker Job: the LocalQueue it goes to once released.
+ANNOTATION_PARKED_FOR = "kontrast.dev/parked-for"
 #: Kueue's WorkloadPriorityClass label: the one label a TrainJob passes to its worker Job.
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Mapping
 
 from kontrast import contract
 from kontrast.api.scheduling import Scheduling, field_name, thaw
+from kontrast.api.tracking import MLFLOW_CREDENTIAL_KEYS, Tracking
 
 from ..config import MERGED_FIELDS, POD_FIELDS, OperatorConfig
 from .names import (COMPLETION_INDEX_ANNOTATION, CONFIG_KEY, DNS_LABEL_MAX, TRAINER_CONTAINER, configmap_name,
@@ -93,6 +94,16 @@ def storage_env(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
             for k in keys]
 
 
+def tracking_env(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The MLflow client's credentials from spec.tracking.mlflow.credentialsSecretRef: one
+    optional secretKeyRef per MLFLOW_TRACKING_* key (a token, or a user and password)."""
+    mlflow = Tracking.from_spec(spec.get("tracking")).mlflow
+    if mlflow is None or not mlflow.credentials_secret:
+        return []
+    return [{"name": k, "valueFrom": {"secretKeyRef": {"name": mlflow.credentials_secret, "key": k, "optional": True}}}
+            for k in MLFLOW_CREDENTIAL_KEYS]
+
+
 def _spread(constraints: list[dict[str, Any]], pod_labels: Mapping[str, str]) -> list[dict[str, Any]]:
     """A constraint without labelSelector counts this attempt's pods (what spreading means here)."""
     return [c if "labelSelector" in c else {**c, "labelSelector": {"matchLabels": dict(pod_labels)}}
@@ -118,6 +129,7 @@ def _env(tj: Mapping[str, Any], spec: Mapping[str, Any], attempt: int, config: O
         {"name": "PET_MASTER_PORT", "value": str(config.master_port)},
         {"name": contract.JOB_NAME_ENV, "value": meta["name"]},
         {"name": contract.JOB_NAMESPACE_ENV, "value": meta["namespace"]},
+        {"name": contract.JOB_UID_ENV, "value": meta.get("uid", "")},
         {"name": contract.STATUS_INTERVAL_ENV, "value": f"{config.status_interval_seconds:g}"},
         {"name": contract.TERMINATION_LOG_ENV, "value": contract.TERMINATION_LOG},
         {"name": contract.PVC_ROOT_ENV, "value": contract.PVC_ROOT_DEFAULT},
@@ -125,6 +137,7 @@ def _env(tj: Mapping[str, Any], spec: Mapping[str, Any], attempt: int, config: O
         *([{"name": contract.CACHE_ENV, "value": contract.CACHE_MOUNT}] if mounts_cache_volume(spec, config) else []),
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *storage_env(spec),
+        *tracking_env(spec),
         *(dict(e) for e in extra),
     ]
 

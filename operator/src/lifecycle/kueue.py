@@ -38,10 +38,16 @@ def workload_of(job: Mapping[str, Any], workloads: Iterable[Mapping[str, Any]]) 
     return None
 
 
-def queueing(workload: Optional[Mapping[str, Any]], queue: str) -> Queueing:
+def evicted(workload: Optional[Mapping[str, Any]]) -> bool:
+    """Kueue evicted the Workload (preempted it, or another eviction): it stops the Job's pods."""
+    return workload is not None and condition_true(workload.get("status"), "Evicted")
+
+
+def queueing(workload: Optional[Mapping[str, Any]], queue: Optional[str]) -> Queueing:
     """Why the Job waits: eviction (Preempted, ...) first, then the quota reservation's reason."""
+    where = f" (LocalQueue {queue})" if queue else ""
     if workload is None:
-        return Queueing("Pending", f"waiting for Kueue to create the Workload (LocalQueue {queue})")
+        return Queueing("Pending", f"waiting for Kueue to create the Workload{where}")
     status = workload.get("status")
     evicted = condition(status, "Evicted")
     if condition_true(status, "Evicted"):
@@ -51,4 +57,4 @@ def queueing(workload: Optional[Mapping[str, Any]], queue: str) -> Queueing:
         return Queueing(reserved.get("reason") or "Pending", reserved.get("message") or "")
     if condition_true(status, "QuotaReserved") and not condition_true(status, "Admitted"):
         return Queueing("QuotaReserved", "quota reserved; waiting for admission checks")
-    return Queueing("Pending", f"waiting for Kueue to admit the Workload (LocalQueue {queue})")
+    return Queueing("Pending", f"waiting for Kueue to admit the Workload{where}")

@@ -35,8 +35,34 @@ def job_queue(job: Mapping[str, Any]) -> Optional[str]:
     return ((job.get("metadata") or {}).get("labels") or {}).get(names.KUEUE_QUEUE_LABEL)
 
 
+def bound_queue(job: Mapping[str, Any]) -> Optional[str]:
+    """The LocalQueue a Job is in, or for a parked one, the one it goes to once released."""
+    label = job_queue(job)
+    return _annotations(job).get(names.ANNOTATION_PARKED_FOR) if label == names.PARKING_QUEUE else label
+
+
+def requested_queue(job: Mapping[str, Any]) -> Optional[str]:
+    """The LocalQueue the TrainJob named when this Job was created (None for none), whatever
+    label Kueue gave it since. A Job of an operator that did not record it: its label."""
+    asked = _annotations(job).get(names.ANNOTATION_QUEUE)
+    return job_queue(job) if asked is None else asked or None
+
+
 def job_suspended(job: Optional[Mapping[str, Any]]) -> bool:
     return job is not None and bool((job.get("spec") or {}).get("suspend"))
+
+
+def job_held(job: Optional[Mapping[str, Any]]) -> bool:
+    """The operator holds this Job: suspended, and marked held by the operator. (A Job of an
+    operator that did not mark it: held when it carries no queue label.)"""
+    if not job_suspended(job):
+        return False
+    marked = _annotations(job).get(names.ANNOTATION_HOLD)
+    return not job_queue(job) if marked is None else marked == "true"
+
+
+def _annotations(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    return (obj.get("metadata") or {}).get("annotations") or {}
 
 
 def restarts_spent(job: Optional[Mapping[str, Any]]) -> int:
@@ -44,6 +70,6 @@ def restarts_spent(job: Optional[Mapping[str, Any]]) -> int:
     if job is None:
         return 0
     try:
-        return int(((job.get("metadata") or {}).get("annotations") or {}).get(names.ANNOTATION_RESTARTS, 0))
+        return int(_annotations(job).get(names.ANNOTATION_RESTARTS, 0))
     except ValueError:
         return 0

@@ -11,9 +11,9 @@ from kontrast.api.scheduling import Scheduling
 
 from ..children import names
 
-from .objects import (attempt_of, controller_uid, deleting, job_queue, job_suspended,
-                      restarts_spent)
-from .phases import PENDING, RESTARTING, condition, condition_true, parse_time
+from .objects import (attempt_of, bound_queue, controller_uid, deleting, job_held, job_queue, job_suspended,
+                      requested_queue, restarts_spent)
+from .phases import PENDING, PHASE_CONDITION, RESTARTING, condition, condition_true, parse_time
 from .pods import PodFailure, pod_failure, pod_lives, pod_running
 
 
@@ -31,7 +31,7 @@ class Observed:
     phase: Optional[str]  # the phase the operator decided last (:func:`recorded`)
     jobs: tuple[Mapping[str, Any], ...]  # every worker Job, oldest attempt first
     current: Optional[Mapping[str, Any]]  # the newest Job, unless it is being deleted
-    next_attempt: int  # above every attempt seen, on Jobs and on pods that outlived theirs
+    next_attempt: int  # above every attempt seen, on Jobs, on pods that outlived theirs, in status
     restarts: int  # budget spent: the larger of status.restarts and the newest Job's record
     pods: tuple[Mapping[str, Any], ...]  # the pods the current Job controls (by uid)
     older_pods: tuple[Mapping[str, Any], ...]  # live pods of any other Job (or TrainJob of this name)
@@ -46,6 +46,12 @@ class Observed:
     workload: Optional[Mapping[str, Any]] = None
     #: The operator's record on the TrainJob as read (:func:`recorded`; empty before the first).
     record: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: The platform's ttlSecondsAfterFinished for TrainJobs that set none (None: keep them).
+    default_ttl: Optional[float] = None
+    #: The LocalQueue Kueue gave an attempt created without one (a LocalQueue named `default`).
+    kueue_default: Optional[str] = None
+    #: What the spec sets that the platform's policy does not allow, one message per field.
+    violations: tuple[str, ...] = ()
 
     @property
     def live(self) -> tuple[Mapping[str, Any], ...]:
@@ -58,10 +64,17 @@ class Observed:
         return self.sched.queue_name
 
     @property
+    def target_queue(self) -> Optional[str]:
+        """Where a new or released attempt goes: today's spec, else the queue Kueue gave this
+        TrainJob's attempts by default (it would label the next one so again)."""
+        return self.queue or self.kueue_default
+
+    @property
     def hold(self) -> bool:
         """Whether a new attempt must start held: older attempts or their pods still exist.
 
-        Held attempts carry no Kueue label, so Kueue cannot admit them early either."""
+        Held attempts bound for a queue carry the parking queue's label, so Kueue cannot admit
+        them early either."""
         return bool(self.jobs) or bool(self.older_pods)
 
     @property
@@ -70,13 +83,14 @@ class Observed:
 
     @property
     def queued(self) -> bool:
-        """Kueue holds the current attempt: suspended, and handed to a queue by its own label."""
+        """Kueue holds the current attempt: suspended, and not by the operator (whatever its
+        label says: Kueue also suspends unlabelled Jobs with manageJobsWithoutQueueName)."""
         return _queued(self.current)
 
     @property
     def held(self) -> bool:
-        """The operator holds the current attempt: suspended and not (yet) handed to Kueue."""
-        return self.current_suspended and not job_queue(self.current)
+        """The operator holds the current attempt: suspended and not (yet) handed on."""
+        return job_held(self.current)
 
     @property
     def all_running(self) -> bool:
@@ -94,13 +108,25 @@ class Observed:
         return condition_true(self.status, ctype)
 
     def waiting_message(self) -> str:
-        if self.queue:
-            return f"Waiting for Kueue to admit the worker Job (LocalQueue {self.queue})"
+        if self.target_queue:
+            return f"Waiting for Kueue to admit the worker Job (LocalQueue {self.target_queue})"
         return f"Waiting for {self.nodes} node(s) to start"
 
     def pending_phase(self) -> str:
         """The phase while an attempt is not (yet) running: Restarting during a restart."""
         return RESTARTING if self.condition_true("Restarting") else PENDING
+
+    @property
+    def ttl(self) -> Optional[float]:
+        """Seconds a finished TrainJob is kept: its own spec.scheduling, else the platform's."""
+        own = self.sched.ttl_seconds_after_finished
+        return float(own) if own is not None else self.default_ttl
+
+    def finished_at(self) -> Optional[dt.datetime]:
+        """When the job Succeeded or Failed: status.completionTime, else its condition's transition."""
+        stamp = self.status.get("completionTime") or (
+            self.condition(PHASE_CONDITION.get(self.phase or "", "")) or {}).get("lastTransitionTime")
+        return parse_time(stamp)
 
     def last_progress(self) -> Optional[dt.datetime]:
         """When the trainer last reported progress, or the attempt started running if later."""
@@ -110,7 +136,28 @@ class Observed:
 
 
 def _queued(current: Optional[Mapping[str, Any]]) -> bool:
-    return job_suspended(current) and bool(job_queue(current))
+    return job_suspended(current) and not job_held(current)
+
+
+def _failed_in_kueue(current: Optional[Mapping[str, Any]], failures: Sequence[PodFailure]) -> bool:
+    """The current attempt is in a Kueue queue and its pods or the Job failed: whether Kueue
+    evicted it (its Workload) decides whether that counts."""
+    queue = job_queue(current) if current is not None else None
+    return bool(queue) and queue != names.PARKING_QUEUE and (
+        bool(failures) or condition_true(current.get("status"), "Failed"))
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _kueue_default(jobs: Sequence[Mapping[str, Any]]) -> Optional[str]:
+    """The queue Kueue put the newest attempt in that the operator created without one (the
+    label Kueue defaulted, or the queue a parked attempt inherited from its predecessor)."""
+    return next((bound_queue(j) for j in reversed(jobs) if requested_queue(j) is None and bound_queue(j)), None)
 
 
 def _pods_missing(current: Optional[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]], nodes: int) -> bool:
@@ -138,10 +185,13 @@ class Reads(Protocol):
 def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
             now: dt.datetime, *, failed_creates: Sequence[str] = (), missing_children: frozenset[str] = frozenset(),
             hang_after: Optional[float] = None, workload: Optional[Mapping[str, Any]] = None,
-            read: Optional[Reads] = None) -> Observed:
+            violations: Sequence[str] = (), read: Optional[Reads] = None,
+            default_ttl: Optional[float] = None) -> Observed:
     """The snapshot. ``read`` (the cluster) is asked only for what the snapshot shows it needs:
     the current Job's FailedCreate events while the Job is short of pods, its Workload while
-    Kueue holds it. Without ``read``, ``failed_creates`` and ``workload`` are taken as given."""
+    Kueue holds it or once its pods failed in a Kueue queue (read after the pods, so never older
+    than they are). Without ``read``, ``failed_creates`` and ``workload`` are taken as given.
+    ``violations``: what the platform's policy does not allow in the spec (:mod:`..policy`)."""
     meta, spec = tj["metadata"], defaulted_spec(tj.get("spec") or {})
     status = dict(tj.get("status") or {})
     jobs = tuple(sorted(jobs, key=attempt_of))
@@ -156,7 +206,8 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
     if read is not None and _pods_missing(current, attempt_pods, spec["nodes"]):
         # Pods that cannot be created (quota, PodSecurity) show only as the Job's events.
         failed_creates = read.failed_creates(current)
-    if read is not None and _queued(current):
+    failures = tuple(f for f in (pod_failure(p) for p in attempt_pods) if f is not None)
+    if read is not None and (_queued(current) or _failed_in_kueue(current, failures)):
         workload = read.workload(current)
     # status.phase and status.restarts are read only for a TrainJob this operator version has
     # not reconciled yet (created by an older one); from then on its own record decides.
@@ -174,14 +225,19 @@ def observe(tj: Mapping[str, Any], jobs: Iterable[Mapping[str, Any]], pods: Iter
         phase=phase,
         jobs=jobs,
         current=current,
-        next_attempt=max([attempt_of(o) for o in (*jobs, *pods)], default=-1) + 1,
+        # The status records the newest attempt too: a Job deleted by hand with its pods
+        # leaves no object that carries its number.
+        next_attempt=max([attempt_of(o) for o in (*jobs, *pods)] + [_int(status.get("attempt"), -1)]) + 1,
         restarts=max(spent, restarts_spent(latest)),
         pods=attempt_pods,
         older_pods=tuple(p for p, m in zip(pods, mine) if not m and pod_lives(p)),
-        failures=tuple(f for f in (pod_failure(p) for p in attempt_pods) if f is not None),
+        failures=failures,
         failed_creates=tuple(failed_creates),
         missing_children=missing_children,
         hang_after=hang_after,
         workload=workload,
         record=record,
+        default_ttl=default_ttl,
+        kueue_default=_kueue_default(jobs),
+        violations=tuple(violations),
     )

@@ -17,7 +17,8 @@ from .rules import KEEP, RULES, Create, Decision, DeleteJobs, Event, deadline_le
 
 #: Status fields the operator owns; the trainer owns the rest (progress, checkpoints, metrics,
 #: resolved, data, outputs: the chart's admissionPolicy.trainerStatusFields).
-OWNED_FIELDS = ("phase", "observedGeneration", "conditions", "startTime", "completionTime", "restarts", "message")
+OWNED_FIELDS = ("phase", "observedGeneration", "conditions", "startTime", "completionTime", "restarts", "attempt",
+                "message")
 
 
 @dataclasses.dataclass
@@ -28,9 +29,11 @@ class Plan:
     create: Optional[Create] = None
     delete_jobs: list[str] = dataclasses.field(default_factory=list)
     cleanup: bool = False  # delete every child but the TrainJob (after completion)
+    delete_trainjob: bool = False  # the TrainJob itself (its TTL ran out), after the events
     events: list[Event] = dataclasses.field(default_factory=list)
     release: Optional[str] = None  # hand this held worker Job on
     release_queue: Optional[str] = None  # ... to this Kueue LocalQueue (None: unsuspend it)
+    release_unpark: bool = False  # ... first taking it out of the parking queue
     repair: tuple[str, ...] = ()  # kinds of missing base children to create again
     requeue_after: Optional[float] = None  # reconcile again after this many seconds
     #: The operator's record of the decided phase and restarts: the TrainJob's annotations
@@ -86,20 +89,37 @@ def plan(o: Observed, d: Decision) -> Plan:
         if value is not KEEP:
             st[key] = value
     st.update(phase=d.phase, observedGeneration=o.generation, conditions=conditions(o, d, st.get("message") or ""),
-              restarts=o.restarts if d.restarts is None else d.restarts)
+              restarts=o.restarts if d.restarts is None else d.restarts,
+              attempt=d.create.attempt if d.create else _newest_attempt(o))
     create = d.create
     if create is not None:
-        left = deadline_left(o, st.get("startTime"))
-        create = dataclasses.replace(create, active_deadline_seconds=max(1, math.ceil(left)) if left else None)
+        # An attempt Kueue admits starts the deadline's count again (``queued`` clears
+        # startTime), so its Job carries the whole deadline, not what was left before it.
+        left = deadline_left(o, None if o.target_queue else st.get("startTime"))
+        create = dataclasses.replace(create, queue=o.target_queue,
+                                     active_deadline_seconds=max(1, math.ceil(left)) if left else None)
     active = d.phase not in TERMINAL and not o.deleting
     return Plan(
         status=st, create=create, delete_jobs=_jobs_to_delete(o, d.delete_jobs),
-        cleanup=d.cleanup, release=d.release, release_queue=o.queue if d.release else None,
+        cleanup=d.cleanup, delete_trainjob=d.delete_trainjob, release=d.release,
+        release_queue=_release_queue(o) if d.release else None,
+        release_unpark=bool(d.release) and not _release_queue(o) and job_queue(o.current) == names.PARKING_QUEUE,
         repair=tuple(k for k in BASE_KINDS if k in o.missing_children) if active and create is None else (),
         requeue_after=_requeue_after(o, d, st),
         record={} if o.deleting else {k: v for k, v in record_of(st["phase"], st["restarts"]).items()
                                       if o.record.get(k) != v},
         events=[*_transition_events(o.status.get("conditions") or [], st["conditions"]), *d.events])
+
+
+def _newest_attempt(o: Observed) -> Optional[int]:
+    """The highest attempt number seen (status.attempt keeps it when no Job or pod does)."""
+    return o.next_attempt - 1 if o.next_attempt else None
+
+
+def _release_queue(o: Observed) -> Optional[str]:
+    """Where a held attempt goes: its target queue, else the queue Kueue labelled it with."""
+    label = job_queue(o.current)
+    return o.target_queue or (label if label != names.PARKING_QUEUE else None)
 
 
 def _jobs_to_delete(o: Observed, which: DeleteJobs) -> list[str]:
@@ -110,8 +130,13 @@ def _jobs_to_delete(o: Observed, which: DeleteJobs) -> list[str]:
 
 def _requeue_after(o: Observed, d: Decision, st: Mapping[str, Any]) -> Optional[float]:
     """When a time-based rule (deadline, hang watchdog, waits) must look again, if sooner
-    than any event: an explicit wake-up instead of polling."""
-    if d.phase in TERMINAL or d.phase == SUSPENDED or o.deleting:
+    than any event: an explicit wake-up instead of polling. A finished job wakes up only for
+    its TTL."""
+    if o.deleting or d.delete_trainjob:
+        return None
+    if d.phase in TERMINAL:
+        return None if d.requeue_after is None else max(1.0, d.requeue_after)
+    if d.phase == SUSPENDED:
         return None
     times = [d.requeue_after]
     if st.get("startTime") and not o.queued:

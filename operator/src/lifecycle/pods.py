@@ -111,3 +111,19 @@ def pod_running(pod: Mapping[str, Any]) -> bool:
 def pod_lives(pod: Mapping[str, Any]) -> bool:
     """Whether a pod's processes may still run (it holds its hostname, ports and GPUs)."""
     return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+
+
+#: The Ready=False reasons a kubelet gives itself; the node controller, marking the pods of a
+#: node that stopped reporting, only flips the status (the reason stays Ready=True's, none).
+KUBELET_UNREADY_REASONS = frozenset({"ContainersNotReady", "PodCompleted", "ReadinessGatesNotReady"})
+
+
+def unready_since(pod: Mapping[str, Any]) -> Optional[str]:
+    """When a Running pod was marked not Ready by the node controller (its node stopped
+    reporting; it is evicted later), or None."""
+    if not pod_running(pod):
+        return None
+    ready = condition(pod.get("status"), "Ready")
+    if not ready or ready.get("status") == "True" or ready.get("reason") in KUBELET_UNREADY_REASONS:
+        return None
+    return ready.get("lastTransitionTime")

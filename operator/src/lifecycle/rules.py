@@ -12,11 +12,11 @@ import enum
 from typing import Any, Callable, Mapping, Optional
 
 from . import kueue
-from .objects import deleting, job_queue, name_of
+from .objects import deleting, job_queue, name_of, requested_queue
 from .observed import Observed
 from .phases import (FAILED, PENDING, RESTARTING, RUNNING, SUCCEEDED, SUSPENDED, TERMINAL, condition,
                      condition_true, fmt_time, parse_time, truncate)
-from .pods import pod_running, pod_waiting
+from .pods import pod_running, pod_waiting, unready_since
 
 #: A new attempt waits (created suspended) until the pods of older attempts are gone, so two
 #: generations of a gang never train, hold GPUs or write checkpoints at once; at most this
@@ -24,21 +24,28 @@ from .pods import pod_running, pod_waiting
 TERMINATION_WAIT_SECONDS = 120.0
 #: How soon to look again while the current Job has fewer pods than nodes (quota, admission).
 POD_CREATE_RECHECK_SECONDS = 15.0
+#: How long peers' failures wait for a pod that stopped being Ready (its node may be lost) to
+#: be evicted: the node controller's taint-based eviction comes after 300 s (the default
+#: tolerationSeconds of not-ready/unreachable) and marks it DisruptionTarget, a restart that
+#: spends no budget. After this long the failure counts.
+NODE_LOSS_WAIT_SECONDS = 360.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Create:
     """Create the children of one attempt (idempotent: existing ones are kept).
 
-    ``hold``: create the worker Job suspended and without Kueue's label, because older
-    attempts or their pods still exist; a later reconcile releases it (``Plan.release``).
+    ``hold``: create the worker Job suspended (and, bound for a queue, in the parking queue),
+    because older attempts or their pods still exist; a later reconcile releases it
+    (``Plan.release``). ``queue``: the LocalQueue it goes to (:attr:`.Observed.target_queue`).
     ``active_deadline_seconds``: what is left of the TrainJob's deadline, so the Job
-    controller enforces it too.
+    controller enforces it too. The last two are filled in by :func:`.plan.plan`.
     """
     attempt: int
     restarts: int
     reason: str
     hold: bool = False
+    queue: Optional[str] = None
     active_deadline_seconds: Optional[int] = None
 
 
@@ -80,6 +87,7 @@ class Decision:
     create: Optional[Create] = None
     delete_jobs: DeleteJobs = DeleteJobs.STALE  # by default, older attempts still alive go
     cleanup: bool = False  # delete every child but the TrainJob (after completion)
+    delete_trainjob: bool = False  # its TTL after finishing ran out: the TrainJob goes, its children with it
     release: Optional[str] = None  # hand this held worker Job on (to Kueue, or unsuspend it)
     requeue_after: Optional[float] = None  # reconcile again after this many seconds
     events: tuple[Event, ...] = ()  # besides the events of conditions that flip
@@ -95,13 +103,41 @@ def deleted(o: Observed) -> Optional[Decision]:
     return None
 
 
+def ttl_left(o: Observed) -> Optional[float]:
+    """Seconds until a finished TrainJob's ttlSecondsAfterFinished runs out (None: no TTL, or not finished)."""
+    finished = o.finished_at() if o.phase in TERMINAL else None
+    if o.ttl is None or finished is None:
+        return None
+    return o.ttl - (o.now - finished).total_seconds()
+
+
+def expired(o: Observed) -> Optional[Decision]:
+    """A finished TrainJob past its ttlSecondsAfterFinished is deleted; garbage collection takes
+    its children (ownerReferences). The output volume and a registered model are not children."""
+    left = ttl_left(o)
+    if left is None or left > 0:
+        return None
+    message = (f"deleting the TrainJob: it {o.phase.lower()} at {fmt_time(o.finished_at())}, "
+               f"{o.ttl:.0f}s ago (ttlSecondsAfterFinished); its output is kept")
+    return Decision(phase=o.phase, delete_trainjob=True, delete_jobs=DeleteJobs.NONE,
+                    events=(Event("Normal", "TTLExpired", message),))
+
+
 def terminal(o: Observed) -> Optional[Decision]:
-    """Terminal phases are sticky. Finish any cleanup a crash interrupted."""
+    """Terminal phases are sticky. Finish any cleanup a crash interrupted; wake up when the TTL runs out."""
     if o.phase not in TERMINAL:
         return None
     if o.live and o.sched.cleans_up(o.phase == SUCCEEDED):
-        return Decision(phase=o.phase, cleanup=True, delete_jobs=DeleteJobs.ALL)
-    return Decision(phase=o.phase)
+        return Decision(phase=o.phase, cleanup=True, delete_jobs=DeleteJobs.ALL, requeue_after=ttl_left(o))
+    return Decision(phase=o.phase, requeue_after=ttl_left(o))
+
+
+def forbidden(o: Observed) -> Optional[Decision]:
+    """The spec passes the pods something the platform's policy does not allow: fail, and stop
+    any attempt (a TrainJob changed to break the policy does not go on either)."""
+    if not o.violations:
+        return None
+    return _failed(o, "PolicyViolation", "not allowed by the platform's policy: " + "; ".join(o.violations), stop=True)
 
 
 def suspended(o: Observed) -> Optional[Decision]:
@@ -196,29 +232,64 @@ def permanent_error(o: Observed) -> Optional[Decision]:
 def gang_restart(o: Observed) -> Optional[Decision]:
     """A pod failed or was disrupted: restart every node from the newest checkpoint.
 
-    Disruptions (preemption, eviction, drain) are not the job's fault and spend no budget.
+    Disruptions (preemption, eviction, drain) are not the job's fault and spend no budget. The
+    Job's own state decides before any pod failure counts: when Kueue evicts an attempt it
+    suspends the Job and the Job controller deletes the pods, which end Failed without a
+    DisruptionTarget, so they (and a Job failed by them) may be observed before, or without,
+    the suspension. A Job suspended and not failed is Kueue's to re-admit (see ``queued``); one
+    whose Workload Kueue evicted restarts without spending the budget.
     """
     job_cond = _job_failed(o)
     disrupted = [f for f in o.failures if f.disrupted]
-    if o.current is None or o.current_suspended or not (disrupted or job_cond is not None):
+    if o.current is None or not (disrupted or job_cond is not None):
+        return None
+    if o.current_suspended and job_cond is None:
         return None
     if disrupted:
         return restart(o, "Disrupted", disrupted[0].describe(), spend=False)
+    waiting = _node_loss_wait(o)
+    if waiting is not None:
+        return waiting
+    if kueue.evicted(o.workload):
+        why = kueue.queueing(o.workload, job_queue(o.current))
+        return restart(o, "Evicted", f"Kueue evicted the worker Job ({why.reason}: {why.message})", spend=False)
     ordinary = [f for f in o.failures if not f.disrupted]
     cause = ordinary[0].describe() if ordinary else (job_cond or {}).get("message") or "the worker Job failed"
     return restart(o, "PodFailed", cause, spend=True)
 
 
+def _node_loss_wait(o: Observed) -> Optional[Decision]:
+    """Peers failed while a pod of the attempt still runs but is not Ready: its node has likely
+    stopped reporting (a crashed node's pod stays Running, without DisruptionTarget, until its
+    eviction). Wait for the eviction rather than charge the node's crash to the job."""
+    lost = [(p, parse_time(unready_since(p))) for p in o.pods if unready_since(p)]
+    if not lost:
+        return None
+    pod, since = lost[0]
+    left = NODE_LOSS_WAIT_SECONDS - ((o.now - since).total_seconds() if since else 0.0)
+    if left <= 0:
+        return None
+    return Decision(phase=o.phase or PENDING, requeue_after=max(1.0, left), message=truncate(
+        f"pod {name_of(pod)} is not Ready (its node may be lost) while its peers failed: waiting up to "
+        f"{NODE_LOSS_WAIT_SECONDS:.0f}s for its eviction before counting a failure"))
+
+
 def hung(o: Observed) -> Optional[Decision]:
-    """The watchdog: a Running job whose progress has not moved for ``hang_after`` restarts."""
+    """The watchdog: a Running job whose progress has not moved for ``hang_after`` restarts.
+
+    Each stage of the trainer is judged by its own progress: the trainer moves
+    ``progress.updatedAt`` when the stage it reports (``progress.stage``: Loading, Prefetching
+    n/N images, Evaluating q/Q queries, Training steps) moves on, so a long set-up that moves is
+    not a hang, and one stuck on an image is."""
     last = o.last_progress()
     if o.hang_after is None or o.phase != RUNNING or not o.all_running or last is None:
         return None
     quiet = (o.now - last).total_seconds()
     if quiet < o.hang_after:
         return None
-    cause = (f"no progress reported for {quiet:.0f}s (the operator's hang limit is {o.hang_after:.0f}s): "
-             "the trainer looks hung")
+    stage = (o.status.get("progress") or {}).get("stageText")
+    cause = (f"no progress reported for {quiet:.0f}s{f' (stage {stage})' if stage else ''} "
+             f"(the operator's hang limit is {o.hang_after:.0f}s): the trainer looks hung")
     decision = restart(o, "Hung", cause, spend=True)
     return dataclasses.replace(decision, events=(Event("Warning", "Hung", cause),))
 
@@ -272,8 +343,11 @@ def queue_changed(o: Observed) -> Optional[Decision]:
     """spec.scheduling.queueName changed (or went) while Kueue holds the attempt: a fresh
     attempt, held until the old Job is gone, then handed to the new queue or started. Not a
     relabel: a Job whose label is removed leaves its Workload behind in the old queue, and a
-    Job Kueue holds is never unsuspended by the operator (no fight over suspend)."""
-    if not o.queued or job_queue(o.current) == o.queue:
+    Job Kueue holds is never unsuspended by the operator (no fight over suspend).
+
+    Changed means: the spec names another queue than it did when the attempt was created, and
+    than the Job's label. A label Kueue defaulted (a LocalQueue named `default`) is no change."""
+    if not o.queued or o.queue in (requested_queue(o.current), job_queue(o.current)):
         return None
     where = f"to LocalQueue {o.queue}" if o.queue else "out of Kueue"
     return Decision(phase=o.pending_phase(), delete_jobs=DeleteJobs.ALL,
@@ -286,9 +360,11 @@ def queued(o: Observed) -> Optional[Decision]:
     A re-queued attempt starts the deadline's count again, as a suspend does."""
     if not o.queued:
         return None
-    why = kueue.queueing(o.workload, job_queue(o.current))
+    queue = job_queue(o.current)
+    why = kueue.queueing(o.workload, queue)
+    where = f"in LocalQueue {queue}" if queue else "without a LocalQueue (set spec.scheduling.queueName)"
     return Decision(phase=o.pending_phase(), start_time=None, message=truncate(
-        f"Queued by Kueue in LocalQueue {job_queue(o.current)} ({why.reason}): {why.message}"))
+        f"Queued by Kueue {where} ({why.reason}): {why.message}"))
 
 
 def progress(o: Observed) -> Decision:
@@ -311,7 +387,7 @@ def progress(o: Observed) -> Decision:
 
 
 RULES: tuple[Rule, ...] = (
-    deleted, terminal, suspended, resumed, first_creation, succeeded, deadline_exceeded,
+    deleted, expired, terminal, forbidden, suspended, resumed, first_creation, succeeded, deadline_exceeded,
     permanent_error, gang_restart, hung, missing_job, held_attempt, queue_changed, queued, progress,
 )
 

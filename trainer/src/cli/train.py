@@ -79,14 +79,22 @@ def _reporters(resolved: Resolved, progress: bool):
     return sinks
 
 
-def _check(resolved: Resolved, device: Optional[str]) -> None:
+def _check(resolved: Resolved) -> None:
+    """Check the data as training would. Under torchrun the processes split the images, so
+    they need their process group (gloo: the check needs no GPU) to count the bad ones of
+    the whole file against maxBadFraction, not each its own share."""
     from ..data.load import load_corpus, load_data
+    from ..distributed import init_from_env, shutdown
 
     params = resolved.params
-    load_data(params.train_data, params, require_positive_weight=True, progress=True)
-    if params.eval_data:
-        load_data(params.eval_data, params, require_positive_weight=False, progress=True)
-        load_corpus(params, progress=True)
+    init_from_env("cpu")
+    try:
+        load_data(params.train_data, params, require_positive_weight=True, progress=True)
+        if params.eval_data:
+            load_data(params.eval_data, params, require_positive_weight=False, progress=True)
+            load_corpus(params, progress=True)
+    finally:
+        shutdown()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -103,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         resolved = load_resolved(args.file, args.output)
         ensure_example_data(resolved)
         if args.check:
-            _check(resolved, args.device)
+            _check(resolved)
             print(f"{args.file}: TrainJob and data are valid")
             return 0
         from ..run.train import train

@@ -27,6 +27,7 @@ import torch
 
 from ..distributed import World
 from .dataset import PairDataset, collate
+from .workers import ignore_sigterm, start
 
 
 def shard_indices(n: int, world: World, epoch: int, seed: int) -> np.ndarray:
@@ -95,8 +96,19 @@ class TrainLoader:
         self.sampler = _EpochBatches()
         extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers > 0 else {}
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
-                                                  collate_fn=collate, pin_memory=pin_memory, **extra)
+                                                  collate_fn=collate, pin_memory=pin_memory,
+                                                  worker_init_fn=ignore_sigterm if workers else None,
+                                                  **extra)
 
     def epoch(self, epoch: int, batches: Sequence[Sequence[int]]) -> Iterator[dict[str, torch.Tensor]]:
         self.sampler.epoch, self.sampler.batches = epoch, list(batches)
-        return iter(self.loader)
+        return start(self.loader)
+
+    def close(self) -> None:
+        """Stop the persistent workers now (torch's own shutdown, a private method). Left to
+        interpreter exit, multiprocessing would SIGTERM them, which they ignore
+        (``workers.py``), and then wait for them."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None

@@ -14,10 +14,12 @@ the result stays at least the model's input size (``decode(..., at_least=...)``)
 
 Errors:
 
-* transient (timeouts, connection resets, HTTP 408/429/5xx, other network OSErrors) are
-  retried with exponential backoff; when retries run out, ``TransientImageError`` is raised,
-  which is not a permanent error: the trainer exits non-78 and the pod is restarted;
-* permanent (HTTP 4xx such as 404, a missing file, bytes that do not decode) follow
+* transient (timeouts, connection resets, HTTP 408/429/5xx, a transfer slower than
+  ``FETCH_DEADLINE_S``, other network OSErrors) are retried with exponential backoff; when
+  retries run out, ``TransientImageError`` is raised, which is not a permanent error: the
+  trainer exits non-78 and the pod is restarted;
+* permanent (HTTP 4xx such as 404, a redirect loop, a malformed URL, a missing file, bytes
+  that do not decode, such as an HTML page served with 200 or a truncated body) follow
   ``data.onBadImage``: ``fail`` stops the run with a DataError naming every bad image's row
   (exit 78), ``skip`` drops the rows that use them, names the first few in the log and in
   ``status.data``, and still fails when more than ``data.maxBadFraction`` of the distinct
@@ -26,6 +28,7 @@ Errors:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -38,27 +41,33 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import urllib3
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from kontrast.api.data import Data
 
 from .. import storage
 from ..errors import DataProblem
+from ..report import heartbeat
 from ..layout import CacheFolder
 from ..locations import has_scheme
 
 log = logging.getLogger(__name__)
 
-HTTP_TIMEOUT_S = 60
+HTTP_TIMEOUT_S = 30        #: connecting, and each wait for more bytes
+FETCH_DEADLINE_S = 60      #: one attempt's whole transfer: a server trickling bytes cannot hold a thread longer
 RETRIES = 5               #: attempts after the first
 BACKOFF_S = 0.5           #: first wait; doubles each retry, with jitter, capped at BACKOFF_MAX_S
 BACKOFF_MAX_S = 16.0
 PREFETCH_THREADS = 16     #: I/O bound: threads wait on the network, not the CPU
 PREFETCH_WINDOW = 4096    #: locations read (and futures queued) at a time: memory stays flat
+PREFETCH_PIXELS = 64_000_000   #: decoded pixels in flight per process (RGB: ~0.2 GB; one larger image decodes alone)
 NAMED_BAD = 5             #: bad images named in the log and in status
+#: An image cache temporary file this old is an orphan (its writer was killed): a write of
+#: bytes already in memory takes milliseconds.
+ORPHAN_AGE_S = 600
 
 
 class TransientImageError(Exception):
@@ -84,21 +93,57 @@ def _http() -> urllib3.PoolManager:
     with _pools_lock:
         if pid not in _pools:
             _pools[pid] = urllib3.PoolManager(num_pools=64, maxsize=PREFETCH_THREADS, retries=_FOLLOW_REDIRECTS_ONLY,
-                                              timeout=urllib3.Timeout(total=HTTP_TIMEOUT_S),
+                                              timeout=urllib3.Timeout(connect=HTTP_TIMEOUT_S, read=HTTP_TIMEOUT_S),
                                               headers={"User-Agent": "kontrast"})
         return _pools[pid]
 
 
 def _fetch_http(location: str) -> bytes:
+    deadline = time.monotonic() + FETCH_DEADLINE_S
     try:
-        resp = _http().request("GET", location)
-    except urllib3.exceptions.HTTPError as exc:   # timeouts, resets, refused, broken responses
-        raise TransientImageError(f"{type(exc).__name__}: {exc}") from None
-    if resp.status in (408, 429) or resp.status >= 500:
-        raise TransientImageError(f"HTTP {resp.status} {resp.reason}")
-    if resp.status >= 400:
-        raise PermanentImageError(f"HTTP Error {resp.status}: {resp.reason}")
-    return resp.data
+        resp = _http().request("GET", location, preload_content=False)
+    except urllib3.exceptions.HTTPError as exc:
+        raise _http_error(exc) from None
+    try:
+        if resp.status in (408, 429) or resp.status >= 500:
+            raise TransientImageError(f"HTTP {resp.status} {resp.reason}")
+        if resp.status >= 400:
+            raise PermanentImageError(f"HTTP Error {resp.status}: {resp.reason}")
+        return _body_until(resp, deadline)
+    except urllib3.exceptions.HTTPError as exc:
+        resp.close()
+        raise _http_error(exc) from None
+    except BaseException:
+        resp.close()   # the rest of the body is unread: this connection cannot serve another request
+        raise
+    finally:
+        resp.release_conn()
+
+
+def _body_until(resp, deadline: float) -> bytes:
+    """The response body, or TransientImageError once ``deadline`` passes: each socket read
+    is bounded by HTTP_TIMEOUT_S, so the whole transfer is bounded by the deadline plus one."""
+    chunks = []
+    while True:
+        chunk = resp.read1(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise TransientImageError(f"the transfer took longer than {FETCH_DEADLINE_S} s "
+                                      f"({sum(map(len, chunks))} bytes so far)")
+
+
+def _http_error(exc: urllib3.exceptions.HTTPError) -> Exception:
+    """urllib3's errors all subclass HTTPError, the permanent ones too: a malformed URL (or
+    redirect target) and a redirect loop cannot pass, anything else (timeouts, resets,
+    refused connections, broken responses) may."""
+    reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+    if isinstance(reason, urllib3.exceptions.LocationValueError):
+        return PermanentImageError(f"malformed URL: {reason}")
+    if isinstance(reason, urllib3.exceptions.ResponseError) and "redirect" in str(reason):
+        return PermanentImageError(f"more than {_FOLLOW_REDIRECTS_ONLY.redirect} redirects (a redirect loop?)")
+    return TransientImageError(f"{type(reason or exc).__name__}: {reason or exc}")
 
 
 def fetch_bytes(location: str) -> bytes:
@@ -137,18 +182,46 @@ def with_retries(fetch: Callable[[str], bytes], location: str, *, retries: Optio
     raise AssertionError("unreachable")
 
 
-def decode(data: bytes, at_least: Optional[int] = None) -> Image.Image:
+class PixelBudget:
+    """Decoded pixels in flight across threads. Only JPEG decodes at a reduced size (draft
+    mode): 16 threads decoding 81-megapixel PNGs at once held 8 GB. A thread waits until its
+    image fits; an image larger than the whole budget waits for all of it."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+def decode(data: bytes, at_least: Optional[int] = None, budget: Optional[PixelBudget] = None) -> Image.Image:
     """Decode fully (``load``: a truncated file fails here, not mid-run) to RGB.
 
     ``at_least``: JPEGs may be decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay
-    at least this many pixels (PIL draft mode; the decoder skips the detail).
+    at least this many pixels (PIL draft mode; the decoder skips the detail). ``budget``:
+    wait until the image's pixels fit in it (the header gives the size before decoding).
+    Images above PIL's decompression-bomb limit (about 179 megapixels) are bad images.
     """
     try:
         img = Image.open(io.BytesIO(data))
         if at_least and img.format == "JPEG":
             img.draft("RGB", (at_least, at_least))
-        img.load()
-        return img.convert("RGB")
+        with budget.hold(img.width * img.height) if budget else contextlib.nullcontext():
+            img.load()
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise PermanentImageError(f"not an image ({len(data)} bytes beginning {data[:24]!r})") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the data's problem
         raise PermanentImageError(f"{type(exc).__name__}: {exc}") from None
 
@@ -159,28 +232,40 @@ class ImageCache:
     def __init__(self, folder: str | Path, fetch: Callable[[str], bytes] = fetch_bytes):
         self.root = str(folder)
         self.folder = CacheFolder(self.root).images
+        self.incoming = CacheFolder(self.root).incoming_images   # one folder: orphans are found without a walk
         self.fetch = fetch
 
     def path(self, location: str) -> Path:
         key = hashlib.sha256(location.encode("utf-8")).hexdigest()
         return self.folder / key[:2] / key
 
-    def read(self, location: str) -> bytes:
-        """The image's bytes: from the cache, else fetched (with retries) and stored."""
+    def load(self, location: str, at_least: Optional[int] = None,
+             budget: Optional[PixelBudget] = None) -> Image.Image:
+        """The decoded image: from the cache, else fetched (with retries) and stored. Only
+        bytes that decode are stored, and a stored copy that no longer decodes is fetched
+        again: an error page served with 200 or a cut transfer must not stay bad after the
+        server recovers."""
         if not has_scheme(location):
-            return with_retries(self.fetch, location)
+            return decode(with_retries(self.fetch, location), at_least, budget)
         path = self.path(location)
         try:
-            return path.read_bytes()
+            return decode(path.read_bytes(), at_least, budget)
         except FileNotFoundError:
             pass
+        except PermanentImageError as exc:
+            log.warning("%s: the cached copy %s does not decode (%s); fetching it again", location, path, exc)
+            path.unlink(missing_ok=True)
         data = with_retries(self.fetch, location)
+        image = decode(data, at_least, budget)
         # atomic: a concurrent reader sees the whole file or none
-        storage.write_atomic(str(path), lambda f: f.write(data), durable=False)
-        return data
+        storage.write_atomic(str(path), lambda f: f.write(data), durable=False, staging=self.incoming)
+        return image
 
-    def load(self, location: str, at_least: Optional[int] = None) -> Image.Image:
-        return decode(self.read(location), at_least)
+    def remove_orphans(self) -> None:
+        """Delete what writers killed mid-write left in the cache (every process may call it)."""
+        removed = storage.remove_temporaries(self.incoming, older_than_s=ORPHAN_AGE_S)
+        if removed:
+            log.info("removed %d image cache file(s) a killed process was writing", len(removed))
 
     def __reduce__(self):
         return (ImageCache, (self.root, self.fetch))
@@ -202,12 +287,14 @@ def prefetch(cache: ImageCache, images: Sequence[str], first_rows: Sequence[int]
     Python strings and futures at once. Returns the permanent failures; a transient failure
     after all retries raises.
     """
+    budget = PixelBudget(PREFETCH_PIXELS)
+
     def one(item) -> Optional[BadImage]:
         location, row = item
         try:
             # the smallest draft (1/8 scale): the decoder still reads the whole entropy-coded
             # stream, so truncated data fails here, for 12% less work than 1/4 scale
-            cache.load(location, at_least=1)
+            cache.load(location, at_least=1, budget=budget)
             return None
         except PermanentImageError as exc:
             return BadImage(int(row), location, str(exc))
@@ -215,14 +302,19 @@ def prefetch(cache: ImageCache, images: Sequence[str], first_rows: Sequence[int]
     n = len(images)
     if not n:
         return []
+    cache.remove_orphans()
     bar = _progress(n, label) if progress else None
     bad = []
+    done = 0
+    heartbeat.stage(heartbeat.PREFETCHING, done, n)
     with ThreadPoolExecutor(max_workers=max(1, min(threads, n))) as pool:
         for start in range(0, n, PREFETCH_WINDOW):
             window = [(images[i], first_rows[i]) for i in range(start, min(n, start + PREFETCH_WINDOW))]
             for result in pool.map(one, window):
                 if result is not None:
                     bad.append(result)
+                done += 1
+                heartbeat.stage(heartbeat.PREFETCHING, done, n)
                 if bar:
                     bar.update(1)
     if bar:

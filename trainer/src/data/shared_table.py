@@ -75,6 +75,7 @@ def shared_table_file(location: str, cols: Columns, cache: str, *, require_posit
         if target.exists():
             log.debug("%s: reusing the checked table %s", location, target)
             return target
+        storage.remove_temporaries(folder, target.name)   # a builder killed mid-write; we hold the lock
         started = time.monotonic()
         size = int(source_stamp(location).get("size") or 0)
         if size > IN_PROCESS_MAX_BYTES:

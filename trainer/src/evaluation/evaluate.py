@@ -18,14 +18,16 @@ numbers, so status and summary.json stay readable.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..data.dataset import PairDataset, SideDataset, collate
+from ..data.workers import ignore_sigterm, start
 from ..distributed import all_gather, all_reduce_max, world_and_rank
+from ..report import heartbeat
 from .eval_set import EvalSet
 from .metrics import DEEP_K, METRIC_KEYS, ranking_metrics
 from .topk import sharded_topk
@@ -80,12 +82,15 @@ def _common_width(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def embed(fused, pairs: PairDataset, rows, side: str, *, batch_size: int, device, precision,
-          workers: int = 0) -> torch.Tensor:
-    """[len(rows), d] float32 embeddings of one side of the given rows, on ``device``."""
+          workers: int = 0, progress: Callable[[int], None] = lambda n: None) -> torch.Tensor:
+    """[len(rows), d] float32 embeddings of one side of the given rows, on ``device``;
+    ``progress`` is told the rows embedded so far."""
     loader = torch.utils.data.DataLoader(SideDataset(pairs, rows, side), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers, collate_fn=collate)
+                                         shuffle=False, num_workers=workers, collate_fn=collate,
+                                         worker_init_fn=ignore_sigterm if workers else None)
     out = []
-    for batch in loader:
+    for i, batch in enumerate(start(loader)):
+        progress(min(len(rows), i * batch_size))
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with precision.autocast():
             if side == "left":
@@ -113,8 +118,13 @@ def evaluate(fused, pairs: PairDataset, eval_set: EvalSet, *, batch_size: int, d
     fused.eval()
     try:
         kw = dict(batch_size=batch_size, device=device, precision=precision, workers=workers)
-        q = embed(fused, pairs, eval_set.query_rows[mine_q], "left", **kw)
-        d = embed(fused, docs if docs is not None else pairs, eval_set.doc_rows[mine_d], "right", **kw)
+        # This rank's queries and documents, as the heartbeat's Evaluating q/Q.
+        n_q_mine = len(eval_set.query_rows[mine_q])
+        total = n_q_mine + len(eval_set.doc_rows[mine_d])
+        q = embed(fused, pairs, eval_set.query_rows[mine_q], "left", **kw,
+                  progress=lambda n: heartbeat.stage(heartbeat.EVALUATING, n, total))
+        d = embed(fused, docs if docs is not None else pairs, eval_set.doc_rows[mine_d], "right", **kw,
+                  progress=lambda n: heartbeat.stage(heartbeat.EVALUATING, n_q_mine + n, total))
     finally:
         fused.train(was_training)
     q, d = _common_width(q), _common_width(d)

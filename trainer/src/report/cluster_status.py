@@ -34,7 +34,8 @@ from typing import Any, Callable, Mapping, Optional
 from kontrast.api import GROUP, PLURAL, VERSION
 from kontrast.contract import JOB_NAME_ENV, JOB_NAMESPACE_ENV, STATUS_INTERVAL_ENV
 
-from .reporters import Reporter
+from .heartbeat import TRAINING
+from .reporters import Reporter, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,8 @@ class StatusReporter(Reporter):
             patch["resolved"] = info["resolved"]
         if info.get("data"):
             patch["data"] = info["data"]
+        if (info.get("tracking") or {}).get("mlflow"):
+            patch["outputs"] = {"mlflow": dict(info["tracking"]["mlflow"])}
         progress = {"epochs": info.get("epochs"), "totalSteps": info.get("totalSteps")}
         if info.get("startStep") is not None:
             progress["step"] = info.get("startStep")
@@ -209,7 +212,16 @@ class StatusReporter(Reporter):
         self._queue(patch, now=True)
 
     def on_step(self, progress):
-        self._queue({"progress": progress_fields(progress)}, now=False)
+        stage = {"stage": TRAINING, "stageDone": progress.get("step"), "stageTotal": progress.get("totalSteps"),
+                 "stageText": TRAINING}
+        self._queue({"progress": {**progress_fields(progress), **stage}}, now=False)
+
+    def on_stage(self, stage, done, total):
+        """A stage's start goes at once, its progress with the next throttled patch; each moves
+        updatedAt, which the operator's hang watchdog reads."""
+        text = f"{stage}({done}/{total})" if total else stage  # one word: kubectl's columns split on spaces
+        fields = {"stage": stage, "stageDone": done, "stageTotal": total, "stageText": text, "updatedAt": utc_now()}
+        self._queue({"progress": {k: v for k, v in fields.items() if v is not None}}, now=done == 0)
 
     def on_checkpoint(self, checkpoint):
         self._queue({"checkpoints": {"latest": dict(checkpoint)}}, now=True, checkpoint=dict(checkpoint))

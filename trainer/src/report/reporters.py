@@ -10,7 +10,8 @@ A ``Reporter`` receives plain dicts (JSON-ready, camelCase keys matching the Tra
   "samplesPerSecond", "etaSeconds", "loss", "lr", "microBatchSize", "updatedAt"}``.
 * ``on_checkpoint(checkpoint)``: ``{"uri", "epoch", "step", "time"}``.
 * ``on_eval(event)``: ``{"phase": "before" | "after", "epoch", "metrics": {...}}``.
-* ``on_end(summary)``: the content of summary.json.
+* ``on_end(summary)``: the content of summary.json. A sink that publishes the run elsewhere
+  (MLflow) adds where to ``summary["outputs"]``, for the sinks after it.
 * ``close()``: always called, also after a failure.
 
 Only rank 0 reports. ``Reporters`` fans out to several sinks and swallows their errors
@@ -20,13 +21,18 @@ training run that is otherwise fine.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Optional, TextIO
+from typing import Any, Callable, Iterable, Optional, TextIO
+
+from kontrast.display import format_duration
 
 from .. import storage
 from ..locations import has_scheme
@@ -46,6 +52,9 @@ class Reporter:
 
     def on_step(self, progress: dict[str, Any]) -> None:
         pass
+
+    def on_stage(self, stage: str, done: int, total: Optional[int]) -> None:
+        """The set-up moved on (see :mod:`.heartbeat`): ``done`` of ``total`` items of ``stage``."""
 
     def on_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         pass
@@ -85,6 +94,9 @@ class Reporters(Reporter):
     def on_step(self, progress):
         self._call("on_step", progress)
 
+    def on_stage(self, stage, done, total):
+        self._call("on_stage", stage, done, total)
+
     def on_checkpoint(self, checkpoint):
         self._call("on_checkpoint", checkpoint)
 
@@ -96,15 +108,6 @@ class Reporters(Reporter):
 
     def close(self):
         self._call("close")
-
-
-def format_duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "--:--"
-    seconds = int(round(max(0.0, seconds)))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
 def format_progress(p: dict[str, Any], width: int = 20) -> str:
@@ -200,38 +203,43 @@ class JsonlReporter(Reporter):
 
     Each line has ``event`` (start, step, checkpoint, eval, end) and ``time``. A resumed
     run appends to the same file, so the log shows where it picked up. On object stores
-    (no append) the whole file is re-uploaded at checkpoints, at the end and every
-    ``flush_every`` seconds.
+    (no append) the lines go to a local spool file, and the whole file is uploaded at
+    checkpoints, evaluations and the end, and otherwise at most every ``flush_every``
+    seconds per MiB it holds: a long run uploads about 1 MiB per ``flush_every`` rather
+    than its ever larger file every minute.
     """
 
-    def __init__(self, location: str, flush_every: float = 60.0):
+    FLUSH_BYTES = 1 << 20
+
+    def __init__(self, location: str, flush_every: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self.location = location
+        self.flush_every, self.clock = flush_every, clock
+        self._last_flush = clock()
+        self._pending = False
         self.remote = has_scheme(location)
-        self.flush_every = flush_every
-        self._lines: list[str] = []
-        self._last_flush = time.monotonic()
-        self._file = None
         if self.remote:
+            self._file = tempfile.NamedTemporaryFile("w+", encoding="utf-8", prefix="progress-", suffix=".jsonl")
             if storage.exists(location):
                 with storage.open_read(location) as f:
-                    self._lines = f.read().decode("utf-8").splitlines()
+                    shutil.copyfileobj(io.TextIOWrapper(f, encoding="utf-8"), self._file)
         else:
             Path(location).parent.mkdir(parents=True, exist_ok=True)
             self._file = open(location, "a", encoding="utf-8")
 
     def _write(self, event: str, payload: dict[str, Any], flush: bool = False) -> None:
         line = json.dumps({"event": event, "time": utc_now(), **payload}, sort_keys=False)
-        if self._file is not None:
-            self._file.write(line + "\n")
-            self._file.flush()
+        self._file.write(line + "\n")
+        self._file.flush()
+        if not self.remote:
             return
-        self._lines.append(line)
-        if flush or time.monotonic() - self._last_flush > self.flush_every:
+        self._pending = True
+        interval = self.flush_every * max(1.0, self._file.tell() / self.FLUSH_BYTES)
+        if flush or self.clock() - self._last_flush > interval:
             self._upload()
 
     def _upload(self) -> None:
-        storage.write_text(self.location, "\n".join(self._lines) + "\n")
-        self._last_flush = time.monotonic()
+        storage.upload(self._file.name, self.location)
+        self._last_flush, self._pending = self.clock(), False
 
     def on_start(self, info):
         self._write("start", info)
@@ -250,8 +258,9 @@ class JsonlReporter(Reporter):
                             "step": summary.get("step"), "epoch": summary.get("epoch")}, flush=True)
 
     def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        elif self._lines:
+        if self._file is None:
+            return
+        if self.remote and self._pending:
             self._upload()
+        self._file.close()
+        self._file = None

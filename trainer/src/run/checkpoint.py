@@ -14,6 +14,7 @@ Two kinds of file:
      "scaler": ...,         # GradScaler state (precision amp on CUDA only)
      "eval_before": {...},  # metrics of the starting model, so a resumed run still reports them
      "checkpoints": [...],  # the files of this run kept so far (uri, epoch, step, time)
+     "seconds": T,          # the run's time up to this checkpoint, over its invocations
      "run": {"uid", "name", "inputs"},  # which run wrote it (see run_identity)
      "name": ..., "model": ..., "kontrast_version": ...}
 
@@ -64,6 +65,11 @@ IDENTITY_FIELDS = (
     "poolingMethod", "frozenRight", "lockImage", "lockImageFreezeBnStats", "lockImageUnlockedGroups",
     "lockText", "lockTextFreezeLayerNorm", "lockTextUnlockedLayers",
 )
+#: Inputs added in identity version 2: which rows are the same query or document (in-batch
+#: positives) and which rows are dropped for bad images. A checkpoint written before them
+#: (no "version") is compared with the version-1 hash, so an upgrade does not orphan it.
+ADDED_IN_2 = ("queryIdKey", "docIdKey", "data.onBadImage", "data.maxBadFraction")
+IDENTITY_VERSION = 2
 #: Training inputs added after checkpoints existed: in the hash only when set, so the
 #: checkpoints of runs that never set them keep their identity.
 IDENTITY_FIELDS_WHEN_SET = ("matryoshkaDims",)
@@ -91,15 +97,27 @@ def list_resumable(output: str) -> list[tuple[int, str]]:
 def save_resumable(output: str, payload: dict[str, Any]) -> str:
     """Publish ``payload`` as step_<payload['step']>.pt; returns its location."""
     location = resumable_location(output, int(payload["step"]))
-    storage.write_atomic(location, lambda f: torch.save(payload, f))
+    _write(location, payload)
     return location
 
 
 def save_model(output: str, payload: dict[str, Any]) -> str:
     """Publish the model-only epoch_<payload['epoch']>.pt; returns its location."""
     location = model_location(output, int(payload["epoch"]))
-    storage.write_atomic(location, lambda f: torch.save(payload, f))
+    _write(location, payload)
     return location
+
+
+def _write(location: str, payload: dict[str, Any]) -> None:
+    """A full output volume is permanent: every restart would resume and fail at the same save."""
+    try:
+        storage.write_atomic(location, lambda f: torch.save(payload, f))
+    except storage.NoSpace as exc:
+        raise PermanentError(
+            f"output volume full: writing {location} needs more than the {exc.written} bytes written before "
+            f"the volume filled up, and {exc.free} bytes are free beside the other files. A resumable checkpoint is published before "
+            "the oldest one beyond keepCheckpoints is deleted, so the volume needs room for keepCheckpoints + 1 "
+            "of them (and the model-only epoch files): give it more space or lower keepCheckpoints") from None
 
 
 def prune(output: str, keep: int) -> list[str]:
@@ -108,6 +126,15 @@ def prune(output: str, keep: int) -> list[str]:
     for location in old:
         storage.delete(location)
     return old
+
+
+def remove_temporaries(output: str) -> None:
+    """Delete what a killed run was writing into ``output``'s folders (its checkpoints first)."""
+    folder = OutputFolder(output)
+    removed = [path for place in (folder.checkpoints, folder.root, folder.model, folder.plots)
+               for path in storage.remove_temporaries(place)]
+    if removed:
+        log.warning("removed %d temporary file(s) a stopped run left behind: %s", len(removed), ", ".join(removed))
 
 
 def load_checkpoint_file(location: str, map_location: Any = "cpu") -> dict[str, Any]:
@@ -134,27 +161,36 @@ def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     return state_dict
 
 
-def inputs_hash(spec: Mapping[str, Any], global_batch: int) -> str:
-    """sha256 of the training inputs (IDENTITY_FIELDS as written, and the global batch)."""
+def inputs_hash(spec: Mapping[str, Any], global_batch: int, version: int = IDENTITY_VERSION) -> str:
+    """sha256 of the training inputs (IDENTITY_FIELDS as written, and the global batch; from
+    ``version`` 2 also ADDED_IN_2)."""
     inputs = {key: spec.get(key) for key in IDENTITY_FIELDS}
     inputs.update({key: spec[key] for key in IDENTITY_FIELDS_WHEN_SET if spec.get(key) is not None})
     inputs["globalBatchSize"] = int(global_batch)
+    if version >= 2:
+        data = spec.get("data") or {}
+        inputs.update({key: spec.get(key) for key in ADDED_IN_2 if "." not in key})
+        inputs.update({key: data.get(key.split(".", 1)[1]) for key in ADDED_IN_2 if key.startswith("data.")})
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def run_identity(name: str, uid: Optional[str], spec: Mapping[str, Any], global_batch: int) -> dict[str, Any]:
-    """What a checkpoint records about the run that wrote it."""
-    return {"name": name, "uid": uid, "inputs": inputs_hash(spec, global_batch)}
+    """What a checkpoint records about the run that wrote it (and, to check a checkpoint of an
+    older kontrast, the hash it would have written)."""
+    return {"name": name, "uid": uid, "inputs": inputs_hash(spec, global_batch), "version": IDENTITY_VERSION,
+            "inputs_v1": inputs_hash(spec, global_batch, version=1)}
 
 
 def check_identity(recorded: Optional[Mapping[str, Any]], current: Mapping[str, Any], location: str) -> None:
     """Refuse (PermanentError) a checkpoint another run wrote: another TrainJob uid (when both
-    have one; local runs have none) or other training inputs."""
+    have one; local runs have none) or other training inputs (compared as the kontrast that
+    wrote it hashed them)."""
     if not recorded:
         log.warning("checkpoint %s does not record which run wrote it (an older kontrast); resuming it", location)
         return
+    expected = current["inputs"] if recorded.get("version", 1) >= 2 else current["inputs_v1"]
     other_uid = recorded.get("uid") and current.get("uid") and recorded["uid"] != current["uid"]
-    if other_uid or recorded.get("inputs") != current["inputs"]:
+    if other_uid or recorded.get("inputs") != expected:
         raise PermanentError(
             f"{location} was written by another run: {_describe(recorded)}; this run is {_describe(current)}. "
             "Resuming would continue another run's training: give this TrainJob a new output, or delete "

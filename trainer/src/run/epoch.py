@@ -6,11 +6,12 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
+from ..distributed import broadcast_object
 from ..errors import Interrupted
 from ..report.reporters import Reporters, utc_now
 from ..step.train_step import optimizer_step, seed_everything, step_seed, to_device
 from . import checkpoint as ckpt
-from .evaluations import is_new_best, measure, record_eval
+from .evaluations import is_new_best, measure, note_eval, report_eval
 from .save import save
 from .save_policy import SavePolicy
 from .setup import Run
@@ -48,15 +49,26 @@ def _step(run: Run, micro_batches, lr: float, step: int) -> tuple[float, Optiona
                           logit_scale=run.clip.logit_scale, dims=params.matryoshka_dims or ())
 
 
-def _save_when_asked(run: Run, progress: Progress, report: Reporters, policy: SavePolicy) -> None:
-    save_now, stop = policy.poll(progress.step)
+def _save_when_asked(run: Run, progress: Progress, report: Reporters, policy: SavePolicy,
+                     decision: Optional[tuple[bool, bool]] = None) -> None:
+    save_now, stop = decision or policy.poll(progress.step)
     if save_now:
         save(run.checkpoint, progress, report, world=run.world, output=run.params.output,
              keep=run.params.keep_checkpoints, model_file=False)
         policy.saved()
+        # a SIGTERM during the save: stop on it rather than spend the grace period on
+        # another step and another save
+        stop = stop or policy.stop_wanted()
     if stop:
         raise Interrupted(f"stopped after optimizer step {progress.step}, saved to "
                           f"{ckpt.resumable_location(run.params.output, progress.step)}")
+
+
+def stop_at_epoch_end(run: Run, progress: Progress, report: Reporters, policy: SavePolicy) -> None:
+    """A SIGTERM that arrived during the epoch's end (its evaluation, its save) stops the run
+    there, saved, rather than after the next epoch's first step."""
+    if policy.stop_wanted():
+        _save_when_asked(run, progress, report, policy, (True, True))
 
 
 def step_info(run: Run, progress: Progress, epoch: int, lr: float) -> dict[str, Any]:
@@ -81,20 +93,29 @@ def end_epoch(run: Run, progress: Progress, report: Reporters) -> bool:
     """Evaluate every evalEvery epochs (the last epoch's evaluation is the final one), then
     checkpoint every saveFrequency epochs, after the last, and whenever the evaluation found a
     new best model (so status.checkpoints.best always names a saved model file). Returns
-    whether it saved."""
+    whether it saved.
+
+    ``save`` is collective (rank 0 writes, the others wait for it), so every rank must take
+    the same decision: rank 0 takes it and broadcasts it (a rank that saved while rank 0
+    trained on would wait in ``save``'s barrier until the process-group timeout)."""
     params = run.params
     last = progress.epoch == params.epochs
     due = params.eval_every > 0 and progress.epoch % params.eval_every == 0 and not last
     metrics = measure_run(run) if due else None
     saving = last or progress.epoch % params.save_frequency == 0 or is_new_best(progress, metrics)
+    if run.world.distributed:
+        saving = bool(broadcast_object(saving))
+    if metrics is not None:
+        note_eval(progress, "epoch", metrics, ckpt.model_location(params.output, progress.epoch) if saving else None)
     if saving:
         save(run.checkpoint, progress, report, world=run.world, output=params.output,
              keep=params.keep_checkpoints, model_file=True)
-    record_eval(progress, report, "epoch", metrics, is_main=run.world.is_main)
+    report_eval(progress, report, "epoch", metrics, is_main=run.world.is_main)
     return saving
 
 
 def measure_run(run: Run, gallery_phase: Optional[str] = None) -> Optional[dict[str, float]]:
     """``measure`` with this run's model, eval data, batch size, device and precision."""
     return measure(run.net, run.evaluation, batch_size=run.params.batch_size, device=run.world.device,
-                   precision=run.precision, gallery_phase=gallery_phase, dims=run.params.matryoshka_dims or ())
+                   precision=run.precision, workers=run.params.workers, gallery_phase=gallery_phase,
+                   dims=run.params.matryoshka_dims or ())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..distributed import World
+from ..distributed import World, broadcast_object
 from ..report.reporters import Reporters, utc_now
 from ..ship.export import CONFIG_KEY
 from . import checkpoint as ckpt
@@ -17,10 +17,14 @@ def save(parts: CheckpointParts, progress: Progress, report: Reporters, *, world
          keep: int, model_file: bool) -> None:
     """Publish a resumable checkpoint of the progress so far (unless one exists for this
     step) and, with ``model_file``, the model-only epoch file; then drop resumable
-    checkpoints beyond ``keep`` (rank 0; the others wait for it)."""
+    checkpoints beyond ``keep`` (rank 0; the others wait for it). Every rank then holds rank
+    0's list of checkpoints, so ``progress.best`` (which names one of them) and every later
+    save decision are the same on all ranks."""
     if world.is_main:
         _publish(parts, progress, report, output, keep, model_file)
     progress.saved_step = progress.step
+    if world.distributed:
+        progress.checkpoints = broadcast_object(progress.checkpoints)
     world.barrier()
 
 
@@ -54,7 +58,7 @@ def _resumable_state(parts: CheckpointParts, progress: Progress) -> dict[str, An
     return {"epoch_step": progress.epoch_step, "optimizer": parts.optimizer.state_dict(),
             **({"scaler": parts.scaler.state_dict()} if parts.scaler is not None else {}),
             "eval_before": progress.eval_before, "checkpoints": progress.checkpoints,
-            "eval_history": progress.history, "best": progress.best}
+            "eval_history": progress.history, "best": progress.best, "seconds": progress.seconds()}
 
 
 def _version() -> str:

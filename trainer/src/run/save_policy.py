@@ -48,6 +48,13 @@ class SavePolicy:
             due, stop = all_reduce_max([int(due), int(stop)])
         return bool(due or stop), bool(stop)
 
+    def stop_wanted(self) -> bool:
+        """Whether any rank was asked to stop (the same answer on every rank; collective)."""
+        stop = self.stop_requested
+        if self.world.distributed:
+            stop = all_reduce_max([int(stop)])[0]
+        return bool(stop)
+
     def saved(self) -> None:
         """A checkpoint was just written: the time interval starts again."""
         self.last_save = self.clock()

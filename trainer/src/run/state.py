@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -42,11 +43,17 @@ class Progress:
     best: Optional[dict[str, Any]] = None   #: the saved checkpoint with the best nDCG@10 so far
     resumed_from: Optional[str] = None
     saved_step: Optional[int] = None  #: the step of the newest resumable checkpoint
+    seconds_before: float = 0.0     #: the earlier invocations' time, up to the checkpoint resumed from
+    started: float = field(default_factory=time.monotonic)   #: when this invocation started
     last_loss: Optional[float] = None
     last_grad_norm: Optional[float] = None
     last_data_wait: float = 0.0     #: seconds the last step waited for its batches
     last_step_seconds: float = 0.0
     meter: StepMeter = field(default_factory=StepMeter)
+
+    def seconds(self) -> float:
+        """The run's time so far, over every invocation (what its checkpoints kept of them)."""
+        return self.seconds_before + time.monotonic() - self.started
 
     def advance(self, steps_per_epoch: int) -> None:
         """Count one optimizer step; the last step of an epoch completes it."""
@@ -61,6 +68,8 @@ def resume(output: str, world: World, *, identity: dict[str, Any], clip, optimiz
     """The progress of the newest complete checkpoint in ``output`` (rank 0 finds it, every
     rank checks that this run wrote it and loads it into the model, optimizer and scaler), or
     a fresh start."""
+    if world.is_main:   # before this run writes: the operator starts an attempt once the old pods are gone
+        ckpt.remove_temporaries(output)
     found = ckpt.load_latest(output) if world.is_main else None
     location = broadcast_object(found[1] if found else None)
     if location is None:
@@ -87,7 +96,7 @@ def _progress_of(state: dict[str, Any], steps_per_epoch: int, location: str) -> 
     kept = [c for c in state.get("checkpoints") or [] if storage.exists(c["uri"])]
     return Progress(epoch=epoch, epoch_step=epoch_step, step=step, eval_before=state.get("eval_before"),
                     checkpoints=kept, history=list(state.get("eval_history") or []), best=state.get("best"),
-                    resumed_from=location, saved_step=step)
+                    resumed_from=location, saved_step=step, seconds_before=float(state.get("seconds") or 0.0))
 
 
 def _load_state(state: dict[str, Any], location: str, clip, optimizer, scaler) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from .. import storage
@@ -16,7 +15,7 @@ from .setup import Run
 from .state import Progress
 
 
-def summarise(run: Run, progress: Progress, report: Reporters, started: float) -> dict[str, Any]:
+def summarise(run: Run, progress: Progress, report: Reporters) -> dict[str, Any]:
     """Evaluate the final model and write summary.json (rank 0); every rank returns it."""
     eval_after = record_eval(progress, report, "after", measure_run(run, "after"), is_main=run.world.is_main)
     summary = {
@@ -27,7 +26,7 @@ def summarise(run: Run, progress: Progress, report: Reporters, started: float) -
         "step": progress.step,
         "totalSteps": run.plan.schedule.total_steps,
         "finalLoss": progress.last_loss,
-        "durationSeconds": round(time.monotonic() - started, 2),
+        "durationSeconds": round(progress.seconds(), 2),
         "eval": ({"before": progress.eval_before, "after": eval_after} if run.evaluation is not None else {}),
         "resolved": run.info,
         "parameters": dict(run.resolved.spec),

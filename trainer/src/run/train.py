@@ -37,10 +37,12 @@ from typing import Any, Optional, Sequence
 
 from ..distributed import World, init_from_env, shutdown
 from ..layout import OutputFolder
+from ..report import heartbeat
+from ..report.mlflow_tracking import MlflowTracker, mlflow_tracker
 from ..report.reporters import JsonlReporter, Reporter, Reporters
 from ..report.tensorboard import tensorboard_reporter
 from ..spec import Resolved
-from .epoch import end_epoch, measure_run, train_epoch
+from .epoch import end_epoch, measure_run, stop_at_epoch_end, train_epoch
 from .evaluations import record_eval
 from .save_policy import SavePolicy, stop_on_sigterm
 from .setup import Run, setup
@@ -64,29 +66,39 @@ def train(resolved: Resolved, *, world: Optional[World] = None, device: Optional
     started = time.monotonic()
     own_world = world is None
     world = world or init_from_env(device)
-    report = Reporters(_sinks(OutputFolder(resolved.params.output), reporters) if world.is_main else [])
+    tracker = mlflow_tracker(resolved) if world.is_main else None
+    report = Reporters(_sinks(OutputFolder(resolved.params.output), reporters, tracker) if world.is_main else [])
     try:
-        return _train(resolved, world, report, started, max_epochs)
+        return _train(resolved, world, report, started, max_epochs, tracker)
     finally:
         report.close()
         if own_world:
             shutdown()
 
 
-def _sinks(output: OutputFolder, reporters: Sequence[Reporter]) -> list[Reporter]:
-    """progress.jsonl (part of the output folder's contract, whoever else listens), the given
-    reporters, and TensorBoard when it is installed."""
+def _sinks(output: OutputFolder, reporters: Sequence[Reporter], tracker: Optional[MlflowTracker]) -> list[Reporter]:
+    """progress.jsonl (part of the output folder's contract, whoever else listens), MLflow (before
+    the given reporters: at the end it adds the model version to the summary they report), the
+    given reporters, and TensorBoard when it is installed."""
     board = tensorboard_reporter(output.tensorboard)
-    return [JsonlReporter(output.progress), *reporters, *([board] if board is not None else [])]
+    return [JsonlReporter(output.progress), *([tracker] if tracker is not None else []), *reporters,
+            *([board] if board is not None else [])]
 
 
 def _train(resolved: Resolved, world: World, report: Reporters, started: float,
-           max_epochs: Optional[int]) -> dict[str, Any]:
+           max_epochs: Optional[int], tracker: Optional[MlflowTracker] = None) -> dict[str, Any]:
     """Set up, resume, evaluate the starting model, train the epochs saving as asked, and
     summarise; or stop early after ``max_epochs`` epochs of this invocation."""
+    heartbeat.report_to(report.on_stage)  # the set-up's long stages report their progress too
+    heartbeat.stage(heartbeat.LOADING)
     run = setup(resolved, world)
     progress = _resume(run)
-    report.on_start(start_info(run, progress))
+    progress.started = started
+    info = start_info(run, progress)
+    mlflow_run = tracker.begin(info) if tracker is not None else None
+    if mlflow_run:   # the MLflow run, created or continued: in progress.jsonl and status.outputs
+        info["tracking"] = {"mlflow": mlflow_run}
+    report.on_start(info)
     if progress.resumed_from is None:
         progress.eval_before = record_eval(progress, report, "before", measure_run(run, "before"),
                                            is_main=world.is_main)
@@ -94,15 +106,20 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     last_epoch = epochs if max_epochs is None else min(epochs, progress.epoch + max_epochs)
     policy = SavePolicy(run.params.checkpoint_every, world)
     run.net.train()
-    with stop_on_sigterm(policy):
-        while progress.epoch < last_epoch:
-            train_epoch(run, progress, report, policy)
-            if end_epoch(run, progress, report):
-                policy.saved()
+    try:
+        with stop_on_sigterm(policy):
+            while progress.epoch < last_epoch:
+                train_epoch(run, progress, report, policy)
+                if end_epoch(run, progress, report):
+                    policy.saved()
+                if progress.epoch < last_epoch:
+                    stop_at_epoch_end(run, progress, report, policy)
+    finally:
+        run.loader.close()
     if last_epoch < epochs:
         log.info("stopped after epoch %d of %d (max_epochs)", last_epoch, epochs)
         return {"step": progress.step, "epoch": last_epoch, "stopped": True}
-    return summarise(run, progress, report, started)
+    return summarise(run, progress, report)
 
 
 def _resume(run: Run) -> Progress:

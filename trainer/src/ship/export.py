@@ -137,7 +137,8 @@ def export_checkpoint(checkpoint: str, out: str, *, run_output: Optional[str] = 
     if run_output is None:
         run_output = _run_output_of(checkpoint)
     run = read_run(run_output) if run_output else None
-    card = model_card(state[CONFIG_KEY], run, checkpoint=checkpoint, epoch=state.get("epoch"))
+    card = model_card(state[CONFIG_KEY], run, checkpoint=checkpoint_name(checkpoint, run_output),
+                      epoch=state.get("epoch"))
     if has_scheme(out):
         with tempfile.TemporaryDirectory(prefix="kontrast-export-") as tmp:
             write_model_folder(Path(tmp), state["state_dict"], state[CONFIG_KEY], card)
@@ -146,6 +147,17 @@ def export_checkpoint(checkpoint: str, out: str, *, run_output: Optional[str] = 
         write_model_folder(Path(out), state["state_dict"], state[CONFIG_KEY], card)
     log.info("exported %s (epoch %s) to %s", checkpoint, state.get("epoch"), out)
     return out
+
+
+def checkpoint_name(checkpoint: str, run_output: Optional[str]) -> str:
+    """How the card names the checkpoint: its URI on an object store, else its path relative to
+    the run's output (a path on the machine that trained means nothing to the card's reader)."""
+    if has_scheme(checkpoint):
+        return checkpoint
+    path = Path(checkpoint)
+    if run_output and not has_scheme(run_output) and path.is_relative_to(run_output):
+        return path.relative_to(run_output).as_posix()
+    return path.name
 
 
 def _run_output_of(checkpoint: str) -> Optional[str]:

@@ -58,7 +58,7 @@ def _eval_series(run: RunFiles) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
-def _png(draw: Callable[[Any], None]) -> bytes:
+def _figure(draw: Callable[[Any], None]) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,15 +66,29 @@ def _png(draw: Callable[[Any], None]) -> bytes:
 
     fig = Figure(figsize=(5.2, 3.0), dpi=100, layout="tight")
     draw(fig.add_subplot())
+    return fig
+
+
+def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
+def _legend_beside(ax: Any) -> None:
+    """The legend right of the axes, never over the curves (the tight layout makes room)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
+
+
 def make_plots(run: RunFiles) -> dict[str, bytes]:
     """File stem -> PNG bytes, for every curve the run has data for."""
+    return {stem: _png(fig) for stem, fig in make_figures(run).items()}
+
+
+def make_figures(run: RunFiles) -> dict[str, Any]:
+    """File stem -> matplotlib Figure, for every curve the run has data for."""
     steps = run.steps()
-    plots: dict[str, bytes] = {}
+    plots: dict[str, Any] = {}
     for stem, title, ylabel, series in STEP_PLOTS:
         data = [(label, *_series(steps, key)) for label, key in series]
         data = [d for d in data if d[1]]
@@ -87,9 +101,9 @@ def make_plots(run: RunFiles) -> dict[str, bytes]:
             ax.set(title=title, xlabel="step", ylabel=ylabel)
             ax.grid(alpha=0.3)
             if len(data) > 1:
-                ax.legend()
+                _legend_beside(ax)
 
-        plots[stem] = _png(draw)
+        plots[stem] = _figure(draw)
     evals = _eval_series(run)
     if evals:
         def draw_eval(ax):
@@ -100,9 +114,9 @@ def make_plots(run: RunFiles) -> dict[str, bytes]:
             ax.set(title="Retrieval metrics on evalData", xlabel="epoch (0 = before training)", ylabel="score")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-            ax.legend()
+            _legend_beside(ax)
 
-        plots["eval"] = _png(draw_eval)
+        plots["eval"] = _figure(draw_eval)
     return plots
 
 
