@@ -83,12 +83,8 @@ build_node() {
     wrapper_gomod "$gomod" local.test/k8s-node "$tag" >"$work/go.mod"
     local pkgs="k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy k8s.io/kubernetes/cmd/kube-scheduler"
     (cd "$work" && go get $(for p in $pkgs; do echo "$p@$tag"; done))
-    local build_date vpkg ldflags="-s -w"
-    build_date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$info")
-    for vpkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-        ldflags+=" -X $vpkg.gitVersion=$tag -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$K8S_MINOR"
-        ldflags+=" -X $vpkg.gitTreeState=clean -X $vpkg.buildDate=${build_date:-1970-01-01T00:00:00Z}"
-    done
+    local ldflags
+    ldflags=$(k8s_ldflags "$info" "$tag")
     rm -rf "$node_dir.tmp" && mkdir -p "$node_dir.tmp"
     log "building $pkgs (slow when cold)"
     (cd "$work" && nice go build -trimpath -ldflags "$ldflags" -o "$node_dir.tmp/" $pkgs)

@@ -71,13 +71,8 @@ build_kubernetes() {
     local pkgs="k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl"
     (cd "$work" && go get $(for p in $pkgs; do echo "$p@$tag"; done))
 
-    # What hack/lib/version.sh stamps, so /version reports the real release.
-    local build_date vpkg ldflags="-s -w"
-    build_date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$info")
-    for vpkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-        ldflags+=" -X $vpkg.gitVersion=$tag -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$K8S_MINOR"
-        ldflags+=" -X $vpkg.gitTreeState=clean -X $vpkg.buildDate=${build_date:-1970-01-01T00:00:00Z}"
-    done
+    local ldflags
+    ldflags=$(k8s_ldflags "$info" "$tag")
     local etcd_version
     etcd_version=$(sed -n 's|^[[:space:]]*go.etcd.io/etcd/client/v3 v\([^[:space:]]*\).*|\1|p' "$gomod" | head -1)
 

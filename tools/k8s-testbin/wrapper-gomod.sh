@@ -22,3 +22,16 @@ wrapper_gomod() {
     for m in $staging; do echo "	$m => $m $staging_tag"; done
     echo ")"
 }
+
+# k8s_ldflags INFO TAG: the -ldflags that stamp what hack/lib/version.sh stamps, so /version and
+# --version report the real release (INFO: the module's .info file, for the build date).
+k8s_ldflags() {
+    local info=$1 tag=$2 minor build_date vpkg ldflags="-s -w"
+    minor=$(echo "$tag" | cut -d. -f2)
+    build_date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$info")
+    for vpkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        ldflags+=" -X $vpkg.gitVersion=$tag -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$minor"
+        ldflags+=" -X $vpkg.gitTreeState=clean -X $vpkg.buildDate=${build_date:-1970-01-01T00:00:00Z}"
+    done
+    echo "$ldflags"
+}
