@@ -137,19 +137,21 @@ def test_row_weight_zero_removes_the_rows_term(tiny):
 
 
 def test_duplicate_queries_share_graded_targets(tiny):
-    """Rows 0 and 1 are the same query with documents of weight 3 and 1: both rows' query
-    targets are (3/4, 1/4) over those documents, and each document's targets split evenly over
-    the two copies of its query."""
+    """Rows 0 and 1 are the same query with documents of weight 3 and 1 (the ranked ce of
+    step/losses.py): row 0's grade-1 document stays a negative of its softmax, row 1's grade-3
+    document is left out of row 1's; each document's target splits evenly over the two copies of
+    its query."""
     rows = "q,c,image,title,w\nred mug,x,a.png,red mug,3\nred mug,x,b.png,blue lamp,1\ngreen box,x,c.png,green box,2\n"
     batch = batch_for(tiny, rows, spec_of([1.0, 0.0], [0.5, 0.5]), IMAGES)
     assert batch["left_id"].tolist() == [0, 0, 1]
     fused = FusedModel(tiny.model, [True, False], [True, True])
     left, right, scale, _ = embed(fused, batch)
     logits = scale * left @ right.T
-    to_docs = torch.tensor([[0.75, 0.25, 0.0], [0.75, 0.25, 0.0], [0.0, 0.0, 1.0]])
+    own = torch.eye(3)
+    left_out = torch.tensor([[False, False, False], [True, False, False], [False, False, False]])
     to_queries = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     w = torch.tensor([3.0, 1.0, 2.0])
-    ce_lr = -(to_docs * F.log_softmax(logits, dim=1)).sum(1)
+    ce_lr = -(own * F.log_softmax(logits.masked_fill(left_out, float("-inf")), dim=1)).nan_to_num().sum(1)
     ce_rl = -(to_queries * F.log_softmax(logits.T, dim=1)).sum(1)
     expected = 0.5 * ((w * ce_lr).sum() + (w * ce_rl).sum()) / w.sum()
     assert _step_loss(fused, batch) == pytest.approx(float(expected), rel=1e-5)
