@@ -9,7 +9,7 @@
 # Usage: tools/images/build.sh [--registry PREFIX] [--tag TAG] [--no-push] [IMAGE...]
 #   --registry PREFIX  push to PREFIX/trainer:TAG, PREFIX/operator:TAG (e.g. registry.example.com/ml);
 #                      default: the project's local registry (distribution, from
-#                      tools/k8s-node/build.sh) started for the push on a free loopback port, its
+#                      tools/k8s-node/build.sh) started for the push on 127.0.0.1:31500 (the node tier's), its
 #                      storage in $KONTRAST_IMAGES_CACHE/registry (the test tier serves the same folder)
 #   --tag TAG          default: the first 12 hex digits of each image's ID, so a changed image never
 #                      hides behind a tag a node has cached (pause: its upstream version)
@@ -108,7 +108,10 @@ build() {  # name -> local image id on stdout
 start_local_registry() {
     node_bin
     local port
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    # The node tier's address (tests/harness/node.py): buildah remembers per registry address which
+    # compressed blobs it holds, and zstd output differs run to run, so pushing the same image to
+    # another address stores the 3 GB torch layer again.
+    port=${KONTRAST_REGISTRY_PORT:-31500}
     mkdir -p "$CACHE/registry"
     cat >"$WORK/registry.yml" <<YML
 version: 0.1
