@@ -107,6 +107,12 @@ class Operator:
             except Exception:  # no result when it crashed
                 pass
 
+    def reconciles(self) -> int:
+        """Reconciles since this operator process started (ok and failed), from its /metrics."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                   if line.startswith("kontrast_operator_reconciles_total{"))
+
     def _serving(self) -> bool:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).read()

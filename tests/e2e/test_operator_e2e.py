@@ -251,9 +251,10 @@ def test_operator_restart_mid_run_then_delete(tjs, operator, tiny):
     status_before = tjs.status("steady")
 
     operator.stop()
-    time.sleep(2)
     operator.start()
-    time.sleep(5)  # resume handlers and watches re-list everything
+    # The resume handlers reconcile every TrainJob of the cluster once the watches list them.
+    count = len(tjs.kube.get("/apis/kontrast.dev/v1alpha1/trainjobs")["items"])
+    wait_for(lambda: operator.reconciles() >= count, 120, f"the restarted operator to reconcile {count} TrainJobs")
 
     after = tjs.children("steady")
     assert after["Job"] == before["Job"] == ["steady-0"]
