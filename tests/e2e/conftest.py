@@ -45,8 +45,10 @@ def operator_rbac(control_plane, helm):
     return control_plane.service_account_kubeconfig(OPERATOR_NS, sa_name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def operator(control_plane, node_agent, operator_rbac):
+    """Ends with the e2e package: the operator watches every namespace, and the k8s tier's tests
+    that play its part themselves (tests/k8s) must not meet it."""
     op = Operator(operator_rbac, free_port()).start()
     try:
         yield op
@@ -55,7 +57,7 @@ def operator(control_plane, node_agent, operator_rbac):
         op.restore_env()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def kueue_operator(operator, kueue):
     """The operator, (re)started after Kueue's CRDs exist so that it watches Workloads."""
     operator.stop()

@@ -60,11 +60,16 @@ class S3Server:
         config.write_text(json.dumps({"identities": [{
             "name": "admin", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+        # Each test's bucket is a SeaweedFS collection, which grows 7 volumes on its first write by
+        # default: 16 volume slots ran out at the third bucket ("No writable volumes and no free
+        # volumes left", an InternalError to the client). One volume per collection, and slots
+        # enough for every bucket of a session (volumes are sparse files: no disk until written).
+        (self.workdir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
         ports = _free_ports(9)
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, metrics = ports
         args = [str(self.weed), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
                 "-master.telemetry=false", f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-                "-master.volumeSizeLimitMB=64", "-volume.max=16",
+                "-master.volumeSizeLimitMB=64", "-volume.max=1000",
                 f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
                 "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
                 "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={config}",

@@ -386,13 +386,15 @@ def worker_pod(name: str, tj: str, attempt: int, index: int) -> dict:
                                                   "batch.kubernetes.io/job-completion-index": str(index)},
                          "annotations": {"kontrast.dev/trainjob-name": tj,
                                          "batch.kubernetes.io/job-completion-index": str(index)}},
-            "spec": {"containers": [{"name": "trainer", "image": "trainer:test"}]}}
+            # no scheduler binds these (the e2e node agent may still run in this session)
+            "spec": {"schedulerName": "kontrast-test-unscheduled",
+                     "containers": [{"name": "trainer", "image": "trainer:test"}]}}
 
 
 def test_logs_picks_the_newest_attempts_worker(control_plane, namespace):
     """Pod selection through the API server's label selector. There is no kubelet here (the
-    e2e node agent does not serve the kubelet's log endpoint either), so the pods stay
-    unscheduled: the command names the pod it chose and says it has no log yet."""
+    e2e node agent does not serve the kubelet's log endpoint either), so the pods name a
+    scheduler that does not exist and stay unscheduled: the command names the pod it chose and says it has no log yet."""
     proc = kontrast(control_plane, "logs", "lj", "-n", namespace)
     assert proc.returncode == 4 and "TrainJob lj has no worker pods (yet)" in proc.stderr
     kube = control_plane.kube()
