@@ -183,3 +183,21 @@ def test_kontrast_split_output_as_eval_sets(run_training, base_spec, split_folde
             queries = {row["query"] for row in csv.DictReader(f)}
         assert summary["eval"]["sets"][name]["after"]["queries"] == len(queries)
     assert summary["eval"]["after"] == summary["eval"]["sets"]["in-domain"]["after"]
+
+
+def test_terminal_and_metric_stores_name_each_set():
+    """The terminal prints a line per set (the first marked); TensorBoard and MLflow get the
+    first set's metrics as before and every set's under its name; one set stays as it was."""
+    import io
+
+    from kontrast.trainer.report.reporters import TerminalReporter, eval_scalars
+
+    sets = {"in-domain": {"ndcg@10": 0.5}, "zero-shot": {"ndcg@10": 0.25}}
+    event = {"phase": "after", "epoch": 2, "metrics": sets["in-domain"], "sets": sets, "selectBy": "in-domain"}
+    stream = io.StringIO()
+    TerminalReporter(stream).on_eval(event)
+    assert stream.getvalue().splitlines() == ["  eval after in-domain (selects): ndcg@10 0.5000",
+                                              "  eval after zero-shot: ndcg@10 0.2500"]
+    assert eval_scalars(event) == {"ndcg@10": 0.5, "in-domain/ndcg@10": 0.5, "zero-shot/ndcg@10": 0.25}
+    one = {**event, "sets": {"eval": sets["in-domain"]}}
+    assert eval_scalars(one) == {"ndcg@10": 0.5}
