@@ -201,3 +201,15 @@ def test_terminal_and_metric_stores_name_each_set():
     assert eval_scalars(event) == {"ndcg@10": 0.5, "in-domain/ndcg@10": 0.5, "zero-shot/ndcg@10": 0.25}
     one = {**event, "sets": {"eval": sets["in-domain"]}}
     assert eval_scalars(one) == {"ndcg@10": 0.5}
+
+
+def test_a_resumed_run_keeps_every_sets_before(run_training, base_spec, two_sets, h):
+    """The checkpoint holds each set's metrics before training, so a run resumed after epoch 1
+    still reports them per set in summary.json."""
+    spec = sets_spec(base_spec, two_sets, epochs=2)
+    first, r = run_training(spec, max_epochs=1)
+    assert first["stopped"]
+    before = eval_events(r.params.output, h)[0]["sets"]
+    summary, _ = run_training(spec)
+    assert {n: s["before"] for n, s in summary["eval"]["sets"].items()} == before
+    assert summary["eval"]["before"] == before["in-domain"]
