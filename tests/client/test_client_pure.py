@@ -268,6 +268,7 @@ def test_several_eval_sets_print_per_set_and_parse_from_status():
     assert "ndcg@10 0.5000" in lines[at] and "mrr@10 0.4000" in lines[at]
     assert lines[at + 1] == "  per eval set: in-domain ndcg@10 0.5000 | zero-shot ndcg@10 0.2500"
     # one set (evalData): one line, as before
-    one = {"history": [{"epoch": 0, "phase": "before", "metrics": {"ndcg@10": 0.5}, "sets": {"eval": {"ndcg@10": 0.5}}}]}
+    one = {"history": [{"epoch": 0, "phase": "before", "metrics": {"ndcg@10": 0.5},
+                        "sets": {"eval": {"ndcg@10": 0.5}}}]}
     out, _ = run_printer([{"phase": "Running", "metrics": one}], tty=False)
     assert "per eval set" not in out

@@ -3,9 +3,8 @@
 Evaluates the TrainJob's starting model (its ``model`` and ``pretrained``), or a checkpoint
 (a path or URI of an ``epoch_N.pt`` this or another run wrote), on its ``evalData`` (ranking
 the ``corpusData`` documents when set) or each of its ``evalSets``, with the same identities,
-grades and metrics as the
-evaluations during training: it sets up the model and the eval data with training's own
-pieces (``run.setup``). With torchrun every process encodes and searches its share.
+grades and metrics as the evaluations during training: it sets up the model and the eval
+data with training's own pieces (``run.setup``). With torchrun every process encodes and searches its share.
 
 With frozenRight the documents are encoded by the starting model and the queries by the
 checkpoint, as in training and serving.

@@ -229,7 +229,8 @@ class MlflowTracker(Reporter):
 
         now, epoch = int(time.time() * 1000), int(event.get("epoch") or 0)
         with self._lock:
-            self._pending.extend(Metric(f"eval/{metric_key(k)}", v, now, epoch) for k, v in eval_scalars(event).items())
+            self._pending.extend(Metric(f"eval/{metric_key(k)}", v, now, epoch)
+                                 for k, v in eval_scalars(event).items())
         self._queue_flush()
 
     def on_end(self, summary):

@@ -139,7 +139,8 @@ def setup(resolved: Resolved, world: World) -> Run:
     micro = choose_micro_batch(params, world, fused, train_ds, precision, optimizer)
     plan = plan_run(params, len(train_ex), world, micro, file=params.train_data)
     warnings = _warnings(params, precision, bundle, plan, optimizer)
-    bad_images = [r.status() for r in (train_bad, *(r for e in evals for r in e.bad_images)) if r is not None and r.bad]
+    reports = (train_bad, *(r for e in evals for r in e.bad_images))
+    bad_images = [r.status() for r in reports if r is not None and r.bad]
     scaler = precision.make_scaler()
     return Run(resolved=resolved, params=params, output=OutputFolder(params.output), world=world, precision=precision,
                bundle=bundle, net=net, optimizer=optimizer, scaler=scaler, train_ds=train_ds,
