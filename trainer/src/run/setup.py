@@ -179,8 +179,9 @@ def _rows(train_ex: Examples, evals: Sequence[EvalInputs]) -> dict[str, Any]:
     def counts(e: EvalInputs) -> dict[str, int]:
         return {"evalRows": len(e.examples), **({"corpusRows": len(e.corpus)} if e.corpus is not None else {})}
 
-    return {"trainRows": len(train_ex), "evalRows": None, **(counts(evals[0]) if evals else {}),
-            **({"evalSets": {e.name: counts(e) for e in evals}} if evals else {})}
+    if not evals:
+        return {"trainRows": len(train_ex), "evalRows": None}
+    return {"trainRows": len(train_ex), **counts(evals[0]), "evalSets": {e.name: counts(e) for e in evals}}
 
 
 def build_fused(resolved: Resolved, precision: Precision, device: torch.device) -> tuple[ModelBundle, FusedModel]:
