@@ -1,6 +1,6 @@
 """Honest splits: nDCG@10 on GCL's four evaluation splits, before and after training, in one run.
 
-    python benchmarks/splits.py [--seeds 0 1] [--fraction 0.2] [--data FOLDER]
+    python benchmarks/splits.py [--seeds 0 1] [--fraction 0.2] [--corpus] [--data FOLDER]
 
 The example's data (train.csv and eval.csv together, generated into the output folder or
 ``--data``) is cut by ``kontrast split`` into train.csv and the in-domain, novel-queries,
@@ -8,6 +8,8 @@ novel-documents and zero-shot eval files; the example TrainJob (tiny ViT, random
 64, lr 2e-3, 8 epochs) trains on train.csv with the four files as ``evalSets``. Prints, per
 seed, every split's nDCG@10 (linear and exponential gains) before and after training: the
 gap between in-domain and zero-shot is what one eval file drawn from the training table hides.
+Without ``--corpus`` each set ranks only its own file's documents (pools of different sizes);
+with it every set ranks the same corpus, the whole table's distinct documents.
 """
 
 from __future__ import annotations
@@ -53,12 +55,22 @@ def whole_table(data: Path, out: Path) -> Path:
     return out
 
 
-def run(seed: int, splits: Path, out: Path) -> dict:
+def corpus_of(table: Path, out: Path) -> Path:
+    """The table's distinct documents (image, title) as a corpus file."""
+    with open(table, newline="") as f:
+        docs = sorted({(r["image"], r["title"]) for r in csv.DictReader(f)})
+    with open(out, "w", newline="") as f:
+        csv.writer(f).writerows([("image", "title"), *docs])
+    return out
+
+
+def run(seed: int, splits: Path, out: Path, corpus: Path | None) -> dict:
     job = copy.deepcopy(yaml.safe_load((ROOT / "examples" / "trainjob.yaml").read_text()))
     job["metadata"] = {"name": f"splits-{seed}"}
     job["spec"].pop("evalData")
     job["spec"].update({"model": str(ROOT / "examples" / "tiny-vit.json"), "trainData": str(splits / "train.csv"),
-                        "evalSets": [{"name": n, "data": str(splits / f"{stem}.csv")} for n, stem in SPLITS.items()],
+                        "evalSets": [{"name": n, "data": str(splits / f"{stem}.csv"),
+                                      **({"corpus": str(corpus)} if corpus else {})} for n, stem in SPLITS.items()],
                         "output": str(out / f"run-{seed}"), "seed": seed})
     return train(resolve(apply_defaults(job)))["eval"]["sets"]
 
@@ -67,18 +79,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--fraction", type=float, default=0.2)
+    ap.add_argument("--corpus", action="store_true", help="every set ranks the whole table's documents")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="kontrast-splits-"))
     data = Path(args.data).resolve() if args.data else generate(out / "data")
     splits = out / "splits"
-    counts = split_file(whole_table(data, out / "all.csv"), splits, ["query"], ["image", "title"],
-                        fraction=args.fraction, seed=0)
+    table = whole_table(data, out / "all.csv")
+    counts = split_file(table, splits, ["query"], ["image", "title"], fraction=args.fraction, seed=0)
+    corpus = corpus_of(table, out / "corpus.csv") if args.corpus else None
     print(json.dumps({"rows": counts}), flush=True)
     results = []
     for seed in args.seeds:
-        sets = run(seed, splits, out)
+        sets = run(seed, splits, out, corpus)
         row = {"seed": seed, **{f"{name} {phase} {key}": sets[name][phase][key] for name in SPLITS
                                 for phase in ("before", "after") for key in ("ndcg@10", "ndcg_exp@10")}}
         results.append(row)
