@@ -137,10 +137,16 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 def format_evaluation(ev: Evaluation) -> str:
+    """The first eval set's metrics; with several sets a second line with each set's (what the
+    status keeps of them: nDCG@10)."""
     when = {"before": "before training", "after": "after training"}.get(ev.phase)
     if when is None:
         when = f"epoch {ev.epoch}" if ev.epoch is not None else "latest"
-    return f"metrics {when}: {format_metrics(ev.metrics)}"
+    line = f"metrics {when}: {format_metrics(ev.metrics)}"
+    if len(ev.sets) > 1:
+        line += "\n  per eval set: " + " | ".join(
+            f"{name} {' '.join(f'{k} {v:.4f}' for k, v in m.items())}" for name, m in ev.sets.items())
+    return line
 
 
 def format_condition(c: Condition) -> str:

@@ -97,22 +97,28 @@ class Condition:
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    """One evaluation of ``status.metrics.history``: ``phase`` is before, epoch or after."""
+    """One evaluation of ``status.metrics.history``: ``phase`` is before, epoch or after;
+    ``metrics`` the first eval set's, ``sets`` each set's nDCG@10 by name (what the status keeps
+    of every set per evaluation)."""
 
     epoch: Optional[int]
     phase: str
     metrics: dict[str, float]
+    sets: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
 class Metrics:
-    """``status.metrics``: retrieval metrics on evalData (ndcg@10, mrr@10, recall@10, ...)."""
+    """``status.metrics``: retrieval metrics on evalData, or the first of evalSets (ndcg@10,
+    mrr@10, recall@10, ...); ``sets``: every eval set's ``{"before", "latest", "after"}`` by name."""
 
     latest: dict[str, float] = dataclasses.field(default_factory=dict)
     before: dict[str, float] = dataclasses.field(default_factory=dict)
     after: dict[str, float] = dataclasses.field(default_factory=dict)
     epoch: Optional[int] = None
     history: tuple[Evaluation, ...] = ()
+    select_by: Optional[str] = None
+    sets: dict[str, dict[str, dict[str, float]]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_status(cls, metrics: Mapping[str, Any] | None) -> "Metrics":
@@ -121,11 +127,17 @@ class Metrics:
         def table(value: Any) -> dict[str, float]:
             return {str(k): float(v) for k, v in (value or {}).items() if _num(v) is not None}
 
+        def tables(value: Any) -> dict[str, dict[str, Any]]:
+            return {str(k): v for k, v in (value or {}).items() if isinstance(v, Mapping)}
+
         history = tuple(Evaluation(epoch=_int(h.get("epoch")), phase=str(h.get("phase") or ""),
-                                   metrics=table(h.get("metrics")))
+                                   metrics=table(h.get("metrics")),
+                                   sets={n: table(t) for n, t in tables(h.get("sets")).items()})
                         for h in m.get("history") or [] if isinstance(h, Mapping))
+        sets = {n: {phase: table(v) for phase, v in tables(t).items()} for n, t in tables(m.get("sets")).items()}
         return cls(latest=table(m.get("latest")), before=table(m.get("before")), after=table(m.get("after")),
-                   epoch=_int(m.get("epoch")), history=history)
+                   epoch=_int(m.get("epoch")), history=history,
+                   select_by=str(m["selectBy"]) if m.get("selectBy") else None, sets=sets)
 
     def __bool__(self) -> bool:
         return bool(self.latest or self.before or self.after or self.history)

@@ -249,3 +249,26 @@ def test_readme_documents_the_exit_codes():
     codes = {getattr(cli, n) for n in dir(cli) if n.startswith("EXIT_")}
     assert documented == codes
     assert "kontrast submit examples/cluster-cpu.yaml --watch" in readme
+
+
+def test_several_eval_sets_print_per_set_and_parse_from_status():
+    """kontrast watch with evalSets: the first set's line as with evalData, then each set's
+    nDCG@10 (what the status history keeps of every set); status.metrics.sets parses by name."""
+    sets = {"in-domain": {"ndcg@10": 0.5}, "zero-shot": {"ndcg@10": 0.25}}
+    metrics = {"history": [{"epoch": 0, "phase": "before", "metrics": {"ndcg@10": 0.5, "mrr@10": 0.4}, "sets": sets}],
+               "selectBy": "in-domain",
+               "sets": {"in-domain": {"before": {"ndcg@10": 0.5}}, "zero-shot": {"before": {"ndcg@10": 0.25}}}}
+    snap = Snapshot.from_object(tj({"phase": "Running", "metrics": metrics}))
+    assert snap.metrics.select_by == "in-domain"
+    assert snap.metrics.sets["zero-shot"]["before"] == {"ndcg@10": 0.25}
+    assert snap.metrics.history[0].sets == sets
+    out, _ = run_printer([{"phase": "Running", "metrics": metrics}], tty=False)
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("metrics before training"))
+    assert "ndcg@10 0.5000" in lines[at] and "mrr@10 0.4000" in lines[at]
+    assert lines[at + 1] == "  per eval set: in-domain ndcg@10 0.5000 | zero-shot ndcg@10 0.2500"
+    # one set (evalData): one line, as before
+    one = {"history": [{"epoch": 0, "phase": "before", "metrics": {"ndcg@10": 0.5},
+                        "sets": {"eval": {"ndcg@10": 0.5}}}]}
+    out, _ = run_printer([{"phase": "Running", "metrics": one}], tty=False)
+    assert "per eval set" not in out

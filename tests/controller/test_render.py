@@ -192,6 +192,15 @@ def test_a_corpus_on_its_own_claim_is_mounted():
     assert "catalogue" in claims
 
 
+def test_eval_sets_on_their_own_claims_are_mounted():
+    sets = [{"name": "in-domain", "data": "pvc://splits/eval_in_domain.csv"},
+            {"name": "zero-shot", "data": "pvc://splits/eval_zero_shot.csv", "corpus": "pvc://catalogue/docs.jsonl"}]
+    pod = worker_job(trainjob(evalData=None, evalSets=sets), 0, 0, CONFIG)
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert claims == {"models", "data", "runs", "splits", "catalogue"}
+
+
 def test_the_chart_cache_volume_serves_a_trainjob_without_its_own_cache():
     pod = job_pod(trainjob())["spec"]
     (c,) = pod["containers"]

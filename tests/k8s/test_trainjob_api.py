@@ -191,3 +191,52 @@ def test_server_rejects_names_whose_children_would_be_invalid_or_collide(control
 @pytest.mark.parametrize("name", CASES["good_names"])
 def test_server_accepts_good_names(control_plane, ns, name):
     control_plane.kube().post(path(ns), trainjob({}, name=name), dryRun="All")
+
+
+class _KubeStatusClient:
+    """The trainer's StatusClient, through the test harness's connection (same merge patches)."""
+
+    def __init__(self, kube, location: str):
+        self.kube, self.location = kube, location
+
+    def get_status(self) -> dict:
+        return self.kube.get(self.location).get("status") or {}
+
+    def patch_status(self, status: dict) -> None:
+        self.kube.patch(self.location + "/status", {"status": status})
+
+
+def test_status_of_several_eval_sets_round_trips_through_the_trainers_reporter(control_plane, ns, stored):
+    """Two eval sets reported by the trainer's own StatusReporter: the server keeps every field
+    it sends (nothing pruned), each set keeps its before when a later evaluation merges in, and
+    the history holds each set's nDCG@10 per evaluation."""
+    from kontrast.trainer.report.cluster_status import StatusReporter
+    from kontrast.trainer.run.evaluations import eval_entry, eval_summary
+
+    kube = control_plane.kube()
+    reporter = StatusReporter(_KubeStatusClient(kube, path(ns, stored)), background=False)
+
+    def sets(base: float) -> dict:
+        return {"in-domain": {"ndcg@10": base, "mrr@10": base / 2, "ndcg@10@dim8": base / 3, "queries": 20.0},
+                "zero-shot": {"ndcg@10": base / 4, "mrr@10": base / 8, "ndcg@10@dim8": base / 5, "queries": 7.0}}
+
+    history = []
+    for epoch, phase, base in ((0, "before", 0.2), (1, "epoch", 0.5), (2, "after", 0.6)):
+        history.append(eval_entry(epoch, phase, sets(base)))
+        best = {"uri": "pvc://data/runs/x/epoch_1.pt", "epoch": 1, "ndcg@10": 0.5, "evalSet": "in-domain"}
+        reporter.on_eval({**history[-1], "selectBy": "in-domain", "history": list(history),
+                          "best": best if epoch else None})
+    reporter.on_end({"eval": eval_summary(sets(0.2), sets(0.6))})
+    reporter.close()
+
+    status = kube.get(path(ns, stored))["status"]
+    first = {base: sets(base)["in-domain"] for base in (0.2, 0.5, 0.6)}
+    assert status["metrics"] == {   # all of it: the server pruned nothing the reporter sent
+        "before": first[0.2], "latest": first[0.6], "after": first[0.6], "epoch": 2, "selectBy": "in-domain",
+        "sets": {name: {"before": sets(0.2)[name], "latest": sets(0.6)[name], "after": sets(0.6)[name]}
+                 for name in ("in-domain", "zero-shot")},
+        "history": [{"epoch": e, "phase": p, "metrics": first[base],
+                     "sets": {n: {"ndcg@10": m["ndcg@10"]} for n, m in sets(base).items()}}
+                    for e, p, base in ((0, "before", 0.2), (1, "epoch", 0.5), (2, "after", 0.6))],
+    }
+    assert status["checkpoints"]["best"]["evalSet"] == "in-domain"

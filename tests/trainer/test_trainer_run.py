@@ -60,7 +60,9 @@ def test_full_run_outputs(run_training, base_spec, h):
     summary, r = run_training({**base_spec, "epochs": 2})
     out = Path(r.params.output)
     on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["eval"].keys() == {"before", "after"}
+    # evalData is one eval set named "eval": the flat before/after are its metrics, as before evalSets
+    assert on_disk["eval"].keys() == {"before", "after", "selectBy", "sets"} and on_disk["eval"]["selectBy"] == "eval"
+    assert on_disk["eval"]["sets"] == {"eval": {"before": on_disk["eval"]["before"], "after": on_disk["eval"]["after"]}}
     for phase in ("before", "after"):
         assert METRICS <= on_disk["eval"][phase].keys()
         assert all(0.0 <= on_disk["eval"][phase][k] <= 1.0 for k in METRICS)

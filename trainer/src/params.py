@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping, Optional
 
 from kontrast.api.data import Data
+from kontrast.api.eval_sets import EvalSetSpec, eval_sets_of
 from kontrast.api.scheduling import Scheduling, field_name
 from kontrast.api.tracking import Tracking
 
@@ -101,6 +102,7 @@ class Params:
     train_data: str
     eval_data: Optional[str] = None
     corpus_data: Optional[str] = None           #: every retrievable document (the eval's candidates)
+    eval_sets: tuple[EvalSetSpec, ...] = ()     #: evalSets, else evalData as one set; the first selects
     eval_every: int                             #: epochs between evaluations during training (0: none)
     eval_grades: str                            #: weight | gcl (metrics.grades_for)
     data: Data                                  #: cache, onBadImage, maxBadFraction (kontrast.api.data)
@@ -189,9 +191,26 @@ def _resolved_locations(spec: Mapping[str, Any], base_dir: Path, output: Optiona
         "train_data": loc("trainData"),
         "eval_data": loc("evalData"),
         "corpus_data": loc("corpusData"),
+        "eval_sets": _resolved_eval_sets(spec, base_dir),
         "output": resolve_location(output, Path.cwd()) if output is not None else loc("output"),
         "pretrained": pretrained,
     }
+
+
+def _resolved_eval_sets(spec: Mapping[str, Any], base_dir: Path) -> tuple[EvalSetSpec, ...]:
+    """The eval sets with their files resolved; a bad location names its field
+    (``evalSets[1].data``, or evalData / corpusData for evalData's set)."""
+    def loc(value: Optional[str], key: str) -> Optional[str]:
+        try:
+            return None if value is None else resolve_location(value, base_dir)
+        except ValueError as exc:
+            raise SpecError(key, str(exc)) from None
+
+    named = bool(spec.get("evalSets"))
+    return tuple(
+        replace(s, data=loc(s.data, f"evalSets[{i}].data" if named else "evalData"),
+                corpus=loc(s.corpus, f"evalSets[{i}].corpus" if named else "corpusData"))
+        for i, s in enumerate(eval_sets_of(spec)))
 
 
 def model_name_for_defaults(model: str) -> str:

@@ -6,6 +6,7 @@ import copy
 from typing import Any, Iterable, Mapping
 
 from kontrast import contract
+from kontrast.api.eval_sets import eval_set_locations
 from kontrast.api.scheduling import Scheduling, field_name, thaw
 from kontrast.api.tracking import MLFLOW_CREDENTIAL_KEYS, Tracking
 
@@ -26,8 +27,8 @@ CONTAINER_SECURITY_CONTEXT = {
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 
-#: The fields of a TrainJob spec that hold paths or URIs.
-URI_FIELDS = ("model", "pretrained", "trainData", "evalData", "corpusData", "output")
+#: The fields of a TrainJob spec that hold paths or URIs (besides the eval sets' and the cache).
+URI_FIELDS = ("model", "pretrained", "trainData", "output")
 
 #: Credential variables per object-store scheme: what storageSecretRef passes when it lists no
 #: keys (each optional, so a Secret may hold any subset).
@@ -43,7 +44,8 @@ _POD_SPEC_FIELDS = ("nodeSelector", "tolerations", "priorityClassName", "schedul
 
 def _uris(spec: Mapping[str, Any]) -> list[str]:
     cache = (spec.get("data") or {}).get("cache")
-    return [v for v in (*(spec.get(f) for f in URI_FIELDS), cache) if isinstance(v, str)]
+    fields = (*(spec.get(f) for f in URI_FIELDS), *eval_set_locations(spec), cache)
+    return [v for v in fields if isinstance(v, str)]
 
 
 def pvc_claims(spec: Mapping[str, Any]) -> list[str]:

@@ -90,9 +90,9 @@ def _check(resolved: Resolved) -> None:
     init_from_env("cpu")
     try:
         load_data(params.train_data, params, require_positive_weight=True, progress=True)
-        if params.eval_data:
-            load_data(params.eval_data, params, require_positive_weight=False, progress=True)
-            load_corpus(params, progress=True)
+        for eval_set in params.eval_sets:
+            load_data(eval_set.data, params, require_positive_weight=False, progress=True)
+            load_corpus(eval_set.corpus, params, progress=True)
     finally:
         shutdown()
 

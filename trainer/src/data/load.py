@@ -64,11 +64,13 @@ def load_data(location: str, params: Params, *, require_positive_weight: bool,
     return examples, report
 
 
-def load_corpus(params: Params, *, progress: bool = False) -> tuple[Optional[Examples], Optional[BadImageReport]]:
-    """The checked corpus (corpusData: documents only) with its image report; (None, None) without one."""
-    if not params.corpus_data:
+def load_corpus(location: Optional[str], params: Params, *,
+                progress: bool = False) -> tuple[Optional[Examples], Optional[BadImageReport]]:
+    """The checked corpus at ``location`` (an eval set's corpus: documents only) with its image
+    report; (None, None) without one."""
+    if not location:
         return None, None
-    return load_data(params.corpus_data, params, require_positive_weight=False, progress=progress,
+    return load_data(location, params, require_positive_weight=False, progress=progress,
                      columns=Columns.corpus_of(params))
 
 

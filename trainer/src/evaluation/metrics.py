@@ -37,6 +37,9 @@ RBP_P = 0.8
 METRIC_KEYS = (f"ndcg@{K}", f"ndcg_exp@{K}", f"mrr@{K}", f"recall@{K}", f"recall@{DEEP_K}", f"p@{K}", "map",
                f"err@{K}", f"rbp@{RBP_P}")
 GRADES = ("weight", "gcl")
+#: The metric that selects the best checkpoint (of the first eval set), and the one
+#: status.metrics.history keeps of every set.
+BEST_BY = f"ndcg@{K}"
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Optional
 from kontrast.api import GROUP, PLURAL, VERSION
 from kontrast.contract import JOB_NAME_ENV, JOB_NAMESPACE_ENV, STATUS_INTERVAL_ENV
 
+from ..evaluation.metrics import BEST_BY
 from .heartbeat import TRAINING
 from .reporters import Reporter, utc_now
 
@@ -102,6 +103,34 @@ def _merge(into: dict, patch: Mapping[str, Any]) -> dict:
         else:
             into[k] = copy.deepcopy(v)
     return into
+
+
+def eval_patch(event: Mapping[str, Any]) -> dict:
+    """The status patch of an evaluation event: the first eval set's metrics as latest (and
+    before/after), every set's under ``sets`` (merged by name, so each keeps its before), and
+    the history with only ``BEST_BY`` of each set per evaluation. The full history of every
+    set would grow the status by sets x metrics x 200 evaluations; summary.json keeps it."""
+    phases = ("latest", event["phase"]) if event.get("phase") in ("before", "after") else ("latest",)
+    metrics: dict = {phase: dict(event.get("metrics") or {}) for phase in phases}
+    if event.get("selectBy"):
+        metrics["selectBy"] = event["selectBy"]
+    if event.get("sets"):
+        metrics["sets"] = {name: {phase: dict(m) for phase in phases} for name, m in event["sets"].items()}
+    if event.get("epoch") is not None:
+        metrics["epoch"] = event["epoch"]
+    if event.get("history"):
+        metrics["history"] = [_history_entry(h) for h in event["history"]]
+    patch: dict = {"metrics": metrics}
+    if event.get("best"):
+        patch["checkpoints"] = {"best": dict(event["best"])}
+    return patch
+
+
+def _history_entry(entry: Mapping[str, Any]) -> dict:
+    out = {k: entry[k] for k in ("epoch", "phase", "metrics") if k in entry}
+    if entry.get("sets"):
+        out["sets"] = {name: {BEST_BY: m[BEST_BY]} for name, m in entry["sets"].items() if BEST_BY in m}
+    return out
 
 
 def progress_fields(p: Mapping[str, Any]) -> dict:
@@ -227,17 +256,7 @@ class StatusReporter(Reporter):
         self._queue({"checkpoints": {"latest": dict(checkpoint)}}, now=True, checkpoint=dict(checkpoint))
 
     def on_eval(self, event):
-        metrics = dict(event.get("metrics") or {})
-        patch: dict = {"metrics": {"latest": metrics}}
-        if event.get("phase") in ("before", "after"):
-            patch["metrics"][event["phase"]] = metrics
-        if event.get("epoch") is not None:
-            patch["metrics"]["epoch"] = event["epoch"]
-        if event.get("history"):
-            patch["metrics"]["history"] = [dict(h) for h in event["history"]]
-        if event.get("best"):
-            patch["checkpoints"] = {"best": dict(event["best"])}
-        self._queue(patch, now=True)
+        self._queue(eval_patch(event), now=True)
 
     def on_end(self, summary):
         patch: dict = {}
@@ -249,7 +268,7 @@ class StatusReporter(Reporter):
                 progress["percent"] = round(100.0 * step / total, 2)
             patch["progress"] = progress_fields({k: v for k, v in progress.items() if v is not None})
         evals = summary.get("eval") if isinstance(summary.get("eval"), Mapping) else {}
-        metrics = {k: evals[k] for k in ("before", "after") if evals.get(k)}
+        metrics = {k: evals[k] for k in ("before", "after", "selectBy", "sets") if evals.get(k)}
         if metrics:
             patch["metrics"] = metrics
         saved = summary.get("checkpoints")

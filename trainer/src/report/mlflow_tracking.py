@@ -44,7 +44,7 @@ from .. import storage
 from ..layout import OutputFolder
 from ..locations import has_scheme
 from ..spec import Resolved
-from .reporters import Reporter
+from .reporters import Reporter, eval_scalars
 from .tensorboard import STEP_SCALARS
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,9 @@ def mlflow_tracker(resolved: Resolved, namespace: Optional[str] = None) -> Optio
     identity = {"kontrast.name": resolved.name, "kontrast.uid": resolved.uid or os.environ.get(JOB_UID_ENV, ""),
                 "kontrast.namespace": namespace if namespace is not None else os.environ.get(JOB_NAMESPACE_ENV, "")}
     data = {"trainData": params.train_data, "evalData": params.eval_data, "corpusData": params.corpus_data}
+    if not params.eval_data:   # evalSets: each set's files under its name
+        data.update({f"evalSets.{s.name}{suffix}": location for s in params.eval_sets
+                     for suffix, location in (("", s.data), (".corpus", s.corpus))})
     return MlflowTracker(settings, OutputFolder(params.output), identity,
                          {key: location for key, location in data.items() if location})
 
@@ -226,8 +229,8 @@ class MlflowTracker(Reporter):
 
         now, epoch = int(time.time() * 1000), int(event.get("epoch") or 0)
         with self._lock:
-            self._pending.extend(Metric(f"eval/{metric_key(k)}", float(v), now, epoch)
-                                 for k, v in (event.get("metrics") or {}).items() if isinstance(v, (int, float)))
+            self._pending.extend(Metric(f"eval/{metric_key(k)}", v, now, epoch)
+                                 for k, v in eval_scalars(event).items())
         self._queue_flush()
 
     def on_end(self, summary):

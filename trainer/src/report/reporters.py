@@ -9,7 +9,9 @@ A ``Reporter`` receives plain dicts (JSON-ready, camelCase keys matching the Tra
 * ``on_step(progress)``: ``{"epoch", "epochs", "step", "totalSteps", "percent",
   "samplesPerSecond", "etaSeconds", "loss", "lr", "microBatchSize", "updatedAt"}``.
 * ``on_checkpoint(checkpoint)``: ``{"uri", "epoch", "step", "time"}``.
-* ``on_eval(event)``: ``{"phase": "before" | "after", "epoch", "metrics": {...}}``.
+* ``on_eval(event)``: ``{"phase": "before" | "epoch" | "after", "epoch", "metrics": {...}, "selectBy",
+  "sets": {name: {...}}, "history", "best"}``: ``metrics`` is the first eval set's (``selectBy``),
+  ``sets`` every set's (``run.evaluations``).
 * ``on_end(summary)``: the content of summary.json. A sink that publishes the run elsewhere
   (MLflow) adds where to ``summary["outputs"]``, for the sinks after it.
 * ``close()``: always called, also after a failure.
@@ -137,6 +139,20 @@ def _grad_and_wait(p: dict[str, Any]) -> str:
     return text
 
 
+def eval_scalars(event: dict[str, Any]) -> dict[str, float]:
+    """The numbers of an eval event for a metrics store (TensorBoard, MLflow): the first set's
+    as ``<metric>``, and with several sets every set's as ``<set>/<metric>`` too."""
+    out = {k: float(v) for k, v in (event.get("metrics") or {}).items() if _number(v)}
+    sets = event.get("sets") or {}
+    if len(sets) > 1:
+        out.update({f"{name}/{k}": float(v) for name, m in sets.items() for k, v in m.items() if _number(v)})
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
@@ -185,7 +201,13 @@ class TerminalReporter(Reporter):
         self._print(f"  saved checkpoint {c['uri']} (epoch {c['epoch']}, step {c['step']})")
 
     def on_eval(self, e):
-        self._print(f"  eval {e['phase']}: {format_metrics(e['metrics'])}")
+        sets = e.get("sets") or {}
+        if len(sets) > 1:   # one line per set, the selecting (first) one marked
+            for i, (name, metrics) in enumerate(sets.items()):
+                mark = " (selects)" if i == 0 else ""
+                self._print(f"  eval {e['phase']} {name}{mark}: {format_metrics(metrics)}")
+        else:
+            self._print(f"  eval {e['phase']}: {format_metrics(e['metrics'])}")
 
     def on_end(self, summary):
         self._print(f"kontrast: done in {format_duration(summary.get('durationSeconds'))}; "

@@ -13,7 +13,7 @@ import logging
 from typing import Optional
 
 from ..locations import has_scheme
-from .reporters import Reporter
+from .reporters import Reporter, eval_scalars
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,8 @@ class TensorBoardReporter(Reporter):
                 self.writer.add_scalar(tag, value, self.step)
 
     def on_eval(self, e):
-        for name, value in (e.get("metrics") or {}).items():
-            if isinstance(value, float):
-                self.writer.add_scalar(f"eval/{name}", value, self.step)
+        for name, value in eval_scalars(e).items():
+            self.writer.add_scalar(f"eval/{name}", value, self.step)
         self.writer.flush()
 
     def close(self):

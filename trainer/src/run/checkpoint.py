@@ -12,7 +12,7 @@ Two kinds of file:
      "state_dict": ...,     # the open_clip model's own state_dict (no DDP "module." prefix)
      "optimizer": ...,      # AdamW state
      "scaler": ...,         # GradScaler state (precision amp on CUDA only)
-     "eval_before": {...},  # metrics of the starting model, so a resumed run still reports them
+     "eval_before": {...},  # each eval set's metrics of the starting model, so a resumed run reports them
      "checkpoints": [...],  # the files of this run kept so far (uri, epoch, step, time)
      "seconds": T,          # the run's time up to this checkpoint, over its invocations
      "run": {"uid", "name", "inputs"},  # which run wrote it (see run_identity)

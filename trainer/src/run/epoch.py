@@ -11,7 +11,7 @@ from ..errors import Interrupted
 from ..report.reporters import Reporters, utc_now
 from ..step.train_step import optimizer_step, seed_everything, step_seed, to_device
 from . import checkpoint as ckpt
-from .evaluations import is_new_best, measure, note_eval, report_eval
+from .evaluations import SetMetrics, is_new_best, measure, note_eval, report_eval
 from .save import save
 from .save_policy import SavePolicy
 from .setup import Run
@@ -101,21 +101,21 @@ def end_epoch(run: Run, progress: Progress, report: Reporters) -> bool:
     params = run.params
     last = progress.epoch == params.epochs
     due = params.eval_every > 0 and progress.epoch % params.eval_every == 0 and not last
-    metrics = measure_run(run) if due else None
-    saving = last or progress.epoch % params.save_frequency == 0 or is_new_best(progress, metrics)
+    sets = measure_run(run) if due else None
+    saving = last or progress.epoch % params.save_frequency == 0 or is_new_best(progress, sets)
     if run.world.distributed:
         saving = bool(broadcast_object(saving))
-    if metrics is not None:
-        note_eval(progress, "epoch", metrics, ckpt.model_location(params.output, progress.epoch) if saving else None)
+    if sets is not None:
+        note_eval(progress, "epoch", sets, ckpt.model_location(params.output, progress.epoch) if saving else None)
     if saving:
         save(run.checkpoint, progress, report, world=run.world, output=params.output,
              keep=params.keep_checkpoints, model_file=True)
-    report_eval(progress, report, "epoch", metrics, is_main=run.world.is_main)
+    report_eval(progress, report, "epoch", sets, is_main=run.world.is_main)
     return saving
 
 
-def measure_run(run: Run, gallery_phase: Optional[str] = None) -> Optional[dict[str, float]]:
-    """``measure`` with this run's model, eval data, batch size, device and precision."""
-    return measure(run.net, run.evaluation, batch_size=run.params.batch_size, device=run.world.device,
+def measure_run(run: Run, gallery_phase: Optional[str] = None) -> Optional[SetMetrics]:
+    """``measure`` with this run's model, eval sets, batch size, device and precision."""
+    return measure(run.net, run.evaluations, batch_size=run.params.batch_size, device=run.world.device,
                    precision=run.precision, workers=run.params.workers, gallery_phase=gallery_phase,
                    dims=run.params.matryoshka_dims or ())

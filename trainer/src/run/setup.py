@@ -19,6 +19,8 @@ from typing import Any, Optional, Sequence
 import open_clip
 import torch
 
+from kontrast.api.eval_sets import EvalSetSpec
+
 from ..data.batches import StepSampler, TrainLoader, steps_per_epoch
 from ..data.dataset import PairDataset, collate
 from ..data.examples import Examples
@@ -57,12 +59,13 @@ class RunPlan:
 
 @dataclass(frozen=True)
 class RunEval:
-    """What evaluating during a run reads: evalData's rows, the corpus's, the eval set and the gallery."""
+    """What evaluating one eval set during a run reads: its rows, the corpus's, the eval set and the gallery."""
 
+    name: str                       #: the set's name (evalSets), or EVAL_DATA_SET for evalData
     pairs: PairDataset
-    docs: Optional[PairDataset]     #: the corpus's documents (corpusData), else None: the eval file's
+    docs: Optional[PairDataset]     #: the corpus's documents (the set's corpus), else None: the eval file's
     eval_set: EvalSet
-    gallery: Optional[Gallery]      #: before/after top-k examples for the report (rank 0)
+    gallery: Optional[Gallery]      #: before/after top-k examples for the report (rank 0, the first set)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class Run:
     sampler: StepSampler            #: which rows each step of an epoch takes
     loader: TrainLoader             #: one for the run: persistent workers
     plan: RunPlan
-    evaluation: Optional[RunEval]   #: None without evalData
+    evaluations: tuple[RunEval, ...]   #: one per eval set, in the spec's order (the first selects); () without
     info: dict[str, Any]            #: the resolved values reported in status.resolved
     data_report: dict[str, Any]     #: status.data: bad images skipped (empty when none)
     rows: dict[str, Any]            #: row counts of the data files (the report and model card)
@@ -110,8 +113,9 @@ class Run:
 
 @dataclass(frozen=True)
 class EvalInputs:
-    """evalData and corpusData checked and loaded, with the eval set built from them."""
+    """One eval set's file and corpus checked and loaded, with the eval set built from them."""
 
+    name: str
     examples: Examples
     corpus: Optional[Examples]
     eval_set: EvalSet
@@ -124,7 +128,7 @@ def setup(resolved: Resolved, world: World) -> Run:
     precision = run_precision(params, world.device)
     train_ex, train_bad = load_data(params.train_data, params, require_positive_weight=True,
                                          progress=world.is_main)
-    evals = load_eval_inputs(params, world) if params.eval_data else None
+    evals = [load_eval_inputs(params, world, spec) for spec in params.eval_sets]
     bundle, fused = build_fused(resolved, precision, world.device)
     net = wrap_ddp(fused, world)
     optimizer = make_adamw(param_groups(bundle.model, params.wd), lr=params.lr,
@@ -135,18 +139,19 @@ def setup(resolved: Resolved, world: World) -> Run:
     micro = choose_micro_batch(params, world, fused, train_ds, precision, optimizer)
     plan = plan_run(params, len(train_ex), world, micro, file=params.train_data)
     warnings = _warnings(params, precision, bundle, plan, optimizer)
-    bad_images = [r.status() for r in (train_bad, *(evals.bad_images if evals else ())) if r is not None and r.bad]
+    reports = (train_bad, *(r for e in evals for r in e.bad_images))
+    bad_images = [r.status() for r in reports if r is not None and r.bad]
     scaler = precision.make_scaler()
     return Run(resolved=resolved, params=params, output=OutputFolder(params.output), world=world, precision=precision,
                bundle=bundle, net=net, optimizer=optimizer, scaler=scaler, train_ds=train_ds,
                known_pairs=_known_pairs(train_ex, world),
                sampler=StepSampler(len(train_ds), world, params.seed, plan.step_rows, plan.micro),
                loader=TrainLoader(train_ds, params.workers, pin_memory=world.device.type == "cuda"), plan=plan,
-               evaluation=_run_eval(evals, bundle, params, image_cache, world) if evals else None,
+               evaluations=tuple(_run_eval(e, bundle, params, image_cache, world, gallery=i == 0)
+                                 for i, e in enumerate(evals)),
                info=_resolved_info(params, bundle, plan, world, precision, warnings),
                data_report={"badImages": bad_images} if bad_images else {},
-               rows={"trainRows": len(train_ex), "evalRows": len(evals.examples) if evals else None,
-                     **({"corpusRows": len(evals.corpus)} if evals and evals.corpus is not None else {})},
+               rows=_rows(train_ex, evals),
                checkpoint=_checkpoint_parts(resolved, bundle, optimizer, scaler, plan.step_rows * world.world_size))
 
 
@@ -159,14 +164,24 @@ def run_precision(params: Params, device: torch.device) -> Precision:
     return precision
 
 
-def load_eval_inputs(params: Params, world: World) -> EvalInputs:
-    """evalData and corpusData checked (every rank the same way) and the eval set built; a
-    document of evalData missing from the corpus fails here."""
-    eval_ex, eval_bad = load_data(params.eval_data, params, require_positive_weight=False,
-                                       progress=world.is_main)
-    corpus_ex, corpus_bad = load_corpus(params, progress=world.is_main)
-    return EvalInputs(eval_ex, corpus_ex, build_eval_set(eval_ex, params.eval_grades, corpus_ex),
+def load_eval_inputs(params: Params, world: World, spec: EvalSetSpec) -> EvalInputs:
+    """An eval set's file and corpus checked (every rank the same way) and the eval set built; a
+    relevant document of the eval file missing from the corpus fails here."""
+    eval_ex, eval_bad = load_data(spec.data, params, require_positive_weight=False, progress=world.is_main)
+    corpus_ex, corpus_bad = load_corpus(spec.corpus, params, progress=world.is_main)
+    return EvalInputs(spec.name, eval_ex, corpus_ex, build_eval_set(eval_ex, params.eval_grades, corpus_ex),
                       [eval_bad, corpus_bad])
+
+
+def _rows(train_ex: Examples, evals: Sequence[EvalInputs]) -> dict[str, Any]:
+    """Row counts for the report and model card: evalRows and corpusRows are the first eval
+    set's (as with evalData alone), evalSets every set's by name."""
+    def counts(e: EvalInputs) -> dict[str, int]:
+        return {"evalRows": len(e.examples), **({"corpusRows": len(e.corpus)} if e.corpus is not None else {})}
+
+    if not evals:
+        return {"trainRows": len(train_ex), "evalRows": None}
+    return {"trainRows": len(train_ex), **counts(evals[0]), "evalSets": {e.name: counts(e) for e in evals}}
 
 
 def build_fused(resolved: Resolved, precision: Precision, device: torch.device) -> tuple[ModelBundle, FusedModel]:
@@ -207,10 +222,13 @@ def eval_datasets(evals: EvalInputs, bundle: ModelBundle, params: Params,
     return pairs, docs
 
 
-def _run_eval(evals: EvalInputs, bundle: ModelBundle, params: Params, image_cache, world: World) -> RunEval:
+def _run_eval(evals: EvalInputs, bundle: ModelBundle, params: Params, image_cache, world: World, *,
+              gallery: bool) -> RunEval:
+    """``gallery``: rank 0 keeps the report's before/after examples of this set (the first)."""
     pairs, docs = eval_datasets(evals, bundle, params, image_cache)
-    gallery = Gallery(params.output, evals.examples, evals.eval_set, docs=evals.corpus) if world.is_main else None
-    return RunEval(pairs, docs, evals.eval_set, gallery)
+    kept = Gallery(params.output, evals.examples, evals.eval_set, docs=evals.corpus) if gallery and world.is_main \
+        else None
+    return RunEval(evals.name, pairs, docs, evals.eval_set, kept)
 
 
 def _checkpoint_parts(resolved: Resolved, bundle: ModelBundle, optimizer, scaler, global_batch: int) -> CheckpointParts:

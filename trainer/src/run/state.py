@@ -37,10 +37,10 @@ class Progress:
     epoch: int = 0                  #: epochs completed
     epoch_step: int = 0             #: optimizer steps done in the current epoch
     step: int = 0                   #: optimizer steps completed
-    eval_before: Optional[dict[str, float]] = None
+    eval_before: Optional[dict[str, dict[str, float]]] = None   #: each eval set's metrics before training
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)    #: evaluations so far, oldest first
-    best: Optional[dict[str, Any]] = None   #: the saved checkpoint with the best nDCG@10 so far
+    best: Optional[dict[str, Any]] = None   #: the saved checkpoint with the best nDCG@10 (first eval set) so far
     resumed_from: Optional[str] = None
     saved_step: Optional[int] = None  #: the step of the newest resumable checkpoint
     seconds_before: float = 0.0     #: the earlier invocations' time, up to the checkpoint resumed from
@@ -94,9 +94,17 @@ def _progress_of(state: dict[str, Any], steps_per_epoch: int, location: str) -> 
                     epoch + 1, step)
     # Retention deletes older files after a checkpoint is published: list what is left.
     kept = [c for c in state.get("checkpoints") or [] if storage.exists(c["uri"])]
-    return Progress(epoch=epoch, epoch_step=epoch_step, step=step, eval_before=state.get("eval_before"),
+    return Progress(epoch=epoch, epoch_step=epoch_step, step=step, eval_before=_by_set(state.get("eval_before")),
                     checkpoints=kept, history=list(state.get("eval_history") or []), best=state.get("best"),
                     resumed_from=location, saved_step=step, seconds_before=float(state.get("seconds") or 0.0))
+
+
+def _by_set(eval_before: Optional[dict[str, Any]]) -> Optional[dict[str, dict[str, float]]]:
+    """The checkpoint's per-set metrics before training; None for a checkpoint of a trainer that
+    kept one flat table (its set's name is unknown here; its history still holds them)."""
+    if not eval_before or not all(isinstance(v, dict) for v in eval_before.values()):
+        return None
+    return eval_before
 
 
 def _load_state(state: dict[str, Any], location: str, clip, optimizer, scaler) -> None:

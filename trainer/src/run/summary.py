@@ -10,7 +10,7 @@ from ..report.reporters import Reporters
 from ..ship.export import export_run
 from ..ship.report_page import run_outputs, write_report
 from .epoch import measure_run
-from .evaluations import record_eval
+from .evaluations import eval_summary, record_eval
 from .setup import Run
 from .state import Progress
 
@@ -27,7 +27,7 @@ def summarise(run: Run, progress: Progress, report: Reporters) -> dict[str, Any]
         "totalSteps": run.plan.schedule.total_steps,
         "finalLoss": progress.last_loss,
         "durationSeconds": round(progress.seconds(), 2),
-        "eval": ({"before": progress.eval_before, "after": eval_after} if run.evaluation is not None else {}),
+        "eval": eval_summary(progress.eval_before, eval_after),
         "resolved": run.info,
         "parameters": dict(run.resolved.spec),
         "checkpoints": progress.checkpoints,

@@ -10,8 +10,8 @@ Order of a run (every rank unless noted), the order of ``_train``; each stage ha
    with model-dependent betas/eps and the no-decay groups, and plan the steps; keep
    trainData's relevant pairs for the loss's graded targets (``step.known_pairs.KnownPairs``).
 2. ``resume`` (state.py) from the newest complete checkpoint in ``output`` (rank 0 picks it, all load it).
-3. Evaluate the starting model on evalData (every rank its share; against corpusData's
-   documents when set), unless resuming.
+3. Evaluate the starting model on each eval set (evalData, or each of evalSets; every rank its
+   share; against the set's corpus when set), unless resuming.
 4. ``train_epoch`` (epoch.py): this rank's shard of a per-epoch permutation, cut into optimizer steps
    of batchSize x accumFreq rows, each cut into micro-batches (``data.batches.StepSampler``);
    ``step.train_step.optimizer_step`` runs one (``train_step``: one micro-batch is a plain forward/backward;

@@ -28,10 +28,7 @@ def _cell(value: Any) -> str:
 
 
 def _data_section(params: dict[str, Any], data: dict[str, Any]) -> str:
-    rows = [["train", params.get("trainData"), data.get("trainRows")],
-            ["eval", params.get("evalData"), data.get("evalRows")]]
-    if params.get("corpusData"):
-        rows.append(["corpus (eval candidates)", params.get("corpusData"), data.get("corpusRows")])
+    rows = [["train", params.get("trainData"), data.get("trainRows")], *_eval_data_rows(params, data)]
     fields = [[side, k, w] for side in ("left", "right")
               for k, w in zip(params.get(f"{side}Keys") or [], params.get(f"{side}Weights") or [])]
     return "\n\n".join([
@@ -41,6 +38,35 @@ def _data_section(params: dict[str, Any], data: dict[str, Any]) -> str:
         "weighted mean of its fields' L2-normalised embeddings, normalised again; the first right field "
         "is the image.",
     ])
+
+
+def _eval_data_rows(params: dict[str, Any], data: dict[str, Any]) -> list[list[Any]]:
+    """The data table's rows of the eval files and corpora: evalData's, or each eval set's."""
+    if not params.get("evalSets"):
+        rows = [["eval", params.get("evalData"), data.get("evalRows")]]
+        if params.get("corpusData"):
+            rows.append(["corpus (eval candidates)", params.get("corpusData"), data.get("corpusRows")])
+        return rows
+    counts = data.get("evalSets") or {}
+    rows = []
+    for s in params["evalSets"]:
+        n = counts.get(s["name"]) or {}
+        rows.append([f"eval set {s['name']}", s["data"], n.get("evalRows")])
+        if s.get("corpus"):
+            rows.append([f"eval set {s['name']} corpus", s["corpus"], n.get("corpusRows")])
+    return rows
+
+
+def _evaluation_section(run: Optional[RunFiles]) -> str:
+    """One table, or one per eval set with several (the first selects the best checkpoint)."""
+    names = run.eval_set_names() if run else []
+    if len(names) <= 1:
+        header, rows = run.eval_table() if run else ([], [])
+        return _table(header, rows) if rows else "No evaluation data was given."
+    parts = [f"Evaluated on {len(names)} eval sets each time; the first, `{names[0]}`, selects the best "
+             "checkpoint (its nDCG@10)."]
+    parts += [f"### {name}\n\n" + _table(*run.eval_table(name)) for name in names]
+    return "\n\n".join(parts)
 
 
 def _usage(config: dict[str, Any], name: str) -> str:
@@ -93,13 +119,12 @@ def model_card(config: dict[str, Any], run: Optional[RunFiles], *, checkpoint: s
     name = summary.get("name") or start.get("name") or "kontrast-model"
     base = params.get("model") or summary.get("model") or "?"
     pretrained = params.get("pretrained") or "random initialisation"
-    header, rows = run.eval_table() if run else ([], [])
     parts = [
         f"---\nlibrary_name: open_clip\ntags: [clip, kontrast, retrieval]\n---\n\n# {name}",
         f"Fine-tuned with kontrast from `{base}` ({pretrained}). Exported from `{checkpoint}` "
         f"(epoch {epoch}).",
         "## Data\n\n" + _data_section(params, start.get("rows") or {}),
-        "## Evaluation\n\n" + (_table(header, rows) if rows else "No evaluation data was given."),
+        "## Evaluation\n\n" + _evaluation_section(run),
         "## Training parameters\n\n" + _table(["parameter", "value"], [[k, v] for k, v in sorted(params.items())]),
         "## Resolved by the trainer\n\n" + _table(
             ["value", "resolved"], [[k, v] for k, v in sorted((summary.get("resolved") or {}).items())]),

@@ -14,6 +14,8 @@ import io
 import json
 from typing import Any, Callable, Optional
 
+from kontrast.api.eval_sets import EVAL_DATA_SET
+
 from .. import storage
 from ..layout import OutputFolder
 from ..report.tensorboard import available as tensorboard_available
@@ -46,11 +48,13 @@ def _series(steps: list[dict[str, Any]], key: str) -> tuple[list[int], list[floa
     return [p[0] for p in pairs], [float(p[1]) for p in pairs]
 
 
-def _eval_series(run: RunFiles) -> dict[str, tuple[list[int], list[float]]]:
-    """metric -> (epochs, values) over the evaluations (before = epoch 0)."""
+def _eval_series(run: RunFiles, eval_set: Optional[str] = None) -> dict[str, tuple[list[int], list[float]]]:
+    """metric -> (epochs, values) over the evaluations (before = epoch 0), of the set named
+    ``eval_set`` (default: the first)."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     for e in run.of("eval"):
-        for name, value in (e.get("metrics") or {}).items():
+        metrics = (e.get("sets") or {}).get(eval_set) if eval_set else e.get("metrics")
+        for name, value in (metrics or {}).items():
             if isinstance(value, float):
                 xs, ys = out.setdefault(name, ([], []))
                 xs.append(int(e.get("epoch") or 0))
@@ -104,20 +108,33 @@ def make_figures(run: RunFiles) -> dict[str, Any]:
                 _legend_beside(ax)
 
         plots[stem] = _figure(draw)
-    evals = _eval_series(run)
-    if evals:
-        def draw_eval(ax):
+    for stem, title, eval_set in _eval_plots(run):
+        evals = _eval_series(run, eval_set)
+        if not evals:
+            continue
+
+        def draw_eval(ax, evals=evals, title=title):
             for name, (xs, ys) in sorted(evals.items()):
                 ax.plot(xs, ys, marker="o", label=name)
             from matplotlib.ticker import MaxNLocator
 
-            ax.set(title="Retrieval metrics on evalData", xlabel="epoch (0 = before training)", ylabel="score")
+            ax.set(title=title, xlabel="epoch (0 = before training)", ylabel="score")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             _legend_beside(ax)
 
-        plots["eval"] = _figure(draw_eval)
+        plots[stem] = _figure(draw_eval)
     return plots
+
+
+def _eval_plots(run: RunFiles) -> list[tuple[str, str, Optional[str]]]:
+    """(file stem, title, eval set) of the metric plots: one (eval.png) with one eval set, one
+    per set (eval-<name>.png) with several."""
+    names = run.eval_set_names()
+    if len(names) <= 1:
+        return [("eval", f"Retrieval metrics on {names[0] if names and names[0] != EVAL_DATA_SET else 'evalData'}",
+                 None)]
+    return [(f"eval-{name}", f"Retrieval metrics on {name}", name) for name in names]
 
 
 CSS = """
@@ -164,8 +181,16 @@ def _status_line(run: RunFiles) -> str:
 
 
 def _metrics_section(run: RunFiles) -> str:
-    header, rows = run.eval_table()
-    return _table(header, rows) if rows else "<p class='muted'>No evaluation yet (or no evalData).</p>"
+    """One table, or one per eval set (the first marked as the one that selects the best checkpoint)."""
+    names = run.eval_set_names()
+    if len(names) <= 1:
+        header, rows = run.eval_table()
+        return _table(header, rows) if rows else "<p class='muted'>No evaluation yet (or no evalData).</p>"
+    parts = []
+    for i, name in enumerate(names):
+        note = " <span class='muted'>(selects the best checkpoint)</span>" if i == 0 else ""
+        parts.append(f"<h3 data-eval-set='{_e(name)}'>{_e(name)}{note}</h3>{_table(*run.eval_table(name))}")
+    return "".join(parts)
 
 
 def _doc_card(doc: dict[str, Any], info: dict[str, Any], relevant: dict[str, float]) -> str:

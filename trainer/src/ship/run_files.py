@@ -30,13 +30,23 @@ class RunFiles:
         starts = self.of("start")
         return starts[-1] if starts else {}
 
-    def eval_table(self) -> tuple[list[str], list[list[Any]]]:
-        """Header and rows (phase, epoch, each metric) of every evaluation, in order."""
+    def eval_set_names(self) -> list[str]:
+        """The eval sets' names, the selecting (first) one first; [] for a run written before
+        evaluations named their sets."""
+        names: list[str] = []
+        for e in self.of("eval"):
+            names += [n for n in e.get("sets") or {} if n not in names]
+        return names
+
+    def eval_table(self, eval_set: Optional[str] = None) -> tuple[list[str], list[list[Any]]]:
+        """Header and rows (phase, epoch, each metric) of every evaluation, in order: of the
+        set named ``eval_set``, by default of the first."""
         evals = self.of("eval")
+        tables = [(e.get("sets") or {}).get(eval_set) if eval_set else e.get("metrics") for e in evals]
         keys: list[str] = []
-        for e in evals:
-            keys += [k for k, v in (e.get("metrics") or {}).items() if isinstance(v, float) and k not in keys]
-        rows = [[e.get("phase"), e.get("epoch")] + [(e.get("metrics") or {}).get(k) for k in keys] for e in evals]
+        for t in tables:
+            keys += [k for k, v in (t or {}).items() if isinstance(v, float) and k not in keys]
+        rows = [[e.get("phase"), e.get("epoch")] + [t.get(k) for k in keys] for e, t in zip(evals, tables) if t]
         return ["phase", "epoch", *keys], rows
 
     def steps(self) -> list[dict[str, Any]]:
