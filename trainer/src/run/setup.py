@@ -42,6 +42,7 @@ from ..step.micro_batch import param_bytes, probe_micro_batch
 from ..step.schedule import Schedule, make_schedule
 from ..step.train_step import forward, seed_everything, to_device, trainable_of
 from . import checkpoint as ckpt
+from .mining import RunMining, setup_mining
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Run:
     net: torch.nn.Module            #: the FusedModel, wrapped in DDP when distributed
     optimizer: torch.optim.Optimizer
     scaler: Any                     #: a GradScaler (amp on CUDA) or None
-    train_ds: PairDataset
+    train_ds: PairDataset           #: with mined hard negatives, a WithNegatives around it
     known_pairs: KnownPairs         #: trainData's relevant pairs, for the loss's targets
     sampler: StepSampler            #: which rows each step of an epoch takes
     loader: TrainLoader             #: one for the run: persistent workers
@@ -102,6 +103,7 @@ class Run:
     data_report: dict[str, Any]     #: status.data: bad images skipped (empty when none)
     rows: dict[str, Any]            #: row counts of the data files (the report and model card)
     checkpoint: CheckpointParts
+    mining: Optional[RunMining] = None     #: spec.hardNegatives; None when unset
 
     @property
     def clip(self) -> torch.nn.Module:
@@ -132,6 +134,12 @@ def setup(resolved: Resolved, world: World) -> Run:
     image_cache = ImageCache(cache_folder(params))
     train_ds = PairDataset(train_ex, bundle.preprocess_train, bundle.tokenizer, bundle.image_size, seed=params.seed,
                            cache=image_cache)
+    mining = None
+    if params.hard_negatives is not None:
+        mining = setup_mining(params.hard_negatives, train_ds, evals.corpus if evals else None, bundle, params.seed,
+                              image_cache, ckpt.run_identity(resolved.name, resolved.uid, resolved.spec,
+                                                             params.batch_size * params.accum_freq * world.world_size))
+        train_ds = mining.dataset
     micro = choose_micro_batch(params, world, fused, train_ds, precision, optimizer)
     plan = plan_run(params, len(train_ex), world, micro, file=params.train_data)
     warnings = _warnings(params, precision, bundle, plan, optimizer)
@@ -139,7 +147,7 @@ def setup(resolved: Resolved, world: World) -> Run:
     scaler = precision.make_scaler()
     return Run(resolved=resolved, params=params, output=OutputFolder(params.output), world=world, precision=precision,
                bundle=bundle, net=net, optimizer=optimizer, scaler=scaler, train_ds=train_ds,
-               known_pairs=_known_pairs(train_ex, world),
+               known_pairs=_known_pairs(train_ex, world, every_positive=mining is not None),
                sampler=StepSampler(len(train_ds), world, params.seed, plan.step_rows, plan.micro),
                loader=TrainLoader(train_ds, params.workers, pin_memory=world.device.type == "cuda"), plan=plan,
                evaluation=_run_eval(evals, bundle, params, image_cache, world) if evals else None,
@@ -147,7 +155,8 @@ def setup(resolved: Resolved, world: World) -> Run:
                data_report={"badImages": bad_images} if bad_images else {},
                rows={"trainRows": len(train_ex), "evalRows": len(evals.examples) if evals else None,
                      **({"corpusRows": len(evals.corpus)} if evals and evals.corpus is not None else {})},
-               checkpoint=_checkpoint_parts(resolved, bundle, optimizer, scaler, plan.step_rows * world.world_size))
+               checkpoint=_checkpoint_parts(resolved, bundle, optimizer, scaler, plan.step_rows * world.world_size),
+               mining=mining)
 
 
 def run_precision(params: Params, device: torch.device) -> Precision:
@@ -264,8 +273,9 @@ def choose_micro_batch(params: Params, world: World, fused=None, dataset=None, p
     return micro
 
 
-def _known_pairs(train_ex, world: World) -> KnownPairs:
-    known = KnownPairs.of_table(train_ex.left_ids, train_ex.right_ids, train_ex.weights)
+def _known_pairs(train_ex, world: World, every_positive: bool = False) -> KnownPairs:
+    """``every_positive`` with mined hard negatives: they bring documents into a batch without a row."""
+    known = KnownPairs.of_table(train_ex.left_ids, train_ex.right_ids, train_ex.weights, every_positive=every_positive)
     if world.is_main:
         log.info("graded targets: %d pairs of trainData can meet in a batch without their own row "
                  "(positives, not negatives, when they do)", len(known))

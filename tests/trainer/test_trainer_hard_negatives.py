@@ -1,0 +1,86 @@
+"""Mined hard negatives (spec.hardNegatives): the choice per query (pure), the mining pass on
+a tiny model, a run on 1 process with its counts in status, summary.json and the report, and
+the cache a resumed run reads instead of mining again."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kontrast.trainer.mining.negatives import Candidates, MinedNegatives, PositivePairs, select_negatives
+
+
+# --- the choice per query (pure) -------------------------------------------------------------
+
+def test_known_positives_are_never_chosen_and_the_margin_drops_the_near_ones():
+    # query 0: candidates ranked 5 (its positive), 3 (0.79 > 0.8 x 0.95 = 0.76: dropped), 7, 2, 4
+    top = np.array([[5, 3, 7, 2, 4]])
+    scores = np.array([[0.80, 0.79, 0.70, 0.60, 0.50]])
+    positive = np.array([[True, False, False, False, False]])
+    chosen, dropped = select_negatives(top, scores, positive, np.array([0.8]), per_query=2, margin=0.05)
+    assert chosen.tolist() == [[7, 2]] and dropped.tolist() == [1]
+    # margin 0: only candidates scoring above the positive are dropped
+    chosen, dropped = select_negatives(top, scores, positive, np.array([0.8]), per_query=2, margin=0.0)
+    assert chosen.tolist() == [[3, 7]] and dropped.tolist() == [0]
+
+
+def test_a_query_without_a_scored_positive_mines_nothing_and_short_lists_pad():
+    top = np.array([[1, 2, -1], [2, 1, -1]])
+    scores = np.array([[0.5, 0.4, -np.inf], [0.9, 0.1, -np.inf]])
+    positive = np.zeros_like(top, dtype=bool)
+    chosen, dropped = select_negatives(top, scores, positive, np.array([np.nan, 0.95]), per_query=3, margin=0.1)
+    assert chosen.tolist() == [[-1, -1, -1], [1, -1, -1]]
+    assert dropped.tolist() == [0, 1]
+
+
+def test_positive_pairs_use_the_table_identities_and_the_lowest_positive_score():
+    candidates = Candidates(rows=np.array([0, 1, 3]), ids=np.array([10, 11, 12]))
+    query_ids = np.array([0, 1])
+    # query 0: documents 10 (w 2) and 12 (w 1); query 1: document 11 (w 0, a stated negative) and 99 (not a candidate)
+    pairs = PositivePairs.of_table(query_ids, np.array([0, 0, 1, 1]), np.array([10, 12, 11, 99]),
+                                   np.array([2.0, 1.0, 0.0, 1.0]), candidates)
+    assert sorted(zip(pairs.q.tolist(), pairs.c.tolist())) == [(0, 0), (0, 2)]
+    top = np.array([[2, 1, 0], [1, 0, 2]])
+    assert pairs.mask(top).tolist() == [[True, False, True], [False, False, False]]
+    low = pairs.lowest_score(np.array([0.9, 0.6]), 2)
+    assert low[0] == pytest.approx(0.6) and np.isnan(low[1])
+
+
+def test_mined_negatives_look_up_by_query_id():
+    mined = MinedNegatives(np.array([3, 8]), np.array([[1, -1], [4, 5]]), np.array([21, -1, 24, 25]).reshape(2, 2),
+                           dropped=2, epoch=0)
+    assert mined.of_query(8)[0].tolist() == [4, 5] and mined.of_query(4)[0].tolist() == [-1, -1]
+    assert mined.counts() == {"mined": 3, "dropped": 2, "queries": 2, "epoch": 0}
+
+
+# --- runs ------------------------------------------------------------------------------------
+
+def _hard(spec, **settings):
+    return {**spec, "hardNegatives": {"perQuery": 2, **settings}}
+
+
+def test_a_run_mines_before_training_and_reports_the_counts(base_spec, run_training, h, tmp_path):
+    from kontrast.trainer.report.reporters import Reporter
+
+    class Seen(Reporter):
+        def __init__(self):
+            self.mined = []
+
+        def on_mined(self, counts):
+            self.mined.append(counts)
+
+    seen = Seen()
+    spec = _hard({**base_spec, "accumFreq": 2, "batchSize": 8, "epochs": 2}, margin=0.1)
+    summary, resolved = run_training(spec, reporters=[seen])
+    counts = summary["hardNegatives"]
+    assert counts["mined"] > 0 and counts["epoch"] == 0 and counts["queries"] > 0
+    assert seen.mined == [counts]
+    events = h.read_jsonl(tmp_path / "out" / "progress.jsonl")
+    assert [e for e in events if e["event"] == "hardNegatives"][0]["mined"] == counts["mined"]
+    assert "Hard negatives" in (tmp_path / "out" / "report.html").read_text()
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["hardNegatives"] == counts
+    assert np.isfinite(summary["finalLoss"])
