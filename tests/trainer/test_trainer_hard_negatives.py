@@ -84,3 +84,50 @@ def test_a_run_mines_before_training_and_reports_the_counts(base_spec, run_train
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["hardNegatives"] == counts
     assert np.isfinite(summary["finalLoss"])
+
+
+def test_a_resumed_run_reads_its_mined_negatives_instead_of_mining_again(base_spec, run_training, h, tmp_path,
+                                                                         monkeypatch):
+    """Interrupted after epoch 1 and resumed, the run reads round 0 from the cache and ends
+    with the uninterrupted run's weights; mining again would have used the moved model."""
+    from kontrast.trainer.run import mining
+
+    spec = _hard({**base_spec, "evalData": None, "epochs": 2, "batchSize": 8})
+    spec.pop("evalData")
+    whole, _ = run_training({**spec, "output": str(tmp_path / "whole")})
+    run_training({**spec, "output": str(tmp_path / "cut")}, max_epochs=1)
+    cached = list((tmp_path / "cut" / "hard_negatives").iterdir())
+    assert len(cached) == 1 and cached[0].name.endswith("-r0.npz")
+
+    def refuse(*a, **k):
+        raise AssertionError("mined again instead of reading the cache")
+
+    monkeypatch.setattr(mining, "mine", refuse)
+    resumed, _ = run_training({**spec, "output": str(tmp_path / "cut")})
+    assert resumed["hardNegatives"] == whole["hardNegatives"]
+    assert resumed["finalLoss"] == pytest.approx(whole["finalLoss"], rel=1e-5)
+    final = lambda out: torch.load(out / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]  # noqa: E731
+    assert h.state_close(final(tmp_path / "whole"), final(tmp_path / "cut"))
+
+
+def test_mining_never_picks_a_known_positive_and_the_margin_drops_more_as_it_grows(base_spec, resolve_spec):
+    """The mining pass on the tiny model over trainData: no chosen document is a positive of
+    its query (a row of weight above 0), and a larger margin drops more."""
+    from kontrast.trainer.distributed import World
+    from kontrast.trainer.mining.mine import mine, train_candidates
+    from kontrast.trainer.run.setup import setup
+
+    resolved = resolve_spec(_hard(base_spec, perQuery=3))
+    run = setup(resolved, World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    ex = run.mining.dataset.ex
+    candidates = train_candidates(ex)
+    kw = dict(per_query=3, epoch=0, batch_size=16, device=torch.device("cpu"), precision=run.precision)
+    results = {m: mine(run.net, run.mining.dataset.rows, run.mining.candidates_eval, candidates, margin=m, **kw)
+               for m in (0.0, 0.3, 0.9)}
+    positives = {(int(q), int(d)) for q, d, w in zip(ex.left_ids, ex.right_ids, ex.weights) if w > 0}
+    for mined in results.values():
+        for q, ids in zip(mined.query_ids, mined.ids):
+            assert not any((int(q), int(d)) in positives for d in ids if d >= 0)
+    assert results[0.0].mined > 0
+    assert results[0.0].dropped <= results[0.3].dropped <= results[0.9].dropped
+    assert results[0.9].dropped > results[0.0].dropped
