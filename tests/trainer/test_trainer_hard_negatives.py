@@ -84,6 +84,11 @@ def test_a_run_mines_before_training_and_reports_the_counts(base_spec, run_train
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["hardNegatives"] == counts
     assert np.isfinite(summary["finalLoss"])
+    # The negatives reach the loss: the first step (same model, same rows) has more columns to outrank.
+    plain = {k: v for k, v in spec.items() if k != "hardNegatives"}
+    run_training({**plain, "output": str(tmp_path / "plain")}, max_epochs=1)
+    first = lambda out: next(e["loss"] for e in h.read_jsonl(out / "progress.jsonl") if e["event"] == "step")  # noqa: E731
+    assert first(tmp_path / "out") > first(tmp_path / "plain")
 
 
 def test_a_resumed_run_reads_its_mined_negatives_instead_of_mining_again(base_spec, run_training, h, tmp_path,
