@@ -136,3 +136,13 @@ def test_mining_never_picks_a_known_positive_and_the_margin_drops_more_as_it_gro
     assert results[0.0].mined > 0
     assert results[0.0].dropped <= results[0.3].dropped <= results[0.9].dropped
     assert results[0.9].dropped > results[0.0].dropped
+
+
+def test_every_epochs_mines_again_with_the_trained_model_and_restarts_the_workers(base_spec, run_training, h,
+                                                                                   tmp_path):
+    spec = _hard({**base_spec, "epochs": 2, "workers": 1}, everyEpochs=1)
+    summary, _ = run_training(spec)
+    rounds = [e for e in h.read_jsonl(tmp_path / "out" / "progress.jsonl") if e["event"] == "hardNegatives"]
+    assert [r["epoch"] for r in rounds] == [0, 1] and summary["hardNegatives"]["epoch"] == 1
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "out" / "hard_negatives").iterdir()) == [
+        "r0.npz", "r1.npz"]
