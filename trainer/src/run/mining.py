@@ -40,13 +40,12 @@ class RunMining:
     dataset: WithNegatives          #: the training rows with their negatives (the loader's dataset)
     candidates: Candidates
     candidates_eval: PairDataset    #: the candidates with the evaluation transforms (for mining)
-    key: str                        #: the cache key: the run's identity
     round: Optional[int] = None
     latest: Optional[dict[str, Any]] = None     #: the counts of the round held (status, summary)
 
 
 def setup_mining(settings: HardNegatives, train_ds: PairDataset, corpus: Optional[Examples], bundle, seed: int,
-                 image_cache, identity: dict[str, Any]) -> RunMining:
+                 image_cache) -> RunMining:
     """The candidate datasets (training and evaluation transforms) and the wrapped training rows."""
     train = train_ds.ex
     source = corpus if settings.source == "corpus" else train
@@ -55,8 +54,7 @@ def setup_mining(settings: HardNegatives, train_ds: PairDataset, corpus: Optiona
                                                                 bundle.image_size, seed=seed, cache=image_cache)
     for_mining = PairDataset(source, bundle.preprocess_val, bundle.tokenizer, bundle.image_size, seed=seed,
                              cache=image_cache)
-    return RunMining(settings, WithNegatives(train_ds, for_training, settings.per_query), candidates, for_mining,
-                     cache_key(identity))
+    return RunMining(settings, WithNegatives(train_ds, for_training, settings.per_query), candidates, for_mining)
 
 
 def mine_when_due(run: "Run", progress: "Progress", report: Reporters) -> None:
@@ -66,10 +64,11 @@ def mine_when_due(run: "Run", progress: "Progress", report: Reporters) -> None:
     if mining is None or mining.round == mining.settings.round_of(progress.epoch):
         return
     round_ = mining.settings.round_of(progress.epoch)
-    mined = load_cached(run.params.output, mining.key, round_)
+    key = cache_key(run.checkpoint.identity)
+    mined = load_cached(run.params.output, key, round_)
     if mined is None:
         mined = _mine(run, progress, round_)
-        save_cached(run.params.output, mining.key, round_, mined)
+        save_cached(run.params.output, key, round_, mined)
     else:
         log.info("hard negatives of round %d read from the cache (mined before epoch %d)", round_, mined.epoch + 1)
     mining.dataset.set_negatives(mined)

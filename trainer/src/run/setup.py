@@ -137,8 +137,7 @@ def setup(resolved: Resolved, world: World) -> Run:
     mining = None
     if params.hard_negatives is not None:
         mining = setup_mining(params.hard_negatives, train_ds, evals.corpus if evals else None, bundle, params.seed,
-                              image_cache, ckpt.run_identity(resolved.name, resolved.uid, resolved.spec,
-                                                             params.batch_size * params.accum_freq * world.world_size))
+                              image_cache)
         train_ds = mining.dataset
     micro = choose_micro_batch(params, world, fused, train_ds, precision, optimizer)
     plan = plan_run(params, len(train_ex), world, micro, file=params.train_data)
