@@ -97,12 +97,12 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     run = setup(resolved, world)
     progress = _resume(run)
     progress.started = started
-    mine_when_due(run, progress, report)   # before training (or the resumed round's, from its cache)
     info = start_info(run, progress)
     mlflow_run = tracker.begin(info) if tracker is not None else None
     if mlflow_run:   # the MLflow run, created or continued: in progress.jsonl and status.outputs
         info["tracking"] = {"mlflow": mlflow_run}
     report.on_start(info)
+    mine_when_due(run, progress, report)   # before training (or the resumed round's, from its cache)
     if progress.resumed_from is None:
         progress.eval_before = record_eval(progress, report, "before", measure_run(run, "before"),
                                            is_main=world.is_main)
