@@ -146,3 +146,39 @@ def test_every_epochs_mines_again_with_the_trained_model_and_restarts_the_worker
     assert [r["epoch"] for r in rounds] == [0, 1] and summary["hardNegatives"]["epoch"] == 1
     assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "out" / "hard_negatives").iterdir()) == [
         "r0.npz", "r1.npz"]
+
+
+def test_corpus_candidates_share_the_table_identities(base_spec, resolve_spec, small_data, h, tmp_path):
+    """from: corpus: a corpus document that trainData has gets trainData's identity (so a known
+    positive is never mined from the corpus), one it lacks an identity above all of trainData's."""
+    import csv
+
+    from kontrast.trainer.distributed import World
+    from kontrast.trainer.mining.mine import corpus_candidates, mine
+    from kontrast.trainer.run.setup import setup
+
+    docs = {}
+    for name in ("train.csv", "eval.csv"):
+        with open(small_data / name, newline="") as f:
+            for row in csv.DictReader(f):
+                docs[(row["image"], row["title"])] = None
+    corpus = h.write_csv(tmp_path / "corpus.csv", [["image", "title"]] + [list(d) for d in docs])
+    for image in {d[0] for d in docs}:   # the corpus's relative paths resolve from its own folder
+        (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+        if not (tmp_path / image).exists():
+            (tmp_path / image).symlink_to(small_data / image)
+    resolved = resolve_spec(_hard({**base_spec, "corpusData": str(corpus)}, **{"from": "corpus", "perQuery": 3}))
+    run = setup(resolved, World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    train = run.mining.dataset.ex
+    candidates = run.mining.candidates
+    assert len(candidates.ids) == len(docs) and len(set(candidates.ids.tolist())) == len(docs)
+    in_train = np.isin(candidates.ids, train.right_ids)
+    assert in_train.sum() == len(np.unique(train.right_ids))
+    assert candidates.ids[~in_train].min() > train.right_ids.max()
+    assert (candidates.ids == corpus_candidates(train, run.mining.candidates_eval.ex).ids).all()
+    mined = mine(run.net, run.mining.dataset.rows, run.mining.candidates_eval, candidates, per_query=3, margin=0.0,
+                 epoch=0, batch_size=16, device=torch.device("cpu"), precision=run.precision)
+    positives = {(int(q), int(d)) for q, d, w in zip(train.left_ids, train.right_ids, train.weights) if w > 0}
+    assert mined.mined > 0
+    for q, ids in zip(mined.query_ids, mined.ids):
+        assert not any((int(q), int(d)) in positives for d in ids if d >= 0)
