@@ -162,11 +162,8 @@ def test_corpus_candidates_share_the_table_identities(base_spec, resolve_spec, s
         with open(small_data / name, newline="") as f:
             for row in csv.DictReader(f):
                 docs[(row["image"], row["title"])] = None
-    corpus = h.write_csv(tmp_path / "corpus.csv", [["image", "title"]] + [list(d) for d in docs])
-    for image in {d[0] for d in docs}:   # the corpus's relative paths resolve from its own folder
-        (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
-        if not (tmp_path / image).exists():
-            (tmp_path / image).symlink_to(small_data / image)
+    # absolute image paths: an image's identity is its resolved location
+    corpus = h.write_csv(tmp_path / "corpus.csv", [["image", "title"]] + [[str(small_data / i), t] for i, t in docs])
     resolved = resolve_spec(_hard({**base_spec, "corpusData": str(corpus)}, **{"from": "corpus", "perQuery": 3}))
     run = setup(resolved, World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     train = run.mining.dataset.ex
