@@ -1,6 +1,7 @@
 """Mined hard negatives under torchrun: 2 gloo processes, each mining its share of the queries
 and candidates, with batchSize 4 x accumFreq 2 and localLoss, train like 1 process with
-batchSize 16 (the same global batches, the same negatives, the same weights)."""
+batchSize 16 (the same global batches, the same negatives, the same weights), under the
+ranked ce and under siglip."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ def runs(tmp_path_factory):
     shutil.copytree(full / "images", folder / "data" / "images")
     with open(folder / "data" / "train.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
-    run_local(write_job(folder, "A", hardNegatives=HARD))
-    run_torchrun(write_job(folder, "B", batchSize=4, accumFreq=2, localLoss=True, hardNegatives=HARD))
+    for kind, a, b in (("ce", "A", "B"), ("siglip", "SA", "SB")):
+        run_local(write_job(folder, a, hardNegatives=HARD, weightedLoss=kind))
+        run_torchrun(write_job(folder, b, batchSize=4, accumFreq=2, localLoss=True, hardNegatives=HARD,
+                               weightedLoss=kind))
     return folder
 
 
@@ -37,12 +40,13 @@ def mined(out):
 
 
 @pytest.mark.distributed
-def test_two_processes_mine_and_train_like_one(runs):
-    a, b = mined(runs / "A"), mined(runs / "B")
+@pytest.mark.parametrize("one, two", [("A", "B"), ("SA", "SB")], ids=["ce", "siglip"])
+def test_two_processes_mine_and_train_like_one(runs, one, two):
+    a, b = mined(runs / one), mined(runs / two)
     assert len(a) == len(b) == 1 and a[0]["mined"] > 0
     assert {k: a[0][k] for k in ("mined", "dropped", "queries")} == {k: b[0][k] for k in ("mined", "dropped", "queries")}
-    assert len(list((runs / "B" / "hard_negatives").iterdir())) == 1
-    assert losses(runs / "B") == pytest.approx(losses(runs / "A"), rel=1e-4, abs=1e-5)
-    assert_same_weights(weights(runs / "A"), weights(runs / "B"))
-    summary = json.loads((runs / "B" / "summary.json").read_text())
+    assert len(list((runs / two / "hard_negatives").iterdir())) == 1
+    assert losses(runs / two) == pytest.approx(losses(runs / one), rel=1e-4, abs=1e-5)
+    assert_same_weights(weights(runs / one), weights(runs / two))
+    summary = json.loads((runs / two / "summary.json").read_text())
     assert summary["hardNegatives"]["mined"] == a[0]["mined"] and summary["resolved"]["worldSize"] == 2
