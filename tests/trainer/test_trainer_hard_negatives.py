@@ -179,3 +179,34 @@ def test_corpus_candidates_share_the_table_identities(base_spec, resolve_spec, s
     assert mined.mined > 0
     for q, ids in zip(mined.query_ids, mined.ids):
         assert not any((int(q), int(d)) in positives for d in ids if d >= 0)
+
+
+def test_the_mining_model_is_a_checkpoint_when_named_and_the_start_model_after_a_resume(base_spec, run_training,
+                                                                                       resolve_spec, tmp_path):
+    """model: <checkpoint> loads its weights into a fresh copy; model: start once training has
+    moved the run's model (a resume without the cache) rebuilds the starting weights."""
+    from kontrast.trainer.distributed import World
+    from kontrast.trainer.run.mining import _mining_model
+    from kontrast.trainer.run.setup import setup
+    from kontrast.trainer.run.state import Progress
+
+    spec = {k: v for k, v in base_spec.items() if k != "evalData"}
+    run_training({**spec, "epochs": 1, "output": str(tmp_path / "earlier")})
+    earlier = tmp_path / "earlier" / "checkpoints" / "epoch_1.pt"
+    saved = torch.load(earlier, weights_only=True)["state_dict"]
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+    run = setup(resolve_spec(_hard(spec, model=str(earlier))), world)
+    model = _mining_model(run, Progress(), 0)
+    assert model is not run.net
+    assert all(torch.equal(model.clip.state_dict()[k], v) for k, v in saved.items())
+
+    run = setup(resolve_spec(_hard(spec)), world)
+    start = {k: v.clone() for k, v in run.clip.state_dict().items()}
+    assert _mining_model(run, Progress(), 0) is run.net          # not moved yet: the run's own model
+    with torch.no_grad():
+        for p in run.clip.parameters():
+            p.add_(1.0)                                        # as if trained and resumed
+    rebuilt = _mining_model(run, Progress(step=3), 0)
+    assert all(torch.equal(rebuilt.clip.state_dict()[k], v) for k, v in start.items())
+    assert _mining_model(run, Progress(step=3), 1) is run.net    # later rounds: the trained model
