@@ -204,3 +204,10 @@ def test_set_up_stages_move_updated_at_and_training_is_a_stage_too():
     r.on_step(step(3))
     assert client.patches[-1]["progress"]["stage"] == "Training"
     assert client.patches[-1]["progress"]["stageDone"] == 3
+
+
+def test_mined_hard_negatives_go_to_status_at_once():
+    client, clock = FakeClient(), Clock()
+    r = reporter(client, clock)
+    r.on_mined({"mined": 460, "dropped": 12, "queries": 230, "epoch": 1, "undeclared": 3})
+    assert client.patches[-1]["hardNegatives"] == {"mined": 460, "dropped": 12, "queries": 230, "epoch": 1}

@@ -15,6 +15,7 @@ that write or read those files ask an ``OutputFolder`` or a ``CacheFolder`` for 
     gallery.json               the report's before/after examples
     tensorboard/               TensorBoard scalars (when tensorboard is installed)
     mlflow_run.json            the MLflow run this output belongs to (spec.tracking.mlflow)
+    hard_negatives/KEY-rR.npz  mined hard negatives of round R, keyed by the run's identity
 
 ``<cache>/`` (data.cache, else $KONTRAST_CACHE, else ~/.cache/kontrast)::
 
@@ -55,6 +56,7 @@ class OutputFolder:
     GALLERY: ClassVar[str] = "gallery.json"
     TENSORBOARD: ClassVar[str] = "tensorboard"
     MLFLOW_RUN: ClassVar[str] = "mlflow_run.json"
+    HARD_NEGATIVES: ClassVar[str] = "hard_negatives"
 
     checkpoints = _place(CHECKPOINTS)
     model = _place(MODEL)
@@ -71,6 +73,9 @@ class OutputFolder:
 
     def epoch_model(self, epoch: int) -> str:
         return storage.join(self.root, self.CHECKPOINTS, f"epoch_{epoch}.pt")
+
+    def hard_negatives(self, key: str, round_: int) -> str:
+        return storage.join(self.root, self.HARD_NEGATIVES, f"{key}-r{round_}.npz")
 
     def plot(self, stem: str) -> str:
         return storage.join(self.root, self.PLOTS, f"{stem}.png")

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 
 from kontrast.api.data import Data
 from kontrast.api.eval_sets import EvalSetSpec, eval_sets_of
+from kontrast.api.hard_negatives import HardNegatives
 from kontrast.api.scheduling import Scheduling, field_name
 from kontrast.api.tracking import Tracking
 
@@ -71,6 +72,7 @@ class Params:
     logit_scale: Optional[float] = None
     logit_bias: Optional[float] = None
     matryoshka_dims: Optional[tuple[int, ...]] = None   #: widths trained besides the full one, largest first
+    hard_negatives: Optional[HardNegatives] = None      #: mined negatives (kontrast.api.hard_negatives); None: off
 
     # Model construction (open_clip flags) and precision.
     model: str                                  #: as written (the "vit" rule and reports read it)
@@ -136,6 +138,7 @@ class Params:
             values["checkpoint_every"] = CheckpointEvery(**defaulted["checkpointEvery"])
         values["scheduling"] = Scheduling.from_spec(defaulted)
         values["tracking"] = Tracking.from_spec(defaulted.get("tracking"))
+        values["hard_negatives"] = _hard_negatives(defaulted.get("hardNegatives"), base_dir)
         beta2, eps = adam_defaults(defaulted["model"])
         values["beta2"] = defaulted.get("beta2", beta2)
         values["eps"] = defaulted.get("eps", eps)
@@ -157,6 +160,17 @@ def check_matryoshka_width(dims: Optional[tuple[int, ...]], width: int) -> None:
     if dims and dims[0] >= width:
         raise SpecError("matryoshkaDims", f"every width must be below the model's embedding width {width}, "
                                           f"got {list(dims)}")
+
+
+def _hard_negatives(spec: Optional[Mapping[str, Any]], base_dir: Path) -> Optional[HardNegatives]:
+    """spec.hardNegatives typed, its checkpoint (a model other than "start") resolved like pretrained."""
+    hard = HardNegatives.from_spec(spec)
+    if hard is None or hard.from_start:
+        return hard
+    try:
+        return replace(hard, model=resolve_location(hard.model, base_dir))
+    except ValueError as exc:
+        raise SpecError("hardNegatives.model", str(exc)) from None
 
 
 def field_names() -> set[str]:

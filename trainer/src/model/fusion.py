@@ -118,8 +118,9 @@ class FusedModel(nn.Module):
         return torch.cat(parts, dim=1), right_weights[:, cols]
 
     def forward(self, left_tokens, left_weights, image, right_tokens, right_weights):
-        """Returns (left [b, d], right [b, d], logit_scale (exp'd), logit_bias or None)."""
-        if self.right_clip is None and self.right_text_idx:
+        """Returns (left [b, d], right [b', d], logit_scale (exp'd), logit_bias or None); b' > b
+        when the right side also holds mined hard negatives (encoded apart from the left texts)."""
+        if self.right_clip is None and self.right_text_idx and left_tokens.shape[0] == right_tokens.shape[0]:
             # One text-tower call for the texts of both sides (bigger matmuls, one pass).
             left_part = left_tokens[:, self.left_idx]
             right_part = right_tokens[:, self.right_text_idx]

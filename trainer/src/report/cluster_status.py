@@ -240,6 +240,9 @@ class StatusReporter(Reporter):
         patch["progress"] = progress_fields({k: v for k, v in progress.items() if v is not None})
         self._queue(patch, now=True)
 
+    def on_mined(self, counts):
+        self._queue({"hardNegatives": dict(counts)}, now=True)
+
     def on_step(self, progress):
         stage = {"stage": TRAINING, "stageDone": progress.get("step"), "stageTotal": progress.get("totalSteps"),
                  "stageText": TRAINING}

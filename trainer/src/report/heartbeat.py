@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 LOADING, PREFETCHING, EVALUATING, TRAINING = "Loading", "Prefetching", "Evaluating", "Training"
+MINING = "Mining"   #: hardNegatives: embedding the training queries and the candidates
 
 Sink = Callable[[str, int, Optional[int]], None]  # (stage, done, total)
 

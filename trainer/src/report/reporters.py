@@ -12,6 +12,8 @@ A ``Reporter`` receives plain dicts (JSON-ready, camelCase keys matching the Tra
 * ``on_eval(event)``: ``{"phase": "before" | "epoch" | "after", "epoch", "metrics": {...}, "selectBy",
   "sets": {name: {...}}, "history", "best"}``: ``metrics`` is the first eval set's (``selectBy``),
   ``sets`` every set's (``run.evaluations``).
+* ``on_mined(counts)``: hard negatives mined (spec.hardNegatives): ``{"mined", "dropped",
+  "queries", "epoch"}``, as ``status.hardNegatives``.
 * ``on_end(summary)``: the content of summary.json. A sink that publishes the run elsewhere
   (MLflow) adds where to ``summary["outputs"]``, for the sinks after it.
 * ``close()``: always called, also after a failure.
@@ -64,6 +66,9 @@ class Reporter:
     def on_eval(self, event: dict[str, Any]) -> None:
         pass
 
+    def on_mined(self, counts: dict[str, Any]) -> None:
+        pass
+
     def on_end(self, summary: dict[str, Any]) -> None:
         pass
 
@@ -104,6 +109,9 @@ class Reporters(Reporter):
 
     def on_eval(self, event):
         self._call("on_eval", event)
+
+    def on_mined(self, counts):
+        self._call("on_mined", counts)
 
     def on_end(self, summary):
         self._call("on_end", summary)
@@ -209,6 +217,10 @@ class TerminalReporter(Reporter):
         else:
             self._print(f"  eval {e['phase']}: {format_metrics(e['metrics'])}")
 
+    def on_mined(self, c):
+        self._print(f"  hard negatives: {c['mined']} mined for {c['queries']} queries, "
+                    f"{c['dropped']} dropped by the margin")
+
     def on_end(self, summary):
         self._print(f"kontrast: done in {format_duration(summary.get('durationSeconds'))}; "
                     f"summary in {summary.get('summaryUri')}")
@@ -223,7 +235,7 @@ class TerminalReporter(Reporter):
 class JsonlReporter(Reporter):
     """Appends one JSON object per event to ``<output>/progress.jsonl``.
 
-    Each line has ``event`` (start, step, checkpoint, eval, end) and ``time``. A resumed
+    Each line has ``event`` (start, step, checkpoint, eval, hardNegatives, end) and ``time``. A resumed
     run appends to the same file, so the log shows where it picked up. On object stores
     (no append) the lines go to a local spool file, and the whole file is uploaded at
     checkpoints, evaluations and the end, and otherwise at most every ``flush_every``
@@ -274,6 +286,9 @@ class JsonlReporter(Reporter):
 
     def on_eval(self, e):
         self._write("eval", e, flush=True)
+
+    def on_mined(self, c):
+        self._write("hardNegatives", c, flush=True)
 
     def on_end(self, summary):
         self._write("end", {"durationSeconds": summary.get("durationSeconds"),

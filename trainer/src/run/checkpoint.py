@@ -72,7 +72,7 @@ ADDED_IN_2 = ("queryIdKey", "docIdKey", "data.onBadImage", "data.maxBadFraction"
 IDENTITY_VERSION = 2
 #: Training inputs added after checkpoints existed: in the hash only when set, so the
 #: checkpoints of runs that never set them keep their identity.
-IDENTITY_FIELDS_WHEN_SET = ("matryoshkaDims",)
+IDENTITY_FIELDS_WHEN_SET = ("matryoshkaDims", "hardNegatives")
 
 
 def resumable_location(output: str, step: int) -> str:

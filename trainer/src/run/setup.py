@@ -44,6 +44,7 @@ from ..step.micro_batch import param_bytes, probe_micro_batch
 from ..step.schedule import Schedule, make_schedule
 from ..step.train_step import forward, seed_everything, to_device, trainable_of
 from . import checkpoint as ckpt
+from .mining import RunMining, setup_mining
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class Run:
     net: torch.nn.Module            #: the FusedModel, wrapped in DDP when distributed
     optimizer: torch.optim.Optimizer
     scaler: Any                     #: a GradScaler (amp on CUDA) or None
-    train_ds: PairDataset
+    train_ds: PairDataset           #: with mined hard negatives, a WithNegatives around it
     known_pairs: KnownPairs         #: trainData's relevant pairs, for the loss's targets
     sampler: StepSampler            #: which rows each step of an epoch takes
     loader: TrainLoader             #: one for the run: persistent workers
@@ -105,6 +106,7 @@ class Run:
     data_report: dict[str, Any]     #: status.data: bad images skipped (empty when none)
     rows: dict[str, Any]            #: row counts of the data files (the report and model card)
     checkpoint: CheckpointParts
+    mining: Optional[RunMining] = None     #: spec.hardNegatives; None when unset
 
     @property
     def clip(self) -> torch.nn.Module:
@@ -136,6 +138,11 @@ def setup(resolved: Resolved, world: World) -> Run:
     image_cache = ImageCache(cache_folder(params))
     train_ds = PairDataset(train_ex, bundle.preprocess_train, bundle.tokenizer, bundle.image_size, seed=params.seed,
                            cache=image_cache)
+    mining = None
+    if params.hard_negatives is not None:
+        mining = setup_mining(params.hard_negatives, train_ds, evals[0].corpus if evals else None, bundle, params.seed,
+                              image_cache)
+        train_ds = mining.dataset
     micro = choose_micro_batch(params, world, fused, train_ds, precision, optimizer)
     plan = plan_run(params, len(train_ex), world, micro, file=params.train_data)
     warnings = _warnings(params, precision, bundle, plan, optimizer)
@@ -144,7 +151,7 @@ def setup(resolved: Resolved, world: World) -> Run:
     scaler = precision.make_scaler()
     return Run(resolved=resolved, params=params, output=OutputFolder(params.output), world=world, precision=precision,
                bundle=bundle, net=net, optimizer=optimizer, scaler=scaler, train_ds=train_ds,
-               known_pairs=_known_pairs(train_ex, world),
+               known_pairs=_known_pairs(train_ex, world, every_positive=mining is not None),
                sampler=StepSampler(len(train_ds), world, params.seed, plan.step_rows, plan.micro),
                loader=TrainLoader(train_ds, params.workers, pin_memory=world.device.type == "cuda"), plan=plan,
                evaluations=tuple(_run_eval(e, bundle, params, image_cache, world, gallery=i == 0)
@@ -152,7 +159,8 @@ def setup(resolved: Resolved, world: World) -> Run:
                info=_resolved_info(params, bundle, plan, world, precision, warnings),
                data_report={"badImages": bad_images} if bad_images else {},
                rows=_rows(train_ex, evals),
-               checkpoint=_checkpoint_parts(resolved, bundle, optimizer, scaler, plan.step_rows * world.world_size))
+               checkpoint=_checkpoint_parts(resolved, bundle, optimizer, scaler, plan.step_rows * world.world_size),
+               mining=mining)
 
 
 def run_precision(params: Params, device: torch.device) -> Precision:
@@ -282,8 +290,9 @@ def choose_micro_batch(params: Params, world: World, fused=None, dataset=None, p
     return micro
 
 
-def _known_pairs(train_ex, world: World) -> KnownPairs:
-    known = KnownPairs.of_table(train_ex.left_ids, train_ex.right_ids, train_ex.weights)
+def _known_pairs(train_ex, world: World, every_positive: bool = False) -> KnownPairs:
+    """``every_positive`` with mined hard negatives: they bring documents into a batch without a row."""
+    known = KnownPairs.of_table(train_ex.left_ids, train_ex.right_ids, train_ex.weights, every_positive=every_positive)
     if world.is_main:
         log.info("graded targets: %d pairs of trainData can meet in a batch without their own row "
                  "(positives, not negatives, when they do)", len(known))

@@ -35,6 +35,7 @@ def summarise(run: Run, progress: Progress, report: Reporters) -> dict[str, Any]
         "best": progress.best,
         "summaryUri": run.output.summary,
         "outputs": run_outputs(run.params.output, model=bool(progress.checkpoints)),
+        **({"hardNegatives": run.mining.latest} if run.mining is not None else {}),
     }
     if run.world.is_main:
         storage.write_text(summary["summaryUri"], json.dumps(summary, indent=2) + "\n")

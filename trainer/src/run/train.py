@@ -9,7 +9,9 @@ Order of a run (every rank unless noted), the order of ``_train``; each stage ha
    (identical on all ranks), apply locks, wrap it in ``FusedModel`` and DDP, build AdamW
    with model-dependent betas/eps and the no-decay groups, and plan the steps; keep
    trainData's relevant pairs for the loss's graded targets (``step.known_pairs.KnownPairs``).
-2. ``resume`` (state.py) from the newest complete checkpoint in ``output`` (rank 0 picks it, all load it).
+2. ``resume`` (state.py) from the newest complete checkpoint in ``output`` (rank 0 picks it, all load it);
+   with hardNegatives, ``mining.mine_when_due`` gives the rows their mined negatives (read
+   from the cache when this run mined them before), and again at each epoch a new mining serves.
 3. Evaluate the starting model on each eval set (evalData, or each of evalSets; every rank its
    share; against the set's corpus when set), unless resuming.
 4. ``train_epoch`` (epoch.py): this rank's shard of a per-epoch permutation, cut into optimizer steps
@@ -44,6 +46,7 @@ from ..report.tensorboard import tensorboard_reporter
 from ..spec import Resolved
 from .epoch import end_epoch, measure_run, stop_at_epoch_end, train_epoch
 from .evaluations import record_eval
+from .mining import mine_when_due
 from .save_policy import SavePolicy, stop_on_sigterm
 from .setup import Run, setup
 from .state import Progress, resume
@@ -99,6 +102,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     if mlflow_run:   # the MLflow run, created or continued: in progress.jsonl and status.outputs
         info["tracking"] = {"mlflow": mlflow_run}
     report.on_start(info)
+    mine_when_due(run, progress, report)   # before training (or the resumed round's, from its cache)
     if progress.resumed_from is None:
         progress.eval_before = record_eval(progress, report, "before", measure_run(run, "before"),
                                            is_main=world.is_main)
@@ -109,6 +113,7 @@ def _train(resolved: Resolved, world: World, report: Reporters, started: float,
     try:
         with stop_on_sigterm(policy):
             while progress.epoch < last_epoch:
+                mine_when_due(run, progress, report)
                 train_epoch(run, progress, report, policy)
                 if end_epoch(run, progress, report):
                     policy.saved()

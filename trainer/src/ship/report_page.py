@@ -193,6 +193,17 @@ def _metrics_section(run: RunFiles) -> str:
     return "".join(parts)
 
 
+def _hard_negatives_section(run: RunFiles) -> str:
+    """Each mining of spec.hardNegatives: when, for how many queries, how many kept and dropped."""
+    rounds = run.of("hardNegatives")
+    if not rounds:
+        return ""
+    latest = {r.get("epoch"): r for r in rounds}    # a resumed run reports its cached round again
+    rows = [[r.get("epoch"), r.get("queries"), r.get("mined"), r.get("dropped")] for r in latest.values()]
+    return ("<h2>Hard negatives</h2><p>Mined before the epoch shown; dropped: candidates above the margin, "
+            "taken for unlabelled positives.</p>" + _table(["before epoch", "queries", "mined", "dropped"], rows))
+
+
 def _doc_card(doc: dict[str, Any], info: dict[str, Any], relevant: dict[str, float]) -> str:
     grade = relevant.get(str(doc["doc"]))
     image = f"<img class='thumb' src='{info['image']}' alt=''>" if info.get("image") else ""
@@ -233,7 +244,7 @@ def render_html(run: RunFiles, plots: dict[str, bytes]) -> str:
 <h1>{_e(name)}</h1>
 <p>{_e(_status_line(run))} Output: <code>{_e(run.output)}</code></p>
 <h2>Retrieval metrics</h2>{_metrics_section(run)}
-<h2>Curves</h2><div class="charts">{charts or "<p class='muted'>No steps logged yet.</p>"}</div>
+{_hard_negatives_section(run)}<h2>Curves</h2><div class="charts">{charts or "<p class='muted'>No steps logged yet.</p>"}</div>
 <h2>Before / after retrieval</h2><div class="gallery">{_gallery_section(run.gallery)}</div>
 <h2>Parameters</h2>{_table(["parameter", "value"], [[k, v] for k, v in sorted(params.items())])}
 <h2>Resolved by the trainer</h2>{_table(["value", "resolved"], [[k, v] for k, v in sorted(resolved.items())])}

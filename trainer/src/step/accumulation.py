@@ -33,8 +33,11 @@ from .losses import scale_grad, weighted_contrastive_loss
 
 __all__ = ["contrastive_step", "matryoshka_loss", "split_micro_batches", "ROW_KEYS"]
 
-#: Keys of the forward output that hold one row per sample (concatenated across micro-batches).
-ROW_KEYS = ("left", "right", "weights", "left_ids", "right_ids")
+#: Keys of the forward output that hold one row per sample (concatenated across micro-batches):
+#: the embeddings (live in their own micro-step, cached in the others), then the metadata.
+#: "negatives" / "negative_ids": the rows' mined hard negatives (hardNegatives), perQuery each.
+EMBEDDING_KEYS = ("left", "right", "negatives")
+ROW_KEYS = (*EMBEDDING_KEYS, "weights", "left_ids", "right_ids", "negative_ids")
 
 
 def split_micro_batches(batch_size: int, micro_batch: int) -> list[int]:
@@ -96,26 +99,32 @@ def contrastive_step(
 
 def _loss_of(rows: Mapping[str, Any], scale, bias, *, kind: str, local_loss: bool,
              known: Optional[KnownPairs], dims: tuple[int, ...]) -> torch.Tensor:
-    def loss(left, right):
+    def loss(left, right, negatives=None):
         return weighted_contrastive_loss(
             left, right, rows["weights"], scale, bias, kind=kind,
-            left_ids=rows.get("left_ids"), right_ids=rows.get("right_ids"), local_loss=local_loss, known=known)
+            left_ids=rows.get("left_ids"), right_ids=rows.get("right_ids"), local_loss=local_loss, known=known,
+            negatives=negatives, negative_ids=rows.get("negative_ids"))
 
-    return matryoshka_loss(loss, rows["left"], rows["right"], dims)
+    return matryoshka_loss(loss, rows["left"], rows["right"], dims, negatives=rows.get("negatives"))
 
 
-def matryoshka_loss(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], left: torch.Tensor,
-                    right: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+def matryoshka_loss(loss: Callable[..., torch.Tensor], left: torch.Tensor, right: torch.Tensor,
+                    dims: Sequence[int], negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``loss`` at full width plus ``loss`` at each Matryoshka width, on the embeddings cut to
     that width and renormalised (so the first ``d`` coordinates alone are a usable embedding).
     Sums, unweighted, as sentence-transformers' MatryoshkaLoss does by default. Each term is a
-    full-batch loss with exact gradients (logit scale and bias included), so the sum is too."""
-    total = loss(left, right)
+    full-batch loss with exact gradients (logit scale and bias included), so the sum is too.
+    ``negatives`` (mined hard negatives) are cut like the documents and passed as a third
+    argument when given."""
+    def at(*embeddings):
+        return loss(*embeddings) if negatives is not None else loss(*embeddings[:2])
+
+    total = at(left, right, negatives)
     width = left.shape[1]
     for d in dims:
         if not 0 < d < width:
             raise ValueError(f"Matryoshka width {d} is not below the embedding width {width}")
-        total = total + loss(F.normalize(left[:, :d], dim=-1), F.normalize(right[:, :d], dim=-1))
+        total = total + at(*(None if x is None else F.normalize(x[:, :d], dim=-1) for x in (left, right, negatives)))
     return total
 
 
@@ -159,8 +168,8 @@ def _cache_rows(forward, micro_batches: Sequence[Any], state_device: torch.devic
 def _rows_with(out: Mapping[str, Any], j: int, cached: list[dict]) -> dict[str, torch.Tensor]:
     """The full batch's rows with micro-batch j's live embeddings in place of its cached ones."""
     rows = {key: torch.cat([out[key] if i == j else cached[i][key] for i in range(len(cached))])
-            for key in ("left", "right")}
-    for key in ROW_KEYS[2:]:
+            for key in EMBEDDING_KEYS if key in cached[0]}
+    for key in ROW_KEYS[len(EMBEDDING_KEYS):]:
         if key in cached[0]:
             rows[key] = torch.cat([c[key] for c in cached])
     return rows

@@ -34,7 +34,11 @@ class KnownPairs:
         self.keys, self.rel, self.n_docs = keys, rel, n_docs
 
     @classmethod
-    def of_table(cls, left_ids: np.ndarray, right_ids: np.ndarray, weights: np.ndarray) -> "KnownPairs":
+    def of_table(cls, left_ids: np.ndarray, right_ids: np.ndarray, weights: np.ndarray, *,
+                 every_positive: bool = False) -> "KnownPairs":
+        """``every_positive``: keep every pair of weight above 0. Mined hard negatives bring
+        documents into a batch without any row of theirs, so with them any relevant pair can
+        meet in a batch, not only the shared ones."""
         q_all = np.asarray(left_ids, dtype=np.int64)
         d_all = np.asarray(right_ids, dtype=np.int64)
         n_docs = int(d_all.max()) + 1 if d_all.size else 1
@@ -48,7 +52,7 @@ class KnownPairs:
         rel = np.zeros(keys.size, dtype=np.float32)
         np.maximum.at(rel, inverse, np.asarray(weights, dtype=np.float32)[positive])
         uq, ud = keys // n_docs, keys % n_docs
-        shared = (q_partners[uq] > 1) & (d_partners[ud] > 1)
+        shared = (q_partners[uq] > 1) & (d_partners[ud] > 1) | every_positive
         return cls(torch.from_numpy(keys[shared]), torch.from_numpy(rel[shared]), n_docs)
 
     def __len__(self) -> int:

@@ -30,6 +30,15 @@ brings it in for one of them, and without the table it would be a negative for t
 (a false negative, pushed away from a query it answers). Identities are ``left_ids`` /
 ``right_ids`` (absent: every row is its own query / document; ``known`` is then unused).
 
+Mined hard negatives (``negatives``, ``negative_ids``: spec.hardNegatives). Extra documents
+with no row of their own: columns of the left->right direction only, gathered from every
+rank like the rows. They only ever count as negatives: no row's own pair is one of them, so
+they are never pulled towards a query, and a query they are known to answer (a table pair of
+weight above 0, through ``known`` or a row of the batch) leaves them out of its terms, so
+they are never pushed from it either. A negative id below 0 is an empty slot (a query with
+fewer negatives), left out everywhere. In ``ce`` they join each row's softmax as unknown
+pairs; in ``siglip`` each adds the negative term log sigmoid(-x) for each row.
+
 Kinds:
 
 * ``ce``: symmetric graded InfoNCE. Row i's left->right term is the cross-entropy of its
@@ -68,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import all_gather, gather_with_grad, sum_over_ranks, world_and_rank
-from .known_pairs import KnownPairs, PairRelevance
+from .known_pairs import KnownPairs, PairRelevance, max_per_key
 
 __all__ = ["weighted_contrastive_loss", "scale_grad", "KINDS"]
 
@@ -138,6 +147,12 @@ def _ce_part(logits_lr, known_lr, logits_rl, known_rl, pairs: PairRelevance, min
     return torch.where(total_w > 0, part / total_w.clamp_min(torch.finfo(torch.float32).tiny), part * 0)
 
 
+def _negatives_part(neg_logits: torch.Tensor) -> torch.Tensor:
+    """siglip's terms of the mined negatives: log sigmoid(-x) each (left-out pairs are -inf,
+    whose term is exactly 0)."""
+    return -F.logsigmoid(-neg_logits).sum()
+
+
 def _siglip_part(logits_lr, known_lr, all_w, n: int) -> torch.Tensor:
     """These rows' share of the sigmoid loss. Only one direction: the N x N sigmoid terms are
     symmetric in left and right. Every pair is a negative, log sigmoid(-x), except the known
@@ -171,6 +186,8 @@ def weighted_contrastive_loss(
     right_ids: Optional[torch.Tensor] = None,
     local_loss: bool = False,
     known: Optional[KnownPairs] = None,
+    negatives: Optional[torch.Tensor] = None,
+    negative_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Weighted contrastive loss of this process's rows against the global batch.
 
@@ -178,8 +195,9 @@ def weighted_contrastive_loss(
     [b] non-negative row weights; logit_scale: already exponentiated; logit_bias: raw or
     None (siglip treats None as 0); left_ids / right_ids: [b] int64 query / document
     identities for the graded targets (see the module docstring); known: the training table's
-    relevant pairs, by the same (table) identities, on ``left``'s device. Returns a scalar: the
-    full-batch loss.
+    relevant pairs, by the same (table) identities, on ``left``'s device; negatives: [m, d]
+    mined hard negatives of this process's rows with their document identities negative_ids
+    [m] (-1: an empty slot), see the module docstring. Returns a scalar: the full-batch loss.
     """
     _check_inputs(left, right, weights, kind)
     world, rank = world_and_rank()
@@ -193,7 +211,8 @@ def weighted_contrastive_loss(
         rows = own if split else every
         offset = rank * own.left.shape[0] if split else 0
         mine = slice(offset, offset + rows.left.shape[0])
-        part = _loss_part(kind, rows, every, pairs, mine, scale, bias, split)
+        mined = _mined(negatives, negative_ids, world, rows, every, known, mine, scale, bias)
+        part = _loss_part(kind, rows, every, pairs, mine, scale, bias, split, mined)
         return _full_batch(part, world) if split else part
 
 
@@ -248,15 +267,43 @@ def _pair_relevance(every: _Rows, known: Optional[KnownPairs]) -> PairRelevance:
                          every.w, known if with_ids else None)
 
 
+def _mined(negatives: Optional[torch.Tensor], negative_ids: Optional[torch.Tensor], world: int, rows: _Rows,
+           every: _Rows, known: Optional[KnownPairs], mine: slice, scale, bias) -> Optional[torch.Tensor]:
+    """[rows, M] logits of ``rows`` against the global batch's mined negatives, -inf where a
+    pair is left out (an empty slot, or a negative known to answer the row's query); None
+    without negatives."""
+    if negatives is None:
+        return None
+    neg, ids = negatives.float(), negative_ids.to(device=negatives.device, dtype=torch.long)
+    if world > 1:
+        neg, ids = gather_with_grad(neg), all_gather(ids)
+    logits = _logits(rows.left, neg, scale, bias)
+    out = (ids < 0).unsqueeze(0).expand_as(logits).clone()
+    if every.lid is not None and every.rid is not None:
+        for table in (_batch_positives(every, ids), known):
+            if table is not None and len(table):
+                r, c, _ = table.pairs(every.lid[mine], ids.clamp_min(0))
+                out[r, c] = True
+    return logits.masked_fill(out, float("-inf"))
+
+
+def _batch_positives(every: _Rows, ids: torch.Tensor) -> KnownPairs:
+    """The batch's rows of weight above 0 as known pairs, by their (table) identities."""
+    n_docs = int(max(every.rid.max(), ids.max(), 0)) + 1
+    positive = every.w > 0
+    return KnownPairs(*max_per_key(every.lid[positive] * n_docs + every.rid[positive], every.w[positive]), n_docs)
+
+
 def _loss_part(kind: str, rows: _Rows, every: _Rows, pairs: PairRelevance, mine: slice, scale, bias,
-               split: bool) -> torch.Tensor:
+               split: bool, mined: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The share of the loss of ``rows`` (this process's with split, else all) against the
     global batch's columns. Known pairs come sparse: each row's query with a column's
     document, and each row's document with a column's query for the right->left direction."""
     known_lr = pairs.pairs(mine, queries_are_rows=True)
     logits_lr = _logits(rows.left, every.right, scale, bias)
     if kind != "ce":
-        return _siglip_part(logits_lr, known_lr, every.w, every.left.shape[0])
+        part = _siglip_part(logits_lr, known_lr, every.w, every.left.shape[0])
+        return part if mined is None else part + _negatives_part(mined) / every.left.shape[0]
     if split:
         logits_rl, known_rl = _logits(rows.right, every.left, scale, bias), pairs.pairs(mine, queries_are_rows=False)
     else:
@@ -264,6 +311,8 @@ def _loss_part(kind: str, rows: _Rows, every: _Rows, pairs: PairRelevance, mine:
         # the reverse pairs the same, swapped.
         r, c, rel = known_lr
         logits_rl, known_rl = logits_lr.T, (c, r, rel)
+    if mined is not None:   # extra columns of the left->right softmax only: they have no rows
+        logits_lr = torch.cat([logits_lr, mined], dim=1)
     return _ce_part(logits_lr, known_lr, logits_rl, known_rl, pairs, mine, rows.w, every.w)
 
 

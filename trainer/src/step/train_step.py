@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..data.with_negatives import with_negatives_joined
 from ..distributed import World
 from ..precision import Precision
 from .accumulation import contrastive_step
@@ -41,9 +42,9 @@ def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
 
 
 def forward(net, batch):
-    """(left, right, logit scale, logit bias) of a batch through the fused model."""
-    return net(batch["left_tokens"], batch["left_weights"], batch["image"], batch["right_tokens"],
-               batch["right_weights"])
+    """(left, right, logit scale, logit bias) of a batch through the fused model. With mined
+    hard negatives in the batch, ``right`` holds the rows' documents, then the negatives."""
+    return net(batch["left_tokens"], batch["left_weights"], *with_negatives_joined(batch))
 
 
 def train_step(net, micro_batches: list[dict[str, torch.Tensor]], *, kind: str, local_loss: bool,
@@ -60,8 +61,10 @@ def train_step(net, micro_batches: list[dict[str, torch.Tensor]], *, kind: str, 
     def rows_of(batch):
         with precision.autocast():
             left, right, scale, bias = forward(net, batch)
-        return {"left": left, "right": right, "weights": batch["weight"], "left_ids": batch["left_id"],
-                "right_ids": batch["right_id"], "logit_scale": scale, "logit_bias": bias if siglip else None}
+        b = left.shape[0]
+        return {"left": left, "right": right[:b], "weights": batch["weight"], "left_ids": batch["left_id"],
+                "right_ids": batch["right_id"], "logit_scale": scale, "logit_bias": bias if siglip else None,
+                **({"negatives": right[b:], "negative_ids": batch["neg_id"].flatten()} if "neg_id" in batch else {})}
 
     backward = (lambda loss: scaler.scale(loss).backward()) if scaler is not None else None
     return contrastive_step(rows_of, micro_batches, kind=kind, local_loss=local_loss, model=net, backward=backward,
