@@ -56,13 +56,14 @@ class EvalResult:
                      doc_rows=eval_set.doc_rows, doc_file=np.array(eval_set.doc_file))
 
 
-def _slice(n: int, world: int, rank: int) -> slice:
+def rank_slice(n: int, world: int, rank: int) -> slice:
+    """This rank's contiguous share of n rows (what evaluation and hard-negative mining embed)."""
     per = -(-n // world)
     return slice(min(n, rank * per), min(n, (rank + 1) * per))
 
 
-def _gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    """All ranks' contiguous slices (``_slice``) of an n-row tensor, concatenated in rank order."""
+def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """All ranks' contiguous slices (``rank_slice``) of an n-row tensor, concatenated in rank order."""
     world, _ = world_and_rank()
     if world == 1:
         return x
@@ -71,7 +72,7 @@ def _gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return all_gather(padded)[:n]
 
 
-def _common_width(x: torch.Tensor) -> torch.Tensor:
+def common_width(x: torch.Tensor) -> torch.Tensor:
     """Give an empty slice (a rank with no rows) the embedding width of the others."""
     world, _ = world_and_rank()
     if world == 1:
@@ -113,7 +114,7 @@ def evaluate(fused, pairs: PairDataset, eval_set: EvalSet, *, batch_size: int, d
     """
     world, rank = world_and_rank()
     n_q, n_d = len(eval_set.query_rows), len(eval_set.doc_rows)
-    mine_q, mine_d = _slice(n_q, world, rank), _slice(n_d, world, rank)
+    mine_q, mine_d = rank_slice(n_q, world, rank), rank_slice(n_d, world, rank)
     was_training = fused.training
     fused.eval()
     try:
@@ -127,8 +128,8 @@ def evaluate(fused, pairs: PairDataset, eval_set: EvalSet, *, batch_size: int, d
                   progress=lambda n: heartbeat.stage(heartbeat.EVALUATING, n_q_mine + n, total))
     finally:
         fused.train(was_training)
-    q, d = _common_width(q), _common_width(d)
-    q = _gather_rows(q, n_q)
+    q, d = common_width(q), common_width(d)
+    q = gather_rows(q, n_q)
     scores, top = sharded_topk(q, d, k, offset=mine_d.start)
     top_docs, top_scores = top.cpu().numpy(), scores.cpu().numpy()
     metrics = ranking_metrics(top_docs, eval_set.qrels)

@@ -28,7 +28,7 @@ from ..data.check import joint_ids
 from ..data.dataset import PairDataset
 from ..data.examples import Examples
 from ..distributed import broadcast_object, sum_over_ranks, world_and_rank
-from ..evaluation.evaluate import _common_width, _gather_rows, _slice, embed, eval_batch_size
+from ..evaluation.evaluate import common_width, embed, eval_batch_size, gather_rows, rank_slice
 from ..evaluation.topk import sharded_topk
 from ..layout import OutputFolder
 from ..report import heartbeat
@@ -89,7 +89,7 @@ def _embed(fused, queries: PairDataset, query_rows: np.ndarray, docs: PairDatase
     """(every query's embedding, this rank's slice of the candidates' embeddings, the slice's
     first index): the evaluation's embedding pass, in eval mode."""
     world, rank = world_and_rank()
-    mine_q, mine_d = _slice(len(query_rows), world, rank), _slice(len(doc_rows), world, rank)
+    mine_q, mine_d = rank_slice(len(query_rows), world, rank), rank_slice(len(doc_rows), world, rank)
     was_training = fused.training
     fused.eval()
     try:
@@ -102,8 +102,8 @@ def _embed(fused, queries: PairDataset, query_rows: np.ndarray, docs: PairDatase
                   progress=lambda n: heartbeat.stage(heartbeat.MINING, n_q + n, total))
     finally:
         fused.train(was_training)
-    q, d = _common_width(q), _common_width(d)
-    return _gather_rows(q, len(query_rows)), d, mine_d.start
+    q, d = common_width(q), common_width(d)
+    return gather_rows(q, len(query_rows)), d, mine_d.start
 
 
 def _pair_scores(q: torch.Tensor, d: torch.Tensor, offset: int, pairs: PositivePairs) -> np.ndarray:
