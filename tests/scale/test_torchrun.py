@@ -83,11 +83,10 @@ def seed_checkpoint(src: Path, dst: Path) -> None:
     shutil.copy(src / "checkpoints" / "step_4.pt", dst / "checkpoints" / "step_4.pt")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def tiny_example(folder: Path) -> Path:
+    """The tiny model and the example's first ROWS training rows with their images, in ``folder``."""
     from kontrast.trainer.data.example_data import generate
 
-    folder = tmp_path_factory.mktemp("torchrun")
     (folder / "tiny-vit.json").write_text(json.dumps(TINY))
     full = generate(folder / "example")
     with open(full / "train.csv", newline="") as f:
@@ -96,6 +95,12 @@ def runs(tmp_path_factory):
     shutil.copytree(full / "images", folder / "data" / "images")
     with open(folder / "data" / "train.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tiny_example(tmp_path_factory.mktemp("torchrun"))
 
     run_local(write_job(folder, "A"))
     b = run_torchrun(write_job(folder, "B", batchSize=8))

@@ -5,29 +5,17 @@ ranked ce and under siglip."""
 
 from __future__ import annotations
 
-import csv
 import json
-import shutil
 
 import pytest
-from scale.test_torchrun import TINY, ROWS, assert_same_weights, events, losses, run_local, run_torchrun, weights, write_job
+from scale.test_torchrun import assert_same_weights, events, losses, run_local, run_torchrun, tiny_example, weights, write_job
 
 HARD = {"perQuery": 2, "margin": 0.05}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from kontrast.trainer.data.example_data import generate
-
-    folder = tmp_path_factory.mktemp("torchrun_hn")
-    (folder / "tiny-vit.json").write_text(json.dumps(TINY))
-    full = generate(folder / "example")
-    with open(full / "train.csv", newline="") as f:
-        rows = list(csv.reader(f))[: ROWS + 1]
-    (folder / "data").mkdir()
-    shutil.copytree(full / "images", folder / "data" / "images")
-    with open(folder / "data" / "train.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
+    folder = tiny_example(tmp_path_factory.mktemp("torchrun_hn"))
     for kind, a, b in (("ce", "A", "B"), ("siglip", "SA", "SB")):
         run_local(write_job(folder, a, hardNegatives=HARD, weightedLoss=kind))
         run_torchrun(write_job(folder, b, batchSize=4, accumFreq=2, localLoss=True, hardNegatives=HARD,
