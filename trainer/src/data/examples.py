@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..layout import default_cache
-from .check import check_table, doc_identity, first_rows
+from .build import check_table
+from .check import doc_identity, first_rows
 from .columns import Columns
 from .shared_table import map_table, shared_table_file
 
@@ -25,7 +26,7 @@ class StringColumn:
     """Access to one string column of the mapped table, one cell at a time (no Python object
     per row); ``rows`` maps positions to table rows when some rows were dropped."""
 
-    def __init__(self, array: pa.Array, rows: Optional[np.ndarray] = None):
+    def __init__(self, array: pa.Array | pa.ChunkedArray, rows: Optional[np.ndarray] = None):
         self.array, self.rows = array, rows
 
     def __len__(self) -> int:
@@ -54,7 +55,8 @@ class Examples:
             return a if keep is None else a[keep]
 
         def text(name: str) -> StringColumn:
-            return StringColumn(t.column(name).chunk(0), keep)
+            column = t.column(name)   # a chunk per block of the data file (the numbers have one)
+            return StringColumn(column.chunk(0) if column.num_chunks == 1 else column, keep)
 
         self.left = [text(f"left{i}") for i in range(len(columns.left_keys))]
         self.right = [text(f"right{i}") for i in range(1, len(columns.right_keys))]
