@@ -1,12 +1,15 @@
 """The node's table at scale: the builder streams the data file a block at a time (its memory
-does not follow the file's size) and gives the table that checking the file whole gives."""
+does not follow the file's size) and gives the table that checking the file whole gives; the
+training table's known pairs are built once per node and mapped by every rank."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +102,41 @@ def test_the_builder_holds_blocks_not_the_file(tmp_path):
                           capture_output=True, text=True, check=True)
     peak = json.loads(done.stdout.splitlines()[-1])["arrow_peak"]
     assert peak < 1.0 * path.stat().st_size, (peak, path.stat().st_size)
+
+
+_RANK = """
+import sys, time
+from kontrast.trainer.data.examples import load_examples
+from kontrast.trainer.distributed import World
+from kontrast.trainer.run import setup
+from kontrast.trainer.step.known_pairs import KnownPairs
+from specs import params_of
+real = KnownPairs.of_table.__func__
+def counted(cls, *a):
+    print("built", flush=True)
+    time.sleep(1.0)                      # the other rank waits on the lock meanwhile
+    return real(cls, *a)
+KnownPairs.of_table = classmethod(counted)
+spec = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"], "rightWeights": [0.75, 0.25],
+        "weightKey": "score"}
+known = setup._known_pairs(load_examples(sys.argv[1], params_of(spec)), World())
+mapped = [line.split()[-1] for line in open("/proc/self/maps") if ".known" in line]
+print(len(known), int(known.keys.sum()), " ".join(sorted(set(mapped))), flush=True)
+"""
+
+
+def test_the_known_pairs_are_built_once_per_node_and_mapped_by_every_rank(tmp_path, cache):
+    path = tmp_path / "train.csv"
+    path.write_text(catalogue(2000))
+    load_examples(str(path), params_of(FIELDS))         # the table exists; the ranks race for the pairs
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}   # tests/, for specs.py
+    ranks = [subprocess.Popen([sys.executable, "-c", _RANK, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outs = [r.communicate(timeout=120)[0].splitlines() for r in ranks]
+    assert all(r.returncode == 0 for r in ranks)
+    assert sum(o.count("built") for o in outs) == 1            # one rank built them, the other mapped its file
+    files = list((cache / "tables").glob("*.arrow.known*"))
+    assert len(files) == 1
+    summaries = [o[-1].split() for o in outs]
+    assert summaries[0] == summaries[1] and int(summaries[0][0]) > 0
+    assert summaries[0][2:] == [str(files[0])]               # both ranks' pairs are that file's pages

@@ -24,8 +24,9 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
+import numpy as np
 import pyarrow as pa
 
 from .. import storage
@@ -71,19 +72,14 @@ def shared_table_file(location: str, cols: Columns, cache: str, *, require_posit
     lock, mapped by everyone.
 
     A file larger than ``IN_PROCESS_MAX_BYTES`` is built in a child process, so the parsed
-    file and its temporaries never enter a training process's heap (whose allocator would
+    blocks and their temporaries never enter a training process's heap (whose allocator would
     keep much of them); smaller ones are built in place, saving the child's start-up.
     """
     folder = CacheFolder(cache).tables
     folder.mkdir(parents=True, exist_ok=True)
-    key = table_key(location, cols, require_positive_weight)
-    target = folder / f"{key}.arrow"
-    with open(folder / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
-            log.debug("%s: reusing the checked table %s", location, target)
-            return target
-        storage.remove_temporaries(folder, target.name)   # a builder killed mid-write; we hold the lock
+    target = folder / f"{table_key(location, cols, require_positive_weight)}.arrow"
+
+    def build(target: Path) -> None:
         started = time.monotonic()
         size = int(source_stamp(location).get("size") or 0)
         if size > IN_PROCESS_MAX_BYTES:
@@ -91,7 +87,31 @@ def shared_table_file(location: str, cols: Columns, cache: str, *, require_posit
         else:
             build_table_file(location, cols, target, require_positive_weight)
         log.info("%s: checked and wrote the node's table file in %.1f s", location, time.monotonic() - started)
+
+    return once_per_node(target, build)
+
+
+def once_per_node(target: Path, build: Callable[[Path], None]) -> Path:
+    """``target``, built by ``build(target)`` in the first process to take the lock of its
+    table (``KEY.lock``), reused by everyone after. ``build`` publishes atomically, so a
+    target that exists is complete; a builder killed mid-write leaves only temporaries, which
+    the next lock holder removes."""
+    key = target.name.split(".", 1)[0]
+    with open(target.parent / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            log.debug("reusing %s", target)
+            return target
+        storage.remove_temporaries(target.parent, target.name)
+        build(target)
     return target
+
+
+def known_pairs_file(table_file: str | Path, keep: Optional[np.ndarray]) -> Path:
+    """Where the node keeps the known pairs of a table's rows (``keep``: the rows left after
+    bad images were skipped, the same on every rank; None for all)."""
+    rows = "" if keep is None else "-" + hashlib.sha256(np.ascontiguousarray(keep, np.int64)).hexdigest()[:16]
+    return Path(f"{table_file}{KNOWN_SUFFIX}{rows}")
 
 
 def build_table_file(location: str, cols: Columns, target: Path, require_positive_weight: bool) -> None:

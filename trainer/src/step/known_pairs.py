@@ -51,6 +51,31 @@ class KnownPairs:
         shared = (q_partners[uq] > 1) & (d_partners[ud] > 1)
         return cls(torch.from_numpy(keys[shared]), torch.from_numpy(rel[shared]), n_docs)
 
+    def write(self, f) -> None:
+        """As an Arrow IPC file (``mapped`` reads it back without a copy)."""
+        import pyarrow as pa
+
+        table = pa.table({"key": self.keys.cpu().numpy(), "rel": self.rel.cpu().numpy()},
+                         metadata={"n_docs": str(self.n_docs)})
+        with pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table)
+
+    @classmethod
+    def mapped(cls, path: str) -> "KnownPairs":
+        """The pairs ``write`` wrote, memory-mapped: every rank of a node reads the same pages,
+        built once (``run.setup``), instead of each holding its own copy and its temporaries."""
+        import warnings
+
+        import pyarrow as pa
+
+        table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+        n_docs = int(table.schema.metadata[b"n_docs"])
+        with warnings.catch_warnings():
+            # the map is read-only and nothing writes to the pairs; torch warns about the former
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            keys, rel = (torch.from_numpy(_one_chunk(table.column(name)).to_numpy()) for name in ("key", "rel"))
+        return cls(keys, rel, n_docs)
+
     def __len__(self) -> int:
         return self.keys.numel()
 
@@ -78,6 +103,11 @@ class KnownPairs:
         col = torch.searchsorted(ud, cand).clamp_max(ud.numel() - 1)
         hit = ud[col] == cand
         return _expand(owner[hit], col[hit], self.rel[pos[hit]], q_of, d_of, uq.numel(), ud.numel())
+
+
+def _one_chunk(column):
+    """The column's one chunk, not a copy (combine_chunks copies even one); an empty table has none."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def max_per_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
