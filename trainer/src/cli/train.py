@@ -83,18 +83,26 @@ def _check(resolved: Resolved) -> None:
     """Check the data as training would. Under torchrun the processes split the images, so
     they need their process group (gloo: the check needs no GPU) to count the bad ones of
     the whole file against maxBadFraction, not each its own share."""
-    from ..data.load import load_corpus, load_data
+    params = resolved.params
+    if "WORLD_SIZE" not in os.environ:   # one process: no process group, and no torch to import
+        _check_data(params)
+        return
     from ..distributed import init_from_env, shutdown
 
-    params = resolved.params
     init_from_env("cpu")
     try:
-        load_data(params.train_data, params, require_positive_weight=True, progress=True)
-        if params.eval_data:
-            load_data(params.eval_data, params, require_positive_weight=False, progress=True)
-            load_corpus(params, progress=True)
+        _check_data(params)
     finally:
         shutdown()
+
+
+def _check_data(params) -> None:
+    from ..data.load import load_corpus, load_data
+
+    load_data(params.train_data, params, require_positive_weight=True, progress=True)
+    if params.eval_data:
+        load_data(params.eval_data, params, require_positive_weight=False, progress=True)
+        load_corpus(params, progress=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

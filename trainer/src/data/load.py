@@ -14,7 +14,6 @@ import numpy as np
 
 from kontrast.api.data import Data
 
-from ..distributed import all_gather_objects
 from ..errors import DataError, DataProblem, ProblemCollector
 from ..layout import default_cache
 from ..params import Params
@@ -50,7 +49,7 @@ def load_data(location: str, params: Params, *, require_positive_weight: bool,
     # cells read lazily (StringColumn): a corpus of millions of images is never a list of them
     bad = prefetch(ImageCache(cache), StringColumn(images, mine), first_rows[mine], progress=progress,
                    label=location.rsplit("/", 1)[-1])
-    bad = sorted({b.location: b for b in all_gather_objects(bad)}.values(), key=lambda b: b.row)
+    bad = sorted({b.location: b for b in _every_rank(bad)}.values(), key=lambda b: b.row)
     report = BadImageReport(location, len(images), bad=bad)
     if bad:
         examples = _apply_policy(examples, report, params.data)
@@ -62,6 +61,16 @@ def load_data(location: str, params: Params, *, require_positive_weight: bool,
         log.info("%s: %d rows; the image field has weight 0, so no image is read or checked", location,
                  len(examples))
     return examples, report
+
+
+def _every_rank(bad: list) -> list:
+    """The bad images every rank found. One process (``kontrast train --check``, a laptop run)
+    has nothing to gather, and then does not import torch for it (two seconds of a check)."""
+    if "WORLD_SIZE" not in os.environ:
+        return bad
+    from ..distributed import all_gather_objects
+
+    return all_gather_objects(bad)
 
 
 def load_corpus(params: Params, *, progress: bool = False) -> tuple[Optional[Examples], Optional[BadImageReport]]:
