@@ -57,6 +57,8 @@ def test_a_file_read_in_many_blocks_gives_the_table_of_checking_it_whole(tmp_pat
     assert [streamed.image(i) for i in range(len(whole))] == [whole.image(i) for i in range(len(whole))]
     assert [streamed.right_texts(i) for i in range(len(whole))] == [whole.right_texts(i) for i in range(len(whole))]
     assert streamed.left_texts(2999) == whole.left_texts(2999)
+    (images, rows), (whole_images, whole_rows) = streamed.used_images(), whole.used_images()
+    assert images.to_pylist() == whole_images.to_pylist() and np.array_equal(rows, whole_rows)
 
 
 def test_problems_in_later_blocks_name_their_rows_and_lines(tmp_path, monkeypatch):

@@ -26,14 +26,14 @@ never reach the model, so they do not make two rows different queries or documen
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import DataError, DataProblem, ProblemCollector
-from ..locations import has_scheme, parent_location
+from ..locations import has_scheme
 from .columns import Columns
 from .read import MAX_PROBLEMS, with_lines
 
@@ -209,16 +209,10 @@ def codes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def dense_ids(columns: Sequence[pa.Array | pa.ChunkedArray]) -> np.ndarray:
     """int64 ids equal exactly for rows equal in every column, numbered by first appearance."""
-    return combined_codes([codes(col) for col in columns], len(columns[0]) if columns else 0)
-
-
-def combined_codes(per_column: Sequence[np.ndarray], n: int) -> np.ndarray:
-    """int64 ids equal exactly for rows whose codes are equal in every column, numbered by
-    first appearance (one column's first-appearance codes are already such ids)."""
-    if len(per_column) == 1:
-        return np.asarray(per_column[0], dtype=np.int64)
+    n = len(columns[0]) if columns else 0
     ids = np.zeros(n, dtype=np.int64)
-    for c in per_column:
+    for col in columns:
+        c = codes(col)
         ids = codes(pa.array(ids * (int(c.max(initial=0)) + 1) + c))   # < n * n: fits in int64
     return ids
 
