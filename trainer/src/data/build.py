@@ -3,11 +3,9 @@
 A file is read a block at a time (``read.read_batches``). Each block is checked by the rules
 of ``check.py`` and its text columns (resolved image, texts, ids' key columns) are handed on
 at once, to be written to the node's table file; what is kept per row until the end is
-numbers only: field weights, the row weight and each identity column's code within its
-block. The codes are made global at the end: every block's distinct values are numbered
-together in order of first appearance, which is the order a single pass over the whole file
-gives (a value first seen in block k is new in block k's dictionary, after everything from
-blocks before it), so the ids are those of checking the file whole.
+numbers only: field weights, the row weight and each identity column's int32 code. The codes
+are numbered across blocks by first appearance (``FirstSeenCodes``), the order a single pass
+over the whole file gives, so the ids are those of checking the file whole.
 
 The builder's memory is then a block's temporaries, the per-row numbers (about 30 bytes a
 row) and each identity column's distinct values: a catalogue whose queries repeat holds

@@ -12,7 +12,7 @@ wait on the lock and map them (a failed build leaves no file, so each of them fa
 same DataError).
 
 The training table's known pairs (``step.known_pairs.KnownPairs``) are built the same way,
-once per node, into ``KEY.arrow.known`` beside it (``shared_known_pairs``).
+once per node, into ``KEY.arrow.known`` beside it (``pairs_file.shared_known_pairs``).
 """
 
 from __future__ import annotations
@@ -183,7 +183,12 @@ def _child_main() -> int:
 def map_table(path: str | Path) -> pa.Table:
     """The table files, memory-mapped: pages are shared with every process mapping them. The
     text columns have a chunk per block of the data file, the numbers one chunk each."""
-    return joined(_map(texts_file(path)), _map(path))
+    return joined(_map(texts_file(path)), map_numbers(path))
+
+
+def map_numbers(path: str | Path) -> pa.Table:
+    """The table's per-row numbers only (weights, ids), memory-mapped."""
+    return _map(path)
 
 
 def _map(path: str | Path) -> pa.Table:

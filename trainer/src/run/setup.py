@@ -19,13 +19,12 @@ from typing import Any, Optional, Sequence
 import open_clip
 import torch
 
-from .. import storage
 from ..data.batches import StepSampler, TrainLoader, steps_per_epoch
 from ..data.dataset import PairDataset, collate
 from ..data.examples import Examples
 from ..data.images import ImageCache
 from ..data.load import cache_folder, load_corpus, load_data
-from ..data.shared_table import known_pairs_file, once_per_node
+from ..data.pairs_file import shared_known_pairs
 from ..data.transforms import image_normalization
 from ..distributed import World, all_reduce_min, wrap_ddp
 from ..errors import DataError, DataProblem, PermanentError
@@ -269,15 +268,10 @@ def choose_micro_batch(params: Params, world: World, fused=None, dataset=None, p
 def _known_pairs(train_ex: Examples, world: World) -> KnownPairs:
     """trainData's known pairs, built once per node into a file beside its table and mapped by
     every rank (an in-memory table, in tests, builds them in place)."""
-    def of_table() -> KnownPairs:
-        return KnownPairs.of_table(train_ex.left_ids, train_ex.right_ids, train_ex.weights)
-
     if train_ex.path is None:
-        known = of_table()
+        known = KnownPairs.of_table(train_ex.left_ids, train_ex.right_ids, train_ex.weights)
     else:
-        path = once_per_node(known_pairs_file(train_ex.path, train_ex.keep),
-                             lambda target: storage.write_atomic(str(target), of_table().write, durable=False))
-        known = KnownPairs.mapped(str(path))
+        known = KnownPairs.mapped(str(shared_known_pairs(train_ex.path, train_ex.keep)))
     if world.is_main:
         log.info("graded targets: %d pairs of trainData can meet in a batch without their own row "
                  "(positives, not negatives, when they do)", len(known))

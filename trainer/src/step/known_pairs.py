@@ -6,10 +6,13 @@ Why the table's pairs matter is in ``losses.py``'s docstring (graded multi-posit
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
 import torch
+
+from ..data.pairs_file import known_pair_arrays, map_known_pairs
 
 
 def _compact(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -35,46 +38,19 @@ class KnownPairs:
 
     @classmethod
     def of_table(cls, left_ids: np.ndarray, right_ids: np.ndarray, weights: np.ndarray) -> "KnownPairs":
-        q_all = np.asarray(left_ids, dtype=np.int64)
-        d_all = np.asarray(right_ids, dtype=np.int64)
-        n_docs = int(d_all.max()) + 1 if d_all.size else 1
-        # Partners per query and per document, over every distinct pair (weight 0 included).
-        every = np.unique(q_all * n_docs + d_all)
-        q_partners = np.bincount(every // n_docs)
-        d_partners = np.bincount(every % n_docs)
-        del every
-        positive = np.asarray(weights) > 0
-        keys, inverse = np.unique(q_all[positive] * n_docs + d_all[positive], return_inverse=True)
-        rel = np.zeros(keys.size, dtype=np.float32)
-        np.maximum.at(rel, inverse, np.asarray(weights, dtype=np.float32)[positive])
-        uq, ud = keys // n_docs, keys % n_docs
-        shared = (q_partners[uq] > 1) & (d_partners[ud] > 1)
-        return cls(torch.from_numpy(keys[shared]), torch.from_numpy(rel[shared]), n_docs)
-
-    def write(self, f) -> None:
-        """As an Arrow IPC file (``mapped`` reads it back without a copy)."""
-        import pyarrow as pa
-
-        table = pa.table({"key": self.keys.cpu().numpy(), "rel": self.rel.cpu().numpy()},
-                         metadata={"n_docs": str(self.n_docs)})
-        with pa.ipc.new_file(f, table.schema) as writer:
-            writer.write_table(table)
+        keys, rel, n_docs = known_pair_arrays(left_ids, right_ids, weights)
+        return cls(torch.from_numpy(keys), torch.from_numpy(rel), n_docs)
 
     @classmethod
     def mapped(cls, path: str) -> "KnownPairs":
-        """The pairs ``write`` wrote, memory-mapped: every rank of a node reads the same pages,
-        built once (``run.setup``), instead of each holding its own copy and its temporaries."""
-        import warnings
-
-        import pyarrow as pa
-
-        table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
-        n_docs = int(table.schema.metadata[b"n_docs"])
+        """The pairs of a node's known-pairs file (``data.pairs_file``), memory-mapped: every
+        rank of a node reads the same pages, built once, instead of each holding its own copy
+        and the temporaries of computing it."""
+        keys, rel, n_docs = map_known_pairs(path)
         with warnings.catch_warnings():
             # the map is read-only and nothing writes to the pairs; torch warns about the former
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            keys, rel = (torch.from_numpy(_one_chunk(table.column(name)).to_numpy()) for name in ("key", "rel"))
-        return cls(keys, rel, n_docs)
+            return cls(torch.from_numpy(keys), torch.from_numpy(rel), n_docs)
 
     def __len__(self) -> int:
         return self.keys.numel()
@@ -103,11 +79,6 @@ class KnownPairs:
         col = torch.searchsorted(ud, cand).clamp_max(ud.numel() - 1)
         hit = ud[col] == cand
         return _expand(owner[hit], col[hit], self.rel[pos[hit]], q_of, d_of, uq.numel(), ud.numel())
-
-
-def _one_chunk(column):
-    """The column's one chunk, not a copy (combine_chunks copies even one); an empty table has none."""
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def max_per_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
