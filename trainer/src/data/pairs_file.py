@@ -85,9 +85,11 @@ def _column(table: pa.Table, name: str) -> np.ndarray:
 def _build_in_child(table_file: str | Path, keep: Optional[np.ndarray], target: Path) -> None:
     import subprocess
 
-    with tempfile.NamedTemporaryFile(suffix=".npy", dir=target.parent) as rows:
+    # named as write_atomic names its temporaries, so the next lock holder removes one left by a SIGKILL
+    with tempfile.NamedTemporaryFile(prefix=f".{target.name}.", suffix=storage.TEMP_SUFFIX, dir=target.parent) as rows:
         if keep is not None:
-            np.save(rows.name, keep)
+            np.save(rows, keep)
+            rows.flush()
         request = json.dumps({"table": str(table_file), "keep": rows.name if keep is not None else None,
                               "target": str(target)})
         done = subprocess.run([sys.executable, "-m", __name__], input=request, text=True, capture_output=True)
