@@ -143,3 +143,15 @@ def test_the_known_pairs_are_built_once_per_node_and_mapped_by_every_rank(tmp_pa
     summaries = [o[-1].split() for o in outs]
     assert summaries[0] == summaries[1] and int(summaries[0][0]) > 0
     assert summaries[0][2:] == [str(files[0])]               # both ranks' pairs are that file's pages
+
+
+def test_a_check_builds_the_table_in_its_own_process(tmp_path, monkeypatch):
+    """``kontrast train --check`` exits once the data is checked, so it builds a large file's
+    table itself instead of starting a child process for it (a third of a 1M-row check)."""
+    from kontrast.trainer.data import shared_table
+
+    path = tmp_path / "train.csv"
+    path.write_text(catalogue(100))
+    monkeypatch.setattr(shared_table, "IN_PROCESS_MAX_BYTES", 0)           # "large"
+    monkeypatch.setattr(shared_table, "_build_in_child", lambda *a: pytest.fail("a child process was started"))
+    assert len(load_examples(str(path), params_of(FIELDS), build_here=True)) == 100

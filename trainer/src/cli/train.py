@@ -97,12 +97,13 @@ def _check(resolved: Resolved) -> None:
 
 
 def _check_data(params) -> None:
+    """Each file's table is built in this process, which exits once they are checked."""
     from ..data.load import load_corpus, load_data
 
-    load_data(params.train_data, params, require_positive_weight=True, progress=True)
+    load_data(params.train_data, params, require_positive_weight=True, progress=True, build_here=True)
     if params.eval_data:
-        load_data(params.eval_data, params, require_positive_weight=False, progress=True)
-        load_corpus(params, progress=True)
+        load_data(params.eval_data, params, require_positive_weight=False, progress=True, build_here=True)
+        load_corpus(params, progress=True, build_here=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

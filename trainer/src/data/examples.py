@@ -170,10 +170,13 @@ def _matrix(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def load_examples(location: str, params: "Params", *, cache: Optional[str] = None,
-                  require_positive_weight: bool = True, columns: Optional[Columns] = None) -> Examples:
-    """Check ``location`` (once per node) and map its table (``columns``: default the TrainJob's pairs)."""
+                  require_positive_weight: bool = True, columns: Optional[Columns] = None,
+                  build_here: bool = False) -> Examples:
+    """Check ``location`` (once per node) and map its table (``columns``: default the TrainJob's
+    pairs; ``build_here``: see ``shared_table_file``)."""
     cols = columns or Columns.of(params)
-    path = shared_table_file(location, cols, cache or default_cache(), require_positive_weight=require_positive_weight)
+    path = shared_table_file(location, cols, cache or default_cache(), require_positive_weight=require_positive_weight,
+                             build_here=build_here)
     return Examples(location, cols, path)
 
 

@@ -36,13 +36,15 @@ def _local_share() -> tuple[int, int]:
 
 
 def load_data(location: str, params: Params, *, require_positive_weight: bool,
-              progress: bool = False, columns: Optional[Columns] = None) -> tuple[Examples, BadImageReport]:
+              progress: bool = False, columns: Optional[Columns] = None,
+              build_here: bool = False) -> tuple[Examples, BadImageReport]:
     """Check one data file and prefetch its images; every rank raises the same DataError if
     anything is wrong, or drops the same rows under ``data.onBadImage: skip``. ``columns``
-    defaults to the TrainJob's pairs (``Columns.corpus_of`` for a corpus)."""
+    defaults to the TrainJob's pairs (``Columns.corpus_of`` for a corpus); ``build_here``: see
+    ``shared_table.shared_table_file``."""
     cache = cache_folder(params)
     examples = load_examples(location, params, cache=cache, require_positive_weight=require_positive_weight,
-                             columns=columns)
+                             columns=columns, build_here=build_here)
     images, first_rows = examples.used_images()
     part, parts = _local_share()
     mine = np.arange(part, len(images), parts)
@@ -73,12 +75,13 @@ def _every_rank(bad: list) -> list:
     return all_gather_objects(bad)
 
 
-def load_corpus(params: Params, *, progress: bool = False) -> tuple[Optional[Examples], Optional[BadImageReport]]:
+def load_corpus(params: Params, *, progress: bool = False,
+                build_here: bool = False) -> tuple[Optional[Examples], Optional[BadImageReport]]:
     """The checked corpus (corpusData: documents only) with its image report; (None, None) without one."""
     if not params.corpus_data:
         return None, None
     return load_data(params.corpus_data, params, require_positive_weight=False, progress=progress,
-                     columns=Columns.corpus_of(params))
+                     columns=Columns.corpus_of(params), build_here=build_here)
 
 
 def _distinct(ids: np.ndarray) -> int:
