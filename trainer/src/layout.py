@@ -74,15 +74,18 @@ class OutputFolder:
         """Part ``n`` of the progress log on an object store: part 0 is progress.jsonl itself,
         and the writer starts part n + 1 once part n holds ``PROGRESS_PART_BYTES``, so no upload
         carries more than a part (an object cannot be appended to). Local logs are one file."""
-        return self.progress if n == 0 else storage.join(self.root, f"progress.{n}.jsonl")
+        return storage.join(self.root, self._progress_name(n))
 
     def progress_parts(self) -> list[str]:
         """The progress log's parts that exist, in order (read them all, one after the other)."""
         names = set(storage.list_names(self.root))
         parts = []
-        while (self.PROGRESS if not parts else f"progress.{len(parts)}.jsonl") in names:
+        while self._progress_name(len(parts)) in names:
             parts.append(self.progress_part(len(parts)))
         return parts
+
+    def _progress_name(self, n: int) -> str:
+        return self.PROGRESS if n == 0 else f"progress.{n}.jsonl"
 
     def resumable(self, step: int) -> str:
         return storage.join(self.root, self.CHECKPOINTS, f"step_{step}.pt")

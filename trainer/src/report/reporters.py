@@ -216,7 +216,7 @@ class JsonlReporter(Reporter):
         self.flush_every, self.clock = flush_every, clock
         self._last_flush = clock()
         self._pending = False
-        self.remote = has_scheme(self.location)
+        self.remote = has_scheme(location)
         if self.remote:
             # ``location`` is an output folder's progress.jsonl: its parts are named beside it
             self.output = OutputFolder(location.rsplit("/", 1)[0])
@@ -227,8 +227,8 @@ class JsonlReporter(Reporter):
                 with storage.open_read(parts[-1]) as f:
                     shutil.copyfileobj(io.TextIOWrapper(f, encoding="utf-8"), self._file)
         else:
-            Path(self.location).parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.location, "a", encoding="utf-8")
+            Path(location).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(location, "a", encoding="utf-8")
 
     def _write(self, event: str, payload: dict[str, Any], flush: bool = False) -> None:
         line = json.dumps({"event": event, "time": utc_now(), **payload}, sort_keys=False)
