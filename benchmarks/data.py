@@ -24,6 +24,21 @@ and PSS over the process's baseline after imports. "main" is the
 reader of main at the commit below (``git show``), run from a temporary copy; "ours cold"
 builds the node's table file, "ours warm" maps an existing one.
 
+``memory``: the table builder, a rank and ``kontrast train --check`` at N rows (the same
+catalogue, written a million rows at a time), "before" (the trainer at ``--before``, imported
+from a ``git archive`` of it) against "after" (this tree), each in a fresh process:
+
+* builder: ``build_table_file`` in a process of its own; peak RSS and its growth over the
+  process's RSS after imports, against the CSV's size;
+* rank: with the table built, one process loads the file as a rank does (``load_data``: the
+  table mapped, every distinct image checked) and takes trainData's known pairs
+  (``run.setup._known_pairs``); then a second rank does the same. Growth of anonymous memory
+  (the heap: what no other process shares) per row, and the known pairs' time and bytes per
+  rank (after: the first rank builds the node's file, the second maps it);
+* check: ``kontrast train job.yaml --check`` from an empty cache (interpreter start included),
+  against a naive Python parse of the same file in a fresh interpreter (``csv.DictReader``
+  into a list; also a bare ``csv.reader`` pass that keeps nothing).
+
 Figures are printed; nothing is asserted.
 """
 
@@ -43,6 +58,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_REV = "c1f80de"   #: main before the columnar reader
+BEFORE_REV = "bf069c3"     #: main before the streaming builder and the node's known pairs (``memory``)
 SPEC = {"leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"], "rightWeights": [0.75, 0.25],
         "weightKey": "score"}
 
@@ -312,6 +328,167 @@ def bench_startup(args) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------------------------
+# memory at 1M and 10M rows
+
+def write_big_catalogue(path: Path, rows: int, images: list[str], chunk: int = 1_000_000) -> None:
+    """``write_catalogue``'s rows, written a chunk at a time (10M rows never in memory at once)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    names = np.array(images, dtype=object)
+    writer = None
+    for start in range(0, rows, chunk):
+        i = np.arange(start, min(rows, start + chunk))
+        table = pa.table({
+            "query": pa.array(np.char.add(np.char.add("query number ", (i % 200_000).astype(str)), " about things")),
+            "image": pa.array(names[i % len(images)].astype(str)),
+            "title": pa.array(np.char.add(np.char.add("product title ", (i % 300_000).astype(str)),
+                                          " with several words")),
+            "score": pa.array((1 + i % 3).astype(str)),
+        })
+        writer = writer or pacsv.CSVWriter(str(path), table.schema, write_options=pacsv.WriteOptions(
+            quoting_style="needed"))
+        writer.write_table(table)
+    writer.close()
+
+
+def import_trainer(reader: str, baseline: str):
+    """The trainer package: this tree's ("after"), or ``before_trainer``, extracted at ``--before``
+    into ``baseline`` (on PYTHONPATH, so the builder's own child process finds it too)."""
+    import importlib
+
+    if reader == "after":
+        return importlib.import_module("kontrast.trainer")
+    sys.path.insert(0, baseline)
+    return importlib.import_module("before_trainer")
+
+
+def mem_child(args) -> None:
+    """One measured process: ``build``, ``rank`` or ``check``; prints one JSON line."""
+    import importlib
+    import resource
+
+    trainer = import_trainer(args.reader, args.baseline)
+    name = trainer.__name__
+    mod = lambda m: importlib.import_module(f"{name}.{m}")  # noqa: E731
+    if args.what_child == "check":
+        t0 = time.perf_counter()
+        code = mod("cli.train").main([args.job, "--check", "--no-progress", "--log-level", "WARNING"])
+        print(json.dumps({"rc": code, "in_process_s": round(time.perf_counter() - t0, 2)}))
+        return
+    Columns = mod("data.columns").Columns
+    if args.what_child == "build":
+        import numpy  # noqa: F401 - imports are the baseline, not the build
+        import pyarrow.compute  # noqa: F401
+        import pyarrow.csv  # noqa: F401
+        shared = mod("data.shared_table")
+        before = _memory()
+        t0 = time.perf_counter()
+        shared.build_table_file(args.file, Columns.of(params()), Path(args.target), True)
+        wall = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"wall_s": round(wall, 2), "peak_rss_mib": round(peak), "baseline_rss_mib":
+                          round(before["Rss"]), "growth_mib": round(peak - before["Rss"])}))
+        return
+    load, setup = mod("data.load"), mod("run.setup")
+    world = mod("distributed").World()
+    before = _memory()
+    t0 = time.perf_counter()
+    ex, _ = load.load_data(args.file, params(cache=args.cache), require_positive_weight=True)
+    loaded, t1 = _memory(), time.perf_counter()
+    known = setup._known_pairs(ex, world)
+    t2 = time.perf_counter()
+    after = _memory()
+    rows = len(ex)
+    print(json.dumps({
+        "load_s": round(t1 - t0, 2), "known_pairs_s": round(t2 - t1, 2), "known_pairs": len(known),
+        "known_pairs_mib": round((known.keys.numel() * 8 + known.rel.numel() * 4) / 2 ** 20, 1),
+        "anon_growth_bytes_per_row": round((after["Anonymous"] - before["Anonymous"]) * 2 ** 20 / rows, 1),
+        "anon_growth_load_bytes_per_row": round((loaded["Anonymous"] - before["Anonymous"]) * 2 ** 20 / rows, 1),
+        "anon_growth_known_mib": round(after["Anonymous"] - loaded["Anonymous"], 1),
+        "peak_over_baseline_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before["Rss"])}))
+
+
+def _timed(cmd: list[str], env=None) -> tuple[float, float, str]:
+    """(wall s, peak RSS MiB, stdout) of a command, as ``/usr/bin/time`` sees it: a child's own
+    ru_maxrss would start at this process's RSS (fork copies it before exec)."""
+    with tempfile.NamedTemporaryFile("r") as times:
+        t0 = time.perf_counter()
+        done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", times.name, *cmd], stdout=subprocess.PIPE,
+                              text=True, env=env)
+        wall = time.perf_counter() - t0
+        if done.returncode:
+            raise RuntimeError(f"{cmd} exited {done.returncode}")
+        return wall, int(times.read().split()[-1]) / 1024, done.stdout
+
+
+NAIVE = {"DictReader": "import csv,sys\nwith open(sys.argv[1], newline='') as f: rows = list(csv.DictReader(f))",
+         "csv.reader pass": "import csv,sys\nwith open(sys.argv[1], newline='') as f:\n  for r in csv.reader(f): pass"}
+
+
+def bench_memory(args) -> None:
+    work = Path(args.work or tempfile.mkdtemp(prefix="kontrast-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
+    baseline = work / "before"
+    if not baseline.exists():
+        baseline.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before, "trainer/src"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
+        (baseline / "trainer" / "src").rename(baseline / "before_trainer")
+    data = work / "data"
+    images = [p.name for p in make_jpegs(data, 500, size=(64, 64))]
+    shutil.copy(ROOT / "examples" / "tiny-vit.json", data / "tiny-vit.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(baseline), os.environ.get("PYTHONPATH")]))}
+    me = [sys.executable, __file__, "mem-child"]
+    for rows in args.rows:
+        csv_file = data / f"catalogue-{rows}.csv"
+        if not csv_file.exists():
+            write_big_catalogue(csv_file, rows, images)
+        csv_mib = csv_file.stat().st_size / 2 ** 20
+        job = data / f"job-{rows}.yaml"
+        for name, code in NAIVE.items():
+            wall, peak, _ = _timed([sys.executable, "-c", code, str(csv_file)])
+            print(json.dumps({"rows": rows, "csv_mib": round(csv_mib, 1), "what": f"naive {name}",
+                              "wall_s": round(wall, 2), "peak_rss_mib": round(peak)}), flush=True)
+        for reader in args.readers:
+            cache = work / f"cache-{reader}-{rows}"
+            shutil.rmtree(cache, ignore_errors=True)
+            job.write_text(json.dumps({"apiVersion": "kontrast.dev/v1alpha1", "kind": "TrainJob",
+                                       "metadata": {"name": "bench"},
+                                       "spec": {**SPEC, "model": "tiny-vit.json", "trainData": csv_file.name,
+                                                "output": "out", "data": {"cache": str(cache)}}}))
+            wall, peak, out = _timed([*me, "check", "--reader", reader, "--job", str(job), "--baseline",
+                                      str(baseline)], env)
+            print(json.dumps({"rows": rows, "csv_mib": round(csv_mib, 1), "reader": reader, "what": "check cold",
+                              "wall_s": round(wall, 2), "peak_rss_mib": round(peak),
+                              **json.loads(out.splitlines()[-1])}), flush=True)
+            target = work / f"table-{reader}-{rows}.arrow"
+            _, _, out = _timed([*me, "build", "--reader", reader, "--file", str(csv_file), "--target", str(target),
+                                "--baseline", str(baseline)], env)
+            built = json.loads(out.splitlines()[-1])
+            table_mib = sum(p.stat().st_size for p in work.glob(f"{target.name}*")) / 2 ** 20
+            print(json.dumps({"rows": rows, "csv_mib": round(csv_mib, 1), "reader": reader, "what": "builder",
+                              "table_mib": round(table_mib, 1), **built,
+                              "peak_over_csv": round(built["peak_rss_mib"] / csv_mib, 2),
+                              "growth_over_csv": round(built["growth_mib"] / csv_mib, 2)}), flush=True)
+            for p in work.glob(f"{target.name}*"):
+                p.unlink()
+            for rank in (0, 1):      # the table built by the check above; rank 0 first, then rank 1
+                _, _, out = _timed([*me, "rank", "--reader", reader, "--file", str(csv_file), "--cache", str(cache),
+                                    "--baseline", str(baseline)], env)
+                print(json.dumps({"rows": rows, "reader": reader, "what": f"rank {rank}",
+                                  **json.loads(out.splitlines()[-1])}), flush=True)
+            shutil.rmtree(cache, ignore_errors=True)
+        if not args.keep:
+            csv_file.unlink()
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -330,8 +507,23 @@ def main() -> None:
     ch.add_argument("--cache", required=True)
     ch.add_argument("--baseline", required=True)
     sub.add_parser("serve-images").add_argument("folder")
+    me = sub.add_parser("memory")
+    me.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    me.add_argument("--readers", nargs="+", default=["before", "after"])
+    me.add_argument("--before", default=BEFORE_REV, help="the trainer to compare against (a git revision)")
+    me.add_argument("--work", help="working folder (default: a new temporary one)")
+    me.add_argument("--keep", action="store_true", help="keep the generated files")
+    mc = sub.add_parser("mem-child")
+    mc.add_argument("what_child", choices=["build", "rank", "check"])
+    mc.add_argument("--reader", required=True)
+    mc.add_argument("--baseline", required=True)
+    mc.add_argument("--file")
+    mc.add_argument("--target")
+    mc.add_argument("--cache")
+    mc.add_argument("--job")
     args = p.parse_args()
-    {"loader": bench_loader, "startup": bench_startup, "child": child, "serve-images": serve_images}[args.what](args)
+    {"loader": bench_loader, "startup": bench_startup, "child": child, "serve-images": serve_images,
+     "memory": bench_memory, "mem-child": mem_child}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,26 @@ def test_credentials_come_from_the_environment(s3, monkeypatch):
     with pytest.raises(PermissionError):
         storage.write_text(s3.url("probe/denied.txt"), "no")
     assert s3.fs.ls(f"{s3.bucket}/probe", detail=False) == [f"{s3.bucket}/probe/ok.txt"]
+
+
+def test_progress_goes_to_the_bucket_in_bounded_parts(s3, monkeypatch):
+    """On a real object store, each upload of the progress log is at most one part, and the
+    report's reader finds every line across the parts."""
+    from pathlib import Path
+
+    from kontrast.trainer.layout import OutputFolder
+    from kontrast.trainer.report.reporters import JsonlReporter
+    from kontrast.trainer.ship.run_files import read_run
+
+    monkeypatch.setattr(OutputFolder, "PROGRESS_PART_BYTES", 64 << 10)
+    uploads, real = [], storage.upload
+    monkeypatch.setattr(storage, "upload", lambda local, to: (uploads.append(Path(local).stat().st_size), real(local, to)))
+    now = [0.0]
+    log = JsonlReporter(s3.url("runs/p/progress.jsonl"), flush_every=60, clock=lambda: now[0])
+    for step in range(1200):                       # 20 minutes of steps, about 300 KiB of lines
+        now[0] += 1.0
+        log.on_step({"step": step, "pad": "x" * 200})
+    log.close()
+    assert max(uploads) <= (64 << 10) + 300 and len(uploads) <= 20 + 6
+    assert len(OutputFolder(s3.url("runs/p")).progress_parts()) >= 4
+    assert [e["step"] for e in read_run(s3.url("runs/p")).events] == list(range(1200))

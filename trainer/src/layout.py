@@ -11,6 +11,7 @@ that write or read those files ask an ``OutputFolder`` or a ``CacheFolder`` for 
     plots/*.png                the report's plots
     report.html                the run report
     progress.jsonl             one event a line: start, step, eval, checkpoint, end
+    progress.N.jsonl           on object stores, its continuation parts (``progress_parts``)
     summary.json               the final summary
     gallery.json               the report's before/after examples
     tensorboard/               TensorBoard scalars (when tensorboard is installed)
@@ -19,7 +20,9 @@ that write or read those files ask an ``OutputFolder`` or a ``CacheFolder`` for 
 
 ``<cache>/`` (data.cache, else $KONTRAST_CACHE, else ~/.cache/kontrast)::
 
-    tables/KEY.arrow           the node-shared checked tables (and KEY.lock)
+    tables/KEY.arrow           the node-shared checked tables' numbers (and KEY.lock)
+    tables/KEY.arrow.texts     their text columns
+    tables/KEY.arrow.known*    the known pairs of a training table
     images/                    the node-local image cache
     images/.incoming/          its files being written
 """
@@ -52,6 +55,7 @@ class OutputFolder:
     PLOTS: ClassVar[str] = "plots"
     REPORT: ClassVar[str] = "report.html"
     PROGRESS: ClassVar[str] = "progress.jsonl"
+    PROGRESS_PART_BYTES: ClassVar[int] = 1 << 20
     SUMMARY: ClassVar[str] = "summary.json"
     GALLERY: ClassVar[str] = "gallery.json"
     TENSORBOARD: ClassVar[str] = "tensorboard"
@@ -67,6 +71,23 @@ class OutputFolder:
     gallery = _place(GALLERY)
     tensorboard = _place(TENSORBOARD)
     mlflow_run = _place(MLFLOW_RUN)
+
+    def progress_part(self, n: int) -> str:
+        """Part ``n`` of the progress log on an object store: part 0 is progress.jsonl itself,
+        and the writer starts part n + 1 once part n holds ``PROGRESS_PART_BYTES``, so no upload
+        carries more than a part (an object cannot be appended to). Local logs are one file."""
+        return storage.join(self.root, self._progress_name(n))
+
+    def progress_parts(self) -> list[str]:
+        """The progress log's parts that exist, in order (read them all, one after the other)."""
+        names = set(storage.list_names(self.root))
+        parts = []
+        while self._progress_name(len(parts)) in names:
+            parts.append(self.progress_part(len(parts)))
+        return parts
+
+    def _progress_name(self, n: int) -> str:
+        return self.PROGRESS if n == 0 else f"progress.{n}.jsonl"
 
     def resumable(self, step: int) -> str:
         return storage.join(self.root, self.CHECKPOINTS, f"step_{step}.pt")

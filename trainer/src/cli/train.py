@@ -83,18 +83,27 @@ def _check(resolved: Resolved) -> None:
     """Check the data as training would. Under torchrun the processes split the images, so
     they need their process group (gloo: the check needs no GPU) to count the bad ones of
     the whole file against maxBadFraction, not each its own share."""
-    from ..data.load import load_corpus, load_data
+    params = resolved.params
+    if "WORLD_SIZE" not in os.environ:   # one process: no process group, and no torch to import
+        _check_data(params)
+        return
     from ..distributed import init_from_env, shutdown
 
-    params = resolved.params
     init_from_env("cpu")
     try:
-        load_data(params.train_data, params, require_positive_weight=True, progress=True)
-        for eval_set in params.eval_sets:
-            load_data(eval_set.data, params, require_positive_weight=False, progress=True)
-            load_corpus(eval_set.corpus, params, progress=True)
+        _check_data(params)
     finally:
         shutdown()
+
+
+def _check_data(params) -> None:
+    """Each file's table is built in this process, which exits once they are checked."""
+    from ..data.load import load_corpus, load_data
+
+    load_data(params.train_data, params, require_positive_weight=True, progress=True, build_here=True)
+    for eval_set in params.eval_sets:
+        load_data(eval_set.data, params, require_positive_weight=False, progress=True, build_here=True)
+        load_corpus(eval_set.corpus, params, progress=True, build_here=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,4 +1,5 @@
-"""Checking a table and resolving it (pure: an Arrow table in, a checked table or problems out).
+"""The rules a data file is checked by, and how its cells are resolved (pure: Arrow arrays in,
+checked arrays or problems out). ``build.py`` applies them to a file one block at a time.
 
 One row is one (left, right) pair. The left fields (``leftKeys``) are texts; the first right
 field (``rightKeys[0]``) is an image reference, the others texts; ``weightKey`` holds the
@@ -25,14 +26,14 @@ never reach the model, so they do not make two rows different queries or documen
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import DataError, DataProblem, ProblemCollector
-from ..locations import has_scheme, parent_location
+from ..locations import has_scheme
 from .columns import Columns
 from .read import MAX_PROBLEMS, with_lines
 
@@ -41,27 +42,34 @@ _NON_FINITE = r"^[+-]?(nan|inf|infinity)$"
 _URL = r"^[A-Za-z][A-Za-z0-9+.\-]*://"
 
 
-class _Problems(ProblemCollector):
+class Problems(ProblemCollector):
     """Problems of one file, numbered by table row (0-based) until they are reported."""
 
     def __init__(self, file: str):
         super().__init__(MAX_PROBLEMS)
         self.file = file
+        self.offset = 0     #: table rows before the block being checked (files are checked a block at a time)
 
     def rows(self, mask: np.ndarray, message, column: Optional[str] = None) -> None:
-        """One problem per row set in ``mask``; ``message(i)`` words it (called for reported rows only)."""
+        """One problem per row set in ``mask`` (rows of the current block); ``message(i)`` words
+        it (called for reported rows only)."""
         for i in np.flatnonzero(mask)[: MAX_PROBLEMS + 1]:
-            self.add(DataProblem(self.file, message(int(i)), row=int(i) + 1, column=column))
+            self.add(DataProblem(self.file, message(int(i)), row=self.offset + int(i) + 1, column=column))
         self.dropped += max(0, int(mask.sum()) - MAX_PROBLEMS - 1)
 
+    def error(self) -> Optional[DataError]:
+        """The DataError naming every problem (with line numbers), or None."""
+        if not self.problems:
+            return None
+        found = sorted(self.problems, key=lambda p: (p.row or 0))
+        return DataError(with_lines(self.file, found), self.dropped)
+
     def raise_if_any(self) -> None:
-        if self.problems:
-            found = sorted(self.problems, key=lambda p: (p.row or 0))
-            raise DataError(with_lines(self.file, found), self.dropped)
+        if (error := self.error()) is not None:
+            raise error
 
 
-def _check_header(table: pa.Table, cols: Columns, problems: _Problems) -> None:
-    names = table.column_names
+def check_header(names: Sequence[str], cols: Columns, problems: Problems) -> None:
     for i, h in enumerate(names):
         if h in names[:i]:
             problems.add(DataProblem(problems.file, f"the header names column {h!r} twice", row=0, column=h))
@@ -80,7 +88,7 @@ def raise_row_problems(file: str, table_rows: np.ndarray, message, column: Optio
         return
     mask = np.zeros(int(table_rows.max()) + 1, dtype=bool)
     mask[table_rows] = True
-    problems = _Problems(file)
+    problems = Problems(file)
     problems.rows(mask, message, column)
     problems.raise_if_any()
 
@@ -88,13 +96,15 @@ def raise_row_problems(file: str, table_rows: np.ndarray, message, column: Optio
 def text_column(table: pa.Table, key: str) -> pa.Array:
     """A column as trimmed, non-null large strings (Parquet columns may be numbers or null)."""
     col = table.column(key)
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+    if not pa.types.is_large_string(col.type):
         col = pc.cast(col, pa.large_string())
-    col = pc.fill_null(pc.utf8_trim_whitespace(col.cast(pa.large_string())), "")
+    col = pc.utf8_trim_whitespace(col)
+    if col.null_count:      # Parquet and JSON cells may be null; CSV cells never are
+        col = pc.fill_null(col, "")
     return col.combine_chunks()
 
 
-def parse_weights(raw: pa.ChunkedArray, column: str, problems: _Problems) -> np.ndarray:
+def parse_weights(raw: pa.ChunkedArray, column: str, problems: Problems) -> np.ndarray:
     """Row weights as float64; problems for empty, non-numeric, non-finite and negative ones."""
     if pa.types.is_integer(raw.type) or pa.types.is_floating(raw.type) or pa.types.is_decimal(raw.type):
         text = None
@@ -118,7 +128,7 @@ def parse_weights(raw: pa.ChunkedArray, column: str, problems: _Problems) -> np.
     return _report_weights(values, text, column, problems, empty, non_number, non_finite)
 
 
-def _check_numbers(values: np.ndarray, text: pa.Array, column: str, problems: "_Problems") -> np.ndarray:
+def _check_numbers(values: np.ndarray, text: pa.Array, column: str, problems: "Problems") -> np.ndarray:
     none = np.zeros(len(values), bool)
     return _report_weights(values, text, column, problems, none, none, ~np.isfinite(values))
 
@@ -197,7 +207,7 @@ def codes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def dense_ids(columns: Sequence[pa.Array]) -> np.ndarray:
+def dense_ids(columns: Sequence[pa.Array | pa.ChunkedArray]) -> np.ndarray:
     """int64 ids equal exactly for rows equal in every column, numbered by first appearance."""
     n = len(columns[0]) if columns else 0
     ids = np.zeros(n, dtype=np.int64)
@@ -207,10 +217,10 @@ def dense_ids(columns: Sequence[pa.Array]) -> np.ndarray:
     return ids
 
 
-def joint_ids(a: Sequence[pa.Array], b: Sequence[pa.Array]) -> tuple[np.ndarray, np.ndarray]:
+def joint_ids(a: Sequence[pa.ChunkedArray], b: Sequence[pa.ChunkedArray]) -> tuple[np.ndarray, np.ndarray]:
     """``dense_ids`` of two tables' rows numbered together: rows of either table get equal ids
     exactly when they are equal in every column (e.g. an eval file's documents in a corpus)."""
-    ids = dense_ids([pa.chunked_array([x, y]) for x, y in zip(a, b)])
+    ids = dense_ids([pa.chunked_array([*_chunks(x), *_chunks(y)]) for x, y in zip(a, b)])
     n = len(a[0]) if a else 0
     return ids[:n], ids[n:]
 
@@ -222,89 +232,15 @@ def first_rows(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.sort(first[first >= 0])
 
 
-def check_table(raw: pa.Table, file: str, cols: Columns, *, require_positive_weight: bool = True) -> pa.Table:
-    """The checked, resolved table the Dataset reads; raises DataError naming every problem.
-
-    A corpus (``cols.has_pairs`` False) has the right side only: no left fields, weights or
-    query ids.
-    """
-    problems = _Problems(file)
-    _check_header(raw, cols, problems)
-    problems.raise_if_any()
-    if raw.num_rows == 0:
-        raise DataError([DataProblem(file, "the file has a header but no data rows")])
-    left = [text_column(raw, k) for k in cols.left_keys]
-    right = [text_column(raw, k) for k in cols.right_keys]
-    weights = parse_weights(raw.column(cols.weight_key), cols.weight_key, problems) if cols.has_pairs else None
-    field_weights = _field_weights(cols, left, right, problems)
-    problems.raise_if_any()
-    if weights is not None and require_positive_weight and not (weights > 0).any():
-        raise DataError([DataProblem(file, "every row has weight 0, so there is nothing to learn from",
-                                     column=cols.weight_key)])
-    documents = _documents(raw, file, cols, right, field_weights["right"])
-    if not cols.has_pairs:
-        return documents
-    return _with_pairs(documents, raw, cols, left, field_weights["left"], weights)
-
-
-def _field_weights(cols: Columns, left: list[pa.Array], right: list[pa.Array],
-                   problems: _Problems) -> dict[str, np.ndarray]:
-    """Each side's per-row field weights (empty fields get 0, the rest renormalised); a row
-    empty on a whole side is a problem."""
-    resolved: dict[str, Any] = {}
-    for side, keys, base, texts in (("left", cols.left_keys, cols.left_weights, left),
-                                    ("right", cols.right_keys, cols.right_weights, right)):
-        if not keys:
-            continue
-        present = np.stack([pc.not_equal(t, "").to_numpy(zero_copy_only=False) for t in texts], axis=1)
-        w, empty = side_weights(present, base)
-        used = [k for k, b in zip(keys, base) if b > 0]
-        problems.rows(empty, lambda i, side=side, used=used: f"the row is empty on the whole {side} side "
-                      f"(no value in {used})", used[0] if len(used) == 1 else None)
-        resolved[side] = w
-    return resolved
-
-
-def _documents(raw: pa.Table, file: str, cols: Columns, right: list[pa.Array],
-               right_weights: np.ndarray) -> pa.Table:
-    """The right side's columns: resolved images, texts, field weights, image codes, document ids."""
-    images = resolve_images(right[0], parent_location(file))
-    doc_key = {"doc_key": text_column(raw, cols.doc_id_key)} if cols.doc_id_key else {}
-    documents = pa.table({
-        "image": images,
-        **{f"right{i}": t for i, t in enumerate(right[1:], start=1)},
-        "right_weights": _fixed_list(right_weights),
-        "image_code": pa.array(codes(images).astype(np.int32)),
-        **doc_key,
-    })
-    return documents.append_column("right_id", pa.array(dense_ids(doc_identity(documents, cols))))
-
-
-def _with_pairs(documents: pa.Table, raw: pa.Table, cols: Columns, left: list[pa.Array],
-                left_weights: np.ndarray, weights: np.ndarray) -> pa.Table:
-    """The documents with the left side's columns added: texts, field weights, row weights, query ids."""
-    query = [text_column(raw, cols.query_id_key)] if cols.query_id_key else \
-        [t for t, b in zip(left, cols.left_weights) if b > 0]
-    pairs = {
-        **{f"left{i}": t for i, t in enumerate(left)},
-        "left_weights": _fixed_list(left_weights),
-        "weight": pa.array(weights.astype(np.float32)),
-        "left_id": pa.array(dense_ids(query)),
-    }
-    for name, column in pairs.items():
-        documents = documents.append_column(name, column)
-    return documents
-
-
-def doc_identity(table: pa.Table, cols: Columns) -> list[pa.Array]:
+def doc_identity(table: pa.Table, cols: Columns) -> list[pa.ChunkedArray]:
     """The columns that identify a document: the docIdKey column, else the right fields of
     non-zero weight (the image as its resolved location). Equal in two tables exactly when the
     documents are the same, so an eval file's documents can be found in a corpus."""
     if cols.doc_id_key:
-        return [table.column("doc_key").chunk(0)]
+        return [table.column("doc_key")]
     names = ["image", *(f"right{i}" for i in range(1, len(cols.right_keys)))]
-    return [table.column(n).combine_chunks() for n, b in zip(names, cols.right_weights) if b > 0]
+    return [table.column(n) for n, b in zip(names, cols.right_weights) if b > 0]
 
 
-def _fixed_list(matrix: np.ndarray) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+def _chunks(values: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    return values.chunks if isinstance(values, pa.ChunkedArray) else [values]

@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..layout import default_cache
-from .check import check_table, doc_identity, first_rows
+from .build import check_table
+from .check import doc_identity, first_rows
 from .columns import Columns
 from .shared_table import map_table, shared_table_file
 
@@ -25,7 +26,7 @@ class StringColumn:
     """Access to one string column of the mapped table, one cell at a time (no Python object
     per row); ``rows`` maps positions to table rows when some rows were dropped."""
 
-    def __init__(self, array: pa.Array, rows: Optional[np.ndarray] = None):
+    def __init__(self, array: pa.Array | pa.ChunkedArray, rows: Optional[np.ndarray] = None):
         self.array, self.rows = array, rows
 
     def __len__(self) -> int:
@@ -54,7 +55,8 @@ class Examples:
             return a if keep is None else a[keep]
 
         def text(name: str) -> StringColumn:
-            return StringColumn(t.column(name).chunk(0), keep)
+            column = t.column(name)   # a chunk per block of the data file (the numbers have one)
+            return StringColumn(column.chunk(0) if column.num_chunks == 1 else column, keep)
 
         self.left = [text(f"left{i}") for i in range(len(columns.left_keys))]
         self.right = [text(f"right{i}") for i in range(1, len(columns.right_keys))]
@@ -67,6 +69,10 @@ class Examples:
         self.left_weights = rows(_matrix(t.column("left_weights"))) if pairs else None
         self.weights = rows(_numbers(t.column("weight"))) if pairs else None
         self.left_ids = rows(_numbers(t.column("left_id"))) if pairs else None
+
+    #: Rows scanned at a time by whole-table passes (``used_images``): a pass over 10M rows in
+    #: one go leaves its temporaries (about 20 bytes a row) in the process's heap.
+    SCAN_ROWS = 1 << 18
 
     def __reduce__(self):
         return (Examples, (self.file, self.columns, self.path, self.keep, None if self.path else self.table))
@@ -116,15 +122,36 @@ class Examples:
         Rows whose image weight is 0 (an empty cell, or rightWeights[0] == 0) never read their
         image, so their images are neither fetched nor checked.
         """
-        used = np.flatnonzero(self.right_weights[:, 0] > 0)
-        table_rows = used if self.keep is None else self.keep[used]
-        first = first_rows(self.image_codes, table_rows)
-        return self.images.array.take(pa.array(first, pa.int64())), first
+        first = np.full(int(self.image_codes.max(initial=-1)) + 1, -1, dtype=np.int64)
+        for start in range(0, len(self), self.SCAN_ROWS):   # temporaries of a slice, not of every row
+            used = np.flatnonzero(self.right_weights[start:start + self.SCAN_ROWS, 0] > 0) + start
+            table_rows = used if self.keep is None else self.keep[used]
+            found = first_rows(self.image_codes, table_rows)
+            fresh = found[first[self.image_codes[found]] < 0]
+            first[self.image_codes[fresh]] = fresh
+        first = np.sort(first[first >= 0])
+        return take_rows(self.images.array, first), first
 
     def rows_using(self, table_rows: Sequence[int]) -> np.ndarray:
         """Table rows whose (used) image is the image of one of ``table_rows``."""
         bad = np.isin(self.image_codes, self.image_codes[np.asarray(table_rows, dtype=np.int64)])
         return np.flatnonzero(bad & (_matrix(self.table.column("right_weights"))[:, 0] > 0))
+
+
+def take_rows(values: pa.Array | pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
+    """``values[rows]``, taken chunk by chunk: Arrow's take on a chunked string column first
+    concatenates every chunk (a copy of the whole column, which the memory pool then keeps),
+    and the mapped table's text columns have a chunk per block of the data file."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if isinstance(values, pa.Array):
+        return values.take(pa.array(rows))
+    ends = np.cumsum([len(c) for c in values.chunks])
+    chunk_of = np.searchsorted(ends, rows, side="right")
+    order = np.argsort(chunk_of, kind="stable")
+    parts = [values.chunk(int(c)).take(pa.array(rows[order][chunk_of[order] == c] - (ends[c] - len(values.chunk(int(c))))))
+             for c in np.unique(chunk_of)]
+    taken = pa.concat_arrays(parts) if parts else pa.array([], values.type)
+    return taken.take(pa.array(np.argsort(order, kind="stable")))
 
 
 def _numbers(col: pa.ChunkedArray) -> np.ndarray:
@@ -143,10 +170,13 @@ def _matrix(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def load_examples(location: str, params: "Params", *, cache: Optional[str] = None,
-                  require_positive_weight: bool = True, columns: Optional[Columns] = None) -> Examples:
-    """Check ``location`` (once per node) and map its table (``columns``: default the TrainJob's pairs)."""
+                  require_positive_weight: bool = True, columns: Optional[Columns] = None,
+                  build_here: bool = False) -> Examples:
+    """Check ``location`` (once per node) and map its table (``columns``: default the TrainJob's
+    pairs; ``build_here``: see ``shared_table_file``)."""
     cols = columns or Columns.of(params)
-    path = shared_table_file(location, cols, cache or default_cache(), require_positive_weight=require_positive_weight)
+    path = shared_table_file(location, cols, cache or default_cache(), require_positive_weight=require_positive_weight,
+                             build_here=build_here)
     return Examples(location, cols, path)
 
 

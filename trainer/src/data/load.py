@@ -14,7 +14,6 @@ import numpy as np
 
 from kontrast.api.data import Data
 
-from ..distributed import all_gather_objects
 from ..errors import DataError, DataProblem, ProblemCollector
 from ..layout import default_cache
 from ..params import Params
@@ -37,20 +36,22 @@ def _local_share() -> tuple[int, int]:
 
 
 def load_data(location: str, params: Params, *, require_positive_weight: bool,
-              progress: bool = False, columns: Optional[Columns] = None) -> tuple[Examples, BadImageReport]:
+              progress: bool = False, columns: Optional[Columns] = None,
+              build_here: bool = False) -> tuple[Examples, BadImageReport]:
     """Check one data file and prefetch its images; every rank raises the same DataError if
     anything is wrong, or drops the same rows under ``data.onBadImage: skip``. ``columns``
-    defaults to the TrainJob's pairs (``Columns.corpus_of`` for a corpus)."""
+    defaults to the TrainJob's pairs (``Columns.corpus_of`` for a corpus); ``build_here``: see
+    ``shared_table.shared_table_file``."""
     cache = cache_folder(params)
     examples = load_examples(location, params, cache=cache, require_positive_weight=require_positive_weight,
-                             columns=columns)
+                             columns=columns, build_here=build_here)
     images, first_rows = examples.used_images()
     part, parts = _local_share()
     mine = np.arange(part, len(images), parts)
     # cells read lazily (StringColumn): a corpus of millions of images is never a list of them
     bad = prefetch(ImageCache(cache), StringColumn(images, mine), first_rows[mine], progress=progress,
                    label=location.rsplit("/", 1)[-1])
-    bad = sorted({b.location: b for b in all_gather_objects(bad)}.values(), key=lambda b: b.row)
+    bad = sorted({b.location: b for b in _every_rank(bad)}.values(), key=lambda b: b.row)
     report = BadImageReport(location, len(images), bad=bad)
     if bad:
         examples = _apply_policy(examples, report, params.data)
@@ -64,14 +65,24 @@ def load_data(location: str, params: Params, *, require_positive_weight: bool,
     return examples, report
 
 
-def load_corpus(location: Optional[str], params: Params, *,
-                progress: bool = False) -> tuple[Optional[Examples], Optional[BadImageReport]]:
+def _every_rank(bad: list) -> list:
+    """The bad images every rank found. One process (``kontrast train --check``, a laptop run)
+    has nothing to gather, and then does not import torch for it (two seconds of a check)."""
+    if "WORLD_SIZE" not in os.environ:
+        return bad
+    from ..distributed import all_gather_objects
+
+    return all_gather_objects(bad)
+
+
+def load_corpus(location: Optional[str], params: Params, *, progress: bool = False,
+                build_here: bool = False) -> tuple[Optional[Examples], Optional[BadImageReport]]:
     """The checked corpus at ``location`` (an eval set's corpus: documents only) with its image
     report; (None, None) without one."""
     if not location:
         return None, None
     return load_data(location, params, require_positive_weight=False, progress=progress,
-                     columns=Columns.corpus_of(params))
+                     columns=Columns.corpus_of(params), build_here=build_here)
 
 
 def _distinct(ids: np.ndarray) -> int:

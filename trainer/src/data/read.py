@@ -1,5 +1,8 @@
-"""Reading data files (the I/O edge): CSV/TSV/Parquet/JSON Lines, read by pyarrow, into an
-Arrow table of string columns (numbers are checked by ``check.py``).
+"""Reading data files (the I/O edge): CSV/TSV/Parquet/JSON Lines, read by pyarrow, into Arrow
+tables of string columns (numbers are checked by ``check.py``).
+
+``read_batches`` streams a file one block at a time (4 MiB of CSV, or 256k rows of Parquet),
+so the node's table builder never holds the whole parsed file (``build.py``).
 
 Row numbers count data rows from 1 (the header is row 0; blank lines are not rows). Line
 numbers, which differ from row + 1 only when a quoted field spans lines, are looked up by
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pyarrow as pa
 
@@ -20,6 +23,11 @@ from ..errors import DataError, DataProblem, ProblemCollector
 #: Problems listed per file; the rest are counted.
 MAX_PROBLEMS = 20
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+#: CSV bytes per streamed block: large enough that per-block overheads vanish, small enough
+#: that the blocks pyarrow reads ahead and a block's temporaries stay small (16 MiB blocks
+#: cost about 100 MiB more at the builder's peak).
+BLOCK_BYTES = 4 << 20
+PARQUET_BATCH_ROWS = 1 << 18
 
 
 def is_parquet(location: str) -> bool:
@@ -49,13 +57,21 @@ def _open(location: str):
     return fsspec.open(location, "rb", compression="infer" if not is_parquet(location) else None)
 
 
-def read_raw(location: str) -> pa.Table:
-    """The file as an Arrow table with its header's (stripped) column names."""
+def read_batches(location: str) -> Iterator[pa.Table]:
+    """The file as a stream of Arrow tables with its header's (stripped) column names: first an
+    empty table that carries the names (even a file without data rows has them), then one
+    table per block. A CSV whose rows have the wrong number of fields raises its DataError
+    once the stream is read to the end (every such row is found first)."""
     try:
         with _open(location) as f:
             if is_parquet(location):
-                return read_parquet(location, f)
-            return read_json_lines(f) if is_json_lines(location) else read_delimited(location, f)
+                yield from _parquet_batches(f)
+            elif is_json_lines(location):
+                table = read_json_lines(f)
+                yield table.slice(0, 0)
+                yield table
+            else:
+                yield from _delimited_batches(location, f)
     except FileNotFoundError:
         raise DataError([DataProblem(location, "file not found")]) from None
     except DataError:
@@ -78,29 +94,49 @@ def _header(location: str, f) -> list[str]:
     return header
 
 
-def read_delimited(location: str, f) -> pa.Table:
-    """A CSV/TSV read by pyarrow, every column as text (numbers are checked by the rules)."""
+def _delimited_batches(location: str, f) -> Iterator[pa.Table]:
+    """A CSV/TSV read by pyarrow's streaming reader, every column as text (numbers are checked
+    by the rules); large strings, the type the checked table keeps."""
     import pyarrow.csv as pacsv
 
     header = _header(location, f)
+    names = [h.strip() for h in header]
     bad_rows: list[int] = []
 
     def invalid(row) -> str:
         bad_rows.append(row.actual_columns)
         return "skip"
 
-    table = pacsv.read_csv(
+    reader = pacsv.open_csv(
         f,
-        read_options=pacsv.ReadOptions(block_size=16 << 20),
+        read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES),
         parse_options=pacsv.ParseOptions(delimiter=delimiter_for(location), newlines_in_values=True,
                                          invalid_row_handler=invalid),
-        convert_options=pacsv.ConvertOptions(column_types={h: pa.string() for h in header},
+        convert_options=pacsv.ConvertOptions(column_types={h: pa.large_string() for h in header},
                                              strings_can_be_null=False, quoted_strings_can_be_null=False))
+    yield pa.Table.from_arrays([pa.array([], pa.large_string())] * len(names), names=names)
+    for batch in reader:
+        yield pa.Table.from_batches([batch]).rename_columns(names)
     if bad_rows:
         found, dropped = _field_count_problems(location, len(header))
         if found:  # otherwise pyarrow skipped only lines of blanks, as the csv module does
             raise DataError(found, dropped)
-    return table.rename_columns([h.strip() for h in header])
+
+
+def _parquet_batches(f) -> Iterator[pa.Table]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(f)
+    names = [str(h).strip() for h in parquet.schema_arrow.names]
+    yield parquet.schema_arrow.empty_table().rename_columns(names)
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        yield pa.Table.from_batches([batch]).rename_columns(names)
+
+
+def read_delimited(location: str, f) -> pa.Table:
+    """A whole CSV/TSV as one table (small in-memory tables; files are streamed)."""
+    blocks = list(_delimited_batches(location, f))
+    return pa.concat_tables(blocks).combine_chunks()
 
 
 def read_json_lines(f) -> pa.Table:
@@ -111,15 +147,8 @@ def read_json_lines(f) -> pa.Table:
     return table.rename_columns([str(h).strip() for h in table.column_names])
 
 
-def read_parquet(location: str, f) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(f)
-    return table.rename_columns([str(h).strip() for h in table.column_names])
-
-
 def parse_table(file: str, text: str) -> pa.Table:
-    """A CSV/TSV given as text, read as ``read_raw`` reads a file (for small in-memory tables)."""
+    """A CSV/TSV given as text, read as ``read_batches`` reads a file (for small in-memory tables)."""
     raw = read_delimited(file, io.BytesIO(text.encode("utf-8")))
     return raw.replace_schema_metadata({"kontrast.file": file})
 

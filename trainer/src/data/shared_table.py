@@ -1,12 +1,18 @@
-"""The node-shared table file: each data file checked once per node, memory-mapped by every process.
+"""The node-shared table files: each data file checked once per node, memory-mapped by every process.
 
 The checked, resolved table (texts, resolved image locations, per-row field weights, ids) is
-written once per node as an Arrow IPC file in the cache folder (``CacheFolder.tables``).
-Every rank and DataLoader worker on the node then memory-maps that file: the page cache
-holds the table once, however many processes read it, and memory does not grow with Python
-objects per row. The first process to take the file lock builds the file; the others wait
-on the lock and map it (a failed build leaves no file, so each of them fails with the same
-DataError).
+written once per node as Arrow IPC files in the cache folder (``CacheFolder.tables``):
+``KEY.arrow.texts`` holds the text columns, one record batch per block of the data file, as
+the builder streams them (``build.py``); ``KEY.arrow`` holds the per-row numbers in one batch
+(so each is one contiguous numpy view) and is written last, so its presence means the table
+is complete. Every rank and DataLoader worker on the node then memory-maps both: the page
+cache holds the table once, however many processes read it, and memory does not grow with
+Python objects per row. The first process to take the file lock builds the files; the others
+wait on the lock and map them (a failed build leaves no file, so each of them fails with the
+same DataError).
+
+The training table's known pairs (``step.known_pairs.KnownPairs``) are built the same way,
+once per node, into ``KEY.arrow.known`` beside it (``pairs_file.shared_known_pairs``).
 """
 
 from __future__ import annotations
@@ -18,21 +24,24 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
+import numpy as np
 import pyarrow as pa
 
 from .. import storage
 from ..errors import DataError, DataProblem
 from ..layout import CacheFolder
-from .check import check_table
+from .build import build_stream, joined
 from .columns import Columns
-from .read import read_raw
+from .read import read_batches
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the layout of the node-shared table file changes.
-TABLE_FORMAT = 2
+TABLE_FORMAT = 3
+#: The sidecar files of a table file ``KEY.arrow``: its text columns, its known pairs.
+TEXTS_SUFFIX, KNOWN_SUFFIX = ".texts", ".known"
 #: Data files above this size are checked in a child process (see shared_table_file).
 IN_PROCESS_MAX_BYTES = 1 << 20
 
@@ -58,43 +67,89 @@ def table_key(location: str, cols: Columns, require_positive_weight: bool) -> st
     return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def shared_table_file(location: str, cols: Columns, cache: str, *, require_positive_weight: bool = True) -> Path:
+def shared_table_file(location: str, cols: Columns, cache: str, *, require_positive_weight: bool = True,
+                      build_here: bool = False) -> Path:
     """The node's checked table file for ``location``: built by the first process to get the
     lock, mapped by everyone.
 
     A file larger than ``IN_PROCESS_MAX_BYTES`` is built in a child process, so the parsed
-    file and its temporaries never enter a training process's heap (whose allocator would
+    blocks and their temporaries never enter a training process's heap (whose allocator would
     keep much of them); smaller ones are built in place, saving the child's start-up.
+    ``build_here``: build in place whatever the size, for a process that exits once the data
+    is checked (``kontrast train --check``: the child's start-up is a third of a 1M-row check).
     """
     folder = CacheFolder(cache).tables
     folder.mkdir(parents=True, exist_ok=True)
-    key = table_key(location, cols, require_positive_weight)
-    target = folder / f"{key}.arrow"
-    with open(folder / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
-            log.debug("%s: reusing the checked table %s", location, target)
-            return target
-        storage.remove_temporaries(folder, target.name)   # a builder killed mid-write; we hold the lock
+    target = folder / f"{table_key(location, cols, require_positive_weight)}.arrow"
+
+    def build(target: Path) -> None:
         started = time.monotonic()
         size = int(source_stamp(location).get("size") or 0)
-        if size > IN_PROCESS_MAX_BYTES:
+        if size > IN_PROCESS_MAX_BYTES and not build_here:
             _build_in_child(location, cols, target, require_positive_weight)
         else:
             build_table_file(location, cols, target, require_positive_weight)
         log.info("%s: checked and wrote the node's table file in %.1f s", location, time.monotonic() - started)
+
+    return once_per_node(target, build)
+
+
+def once_per_node(target: Path, build: Callable[[Path], None]) -> Path:
+    """``target``, built by ``build(target)`` in the first process to take the lock of its
+    table (``KEY.lock``), reused by everyone after. ``build`` publishes atomically, so a
+    target that exists is complete; a builder killed mid-write leaves only temporaries, which
+    the next lock holder removes."""
+    key = target.name.split(".", 1)[0]
+    with open(target.parent / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            log.debug("reusing %s", target)
+            return target
+        storage.remove_temporaries(target.parent, target.name)
+        build(target)
     return target
 
 
+def known_pairs_file(table_file: str | Path, keep: Optional[np.ndarray]) -> Path:
+    """Where the node keeps the known pairs of a table's rows (``keep``: the rows left after
+    bad images were skipped, the same on every rank; None for all)."""
+    rows = "" if keep is None else "-" + hashlib.sha256(np.ascontiguousarray(keep, np.int64)).hexdigest()[:16]
+    return Path(f"{table_file}{KNOWN_SUFFIX}{rows}")
+
+
 def build_table_file(location: str, cols: Columns, target: Path, require_positive_weight: bool) -> None:
-    """Read, check and write the table file atomically (written beside it, then renamed)."""
-    table = check_table(read_raw(location), location, cols, require_positive_weight=require_positive_weight)
+    """Read, check and write the table files, streaming: each block's text columns are written
+    as soon as it is checked, so the builder never holds the parsed file. Both files are
+    written atomically (beside them, then renamed), the texts first: ``target`` appears last."""
+    numbers: dict[str, pa.Table] = {}
 
-    def write(f) -> None:
+    def write_texts(f) -> None:
+        writer = None
+
+        def write(texts: pa.Table) -> None:
+            nonlocal writer
+            writer = writer or pa.ipc.new_file(f, texts.schema)
+            writer.write_table(texts)
+
+        try:
+            numbers["table"] = build_stream(location, cols, read_batches(location), write,
+                                            require_positive_weight=require_positive_weight)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    storage.write_atomic(str(texts_file(target)), write_texts, durable=False)
+    table = numbers["table"]
+
+    def write_numbers(f) -> None:
         with pa.ipc.new_file(f, table.schema) as writer:
-            writer.write_table(table, max_chunksize=table.num_rows or None)
+            writer.write_table(table, max_chunksize=table.num_rows)
 
-    storage.write_atomic(str(target), write, durable=False)
+    storage.write_atomic(str(target), write_numbers, durable=False)
+
+
+def texts_file(table_file: str | Path) -> Path:
+    return Path(f"{table_file}{TEXTS_SUFFIX}")
 
 
 def _build_in_child(location: str, cols: Columns, target: Path, require_positive_weight: bool) -> None:
@@ -129,7 +184,17 @@ def _child_main() -> int:
 
 
 def map_table(path: str | Path) -> pa.Table:
-    """The table file, memory-mapped: pages are shared with every process mapping it."""
+    """The table files, memory-mapped: pages are shared with every process mapping them. The
+    text columns have a chunk per block of the data file, the numbers one chunk each."""
+    return joined(_map(texts_file(path)), map_numbers(path))
+
+
+def map_numbers(path: str | Path) -> pa.Table:
+    """The table's per-row numbers only (weights, ids), memory-mapped."""
+    return _map(path)
+
+
+def _map(path: str | Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
 
 

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Optional, TextIO
 from kontrast.display import format_duration
 
 from .. import storage
+from ..layout import OutputFolder
 from ..locations import has_scheme
 
 log = logging.getLogger(__name__)
@@ -237,13 +238,12 @@ class JsonlReporter(Reporter):
 
     Each line has ``event`` (start, step, checkpoint, eval, hardNegatives, end) and ``time``. A resumed
     run appends to the same file, so the log shows where it picked up. On object stores
-    (no append) the lines go to a local spool file, and the whole file is uploaded at
-    checkpoints, evaluations and the end, and otherwise at most every ``flush_every``
-    seconds per MiB it holds: a long run uploads about 1 MiB per ``flush_every`` rather
-    than its ever larger file every minute.
+    (no append) the lines go to a local spool file holding the current part of the log
+    (``OutputFolder.progress_part``), uploaded whole at checkpoints, evaluations and the end,
+    and otherwise at most every ``flush_every`` seconds. A part that reaches
+    ``PROGRESS_PART_BYTES`` is uploaded a last time and the next one started, so an upload
+    never carries more than a part, however long the run.
     """
-
-    FLUSH_BYTES = 1 << 20
 
     def __init__(self, location: str, flush_every: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self.location = location
@@ -252,9 +252,13 @@ class JsonlReporter(Reporter):
         self._pending = False
         self.remote = has_scheme(location)
         if self.remote:
+            # ``location`` is an output folder's progress.jsonl: its parts are named beside it
+            self.output = OutputFolder(location.rsplit("/", 1)[0])
             self._file = tempfile.NamedTemporaryFile("w+", encoding="utf-8", prefix="progress-", suffix=".jsonl")
-            if storage.exists(location):
-                with storage.open_read(location) as f:
+            parts = self.output.progress_parts()
+            self._part = max(len(parts) - 1, 0)     # a resumed run continues the last part
+            if parts:
+                with storage.open_read(parts[-1]) as f:
                     shutil.copyfileobj(io.TextIOWrapper(f, encoding="utf-8"), self._file)
         else:
             Path(location).parent.mkdir(parents=True, exist_ok=True)
@@ -267,12 +271,16 @@ class JsonlReporter(Reporter):
         if not self.remote:
             return
         self._pending = True
-        interval = self.flush_every * max(1.0, self._file.tell() / self.FLUSH_BYTES)
-        if flush or self.clock() - self._last_flush > interval:
+        if self._file.tell() >= self.output.PROGRESS_PART_BYTES:
+            self._upload()
+            self._part += 1
+            self._file.seek(0)
+            self._file.truncate()
+        elif flush or self.clock() - self._last_flush > self.flush_every:
             self._upload()
 
     def _upload(self) -> None:
-        storage.upload(self._file.name, self.location)
+        storage.upload(self._file.name, self.output.progress_part(self._part))
         self._last_flush, self._pending = self.clock(), False
 
     def on_start(self, info):

@@ -26,6 +26,7 @@ from ..data.dataset import PairDataset, collate
 from ..data.examples import Examples
 from ..data.images import ImageCache
 from ..data.load import cache_folder, load_corpus, load_data
+from ..data.pairs_file import shared_known_pairs
 from ..data.transforms import image_normalization
 from ..distributed import World, all_reduce_min, wrap_ddp
 from ..errors import DataError, DataProblem, PermanentError
@@ -290,9 +291,15 @@ def choose_micro_batch(params: Params, world: World, fused=None, dataset=None, p
     return micro
 
 
-def _known_pairs(train_ex, world: World, every_positive: bool = False) -> KnownPairs:
-    """``every_positive`` with mined hard negatives: they bring documents into a batch without a row."""
-    known = KnownPairs.of_table(train_ex.left_ids, train_ex.right_ids, train_ex.weights, every_positive=every_positive)
+def _known_pairs(train_ex: Examples, world: World, every_positive: bool = False) -> KnownPairs:
+    """trainData's known pairs, built once per node into a file beside its table and mapped by
+    every rank (an in-memory table, in tests, builds them in place). ``every_positive`` with
+    mined hard negatives (they bring documents into a batch without a row): built in place."""
+    if train_ex.path is None or every_positive:
+        known = KnownPairs.of_table(train_ex.left_ids, train_ex.right_ids, train_ex.weights,
+                                    every_positive=every_positive)
+    else:
+        known = KnownPairs.mapped(str(shared_known_pairs(train_ex.path, train_ex.keep)))
     if world.is_main:
         log.info("graded targets: %d pairs of trainData can meet in a batch without their own row "
                  "(positives, not negatives, when they do)", len(known))

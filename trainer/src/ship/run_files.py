@@ -85,7 +85,8 @@ def read_events(text: str) -> list[dict[str, Any]]:
 
 def read_run(output: str) -> RunFiles:
     folder = OutputFolder(output)
-    progress = _read_text(folder.progress)
+    parts = [_read_text(part) for part in folder.progress_parts()]
+    progress = "".join(p for p in parts if p is not None) if parts else None
     if progress is None and not storage.exists(folder.summary):
         raise FileNotFoundError(f"{output}: neither {folder.PROGRESS} nor {folder.SUMMARY} is there; "
                                 "is it a run's output folder?")

@@ -6,10 +6,13 @@ Why the table's pairs matter is in ``losses.py``'s docstring (graded multi-posit
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
 import torch
+
+from ..data.pairs_file import known_pair_arrays, map_known_pairs
 
 
 def _compact(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -39,21 +42,19 @@ class KnownPairs:
         """``every_positive``: keep every pair of weight above 0. Mined hard negatives bring
         documents into a batch without any row of theirs, so with them any relevant pair can
         meet in a batch, not only the shared ones."""
-        q_all = np.asarray(left_ids, dtype=np.int64)
-        d_all = np.asarray(right_ids, dtype=np.int64)
-        n_docs = int(d_all.max()) + 1 if d_all.size else 1
-        # Partners per query and per document, over every distinct pair (weight 0 included).
-        every = np.unique(q_all * n_docs + d_all)
-        q_partners = np.bincount(every // n_docs)
-        d_partners = np.bincount(every % n_docs)
-        del every
-        positive = np.asarray(weights) > 0
-        keys, inverse = np.unique(q_all[positive] * n_docs + d_all[positive], return_inverse=True)
-        rel = np.zeros(keys.size, dtype=np.float32)
-        np.maximum.at(rel, inverse, np.asarray(weights, dtype=np.float32)[positive])
-        uq, ud = keys // n_docs, keys % n_docs
-        shared = (q_partners[uq] > 1) & (d_partners[ud] > 1) | every_positive
-        return cls(torch.from_numpy(keys[shared]), torch.from_numpy(rel[shared]), n_docs)
+        keys, rel, n_docs = known_pair_arrays(left_ids, right_ids, weights, every_positive=every_positive)
+        return cls(torch.from_numpy(keys), torch.from_numpy(rel), n_docs)
+
+    @classmethod
+    def mapped(cls, path: str) -> "KnownPairs":
+        """The pairs of a node's known-pairs file (``data.pairs_file``), memory-mapped: every
+        rank of a node reads the same pages, built once, instead of each holding its own copy
+        and the temporaries of computing it."""
+        keys, rel, n_docs = map_known_pairs(path)
+        with warnings.catch_warnings():
+            # the map is read-only and nothing writes to the pairs; torch warns about the former
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return cls(torch.from_numpy(keys), torch.from_numpy(rel), n_docs)
 
     def __len__(self) -> int:
         return self.keys.numel()
