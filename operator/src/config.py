@@ -34,6 +34,7 @@ ENV_ENFORCED = "KONTRAST_POD_ENFORCED"  # JSON object: POD_FIELDS a TrainJob can
 ENV_POLICY = "KONTRAST_POLICY"  # JSON object: the allow-lists of policy.Policy
 ENV_WATCH_NAMESPACES = "KONTRAST_WATCH_NAMESPACES"  # comma-separated; empty = all namespaces
 ENV_RESYNC = "KONTRAST_RESYNC_SECONDS"  # every TrainJob not finished is reconciled this often
+ENV_RECONCILE_WORKERS = "KONTRAST_RECONCILE_WORKERS"  # reconciles at once (API-bound threads)
 ENV_HANG = "KONTRAST_HANG_SECONDS"  # restart a Running job whose progress is older (0: never)
 ENV_STATUS_INTERVAL = contract.STATUS_INTERVAL_ENV  # the trainer's progress patch interval
 ENV_METRICS_PORT = "KONTRAST_METRICS_PORT"  # 0 disables the /metrics endpoint
@@ -84,6 +85,8 @@ class OperatorConfig:
     #: Every TrainJob not finished is reconciled at least this often (seconds), so a change
     #: whose event was lost (an API outage, retries given up) is still seen.
     resync_seconds: float = 120.0
+    #: Reconciles at once (threads waiting on the API server); a quarter of them serve resyncs.
+    reconcile_workers: int = 16
     #: The hang watchdog: restart a Running job whose progress is older than this (0: off).
     hang_seconds: float = 1800.0
     #: Seconds between the trainer's progress patches (passed to the pods).
@@ -116,6 +119,7 @@ class OperatorConfig:
             shm_size=shm_size,
             cache_volume=cache_volume,
             resync_seconds=float(env.get(ENV_RESYNC) or cls.resync_seconds),
+            reconcile_workers=max(1, int(env.get(ENV_RECONCILE_WORKERS) or cls.reconcile_workers)),
             hang_seconds=float(env.get(ENV_HANG) or cls.hang_seconds),
             status_interval_seconds=float(env.get(ENV_STATUS_INTERVAL) or cls.status_interval_seconds),
             metrics_port=int(env.get(ENV_METRICS_PORT) or 8081),

@@ -26,8 +26,11 @@ prunes. Handler progress and the diff base live in ``kontrast.dev/`` annotations
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Optional
 
 import kopf
@@ -124,12 +127,23 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     scope_watches(settings)
 
     memo.config = OperatorConfig.from_env()
-    memo.kube = Kube(load_configuration(_kubeconfig()))
+    configuration = load_configuration(_kubeconfig())
+    # a connection per reconcile thread, plus the resync's listings
+    configuration.connection_pool_maxsize = memo.config.reconcile_workers + 4
+    memo.kube = Kube(configuration)
     memo.metrics = Metrics()
     memo.reconciler = Reconciler(memo.kube, memo.config, memo.metrics, _post_event)
     memo.running, memo.dirty = set(), set()
     memo.wakeups = {}  # (namespace, name) -> asyncio.TimerHandle
-    memo.children = {}  # TrainJob uid -> {(kind, name)} of its base children that exist
+    # TrainJob uid -> frozenset of (kind, name) of its base children that exist. Each value is
+    # replaced, never changed in place, so a reconcile thread reads its own TrainJob's entry
+    # without a copy of the whole map (one per queued pass took gigabytes at 2,000 TrainJobs).
+    memo.children = {}
+    # Reconciles wait on the API server, not on the CPU: more threads than asyncio.to_thread's
+    # default (cores + 4), and at most a quarter of them for periodic resyncs, so that at
+    # thousands of TrainJobs the resyncs cannot queue ahead of a state change.
+    memo.executor = ThreadPoolExecutor(memo.config.reconcile_workers, thread_name_prefix="reconcile")
+    memo.resync_slots = asyncio.Semaphore(max(1, memo.config.reconcile_workers // 4))
     memo.job_owners = {}  # worker Job uid -> TrainJob name (to route Kueue Workload events)
     memo.children_refresh = asyncio.create_task(_refresh_children(memo))
     memo.metrics_runner = None
@@ -153,7 +167,8 @@ async def _refresh_children(memo: kopf.Memo) -> None:
         except Exception as exc:  # noqa: BLE001 - the watches' view stays; try again next period
             log.warning("listing the base children failed (%s); trying again at the next resync", exc)
             continue
-        memo.children = {**{uid: set() for uid in memo.children}, **listed}
+        memo.children = {**{uid: frozenset() for uid in memo.children},
+                         **{uid: frozenset(kids) for uid, kids in listed.items()}}
 
 
 @kopf.on.cleanup()
@@ -164,23 +179,32 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if memo.metrics_runner is not None:
         await memo.metrics_runner.cleanup()
     memo.kube.close()
+    memo.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _wake_up(memo: kopf.Memo, namespace: str, name: str, delay: float) -> None:
-    """Reconcile again in ``delay`` seconds (replacing any wake-up already planned)."""
+def _wake_up(memo: kopf.Memo, namespace: str, name: str, delay: float, periodic: bool = False) -> None:
+    """Reconcile again in ``delay`` seconds (replacing any wake-up already planned);
+    ``periodic``: the resync, which yields to passes that events ask for."""
     key = (namespace, name)
     old = memo.wakeups.pop(key, None)
     if old is not None:
         old.cancel()
     loop = asyncio.get_running_loop()
-    memo.wakeups[key] = loop.call_later(delay, lambda: asyncio.ensure_future(trigger(memo, namespace, name)))
+    memo.wakeups[key] = loop.call_later(
+        delay, lambda: asyncio.ensure_future(trigger(memo, namespace, name, periodic=periodic)))
 
 
 async def _reconcile_now(memo: kopf.Memo, namespace: str, name: str) -> None:
-    # A snapshot taken on the event loop; None for a TrainJob none of whose children were seen
-    # yet (just created, or the operator just started), so nothing is repaired by mistake.
-    present = {uid: frozenset(kind for kind, _ in kids) for uid, kids in memo.children.items()}
-    plan = await asyncio.to_thread(memo.reconciler.reconcile, namespace, name, present=present.get)
+    def present(uid: str) -> Optional[frozenset]:
+        """None for a TrainJob none of whose children were seen yet (just created, or the
+        operator just started), so nothing is repaired by mistake."""
+        kids = memo.children.get(uid)   # one atomic read of an immutable value
+        return None if kids is None else frozenset(kind for kind, _ in kids)
+
+    # in this task's context, as asyncio.to_thread would: kopf.event reads kopf's context variables
+    context = contextvars.copy_context()
+    plan = await asyncio.get_running_loop().run_in_executor(
+        memo.executor, functools.partial(context.run, memo.reconciler.reconcile, namespace, name, present=present))
     if plan is None or plan.delete_trainjob or plan.status.get("phase") in TERMINAL:
         if plan is not None and plan.requeue_after is not None:
             _wake_up(memo, namespace, name, plan.requeue_after)   # a finished job's TTL, no resync
@@ -190,17 +214,33 @@ async def _reconcile_now(memo: kopf.Memo, namespace: str, name: str) -> None:
             handle.cancel()
         return
     # The next pass: when a time-based rule needs it, at the latest at the periodic resync.
-    _wake_up(memo, namespace, name, min(plan.requeue_after or memo.config.resync_seconds,
-                                        memo.config.resync_seconds))
+    resync = memo.config.resync_seconds
+    _wake_up(memo, namespace, name, min(plan.requeue_after or resync, resync),
+             periodic=not plan.requeue_after or plan.requeue_after >= resync)
 
 
-async def trigger(memo: kopf.Memo, namespace: str, name: str) -> None:
+async def trigger(memo: kopf.Memo, namespace: str, name: str, periodic: bool = False) -> None:
     """Reconcile soon; events arriving meanwhile collapse into one more pass. Errors retry
-    after RETRY_DELAYS, then at the next resync."""
+    after RETRY_DELAYS, then at the next resync. A ``periodic`` pass (the resync) first waits
+    for one of ``memo.resync_slots``, unmarked as running, so an event's pass never queues
+    behind it; it is dropped if an event's pass came meanwhile (that pass plans the next)."""
     key = (namespace, name)
+    if periodic:
+        if key in memo.running:
+            return
+        async with memo.resync_slots:
+            if key not in memo.running:
+                await _passes(memo, namespace, name)
+        return
     if key in memo.running:
         memo.dirty.add(key)
         return
+    await _passes(memo, namespace, name)
+
+
+async def _passes(memo: kopf.Memo, namespace: str, name: str) -> None:
+    """Reconcile ``(namespace, name)`` until no event marked it dirty meanwhile."""
+    key = (namespace, name)
     memo.running.add(key)
     try:
         attempt = 0
@@ -212,7 +252,7 @@ async def trigger(memo: kopf.Memo, namespace: str, name: str) -> None:
             except Exception as exc:  # noqa: BLE001 - every error gets the same retries
                 if attempt >= len(RETRY_DELAYS):
                     log.error("reconciling %s/%s keeps failing (%s); next try at the resync", namespace, name, exc)
-                    _wake_up(memo, namespace, name, memo.config.resync_seconds)
+                    _wake_up(memo, namespace, name, memo.config.resync_seconds, periodic=True)
                     return
                 log.warning("reconciling %s/%s failed (%s); retrying in %ss", namespace, name, exc,
                             RETRY_DELAYS[attempt])
@@ -290,12 +330,12 @@ def _base_child_handler(kind: str):
         uid, owner = controller_uid({"metadata": meta}), _owner(meta)
         if not uid or not owner:
             return
-        kids = memo.children.setdefault(uid, set())
+        kids = memo.children.get(uid, frozenset())
         if event.get("type") == "DELETED":
-            kids.discard((kind, name))
+            memo.children[uid] = kids - {(kind, name)}
             await trigger(memo, namespace, owner)
-        else:
-            kids.add((kind, name))
+        elif (kind, name) not in kids:
+            memo.children[uid] = kids | {(kind, name)}
     base_child_event.__name__ = base_child_event.__qualname__ = f"{kind.lower()}_event"
     return base_child_event
 
