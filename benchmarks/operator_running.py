@@ -310,15 +310,12 @@ def audit_counts(log: Path, since: str, until: str) -> collections.Counter:
     with open(log) as f:
         for line in f:
             e = json.loads(line)
-            if e.get("stage") != "ResponseComplete" and not (e.get("verb") == "watch" and e.get("stage") == "ResponseStarted"):
-                continue
-            t = e.get("requestReceivedTimestamp", "")
-            if not since <= t < until:
+            # one line per request: a watch when it starts, anything else when it completes
+            counted = "ResponseStarted" if e.get("verb") == "watch" else "ResponseComplete"
+            if e.get("stage") != counted or not since <= e.get("requestReceivedTimestamp", "") < until:
                 continue
             ref = e.get("objectRef") or {}
             resource = "/".join(p for p in (ref.get("apiGroup"), ref.get("resource"), ref.get("subresource")) if p)
-            if e.get("verb") == "watch" and e.get("stage") != "ResponseStarted":
-                continue
             counts[(e.get("verb"), resource)] += 1
     return counts
 
