@@ -114,7 +114,7 @@ def _delimited_batches(location: str, f) -> Iterator[pa.Table]:
                                          invalid_row_handler=invalid),
         convert_options=pacsv.ConvertOptions(column_types={h: pa.large_string() for h in header},
                                              strings_can_be_null=False, quoted_strings_can_be_null=False))
-    yield pa.Table.from_arrays([pa.array([], pa.large_string())] * len(names), names=names)
+    yield pa.Table.from_arrays([pa.nulls(0, pa.large_string())] * len(names), names=names)
     for batch in reader:
         yield pa.Table.from_batches([batch]).rename_columns(names)
     if bad_rows:
