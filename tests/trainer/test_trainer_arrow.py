@@ -20,6 +20,8 @@ def test_arrays_round_trip_as_pyarrow_converts_them(values):
         assert got.dtype == sliced.to_numpy(zero_copy_only=False).dtype
         assert np.array_equal(got, sliced.to_numpy(zero_copy_only=False))
     assert np.array_equal(arrow.to_numpy(pa.chunked_array([values[:4], values[4:]])), values)
+    empty = arrow.to_numpy(pa.chunked_array([], pa.from_numpy_dtype(values.dtype)))
+    assert empty.dtype == values.dtype and len(empty) == 0
 
 
 def test_strings_and_scalars_are_what_pyarrow_makes():

@@ -48,6 +48,8 @@ def to_numpy(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
         values = values.combine_chunks()
     if values.null_count:
         return values.to_numpy(zero_copy_only=False)
+    if not len(values):       # an empty array may have no data buffer
+        return np.zeros(0, dtype=values.type.to_pandas_dtype())
     data = values.buffers()[1]
     if pa.types.is_boolean(values.type):
         bits = np.unpackbits(np.frombuffer(data, np.uint8), count=values.offset + len(values), bitorder="little")
