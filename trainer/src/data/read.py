@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import pyarrow as pa
 
 from ..errors import DataError, DataProblem, ProblemCollector
+from ..locations import has_scheme
 
 #: Problems listed per file; the rest are counted.
 MAX_PROBLEMS = 20
@@ -52,9 +53,14 @@ def delimiter_for(location: str) -> str:
 
 
 def _open(location: str):
+    """The file for reading (closing it closes everything under it), decompressed by its suffix.
+    A plain local file is opened directly: fsspec (and the asyncio it imports) is 20 ms of a
+    small file's --check."""
+    if not has_scheme(location) and _uncompressed_name(location) == location.lower():
+        return open(location, "rb")
     import fsspec
 
-    return fsspec.open(location, "rb", compression="infer" if not is_parquet(location) else None)
+    return fsspec.open(location, "rb", compression="infer" if not is_parquet(location) else None).open()
 
 
 def read_batches(location: str) -> Iterator[pa.Table]:
@@ -160,7 +166,7 @@ def _csv_rows(location: str):
     """(row, line, field count) of every data row, as Python's csv module sees them (none if
     the file cannot be read: an in-memory table, or a file gone since)."""
     try:
-        f = _open(location).open()
+        f = _open(location)
     except Exception:  # noqa: BLE001 - line numbers are a courtesy; the problem stands without
         return
     with f:
