@@ -222,7 +222,7 @@ def test_redirect_loops_and_malformed_urls_are_bad_images_not_transient(small_da
     examples = report.status()["examples"]
     assert any("/loop/" in e and "redirects" in e for e in examples), examples
     assert any("[bad" in e and "malformed URL" in e for e in examples), examples
-    assert server.hits[f"/loop{paths[0]}"] == 1 + images._FOLLOW_REDIRECTS_ONLY.redirect   # one attempt
+    assert server.hits[f"/loop{paths[0]}"] == 1 + images.REDIRECTS   # one attempt
 
 
 def test_a_trickling_server_is_cut_off_at_the_deadline_and_retried(small_data, tmp_path, monkeypatch):

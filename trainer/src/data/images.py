@@ -43,9 +43,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
-import urllib3
 from PIL import Image, UnidentifiedImageError
 
 from kontrast.api.data import Data
@@ -55,6 +54,9 @@ from ..errors import DataProblem
 from ..report import heartbeat
 from ..layout import CacheFolder
 from ..locations import has_scheme
+
+if TYPE_CHECKING:
+    import urllib3
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,8 @@ class PermanentImageError(Exception):
     """The image does not exist or does not decode: retrying cannot help."""
 
 
-#: Redirects are followed (CDNs, signed URLs); every other retry is ``with_retries``'s, with backoff.
-_FOLLOW_REDIRECTS_ONLY = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5,
-                                       raise_on_status=False)
+#: Redirects followed per fetch (CDNs, signed URLs); every other retry is ``with_retries``'s, with backoff.
+REDIRECTS = 5
 _pools: dict[int, urllib3.PoolManager] = {}
 _pools_lock = threading.Lock()
 
@@ -93,17 +94,24 @@ _pools_lock = threading.Lock()
 def _http() -> urllib3.PoolManager:
     """This process's connection pool: kept-alive connections (and TLS sessions) serve many
     images each, which matters more than anything else in a prefetch of a million URLs. One
-    per process id, because a pool's sockets must not cross a fork into DataLoader workers."""
+    per process id, because a pool's sockets must not cross a fork into DataLoader workers.
+    urllib3 is imported here: a check of local images does without it (20 ms)."""
+    import urllib3
+
     pid = os.getpid()
     with _pools_lock:
         if pid not in _pools:
-            _pools[pid] = urllib3.PoolManager(num_pools=64, maxsize=PREFETCH_THREADS, retries=_FOLLOW_REDIRECTS_ONLY,
+            follow_redirects_only = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0,
+                                                  redirect=REDIRECTS, raise_on_status=False)
+            _pools[pid] = urllib3.PoolManager(num_pools=64, maxsize=PREFETCH_THREADS, retries=follow_redirects_only,
                                               timeout=urllib3.Timeout(connect=HTTP_TIMEOUT_S, read=HTTP_TIMEOUT_S),
                                               headers={"User-Agent": "kontrast"})
         return _pools[pid]
 
 
 def _fetch_http(location: str) -> bytes:
+    import urllib3
+
     deadline = time.monotonic() + FETCH_DEADLINE_S
     try:
         resp = _http().request("GET", location, preload_content=False)
@@ -165,11 +173,13 @@ def _http_error(exc: urllib3.exceptions.HTTPError) -> Exception:
     """urllib3's errors all subclass HTTPError, the permanent ones too: a malformed URL (or
     redirect target) and a redirect loop cannot pass, anything else (timeouts, resets,
     refused connections, broken responses) may."""
+    import urllib3
+
     reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
     if isinstance(reason, urllib3.exceptions.LocationValueError):
         return PermanentImageError(f"malformed URL: {reason}")
     if isinstance(reason, urllib3.exceptions.ResponseError) and "redirect" in str(reason):
-        return PermanentImageError(f"more than {_FOLLOW_REDIRECTS_ONLY.redirect} redirects (a redirect loop?)")
+        return PermanentImageError(f"more than {REDIRECTS} redirects (a redirect loop?)")
     return TransientImageError(f"{type(reason or exc).__name__}: {reason or exc}")
 
 
