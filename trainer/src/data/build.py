@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from ..errors import DataError, DataProblem
 from ..locations import parent_location
 from . import arrow
-from .check import Problems, check_header, parse_weights, resolve_images, side_weights, text_column
+from .check import Problems, check_header, codes, parse_weights, resolve_images, side_weights, text_column
 from .columns import Columns
 
 
@@ -84,17 +84,18 @@ class FirstSeenCodes:
 
 def combined_block_codes(columns: list[FirstSeenCodes], rows: int) -> np.ndarray:
     """int64 ids equal exactly for rows whose values are equal in every column, numbered by
-    first appearance (``check.dense_ids``, a block at a time): each further column's codes are
-    paired with the ids so far, and the pairs numbered as values of their own."""
+    first appearance (``check.dense_ids``): each further column's codes are paired with the
+    ids so far, and the pairs numbered as values of their own, in one pass over every block's
+    pairs (8 bytes a row for a moment: numbering them a block at a time and merging, as the
+    texts are, took three times as long)."""
     if not columns:
         return np.zeros(rows, dtype=np.int64)
-    ids, count = columns[0].block_codes(), columns[0].count
+    ids = np.concatenate(columns[0].block_codes()).astype(np.int64)
     for column in columns[1:]:
-        pairs = FirstSeenCodes()
-        for a, b in zip(ids, column.block_codes()):
-            pairs.add(arrow.array(a.astype(np.int64) * column.count + b))   # < rows * rows: fits in int64
-        ids, count = pairs.block_codes(), pairs.count
-    return np.concatenate(ids).astype(np.int64)
+        ends = np.cumsum([len(b) for b in column.block_codes()])[:-1]
+        pairs = [arrow.array(a * column.count + b) for a, b in zip(np.split(ids, ends), column.block_codes())]
+        ids = codes(pa.chunked_array(pairs, type=pa.int64()))      # < rows * rows: fits in int64
+    return ids
 
 
 class TableBuilder:
