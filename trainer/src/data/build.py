@@ -86,7 +86,7 @@ def combined_block_codes(columns: list[FirstSeenCodes], rows: int) -> np.ndarray
     """int64 ids equal exactly for rows whose values are equal in every column, numbered by
     first appearance (``check.dense_ids``): each further column's codes are paired with the
     ids so far, and the pairs numbered as values of their own, in one pass over every block's
-    pairs (8 bytes a row for a moment: numbering them a block at a time and merging, as the
+    pairs (16 to 24 bytes a row for a moment: numbering them a block at a time and merging, as the
     texts are, took three times as long)."""
     if not columns:
         return np.zeros(rows, dtype=np.int64)
