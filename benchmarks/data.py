@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import http.server
 import json
 import os
 import shutil
@@ -120,13 +119,6 @@ def write_catalogue(path: Path, rows: int, images: list[str]) -> None:
 # --------------------------------------------------------------------------------------------
 # loader throughput
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"      # kept-alive connections, as image CDNs and object stores serve
-
-    def log_message(self, *args):
-        pass
-
-
 def serve(folder: Path) -> tuple[subprocess.Popen, str]:
     """An image server in its own process, as a remote server would be: it must not share the
     loader's interpreter (and GIL). It still shares this machine's two cores."""
@@ -137,6 +129,13 @@ def serve(folder: Path) -> tuple[subprocess.Popen, str]:
 
 def serve_images(args) -> None:
     import functools
+    import http.server      # here, not at the top: the measured ``mem-child check`` must not import it
+
+    class _Quiet(http.server.SimpleHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"      # kept-alive connections, as image CDNs and object stores serve
+
+        def log_message(self, *args):
+            pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=args.folder))
     print(httpd.server_address[1], flush=True)

@@ -41,3 +41,11 @@ def test_schema_nodes_use_only_schema_keywords():
 def test_an_unquoted_comma_in_a_flow_description_is_caught():
     node = yaml.safe_load("{properties: {x: {type: number, description: forward, backward}}}")
     assert unknown_keywords(node) == [(".x", ["backward"])]
+
+
+def test_the_crd_as_the_validator_reads_it_is_the_yaml_safe_load():
+    """``schema.crd`` reads with libyaml where PyYAML has it (start-up time); the objects are
+    those of PyYAML's own safe loader."""
+    from kontrast.api.schema import crd
+
+    assert crd() == yaml.safe_load(CRD.read_text())

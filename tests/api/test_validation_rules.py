@@ -68,3 +68,34 @@ def test_names_whose_children_would_be_invalid_or_collide_are_rejected(case):
 @pytest.mark.parametrize("name", CASES["good_names"])
 def test_good_names_are_accepted(name):
     assert validate(apply_defaults(trainjob({}, name=name))) == []
+
+
+def _cel_rules(schema) -> list[str]:
+    rules = [r["rule"] for r in schema.get("x-kubernetes-validations", [])]
+    children = list((schema.get("properties") or {}).values())
+    children += [c for c in (schema.get("items"), schema.get("additionalProperties")) if isinstance(c, dict)]
+    return rules + [r for child in children for r in _cel_rules(child)]
+
+
+def test_the_cached_cel_parser_parses_every_rule_as_celpys_own(tmp_path, monkeypatch):
+    """The CEL parser's tables are cached in the user's cache folder (start-up time): built and
+    written once, loaded after, it gives celpy's own parse trees for every rule of the CRD."""
+    from celpy import InterpretedRunner
+    from celpy.celparser import CELParser
+
+    from kontrast.api import validation
+    from kontrast.api.schema import openapi_schema
+
+    rules = _cel_rules(openapi_schema())
+    assert len(rules) > 10
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(CELParser, "CEL_PARSER", None)
+    validation._cel_parser_cached()                                   # built, and written
+    assert (tmp_path / "kontrast" / "cel-parser.lark").stat().st_size > 0
+    validation._cel_parser_cached()                                   # loaded
+    cached = CELParser.CEL_PARSER
+    CELParser.CEL_PARSER = None
+    celpys = CELParser(tree_class=InterpretedRunner.tree_node_class).CEL_PARSER
+    assert cached is not celpys
+    for rule in rules:
+        assert cached.parse(rule) == celpys.parse(rule), rule

@@ -8,7 +8,9 @@ lists what the next requests of that path get instead of the file:
 - ``"html"``: an HTML error page with status 200 (what some CDNs do);
 - ``"truncate"``: the full Content-Length announced, half the body sent, then the
   connection closed;
-- ``"trickle"``: the body one byte every ``trickle_s`` seconds.
+- ``"trickle"``: the body one byte every ``trickle_s`` seconds;
+- ``"endless"``: a body with no Content-Length that does not end (zeros until the client
+  hangs up, or ENDLESS_CAP bytes).
 
 ``/moved/<path>`` redirects to ``/<path>``; ``/loop/<path>`` redirects to itself forever.
 """
@@ -21,6 +23,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+ENDLESS_CAP = 1 << 30
 HTML = b"<!DOCTYPE html><html><body><h1>Service temporarily unavailable</h1></body></html>"
 
 
@@ -47,6 +50,8 @@ class ImageServer:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
+                if what == "endless":
+                    return self.endless()
                 if what == "html":
                     return self.send_body(200, HTML, **{"Content-Type": "text/html"})
                 if isinstance(what, int):
@@ -82,6 +87,18 @@ class ImageServer:
                         time.sleep(server.trickle_s)
                 except OSError:        # the client gave up
                     self.close_connection = True
+
+            def endless(self) -> None:
+                self.send_response(200)
+                self.send_header("Connection", "close")     # the body ends when the connection does
+                self.end_headers()
+                self.close_connection = True
+                chunk = bytes(1 << 16)
+                try:
+                    for _ in range(ENDLESS_CAP // len(chunk)):
+                        self.wfile.write(chunk)
+                except OSError:        # the client gave up
+                    pass
 
             def log_message(self, *args):
                 pass

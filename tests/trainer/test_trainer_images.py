@@ -222,7 +222,7 @@ def test_redirect_loops_and_malformed_urls_are_bad_images_not_transient(small_da
     examples = report.status()["examples"]
     assert any("/loop/" in e and "redirects" in e for e in examples), examples
     assert any("[bad" in e and "malformed URL" in e for e in examples), examples
-    assert server.hits[f"/loop{paths[0]}"] == 1 + images._FOLLOW_REDIRECTS_ONLY.redirect   # one attempt
+    assert server.hits[f"/loop{paths[0]}"] == 1 + images.REDIRECTS   # one attempt
 
 
 def test_a_trickling_server_is_cut_off_at_the_deadline_and_retried(small_data, tmp_path, monkeypatch):
@@ -333,3 +333,59 @@ def test_the_prefetch_holds_a_bounded_number_of_decoded_pixels(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     grown = int(done.stdout.strip())
     assert grown < 500e6, f"the prefetch's peak memory grew by {grown / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize("body", ["announced", "endless"])
+def test_an_image_larger_than_the_byte_limit_is_a_bad_image(small_data, server, tmp_path, monkeypatch, body):
+    """A body over MAX_IMAGE_BYTES is refused by its Content-Length before it is read, or cut
+    off once it grows past the limit when no length is announced (an endless body would fill
+    memory). It is a bad image like any other: fetched once, not retried, never cached."""
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 100)
+    data = http_copy(small_data, server, tmp_path / "web" / "train.csv")
+    path = image_paths(data)[0]
+    assert (small_data / path.lstrip("/")).stat().st_size > 100
+    if body == "endless":
+        server.fail[path] = ["endless"]
+    url, cache = server.base + path, ImageCache(tmp_path / "c")
+    bad = images.prefetch(cache, [url], [7])
+    assert [(b.row, b.location, b.reason) for b in bad] == [(7, url, "image larger than 100 bytes")]
+    assert server.hits[path] == 1 and not cache.path(url).exists()
+
+
+@pytest.mark.parametrize("where", ["local", "fsspec"])
+def test_a_file_larger_than_the_byte_limit_is_a_bad_image(tmp_path, h, monkeypatch, where):
+    """Local paths and fsspec URLs are bounded like HTTP bodies: the size is checked before
+    the file is read."""
+    image = h.write_image(tmp_path / "big.png", size=64)
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", image.stat().st_size - 1)
+    location = str(image)
+    if where == "fsspec":
+        location = "memory://bucket/imgs/big.png"
+        with fsspec.open(location, "wb") as f:
+            f.write(image.read_bytes())
+    with pytest.raises(images.PermanentImageError, match=f"^image larger than {image.stat().st_size - 1} bytes$"):
+        ImageCache(tmp_path / "c").load(location)
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", image.stat().st_size)
+    assert ImageCache(tmp_path / "c").load(location).size == (64, 64)
+
+
+def test_an_image_above_the_decompression_bomb_limit_is_a_bad_image(tmp_path, h, monkeypatch):
+    """The pixels of one image are bounded by PIL's bomb limit (twice Image.MAX_IMAGE_PIXELS,
+    about 179 megapixels, as the README says); the header is enough to refuse it."""
+    from PIL import Image
+
+    assert round(2 * Image.MAX_IMAGE_PIXELS / 1e6) == 179
+    image = h.write_image(tmp_path / "wide.png", size=64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 2 - 1)
+    with pytest.raises(images.PermanentImageError, match="DecompressionBombError"):
+        images.decode(image.read_bytes())
+
+
+def test_the_readme_states_the_image_limits_the_code_applies():
+    from PIL import Image
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    limits = readme.split("Three limits", 1)[1].split("Transient errors", 1)[0]
+    assert f"{images.MAX_IMAGE_BYTES >> 20} MiB of bytes per image" in limits
+    assert f"about {round(2 * Image.MAX_IMAGE_PIXELS / 1e6)} megapixels per image" in limits
+    assert f"{images.PREFETCH_PIXELS // 1_000_000} megapixels decoded at a time per process" in limits

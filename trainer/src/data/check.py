@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from ..errors import DataError, DataProblem, ProblemCollector
 from ..locations import has_scheme
+from . import arrow
 from .columns import Columns
 from .read import MAX_PROBLEMS, with_lines
 
@@ -100,7 +101,7 @@ def text_column(table: pa.Table, key: str) -> pa.Array:
         col = pc.cast(col, pa.large_string())
     col = pc.utf8_trim_whitespace(col)
     if col.null_count:      # Parquet and JSON cells may be null; CSV cells never are
-        col = pc.fill_null(col, "")
+        col = pc.fill_null(col, arrow.scalar(""))
     return col.combine_chunks()
 
 
@@ -108,23 +109,23 @@ def parse_weights(raw: pa.ChunkedArray, column: str, problems: Problems) -> np.n
     """Row weights as float64; problems for empty, non-numeric, non-finite and negative ones."""
     if pa.types.is_integer(raw.type) or pa.types.is_floating(raw.type) or pa.types.is_decimal(raw.type):
         text = None
-        values = pc.fill_null(pc.cast(raw, pa.float64()), np.nan).to_numpy()
-        empty = raw.is_null().to_numpy(zero_copy_only=False)
+        values = arrow.to_numpy(pc.fill_null(pc.cast(raw, pa.float64()), arrow.scalar(np.nan)))
+        empty = arrow.to_numpy(raw.is_null())
         non_number = np.zeros(len(values), bool)
         non_finite = ~np.isfinite(values) & ~empty
     else:
         text = text_column(pa.table({column: raw}), column)
         try:   # the common case, every weight a number: one cast, no regular expressions
-            values = pc.cast(text, pa.float64()).to_numpy()
+            values = arrow.to_numpy(pc.cast(text, pa.float64()))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             values = None
         if values is not None:
             return _check_numbers(values, text, column, problems)
-        empty = pc.equal(text, "").to_numpy(zero_copy_only=False)
-        number = pc.match_substring_regex(text, _NUMBER).to_numpy(zero_copy_only=False)
-        non_finite = pc.match_substring_regex(text, _NON_FINITE, ignore_case=True).to_numpy(zero_copy_only=False)
+        empty = arrow.to_numpy(pc.equal(text, arrow.scalar("")))
+        number = arrow.to_numpy(pc.match_substring_regex(text, _NUMBER))
+        non_finite = arrow.to_numpy(pc.match_substring_regex(text, _NON_FINITE, ignore_case=True))
         non_number = ~number & ~non_finite & ~empty
-        values = pc.cast(pc.if_else(number, text, "0"), pa.float64()).to_numpy()
+        values = arrow.to_numpy(pc.cast(pc.if_else(arrow.array(number), text, arrow.scalar("0")), pa.float64()))
     return _report_weights(values, text, column, problems, empty, non_number, non_finite)
 
 
@@ -164,37 +165,36 @@ def resolve_images(values: pa.Array, base_dir: str) -> pa.Array:
 
     url = pc.match_substring_regex(values, _URL)
     absolute = pc.starts_with(values, "/")
-    keep = pc.or_(pc.or_(url, absolute), pc.equal(values, ""))
-    joined = pc.binary_join_element_wise(pa.scalar(base_dir.rstrip("/"), pa.large_string()), values,
-                                           pa.scalar("/", pa.large_string()))
+    keep = pc.or_(pc.or_(url, absolute), pc.equal(values, arrow.scalar("")))
+    joined = pc.binary_join_element_wise(arrow.scalar(base_dir.rstrip("/")), values, arrow.scalar("/"))
     out = pc.if_else(keep, values, joined)
     is_pvc, is_file = pc.starts_with(values, "pvc://"), pc.starts_with(values, "file://")
-    plain_pvc = plain_file = pa.repeat(False, len(values))
+    plain_pvc = plain_file = pa.repeat(arrow.scalar(False), len(values))
     if pc.any(is_pvc).as_py():
         rest = pc.utf8_slice_codeunits(values, 6)
-        odd_path = pc.or_(pc.or_(pc.equal(rest, ""), pc.starts_with(rest, "/")),
+        odd_path = pc.or_(pc.or_(pc.equal(rest, arrow.scalar("")), pc.starts_with(rest, "/")),
                           pc.or_(pc.or_(pc.match_substring(rest, "//"), pc.ends_with(rest, "/")),
                                  pc.match_substring_regex(rest, r"(^|/)\.(/|$)")))
         plain_pvc = pc.and_(is_pvc, pc.invert(odd_path))
-        root = pa.scalar(str(pvc_root()).rstrip("/"), pa.large_string())
-        out = pc.if_else(plain_pvc, pc.binary_join_element_wise(root, rest, pa.scalar("/", pa.large_string())), out)
+        root = arrow.scalar(str(pvc_root()).rstrip("/"))
+        out = pc.if_else(plain_pvc, pc.binary_join_element_wise(root, rest, arrow.scalar("/")), out)
     if pc.any(is_file).as_py():
         rest = pc.utf8_slice_codeunits(values, 7)
-        plain_file = pc.and_(is_file, pc.not_equal(rest, ""))
+        plain_file = pc.and_(is_file, pc.not_equal(rest, arrow.scalar("")))
         out = pc.if_else(plain_file, rest, out)
     special = pc.or_(pc.or_(is_pvc, is_file),
-                     pc.or_(pc.starts_with(values, "~"), pc.and_(absolute, pa.scalar(has_scheme(base_dir)))))
-    odd = pc.and_(pc.and_(special, pc.not_equal(values, "")), pc.invert(pc.or_(plain_pvc, plain_file)))
-    rows = np.flatnonzero(odd.to_numpy(zero_copy_only=False))
+                     pc.or_(pc.starts_with(values, "~"), pc.and_(absolute, arrow.scalar(has_scheme(base_dir)))))
+    odd = pc.and_(pc.and_(special, pc.not_equal(values, arrow.scalar(""))), pc.invert(pc.or_(plain_pvc, plain_file)))
+    rows = np.flatnonzero(arrow.to_numpy(odd))
     if len(rows):
-        cells = values.take(pa.array(rows))
+        cells = values.take(arrow.array(rows))
         distinct = pc.unique(cells)
-        fixed = pa.array([join_location(base_dir, v) for v in distinct.to_pylist()], pa.large_string())
+        fixed = arrow.strings([join_location(base_dir, v) for v in distinct.to_pylist()])
         replaced = fixed.take(pc.index_in(cells, distinct))
         positions = np.full(len(values), -1, dtype=np.int64)
         positions[rows] = np.arange(len(rows))
-        picked = replaced.take(pa.array(np.where(positions < 0, 0, positions)))
-        out = pc.if_else(pa.array(positions >= 0), picked, out)
+        picked = replaced.take(arrow.array(np.where(positions < 0, 0, positions)))
+        out = pc.if_else(arrow.array(positions >= 0), picked, out)
     return out
 
 
@@ -203,7 +203,7 @@ def codes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     chunks of a chunked array share one dictionary, so equal values get one code across them)."""
     encoded = pc.dictionary_encode(values)
     chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
-    parts = [c.indices.to_numpy(zero_copy_only=False).astype(np.int64) for c in chunks]
+    parts = [arrow.to_numpy(c.indices).astype(np.int64) for c in chunks]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -213,7 +213,7 @@ def dense_ids(columns: Sequence[pa.Array | pa.ChunkedArray]) -> np.ndarray:
     ids = np.zeros(n, dtype=np.int64)
     for col in columns:
         c = codes(col)
-        ids = codes(pa.array(ids * (int(c.max(initial=0)) + 1) + c))   # < n * n: fits in int64
+        ids = codes(arrow.array(ids * (int(c.max(initial=0)) + 1) + c))   # < n * n: fits in int64
     return ids
 
 

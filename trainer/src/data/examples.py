@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..layout import default_cache
+from . import arrow
 from .build import check_table
 from .check import doc_identity, first_rows
 from .columns import Columns
@@ -144,14 +145,14 @@ def take_rows(values: pa.Array | pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
     and the mapped table's text columns have a chunk per block of the data file."""
     rows = np.asarray(rows, dtype=np.int64)
     if isinstance(values, pa.Array):
-        return values.take(pa.array(rows))
+        return values.take(arrow.array(rows))
     ends = np.cumsum([len(c) for c in values.chunks])
     chunk_of = np.searchsorted(ends, rows, side="right")
     order = np.argsort(chunk_of, kind="stable")
-    parts = [values.chunk(int(c)).take(pa.array(rows[order][chunk_of[order] == c] - (ends[c] - len(values.chunk(int(c))))))
+    parts = [values.chunk(int(c)).take(arrow.array(rows[order][chunk_of[order] == c] - (ends[c] - len(values.chunk(int(c))))))
              for c in np.unique(chunk_of)]
-    taken = pa.concat_arrays(parts) if parts else pa.array([], values.type)
-    return taken.take(pa.array(np.argsort(order, kind="stable")))
+    taken = pa.concat_arrays(parts) if parts else pa.nulls(0, values.type)
+    return taken.take(arrow.array(np.argsort(order, kind="stable")))
 
 
 def _numbers(col: pa.ChunkedArray) -> np.ndarray:

@@ -18,8 +18,9 @@ Errors:
   ``FETCH_DEADLINE_S``, other network OSErrors) are retried with exponential backoff; when
   retries run out, ``TransientImageError`` is raised, which is not a permanent error: the
   trainer exits non-78 and the pod is restarted;
-* permanent (HTTP 4xx such as 404, a redirect loop, a malformed URL, a missing file, bytes
-  that do not decode, such as an HTML page served with 200 or a truncated body) follow
+* permanent (HTTP 4xx such as 404, a redirect loop, a malformed URL, a missing file, a file
+  or body larger than ``MAX_IMAGE_BYTES``, bytes that do not decode, such as an HTML page
+  served with 200, an image above PIL's decompression-bomb limit) follow
   ``data.onBadImage``: ``fail`` stops the run with a DataError naming every bad image's row
   (exit 78), ``skip`` drops the rows that use them, names the first few in the log and in
   ``status.data``, and still fails when more than ``data.maxBadFraction`` of the distinct
@@ -35,15 +36,15 @@ import logging
 import os
 import random
 import socket
+import stat
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
-import urllib3
 from PIL import Image, UnidentifiedImageError
 
 from kontrast.api.data import Data
@@ -53,6 +54,9 @@ from ..errors import DataProblem
 from ..report import heartbeat
 from ..layout import CacheFolder
 from ..locations import has_scheme
+
+if TYPE_CHECKING:
+    import urllib3
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,9 @@ BACKOFF_MAX_S = 16.0
 PREFETCH_THREADS = 16     #: I/O bound: threads wait on the network, not the CPU
 PREFETCH_WINDOW = 4096    #: locations read (and futures queued) at a time: memory stays flat
 PREFETCH_PIXELS = 64_000_000   #: decoded pixels in flight per process (RGB: ~0.2 GB; one larger image decodes alone)
+#: One image's file or HTTP body; a larger one is a bad image and is never read whole (a 2 GB
+#: file or an endless body would otherwise be held in memory by each of 16 threads).
+MAX_IMAGE_BYTES = 64 << 20
 NAMED_BAD = 5             #: bad images named in the log and in status
 #: An image cache temporary file this old is an orphan (its writer was killed): a write of
 #: bytes already in memory takes milliseconds.
@@ -78,9 +85,8 @@ class PermanentImageError(Exception):
     """The image does not exist or does not decode: retrying cannot help."""
 
 
-#: Redirects are followed (CDNs, signed URLs); every other retry is ``with_retries``'s, with backoff.
-_FOLLOW_REDIRECTS_ONLY = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5,
-                                       raise_on_status=False)
+#: Redirects followed per fetch (CDNs, signed URLs); every other retry is ``with_retries``'s, with backoff.
+REDIRECTS = 5
 _pools: dict[int, urllib3.PoolManager] = {}
 _pools_lock = threading.Lock()
 
@@ -88,17 +94,24 @@ _pools_lock = threading.Lock()
 def _http() -> urllib3.PoolManager:
     """This process's connection pool: kept-alive connections (and TLS sessions) serve many
     images each, which matters more than anything else in a prefetch of a million URLs. One
-    per process id, because a pool's sockets must not cross a fork into DataLoader workers."""
+    per process id, because a pool's sockets must not cross a fork into DataLoader workers.
+    urllib3 is imported here: a check of local images does without it (20 ms)."""
+    import urllib3
+
     pid = os.getpid()
     with _pools_lock:
         if pid not in _pools:
-            _pools[pid] = urllib3.PoolManager(num_pools=64, maxsize=PREFETCH_THREADS, retries=_FOLLOW_REDIRECTS_ONLY,
+            follow_redirects_only = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0,
+                                                  redirect=REDIRECTS, raise_on_status=False)
+            _pools[pid] = urllib3.PoolManager(num_pools=64, maxsize=PREFETCH_THREADS, retries=follow_redirects_only,
                                               timeout=urllib3.Timeout(connect=HTTP_TIMEOUT_S, read=HTTP_TIMEOUT_S),
                                               headers={"User-Agent": "kontrast"})
         return _pools[pid]
 
 
 def _fetch_http(location: str) -> bytes:
+    import urllib3
+
     deadline = time.monotonic() + FETCH_DEADLINE_S
     try:
         resp = _http().request("GET", location, preload_content=False)
@@ -109,6 +122,9 @@ def _fetch_http(location: str) -> bytes:
             raise TransientImageError(f"HTTP {resp.status} {resp.reason}")
         if resp.status >= 400:
             raise PermanentImageError(f"HTTP Error {resp.status}: {resp.reason}")
+        length = resp.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_IMAGE_BYTES:
+            raise _too_large()
         return _body_until(resp, deadline)
     except urllib3.exceptions.HTTPError as exc:
         resp.close()
@@ -122,27 +138,48 @@ def _fetch_http(location: str) -> bytes:
 
 def _body_until(resp, deadline: float) -> bytes:
     """The response body, or TransientImageError once ``deadline`` passes: each socket read
-    is bounded by HTTP_TIMEOUT_S, so the whole transfer is bounded by the deadline plus one."""
-    chunks = []
+    is bounded by HTTP_TIMEOUT_S, so the whole transfer is bounded by the deadline plus one.
+    A body without a Content-Length (or a false one) is cut off past MAX_IMAGE_BYTES."""
+    chunks, size = [], 0
     while True:
         chunk = resp.read1(1 << 16)
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_IMAGE_BYTES:
+            raise _too_large()
         if time.monotonic() > deadline:
-            raise TransientImageError(f"the transfer took longer than {FETCH_DEADLINE_S} s "
-                                      f"({sum(map(len, chunks))} bytes so far)")
+            raise TransientImageError(f"the transfer took longer than {FETCH_DEADLINE_S} s ({size} bytes so far)")
+
+
+def _too_large() -> PermanentImageError:
+    return PermanentImageError(f"image larger than {MAX_IMAGE_BYTES} bytes")
+
+
+def _read_whole(f, size: Optional[int]) -> bytes:
+    """The file, or PermanentImageError past MAX_IMAGE_BYTES. ``size``: the file's size where
+    it is known up front; otherwise (a pipe, a device, some fsspec files) at most one byte
+    over the limit is read."""
+    if size is not None and size > MAX_IMAGE_BYTES:
+        raise _too_large()
+    data = f.read() if size is not None else f.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:      # it grew after its size was read
+        raise _too_large()
+    return data
 
 
 def _http_error(exc: urllib3.exceptions.HTTPError) -> Exception:
     """urllib3's errors all subclass HTTPError, the permanent ones too: a malformed URL (or
     redirect target) and a redirect loop cannot pass, anything else (timeouts, resets,
     refused connections, broken responses) may."""
+    import urllib3
+
     reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
     if isinstance(reason, urllib3.exceptions.LocationValueError):
         return PermanentImageError(f"malformed URL: {reason}")
     if isinstance(reason, urllib3.exceptions.ResponseError) and "redirect" in str(reason):
-        return PermanentImageError(f"more than {_FOLLOW_REDIRECTS_ONLY.redirect} redirects (a redirect loop?)")
+        return PermanentImageError(f"more than {REDIRECTS} redirects (a redirect loop?)")
     return TransientImageError(f"{type(reason or exc).__name__}: {reason or exc}")
 
 
@@ -155,9 +192,11 @@ def fetch_bytes(location: str) -> bytes:
             import fsspec
 
             with fsspec.open(location, "rb") as f:
-                return f.read()
+                size = getattr(f, "size", None)
+                return _read_whole(f, size if isinstance(size, int) else None)
         with open(location, "rb") as f:
-            return f.read()
+            status = os.fstat(f.fileno())
+            return _read_whole(f, status.st_size if stat.S_ISREG(status.st_mode) else None)
     except (FileNotFoundError, IsADirectoryError):
         raise PermanentImageError("file not found") from None
     except PermissionError as exc:

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import storage
-from . import shared_table
+from . import arrow, shared_table
 from .shared_table import known_pairs_file, map_numbers, once_per_node
 
 
@@ -62,7 +62,7 @@ def build_known_pairs_file(table_file: str | Path, keep: Optional[np.ndarray], t
     if keep is not None:
         columns = [c[keep] for c in columns]
     keys, rel, n_docs = known_pair_arrays(*columns)
-    table = pa.table({"key": keys, "rel": rel}, metadata={"n_docs": str(n_docs)})
+    table = pa.table({"key": arrow.array(keys), "rel": arrow.array(rel)}, metadata={"n_docs": str(n_docs)})
 
     def write(f) -> None:
         with pa.ipc.new_file(f, table.schema) as writer:
@@ -80,7 +80,7 @@ def map_known_pairs(path: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
 def _column(table: pa.Table, name: str) -> np.ndarray:
     """A primitive column as a numpy view (its one chunk; an empty table may have none)."""
     column = table.column(name)
-    return (column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()).to_numpy()
+    return arrow.to_numpy(column.chunk(0) if column.num_chunks == 1 else column.combine_chunks())
 
 
 def _build_in_child(table_file: str | Path, keep: Optional[np.ndarray], target: Path) -> None:

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ import pyarrow as pa
 from .. import storage
 from ..errors import DataError, DataProblem
 from ..layout import CacheFolder
+from ..locations import has_scheme
 from .build import build_stream, joined
 from .columns import Columns
 from .read import read_batches
@@ -48,17 +50,26 @@ IN_PROCESS_MAX_BYTES = 1 << 20
 
 def source_stamp(location: str) -> dict[str, Any]:
     """What identifies this version of a data file: size and modification time (or ETag)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(location)
     try:
-        info = fs.info(path)
+        info = _info(location)
     except FileNotFoundError:
         raise DataError([DataProblem(location, "file not found")]) from None
     except Exception as exc:  # noqa: BLE001 - unreachable store: permanent for this run
         raise DataError([DataProblem(location, f"cannot read: {exc}")]) from None
     keep = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "md5Hash", "generation")
     return {k: str(info[k]) for k in keep if k in info}
+
+
+def _info(location: str) -> dict[str, Any]:
+    """fsspec's ``info`` of the file; a local file's size and mtime (what fsspec's local
+    filesystem gives) straight from ``os.stat``, without importing fsspec (20 ms of a --check)."""
+    if not has_scheme(location):
+        status = os.stat(location)
+        return {"size": status.st_size, "mtime": status.st_mtime}
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(location)
+    return fs.info(path)
 
 
 def table_key(location: str, cols: Columns, require_positive_weight: bool) -> str:
