@@ -74,6 +74,10 @@ class FirstSeenCodes:
             self._blocks[block] = global_of[self._blocks[block]]
         self._known = merged.chunks[0].dictionary if merged.num_chunks else self._known
         self._pending, self._pending_values = [], 0
+        # Arrow's allocator (mimalloc) keeps the pages a merge's temporaries freed for reuse,
+        # which left the builder's RSS at 4.5x a 1M-row CSV with 100 MiB of it live; handing
+        # them back here, a few times per file, took the peak to 3.3x at no measurable cost.
+        pa.default_memory_pool().release_unused()
 
     def block_codes(self) -> list[np.ndarray]:
         """Every block's codes (int32), numbered over all blocks."""
