@@ -4,14 +4,17 @@ through the MLflow client; with registeredModel, the model version loads back in
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -33,7 +36,37 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
 
 
-def count_log_batches(monkeypatch) -> list[tuple[str, bool]]:
+class SlowerThanSteps(Reporter):
+    """A server slower than a training step, as a busy one is, in lockstep with training: each
+    metrics request is answered only after the next step (whose metrics are then pending), and
+    that step returns only once the requests begun before it are answered."""
+
+    def __init__(self, steps: int):
+        self.steps, self.done, self.started, self.finished = steps, 0, 0, 0
+        self.cond = threading.Condition()
+
+    def on_step(self, progress):        # called after the tracker's: this step's metrics are pending
+        with self.cond:
+            self.done += 1
+            begun = self.started
+            self.cond.notify_all()
+            assert self.cond.wait_for(lambda: self.finished >= begun, timeout=60), "a request never ended"
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        with self.cond:
+            self.started += 1
+            until = min(self.done + 1, self.steps)
+            assert self.cond.wait_for(lambda: self.done >= until, timeout=60), "training stopped"
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.finished += 1
+                self.cond.notify_all()
+
+
+def count_log_batches(monkeypatch, server: Optional[SlowerThanSteps] = None) -> list[tuple[str, bool]]:
     """(run id, answered) for each log-batch request this process sends from now on.
 
     Counted per run in the client, not in the session-wide server's access log, where another
@@ -45,11 +78,12 @@ def count_log_batches(monkeypatch) -> list[tuple[str, bool]]:
     log_batch = MlflowClient.log_batch
 
     def counted(self, run_id, *args, **kwargs):
-        try:
-            result = log_batch(self, run_id, *args, **kwargs)
-        except Exception:
-            sent.append((run_id, False))
-            raise
+        with server.request() if server is not None and kwargs.get("metrics") else contextlib.nullcontext():
+            try:
+                result = log_batch(self, run_id, *args, **kwargs)
+            except Exception:
+                sent.append((run_id, False))
+                raise
         sent.append((run_id, True))
         return result
 
@@ -87,11 +121,15 @@ def test_the_server_is_the_clients_version():
 def test_a_local_run_logs_params_batched_steps_evaluations_and_artifacts(run_training, base_spec, mlflow, tmp_path,
                                                                          monkeypatch):
     # No flush on the clock in this run (a loaded machine's steps can each outlast FLUSH_SECONDS):
-    # what remains are the flushes an event asks for, which the progress file counts.
+    # what remains are the flushes an event asks for, which the progress file counts. Each
+    # metrics request outlasts a step: a flush sends what was pending when it began (it once
+    # chased the steps that came meanwhile, a request per step until the epoch's end).
     from kontrast.trainer.report import mlflow_tracking
     monkeypatch.setattr(mlflow_tracking, "FLUSH_SECONDS", 1e9)
-    sent = count_log_batches(monkeypatch)
-    summary, resolved = run_training({**base_spec, "batchSize": 4, "evalEvery": 1, "tracking": mlflow.spec()})
+    slow = SlowerThanSteps(steps=32)
+    sent = count_log_batches(monkeypatch, slow)
+    summary, resolved = run_training({**base_spec, "batchSize": 4, "evalEvery": 1, "tracking": mlflow.spec()},
+                                     reporters=[slow])
     out = Path(resolved.params.output)
     run_id = summary["outputs"]["mlflow"]["runId"]
     assert json.loads((out / "mlflow_run.json").read_text())["runId"] == run_id

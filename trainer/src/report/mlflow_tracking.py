@@ -314,25 +314,25 @@ class MlflowTracker(Reporter):
         self._submit(self._flush, "logging metrics")
 
     def _flush(self) -> None:
-        """Send the pending metrics in batches; what fails stays pending (and this raises)."""
+        """Send the metrics pending now, in batches; what fails goes back to the pending (and this
+        raises). Metrics that arrive meanwhile wait for the next flush: chasing them, one request
+        after another, sent a request per step whenever a request outlasted a step."""
         with self._lock:
             self._flush_queued = False
             self._last_flush = time.monotonic()
-        if not self._pending:
-            return
-        self._open()
-        while True:
+            taken, self._pending = self._pending, []
+        sent = 0
+        try:
+            if taken:
+                self._open()
+            for sent in range(0, len(taken), BATCH_METRICS):
+                self.client.log_batch(self.run["runId"], metrics=taken[sent:sent + BATCH_METRICS])
+            sent = len(taken)
+        except Exception:
             with self._lock:
-                batch, self._pending = self._pending[:BATCH_METRICS], self._pending[BATCH_METRICS:]
-            if not batch:
-                return
-            try:
-                self.client.log_batch(self.run["runId"], metrics=batch)
-            except Exception:
-                with self._lock:
-                    self._pending[:0] = batch
-                    del self._pending[:-MAX_PENDING]
-                raise
+                self._pending[:0] = taken[sent:]
+                del self._pending[:-MAX_PENDING]
+            raise
 
     # --- the end: artifacts and the model version -------------------------------------------
     def _register(self, summary: Mapping[str, Any]) -> Optional[dict[str, str]]:
