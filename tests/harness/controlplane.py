@@ -9,6 +9,7 @@ turn Jobs into pods and garbage-collect owned objects. There is no kubelet: a te
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import json
 import os
@@ -139,6 +140,32 @@ class ControlPlane:
         self.procs.clear()
         if self._own_workdir and not os.environ.get("KONTRAST_KEEP_CONTROLPLANE"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def apiserver_down(self):
+        """Stop kube-apiserver for the block, then start it again (etcd keeps the state). Its
+        new watch cache starts at etcd's current revision, so a client resuming a watch from
+        an older resourceVersion gets 410 Gone and must list again: what a real API server's
+        restart does to the operator's watches."""
+        proc = self.procs["kube-apiserver"]
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        try:
+            yield
+        finally:
+            self._start_apiserver()
+
+    def etcd_delete(self, key: str) -> int:
+        """Delete ``key`` in etcd, below the API server (its v3 JSON gateway); the number deleted."""
+        body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
+        req = urllib.request.Request(f"{self.etcd_url}/v3/kv/deleterange", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return int(json.load(r).get("deleted", 0))
 
     # ---------------------------------------------------------------- credentials
     def _make_pki(self) -> None:
