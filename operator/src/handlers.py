@@ -167,8 +167,10 @@ async def _refresh_children(memo: kopf.Memo) -> None:
         except Exception as exc:  # noqa: BLE001 - the watches' view stays; try again next period
             log.warning("listing the base children failed (%s); trying again at the next resync", exc)
             continue
-        memo.children = {**{uid: frozenset() for uid in memo.children},
-                         **{uid: frozenset(kids) for uid, kids in listed.items()}}
+        # In place: each handler's memo is kopf's shallow copy of this one, sharing the dict,
+        # not the attribute (a new dict here went unseen by every handler and wake-up).
+        memo.children.update({**{uid: frozenset() for uid in memo.children},
+                              **{uid: frozenset(kids) for uid, kids in listed.items()}})
 
 
 @kopf.on.cleanup()
