@@ -75,6 +75,17 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise RuntimeError(f"openssl {' '.join(args)} failed: {proc.stderr}")
 
 
+def _terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL what ignores it for 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager in a temporary folder.
 
@@ -129,14 +140,7 @@ class ControlPlane:
     def stop(self) -> None:
         """Stop every component (controllers first, etcd last); SIGKILL what ignores SIGTERM."""
         for name in reversed(list(self.procs)):
-            proc = self.procs[name]
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            _terminate(self.procs[name])
         self.procs.clear()
         if self._own_workdir and not os.environ.get("KONTRAST_KEEP_CONTROLPLANE"):
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -147,13 +151,7 @@ class ControlPlane:
         new watch cache starts at etcd's current revision, so a client resuming a watch from
         an older resourceVersion gets 410 Gone and must list again: what a real API server's
         restart does to the operator's watches."""
-        proc = self.procs["kube-apiserver"]
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        _terminate(self.procs["kube-apiserver"])
         try:
             yield
         finally:
