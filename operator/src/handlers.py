@@ -139,6 +139,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # replaced, never changed in place, so a reconcile thread reads its own TrainJob's entry
     # without a copy of the whole map (one per queued pass took gigabytes at 2,000 TrainJobs).
     memo.children = {}
+    # The uids of the TrainJobs that exist (their watch's view): the resync keeps children only
+    # for these, so a child's late DELETED after its TrainJob's cannot keep an entry for good.
+    memo.trainjobs = set()
     # Reconciles wait on the API server, not on the CPU: more threads than asyncio.to_thread's
     # default (cores + 4), and at most a quarter of them for periodic resyncs, so that at
     # thousands of TrainJobs the resyncs cannot queue ahead of a state change.
@@ -167,8 +170,16 @@ async def _refresh_children(memo: kopf.Memo) -> None:
         except Exception as exc:  # noqa: BLE001 - the watches' view stays; try again next period
             log.warning("listing the base children failed (%s); trying again at the next resync", exc)
             continue
-        memo.children = {**{uid: frozenset() for uid in memo.children},
-                         **{uid: frozenset(kids) for uid, kids in listed.items()}}
+        # In place: each handler's memo is kopf's shallow copy of this one, sharing the dict,
+        # not the attribute (a new dict here went unseen by every handler and wake-up).
+        # Only for TrainJobs that exist: a listing that raced a deletion (children not yet
+        # collected) or a child's DELETED after its TrainJob's would otherwise keep an entry.
+        alive = memo.trainjobs
+        known = {uid: frozenset() for uid in memo.children if uid in alive}
+        known.update((uid, frozenset(kids)) for uid, kids in listed.items() if uid in alive)
+        for uid in [uid for uid in memo.children if uid not in known]:
+            del memo.children[uid]
+        memo.children.update(known)
 
 
 @kopf.on.cleanup()
@@ -279,11 +290,13 @@ async def trainjob_seen(event: Mapping[str, Any], memo: kopf.Memo, namespace: st
     status phase the operator did not decide (the trainer's token can write status)."""
     if event.get("type") == "DELETED":
         memo.reconciler.forget(namespace, name)
+        memo.trainjobs.discard(uid)
         memo.children.pop(uid, None)
         handle = memo.wakeups.pop((namespace, name), None)
         if handle is not None:
             handle.cancel()
         return
+    memo.trainjobs.add(uid)
     status = status or {}
     record = recorded({"metadata": meta})
     decided = record.get(names.ANNOTATION_PHASE)

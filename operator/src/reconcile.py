@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 EventPoster = Callable[[Mapping[str, Any], str, str, str], None]  # (trainjob, type, reason, message)
 
 
+def not_known(objs: list[dict[str, Any]], seen: Optional[Collection[str]]) -> list[dict[str, Any]]:
+    """The children of ``objs`` not known to exist. A restart's new attempt needs only its Job:
+    creating the five base children again costs five requests answered 409. When the
+    TrainJob's base children were not seen yet (``seen`` None) all are created."""
+    return objs if seen is None else [o for o in objs if o["kind"] not in seen]
+
+
 class Reconciler:
     def __init__(self, kube: Kube, config: OperatorConfig, metrics: Optional[Metrics] = None,
                  post_event: Optional[EventPoster] = None):
@@ -79,16 +86,17 @@ class Reconciler:
                       missing_children=missing, hang_after=self.config.hang_after(),
                       violations=policy.violations(tj.get("spec") or {}, self.config.policy), read=self.kube,
                       default_ttl=self.config.ttl_seconds_after_finished)
-        self.execute(tj, plan)
+        self.execute(tj, plan, seen)
         return plan
 
-    def execute(self, tj: Mapping[str, Any], plan: Plan) -> None:
+    def execute(self, tj: Mapping[str, Any], plan: Plan, seen: Optional[Collection[str]] = None) -> None:
+        """``seen``: the kinds of base children known to exist (None: not known)."""
         meta = tj["metadata"]
         ns, name = meta["namespace"], meta["name"]
         if plan.create is not None:
             c = plan.create
-            self._create(tj, children(tj, c.attempt, c.restarts, self.config, c.reason, c.hold,
-                                      c.active_deadline_seconds, c.queue))
+            self._create(tj, not_known(children(tj, c.attempt, c.restarts, self.config, c.reason, c.hold,
+                                                c.active_deadline_seconds, c.queue), seen))
             if c.reason in ("PodFailed", "Disrupted", "Evicted", "Hung"):
                 self.metrics.restarted(c.reason)
         if plan.release:

@@ -182,6 +182,26 @@ def test_missing_base_children_are_created_again():
     assert not [c for c in kube.calls if c[0] == "create"]
 
 
+def test_a_restart_creates_only_the_base_children_not_known_to_exist():
+    kube = FakeKube(tj())
+    rec = Reconciler(kube, OperatorConfig())
+    rec.reconcile("ml", "clip", NOW)
+    everything = {"ServiceAccount", "Role", "RoleBinding", "Service", "ConfigMap"}
+    failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+    kube.objects[("Job", "clip-0")]["status"] = failed
+    kube.calls.clear()
+    rec.reconcile("ml", "clip", NOW, present={"u1": everything}.get)
+    assert [c for c in kube.calls if c[0] == "create"] == [("create", "Job", "clip-1")]
+    assert kube.tj["status"]["restarts"] == 1
+    # One the watches saw go is created with the new attempt (the repair waits for no pass).
+    kube.objects[("Job", "clip-1")]["status"] = failed
+    del kube.objects[("ConfigMap", "clip-trainjob")]
+    kube.calls.clear()
+    rec.reconcile("ml", "clip", NOW, present={"u1": everything - {"ConfigMap"}}.get)
+    assert [c for c in kube.calls if c[0] == "create"] == [("create", "ConfigMap", "clip-trainjob"),
+                                                           ("create", "Job", "clip-2")]
+
+
 def test_pods_that_cannot_be_created_say_why_in_the_created_condition():
     quota = 'pods "clip-0-0-x" is forbidden: exceeded quota: none, requested: pods=1, used: pods=0, limited: pods=0'
     kube = FakeKube(tj(), failed_creates=[quota])

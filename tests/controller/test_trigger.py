@@ -6,6 +6,7 @@ state change must not queue behind them (benchmarks/operator_running.py measured
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -84,4 +85,31 @@ def test_an_event_during_a_pass_runs_one_more_pass():
         await first
         assert gate.started == ["a", "a"]
         memo.executor.shutdown()
+    asyncio.run(main())
+
+
+def test_the_resync_listing_updates_the_shared_children_only_for_trainjobs_that_exist():
+    """The listing repairs what the watches missed (a relist sends no DELETED), in the dict the
+    handlers' copies of the memo share, and keeps no entry for a TrainJob already deleted (a
+    listing that raced its deletion, or a child's DELETED that came after the TrainJob's)."""
+    class Listing:
+        def base_children_seen(self, namespaces):
+            return {"uid-alive": {("Role", "alive-trainer")}, "uid-deleted": {("Role", "deleted-trainer")}}
+
+    async def main():
+        memo = kopf.Memo()
+        memo.config = OperatorConfig(resync_seconds=0.01)
+        memo.kube = Listing()
+        memo.children = {"uid-alive": frozenset({("Role", "alive-trainer"), ("ConfigMap", "alive-trainjob")}),
+                         "uid-gone": frozenset(), "uid-quiet": frozenset({("Role", "quiet-trainer")})}
+        memo.trainjobs = {"uid-alive", "uid-quiet"}
+        handler_view = copy.copy(memo)       # what kopf hands each handler
+        task = asyncio.ensure_future(handlers._refresh_children(memo))
+        try:
+            await until(lambda: "uid-gone" not in handler_view.children, "the listing applied")
+        finally:
+            task.cancel()
+        assert handler_view.children == {"uid-alive": frozenset({("Role", "alive-trainer")}),
+                                         "uid-quiet": frozenset()}
+
     asyncio.run(main())

@@ -9,6 +9,7 @@ turn Jobs into pods and garbage-collect owned objects. There is no kubelet: a te
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import json
 import os
@@ -74,6 +75,17 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise RuntimeError(f"openssl {' '.join(args)} failed: {proc.stderr}")
 
 
+def _terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL what ignores it for 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager in a temporary folder.
 
@@ -128,17 +140,30 @@ class ControlPlane:
     def stop(self) -> None:
         """Stop every component (controllers first, etcd last); SIGKILL what ignores SIGTERM."""
         for name in reversed(list(self.procs)):
-            proc = self.procs[name]
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            _terminate(self.procs[name])
         self.procs.clear()
         if self._own_workdir and not os.environ.get("KONTRAST_KEEP_CONTROLPLANE"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def apiserver_down(self):
+        """Stop kube-apiserver for the block, then start it again (etcd keeps the state). Its
+        new watch cache starts at etcd's current revision, so a client resuming a watch from
+        an older resourceVersion gets 410 Gone and must list again: what a real API server's
+        restart does to the operator's watches."""
+        _terminate(self.procs["kube-apiserver"])
+        try:
+            yield
+        finally:
+            self._start_apiserver()
+
+    def etcd_delete(self, key: str) -> int:
+        """Delete ``key`` in etcd, below the API server (its v3 JSON gateway); the number deleted."""
+        body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
+        req = urllib.request.Request(f"{self.etcd_url}/v3/kv/deleterange", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return int(json.load(r).get("deleted", 0))
 
     # ---------------------------------------------------------------- credentials
     def _make_pki(self) -> None:

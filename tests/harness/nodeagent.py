@@ -149,6 +149,7 @@ class NodeAgent:
         self._workers: dict[str, PodWorker] = {}    # uid -> worker of a pod on this node
         self._by_name: dict[tuple, PodWorker] = {}  # (ns, name) -> newest worker with that name
         self._unschedulable: set[str] = set()
+        self._lost: set[str] = set()                # uids of pods whose node "crashed" (lose_pod)
         self._created_paths: list[Path] = []
         self._threads: list[threading.Thread] = []
         self._hosts_names: tuple = ()
@@ -212,6 +213,17 @@ class NodeAgent:
     def kill_pod(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill a pod's processes as a crash would (SIGKILL: the container exits with 137)."""
         self.worker(namespace, name).signal_all(sig)
+
+    def lose_pod(self, namespace: str, name: str) -> None:
+        """As if the pod's node crashed: its processes die, and nothing reports for it again
+        (its status stays as last written, a deletion is never finished), as with a kubelet
+        that stopped. The node controller's part (marking it not Ready, evicting it) is the
+        test's to play."""
+        worker = self.worker(namespace, name)
+        with self._lock:
+            self._lost.add(worker.uid)
+        worker.stop_event.set()
+        worker.signal_all(signal.SIGKILL, leftovers=True)
 
     def pod_dir(self, namespace: str, name: str) -> Path:
         return self.worker(namespace, name).dir
@@ -316,6 +328,8 @@ class NodeAgent:
             return
         uid = obj["metadata"]["uid"]
         with self._lock:
+            if uid in self._lost:
+                return
             if kind == "DELETED":
                 self._pods.pop(uid, None)
                 worker = self._workers.get(uid)
@@ -940,6 +954,8 @@ class PodWorker(threading.Thread):
 
     def _report(self) -> None:
         """Patch the pod's status from the worker's view (conditions merge by type)."""
+        if self.uid in self.agent._lost:
+            return
         running = all("running" in c.state for c in self.containers)
         if self.phase == "Running" and running:
             self._set_cond("ContainersReady", "True")
