@@ -76,7 +76,7 @@ class FirstSeenCodes:
         self._pending, self._pending_values = [], 0
         # Arrow's allocator (mimalloc) keeps the pages a merge's temporaries freed for reuse,
         # which left the builder's RSS at 4.5x a 1M-row CSV with 100 MiB of it live; handing
-        # them back here, a few times per file, took the peak to 3.3x at no measurable cost.
+        # them back here, a few times per file, took the peak to 3.4x at no measurable cost.
         pa.default_memory_pool().release_unused()
 
     def block_codes(self) -> list[np.ndarray]:
