@@ -321,16 +321,15 @@ class MlflowTracker(Reporter):
             self._flush_queued = False
             self._last_flush = time.monotonic()
             taken, self._pending = self._pending, []
-        sent = 0
+        start = 0
         try:
             if taken:
                 self._open()
-            for sent in range(0, len(taken), BATCH_METRICS):
-                self.client.log_batch(self.run["runId"], metrics=taken[sent:sent + BATCH_METRICS])
-            sent = len(taken)
+            for start in range(0, len(taken), BATCH_METRICS):
+                self.client.log_batch(self.run["runId"], metrics=taken[start:start + BATCH_METRICS])
         except Exception:
             with self._lock:
-                self._pending[:0] = taken[sent:]
+                self._pending[:0] = taken[start:]
                 del self._pending[:-MAX_PENDING]
             raise
 
