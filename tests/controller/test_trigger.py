@@ -57,8 +57,8 @@ def test_resyncs_take_a_quarter_of_the_workers_and_an_event_is_served_past_them(
         resyncs = [asyncio.ensure_future(handlers.trigger(memo, "ns", f"resync-{i}", periodic=True))
                    for i in range(40)]
         await until(lambda: len(gate.started) == 2, "two resync passes")
-        await asyncio.sleep(0.2)
-        assert len(gate.started) == 2            # 8 workers // 4: the other 38 resyncs wait
+        # 8 workers // 4: both resync slots are taken, so the other 38 resyncs wait on them
+        assert memo.resync_slots.locked() and len(gate.started) == 2
         event = asyncio.ensure_future(handlers.trigger(memo, "ns", "event"))
         await until(lambda: "event" in gate.started, "the event's pass")
         assert gate.seen[-1] == frozenset({"ServiceAccount"})   # its own children, read when it ran
