@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import threading
+import time
 from urllib.parse import urlsplit
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -19,6 +20,7 @@ class FlakyStore:
     def __init__(self, upstream: str):
         target = urlsplit(upstream)
         self.to_fail, self.failed, self.relayed = 0, 0, 0
+        self.in_flight: dict[int, tuple[str, str, float]] = {}   #: relayed requests not answered yet
         lock = threading.Lock()
         store = self
 
@@ -36,6 +38,7 @@ class FlakyStore:
                 if failing:
                     return self.answer(503, {"Content-Type": "application/xml"}, SLOW_DOWN)
                 upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                store.in_flight[id(self)] = (self.command, self.path, time.monotonic())
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                     upstream_conn.request(self.command, self.path, body=body, headers=headers)
@@ -44,6 +47,7 @@ class FlakyStore:
                     dropped = HOP_BY_HOP | ({"content-length"} if self.command != "HEAD" else set())
                     self.answer(resp.status, {k: v for k, v in resp.getheaders() if k.lower() not in dropped}, data)
                 finally:
+                    store.in_flight.pop(id(self), None)
                     upstream_conn.close()
 
             def answer(self, status: int, headers: dict, body: bytes) -> None:
@@ -65,6 +69,12 @@ class FlakyStore:
         self.httpd.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def describe(self) -> str:
+        """Counts, and the requests waiting on the upstream server (for a stuck run's failure)."""
+        now = time.monotonic()
+        waiting = [f"{method} {path} for {now - since:.0f} s" for method, path, since in list(self.in_flight.values())]
+        return f"proxy: {self.relayed} relayed, {self.failed} failed, waiting on SeaweedFS: {waiting or 'none'}"
 
     def fail(self, n: int) -> None:
         """Answer the next ``n`` requests with 503 SlowDown."""

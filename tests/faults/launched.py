@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 import yaml
 
 from kontrast.api import apply_defaults, validate
+from kontrast.trainer.cli.stack_dumps import descendants, handles, stack_printers
 
 VENV_BIN = Path(sys.executable).parent
 INJECT = Path(__file__).parent / "inject"
@@ -56,6 +58,25 @@ def pids_with(token: str) -> list[int]:
     return found
 
 
+def running_threads(dump: str) -> str:
+    """A stack dump cut to the launcher's line naming each process and the thread that was
+    running in it, each frame as ``file:line in function`` (the CI log shows little of a failure)."""
+    keep, current = [], False
+    for line in dump.splitlines():
+        if "SIGUSR1: the stacks of" in line:
+            keep.append(line.split("kontrast.launch: ", 1)[-1])
+        elif line.startswith("Current thread"):
+            current = True
+        elif line.startswith("Thread 0x") or not line.strip():
+            current = False
+        elif current and line.strip().startswith("File "):
+            m = re.match(r'\s*File "(.*)", line (\d+) in (.*)', line)
+            keep.append(f"  {'/'.join(m.group(1).rsplit('/', 2)[-2:])}:{m.group(2)} in {m.group(3)}" if m else line)
+            # a DataLoader worker's frames below here are its parent's at the fork
+            current = not line.rstrip().endswith("in _bootstrap") or "multiprocessing/process.py" not in line
+    return "\n".join(keep)
+
+
 def temp_files(*folders: Path) -> list[Path]:
     return [p for folder in folders if folder.exists() for p in folder.rglob("*") if ".tmp" in p.name]
 
@@ -75,6 +96,8 @@ class Launched:
 
     def __init__(self, job: "Job", nproc: int, env: dict[str, str], prefix: Sequence[str] = ()):
         self.job, self.token = job, uuid.uuid4().hex
+        #: What else a stuck run's failure shows (a server's log, a proxy's requests in flight).
+        self.diagnostics: list[Callable[[], str]] = []
         self.log = job.folder / f"launch-{self.token[:8]}.log"
         full = {**os.environ, **env, TOKEN_ENV: self.token, "OMP_NUM_THREADS": "1",
                 "PET_NPROC_PER_NODE": str(nproc), "KONTRAST_TERMINATION_LOG": str(job.termination_log),
@@ -99,9 +122,32 @@ class Launched:
             if self.proc.poll() is not None:
                 pytest.fail(f"the run ended (exit {self.proc.returncode}) before {what}:\n{self.output()[-4000:]}")
             if time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"no {what} within {timeout} s:\n{self.output()[-4000:]}")
+                self.fail_stuck(f"no {what} within {timeout} s")
             time.sleep(0.1)
+
+    def fail_stuck(self, why: str) -> None:
+        """Fail with the log's end, the diagnostics and where each trainer process is (the
+        threads that were running when SIGUSR1 came), then kill the run."""
+        log = self.output()
+        stacks = running_threads(self.stacks())
+        self.kill()
+        more = "".join(f"\n--- {describe()}" for describe in self.diagnostics)
+        pytest.fail(f"{why}:\n{log[-3000:]}{more}\n--- stacks (SIGUSR1; the running thread of each process) ---\n"
+                    f"{stacks[-9000:]}")
+
+    def stacks(self, timeout: float = 30) -> str:
+        """What a user sees after ``kill -USR1`` to the pod's command: every thread's stack of
+        each trainer process and DataLoader worker, in the log (the run goes on)."""
+        launcher = next((p for p in [self.proc.pid, *descendants(self.proc.pid)] if handles(p, signal.SIGUSR1)), None)
+        if launcher is None:
+            return "no kontrast launch process to signal"
+        printers = stack_printers(launcher)
+        start = len(self.output())
+        os.kill(launcher, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while self.output()[start:].count("Current thread 0x") < len(printers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return f"{len(printers)} processes: {printers}\n{self.output()[start:]}"
 
     def paused(self, point: str) -> Callable[[], bool]:
         return lambda: (self.job.fault_dir / f"paused-{point}").exists()
@@ -138,8 +184,7 @@ class Launched:
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"the run did not end within {timeout} s (a hang):\n{self.output()[-6000:]}")
+            self.fail_stuck(f"the run did not end within {timeout} s (a hang)")
         return self.proc.returncode
 
     def leftovers(self, grace: float = 30) -> list[int]:

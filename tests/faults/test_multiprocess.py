@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from faults.launched import events, steps
+from faults.launched import events, running_threads, steps
 
 pytestmark = [pytest.mark.faults, pytest.mark.distributed]
 
@@ -50,3 +50,24 @@ def test_sigterm_mid_step_with_dataloader_workers_saves_that_step_and_resumes(pr
     assert starts[-1]["startStep"] == 5
     assert steps(job.out) == list(range(1, 17))       # every step once, none lost
     assert again.leftovers() == [] and job.temp_files() == []
+
+
+def test_sigusr1_prints_where_every_process_is_and_the_run_goes_on(production_job):
+    """A run that seems stuck (here rank 0 held mid-step, rank 1 waiting for it): SIGUSR1 to
+    the pod's command prints every thread's stack of both trainers and their four DataLoader
+    workers, one process after another, each named, and nothing stops."""
+    job = production_job()
+    run = job.launch(pause_step=5)
+    run.wait_for(run.paused("step"), "rank 0 paused at step 5")
+    dump = run.stacks()
+    assert dump.count("Current thread 0x") == 6, dump            # 2 trainers + 2 x 2 workers
+    assert "_pause" in dump and dump.count("_worker_loop") >= 4, dump
+    named = sorted(line.split("(", 1)[1].split(")")[0] for line in dump.splitlines() if "SIGUSR1: the stacks of" in line)
+    assert named == ["a DataLoader worker of rank 0"] * 2 + ["a DataLoader worker of rank 1"] * 2 + ["rank 0", "rank 1"], dump
+    running = running_threads(dump)     # what a stuck test's failure shows
+    assert running.count("SIGUSR1: the stacks of") == 6 and "inject/sitecustomize.py" in running, running
+    assert "run/epoch.py" in running and "_worker_loop" in running, running
+    run.release()
+    assert run.finish(timeout=180) == 0, run.output()[-4000:]
+    assert steps(job.out) == list(range(1, 17))
+    assert run.leftovers() == [] and job.temp_files() == []

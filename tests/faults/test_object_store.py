@@ -17,6 +17,7 @@ def test_an_object_store_returning_503_for_a_while(production_job, s3):
         out = s3.url("runs/flaky")
         job = production_job(output=out)
         run = job.launch(env={"AWS_ENDPOINT_URL": store.endpoint})
+        run.diagnostics += [store.describe, lambda: s3.server.log_tail()]
         run.wait_for(lambda: s3.fs.exists(f"{s3.bucket}/runs/flaky/checkpoints/step_3.pt"), "step_3.pt in the bucket")
         store.fail(4)             # the next requests (step_6.pt's upload, a listing, ...) get 503
         assert run.finish() == 0, run.output()[-4000:]

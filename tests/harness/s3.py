@@ -97,8 +97,11 @@ class S3Server:
             except Exception as exc:  # noqa: BLE001 - not up yet
                 last = exc
                 time.sleep(0.5)
-        tail = (self.workdir / "weed.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"SeaweedFS S3 gateway not ready after {timeout}s (last: {last!r}); log:\n{tail}")
+        raise RuntimeError(f"SeaweedFS S3 gateway not ready after {timeout}s (last: {last!r}); {self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of SeaweedFS's log (for a failure that may be the server's)."""
+        return "SeaweedFS log:\n" + (self.workdir / "weed.log").read_text(errors="replace")[-chars:]
 
     def env(self) -> dict[str, str]:
         """What a storageSecretRef Secret would put into a training pod's environment."""

@@ -27,7 +27,8 @@ report/      progress reporters (reporters: terminal, progress.jsonl), the Train
 ship/        the exported model (export) and its card (model_card), the HTML report
              (report_page) and its gallery, a run's files read back (run_files)
 cli/         ``kontrast train`` (train), ``kontrast evaluate`` (evaluate), ``kontrast launch``
-             (launch), exit codes and the termination log (exits)
+             (launch), exit codes and the termination log (exits), SIGUSR1's stack dumps of
+             a run that seems stuck (stack_dumps)
 
 Shared by all: spec (a TrainJob resolved), params (typed parameters), layout (the output and
 cache folders), storage (local / PVC / object-store writes), locations, distributed

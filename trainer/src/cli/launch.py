@@ -29,6 +29,9 @@ terminationGracePeriodSeconds is the one limit on the save.
 
 Outside a pod (no PET_* variables) it trains on one node with torchrun's standalone
 rendezvous, which is handy to try the pod command locally.
+
+A run that seems stuck: ``kill -USR1`` this process and every training process and DataLoader
+worker prints its threads' stacks to the log (``stack_dumps.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from typing import Optional, Sequence
 from kontrast.contract import EXIT_PERMANENT, TERMINATION_LOG, TERMINATION_LOG_ENV
 
 from .exits import EXIT_INTERRUPTED, write_termination_log
+from .stack_dumps import forward_sigusr1_to_stack_printers
 
 log = logging.getLogger("kontrast.launch")
 
@@ -90,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("trainer_args", nargs=argparse.REMAINDER, help="passed on to the trainer")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    forward_sigusr1_to_stack_printers()
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

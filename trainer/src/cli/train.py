@@ -22,6 +22,7 @@ from ..errors import SpecError
 from ..locations import has_scheme
 from ..spec import GENERATE_EXAMPLE_DATA, Resolved, load_resolved
 from .exits import run_permanent
+from .stack_dumps import print_stacks_on_sigusr1
 
 log = logging.getLogger("kontrast.trainer")
 
@@ -115,6 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else
                f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kontrast").setLevel(level if rank == 0 else logging.WARNING)
+    print_stacks_on_sigusr1()
 
     def go() -> int:
         resolved = load_resolved(args.file, args.output)
