@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import subprocess
 import time
@@ -55,6 +56,27 @@ def ensure_namespace(control_plane, name: str) -> None:
             raise
 
 
+def _logging_state() -> tuple[int, list, bool]:
+    """``kopf run --verbose`` sets the root logger to DEBUG with a stderr handler of its own and
+    silences asyncio, which would leave every later test of the session formatting every
+    library's debug records: what to put back (the root's level, asyncio's logger)."""
+    asyncio_logger = logging.getLogger("asyncio")
+    return logging.getLogger().level, list(asyncio_logger.handlers), asyncio_logger.propagate
+
+
+def _restore_logging(state: tuple[int, list, bool]) -> None:
+    """Put back what ``_logging_state`` saved and take kopf's handler off the root (pytest's
+    capture handlers, added and removed around each test phase, stay as they are)."""
+    level, asyncio_handlers, asyncio_propagate = state
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if type(h).__module__.startswith("kopf.")]:
+        root.removeHandler(handler)
+    asyncio_logger = logging.getLogger("asyncio")
+    asyncio_logger.handlers[:] = asyncio_handlers
+    asyncio_logger.propagate = asyncio_propagate
+
+
 class Operator:
     """The operator in this process (kopf's KopfRunner), authenticated as the chart's
     ServiceAccount. stop()/start() simulate an operator restart."""
@@ -87,12 +109,13 @@ class Operator:
         for k, v in self._env().items():
             self._saved_env.setdefault(k, os.environ.get(k))
             os.environ[k] = v
+        self._logging = _logging_state()
         self.runner = KopfRunner(["run", "--standalone", "--all-namespaces", "--verbose",
                                   "-m", "kontrast.operator.handlers"], timeout=60)
         self.runner.__enter__()
-        # The startup handler serves the metrics last; the watches start right after.
+        # The startup handler serves the metrics last. The watches start after it, each with
+        # a list, so what a test creates or changes before they start is seen all the same.
         wait_for(self._serving, 60, "the operator to start")
-        time.sleep(1.0)
         return self
 
     def stop(self) -> None:
@@ -102,6 +125,7 @@ class Operator:
         try:
             runner.__exit__(None, None, None)
         finally:
+            _restore_logging(self._logging)
             try:
                 self.outputs.append(runner.output)
             except Exception:  # no result when it crashed

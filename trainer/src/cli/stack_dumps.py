@@ -15,6 +15,7 @@ import faulthandler
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -25,7 +26,10 @@ STAGGER_S = 0.5
 
 
 def print_stacks_on_sigusr1() -> None:
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    """To the process's own stderr (file descriptor 2, the pod's log), whatever ``sys.stderr``
+    has been replaced with (``kontrast train`` called in-process by a test or a notebook)."""
+    if sys.__stderr__ is not None:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
 
 def descendants(pid: int) -> list[int]:
