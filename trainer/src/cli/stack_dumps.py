@@ -82,6 +82,8 @@ def describe(pid: int, printers: list[int]) -> str:
 
 def print_stacks_below(pid: int) -> None:
     printers = stack_printers(pid)
+    if not printers:   # before the trainers start, after they end, or no /proc/PID/task/TID/children
+        log.warning("SIGUSR1: no training process below this one to print its stacks")
     for i, child in enumerate(printers):
         if i:
             time.sleep(STAGGER_S)
