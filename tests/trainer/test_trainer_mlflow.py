@@ -162,6 +162,17 @@ def test_a_local_run_logs_params_batched_steps_evaluations_and_artifacts(run_tra
     assert "registeredModel" not in run.data.params and "modelVersion" not in summary["outputs"]["mlflow"]
 
 
+def test_mined_hard_negatives_are_logged_as_metrics(run_training, base_spec, mlflow):
+    summary, _ = run_training({**base_spec, "epochs": 1, "hardNegatives": {"perQuery": 2}, "tracking": mlflow.spec()})
+    counts = summary["hardNegatives"]
+    assert counts["mined"] > 0
+    client = mlflow.server.client()
+    run_id = summary["outputs"]["mlflow"]["runId"]
+    for key in ("mined", "dropped", "queries"):
+        logged = history(client, run_id, f"hardNegatives/{key}")
+        assert logged == [(counts["epoch"], float(counts[key]))], key
+
+
 def test_a_resumed_run_continues_the_same_mlflow_run(run_training, base_spec, mlflow):
     spec = {**base_spec, "epochs": 3, "tracking": mlflow.spec()}
     stopped, resolved = run_training(spec, max_epochs=1)

@@ -11,6 +11,8 @@ One TrainJob is one MLflow run however often it is preempted: the run's id is wr
   every ``FLUSH_SECONDS`` and at each checkpoint and evaluation, never one per step;
 * each evaluation's metrics as ``eval/*`` with the epoch as step (``ndcg@10`` is logged as
   ``ndcg_at_10``: MLflow's metric names allow no ``@``);
+* each mining of hard negatives as ``hardNegatives/mined``, ``/dropped`` and ``/queries``, with
+  the epoch it serves as step;
 * at the end, with ``registeredModel``, the exported model folder as the artifact folder
   ``model`` (open_clip's ``local-dir:`` layout), registered as a new model version tagged with
   the TrainJob and the data it learned from; then summary.json, report.html, plots/ and the
@@ -231,6 +233,18 @@ class MlflowTracker(Reporter):
         with self._lock:
             self._pending.extend(Metric(f"eval/{metric_key(k)}", v, now, epoch)
                                  for k, v in eval_scalars(event).items())
+        self._queue_flush()
+
+    def on_mined(self, counts):
+        """``hardNegatives/mined``, ``/dropped`` and ``/queries`` at the epoch the mining serves."""
+        if self._thread is None:
+            return
+        from mlflow.entities import Metric
+
+        now, epoch = int(time.time() * 1000), int(counts.get("epoch") or 0)
+        with self._lock:
+            self._pending.extend(Metric(f"hardNegatives/{k}", float(counts[k]), now, epoch)
+                                 for k in ("mined", "dropped", "queries") if isinstance(counts.get(k), (int, float)))
         self._queue_flush()
 
     def on_end(self, summary):
