@@ -225,26 +225,23 @@ class MlflowTracker(Reporter):
         self._queue_flush()
 
     def on_eval(self, event):
-        if self._thread is None:
-            return
-        from mlflow.entities import Metric
-
-        now, epoch = int(time.time() * 1000), int(event.get("epoch") or 0)
-        with self._lock:
-            self._pending.extend(Metric(f"eval/{metric_key(k)}", v, now, epoch)
-                                 for k, v in eval_scalars(event).items())
-        self._queue_flush()
+        self._log_now({f"eval/{metric_key(k)}": v for k, v in eval_scalars(event).items()},
+                      int(event.get("epoch") or 0))
 
     def on_mined(self, counts):
         """``hardNegatives/mined``, ``/dropped`` and ``/queries`` at the epoch the mining serves."""
+        self._log_now({f"hardNegatives/{k}": float(counts[k]) for k in ("mined", "dropped", "queries")
+                       if isinstance(counts.get(k), (int, float))}, int(counts.get("epoch") or 0))
+
+    def _log_now(self, values: Mapping[str, float], step: int) -> None:
+        """Metrics of an event (an evaluation, a mining), sent at once rather than with the steps'."""
         if self._thread is None:
             return
         from mlflow.entities import Metric
 
-        now, epoch = int(time.time() * 1000), int(counts.get("epoch") or 0)
+        now = int(time.time() * 1000)
         with self._lock:
-            self._pending.extend(Metric(f"hardNegatives/{k}", float(counts[k]), now, epoch)
-                                 for k in ("mined", "dropped", "queries") if isinstance(counts.get(k), (int, float)))
+            self._pending.extend(Metric(k, v, now, step) for k, v in values.items())
         self._queue_flush()
 
     def on_end(self, summary):
