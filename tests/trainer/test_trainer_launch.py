@@ -170,3 +170,29 @@ def test_check_under_torchrun_applies_the_bad_fraction_to_the_whole_file(tmp_pat
     assert proc.returncode == EXIT_PERMANENT, proc.stdout[-3000:] + proc.stderr[-3000:]
     message = (tmp_path / "termination-log").read_text()
     assert "3 of " in message and "data.maxBadFraction (5.00%)" in message, message
+
+
+def test_sigusr1_reaches_the_processes_that_print_stacks_and_says_so_when_there_are_none(caplog):
+    """``kontrast launch``'s SIGUSR1 forwarding (cli/stack_dumps.py) without torchrun: a child
+    with the trainer's handler prints its stacks, named by its RANK; with none, the log says so."""
+    from kontrast.trainer.cli.stack_dumps import print_stacks_below
+
+    caplog.set_level("WARNING", logger="kontrast.launch")
+    print_stacks_below(os.getpid())
+    assert "SIGUSR1: no training process below this one to print its stacks" in caplog.text
+
+    code = ("import sys; from kontrast.trainer.cli.stack_dumps import print_stacks_on_sigusr1; "
+            "print_stacks_on_sigusr1(); print('ready', flush=True); sys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "RANK": "3"})
+    try:
+        assert child.stdout.readline() == "ready\n"        # the handler is registered
+        caplog.clear()
+        print_stacks_below(os.getpid())
+        assert f"SIGUSR1: the stacks of process {child.pid} (rank 3), 1 of 1" in caplog.text
+        child.stdin.close()                                  # the child reads to the end, then exits
+        assert child.wait(timeout=60) == 0                   # SIGUSR1 did not end it
+        assert "Current thread 0x" in child.stderr.read()
+    finally:
+        if child.poll() is None:
+            child.kill()

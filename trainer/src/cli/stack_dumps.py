@@ -62,9 +62,19 @@ def handles(pid: int, signum: int) -> bool:
     return bool(caught & (1 << (signum - 1)))
 
 
+def runs_the_trainer(pid: int) -> bool:
+    """A trainer (``-m kontrast.trainer``) or a DataLoader worker it forked (same command line)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"kontrast.trainer" in f.read()
+    except OSError:
+        return False
+
+
 def stack_printers(pid: int) -> list[int]:
-    """The processes below ``pid`` that print their stacks on SIGUSR1."""
-    return [p for p in descendants(pid) if handles(p, signal.SIGUSR1)]
+    """The trainer processes below ``pid`` that print their stacks on SIGUSR1 (not any other
+    program with a SIGUSR1 handler: a Go binary's runtime has one, and gunicorn reopens its logs)."""
+    return [p for p in descendants(pid) if runs_the_trainer(p) and handles(p, signal.SIGUSR1)]
 
 
 def describe(pid: int, printers: list[int]) -> str:
