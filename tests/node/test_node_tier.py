@@ -55,7 +55,12 @@ def test_example_trains_on_two_pods_as_real_containers(data):
     # The rendezvous name resolves through cluster DNS (CoreDNS, the headless Service) to rank 0's pod IP.
     env = {e["name"]: e.get("value") for e in pods[1]["spec"]["containers"][0]["env"]}
     master = env["PET_MASTER_ADDR"]
-    resolved = c.exec(names[1], "python3", "-c", f"import socket; print(socket.gethostbyname({master!r}))").strip()
+    # The record exists once the EndpointSlice controller and then CoreDNS have seen rank 0's IP, which
+    # on a busy node can be seconds after Running (CI once saw EAI_AGAIN there); torchrun's c10d client
+    # retries the lookup meanwhile, so the test waits for it too.
+    lookup = f"import socket; print(socket.gethostbyname({master!r}))"
+    resolved = wait_for(lambda: c.exec(names[1], "python3", "-c", lookup).strip(), 120,
+                        f"{master} to resolve in pod {names[1]}", interval=1)
     assert resolved == ips[0], (master, resolved, ips)
 
     # `kubectl logs` (API server -> kubelet -> containerd's log files) shows progress lines.
