@@ -6,9 +6,10 @@ by module name (pytest's importlib mode makes test modules unimportable by name)
 
 from __future__ import annotations
 
+import faulthandler
 import math
 import os
-import socket
+import sys
 import tempfile
 
 import torch
@@ -45,16 +46,11 @@ def tiny_resnet_clip(seed: int = 0):
                           text_cfg=dict(TINY_VIT["text_cfg"]), output_dict=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
+    faulthandler.enable(all_threads=True)    # a native crash prints where each thread was
     from kontrast.trainer.distributed import init_from_env, shutdown
 
     world = init_from_env(device="cpu")
@@ -63,12 +59,23 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         shutdown()
+    # The result is saved; skip finalizing the interpreter, where the gloo group that DDP keeps
+    # alive past its destruction can abort the process (test_group_teardown.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_workers(fn, world_size: int = 2, *args):
-    """Run ``fn(world, *args)`` on ``world_size`` gloo processes; return each rank's result."""
+    """Run ``fn(world, *args)`` on ``world_size`` gloo processes; return each rank's result.
+
+    This process hosts the ranks' store, as torchrun's agent does, on a port it binds itself
+    (no free port picked, released and raced for)."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_entry, args=(fn, world_size, free_port(), d, args), nprocs=world_size, join=True)
+        mp.spawn(_entry, args=(fn, world_size, store.port, d, args), nprocs=world_size, join=True)
         return [torch.load(os.path.join(d, f"{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
