@@ -13,7 +13,8 @@ its own mount and UTS namespace (`unshare`, needs root), with:
   per claim under the agent's root, so it outlives pods as a real volume does);
 - a per-pod /etc/hosts in which every pod's `<hostname>.<subdomain>` and every Service name
   resolves to 127.0.0.1, as cluster DNS would (all pods share the loopback network: two pods
-  cannot listen on the same port);
+  cannot listen on the same port, so the pods of each Job get a rendezvous port of their own
+  in PET_MASTER_PORT, see `NodeAgent.rendezvous_port`);
 - a per-container termination-message file, copied into the terminated state.
 
 Images are mapped to local runtimes by `images` (longest substring match), a table tests may
@@ -43,6 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.controlplane import free_port
 from harness.kube import ApiError, Kube
 
 log = logging.getLogger("kontrast.test.nodeagent")
@@ -153,6 +155,22 @@ class NodeAgent:
         self._created_paths: list[Path] = []
         self._threads: list[threading.Thread] = []
         self._hosts_names: tuple = ()
+        self._rendezvous_ports: dict[str, str] = {}  # Job uid -> its pods' PET_MASTER_PORT
+
+    def rendezvous_port(self, pod: dict) -> str | None:
+        """The PET_MASTER_PORT of the pods of one Job (their controller), None for a pod without one.
+
+        In a cluster each pod has its own network namespace, so every TrainJob's workers listen on
+        the operator's one port. Here they share the loopback: a preempted job whose torchrun still
+        held the port made the next job's agents join its store, read its keys and wait forever
+        (CI saw it in the Kueue preemption test). So each Job gets its own, as its own pod IPs would."""
+        owner = next((o["uid"] for o in pod["metadata"].get("ownerReferences") or [] if o.get("controller")), None)
+        if owner is None:
+            return None
+        with self._lock:
+            if owner not in self._rendezvous_ports:
+                self._rendezvous_ports[owner] = str(free_port())
+            return self._rendezvous_ports[owner]
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "NodeAgent":
@@ -831,6 +849,8 @@ class PodWorker(threading.Thread):
                 env[name] = str(value if value is not None else 0)
             else:
                 raise NotReady("CreateContainerConfigError", f"unsupported valueFrom for {name}")
+        if "PET_MASTER_PORT" in env and (port := self.agent.rendezvous_port(self.pod)) is not None:
+            env["PET_MASTER_PORT"] = port
         return env
 
     # --------------------------------------------------------------- volumes

@@ -136,6 +136,29 @@ def test_pods_reach_each_other_by_headless_service_names(control_plane, node_age
         "reply: hello talk-1 from talk-0, you are at 127.0.0.1"
 
 
+def test_the_pods_of_each_job_get_a_rendezvous_port_of_their_own(control_plane, node_agent, namespace):
+    """Every TrainJob's workers rendezvous on the operator's one PET_MASTER_PORT, which in a
+    cluster is each pod's own; here all pods share the loopback, so the agent gives each Job's
+    pods one of their own (a preempted job's torchrun still holding the port once took in the
+    next job's agents)."""
+    kube = control_plane.kube()
+    ns = namespace
+    env = [{"name": "PET_MASTER_PORT", "value": "29500"}]
+    show = py("import os; print(os.environ['PET_MASTER_PORT'])")
+    for name in ("one", "two"):
+        kube.post(f"/api/v1/namespaces/{ns}/services", headless_service(f"{name}-workers", {"app": name}))
+        kube.post(f"/apis/batch/v1/namespaces/{ns}/jobs", indexed_job(name, f"{name}-workers", show, env=env))
+    kube.post(f"/api/v1/namespaces/{ns}/pods", pod_manifest("alone", show, container={"env": env}))
+    ports = {}
+    for name in ("one", "two"):
+        wait_job_complete(kube, ns, name)
+        ports[name] = {node_agent.log(ns, p["metadata"]["name"]).strip() for p in job_pods(kube, ns, name)}
+    assert len(ports["one"]) == len(ports["two"]) == 1 and ports["one"] != ports["two"], ports
+    assert "29500" not in ports["one"] | ports["two"], ports
+    wait_phase(kube, ns, "alone", ("Succeeded",))
+    assert node_agent.log(ns, "alone").strip() == "29500"  # no Job, no other job to meet
+
+
 def test_pod_gets_env_volumes_and_workdir_like_a_kubelet_gives(control_plane, node_agent, namespace):
     kube = control_plane.kube()
     ns = namespace
