@@ -9,7 +9,6 @@ from __future__ import annotations
 import faulthandler
 import math
 import os
-import sys
 import tempfile
 
 import torch
@@ -59,11 +58,6 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         shutdown()
-    # The result is saved; skip finalizing the interpreter, where the gloo group that DDP keeps
-    # alive past its destruction can abort the process (test_group_teardown.py).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def run_workers(fn, world_size: int = 2, *args):

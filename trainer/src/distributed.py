@@ -15,6 +15,12 @@ from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, and not by DistributedDataParallel's first use: its
+# ten functions take ``group=group.WORLD`` as a default, evaluated when the module is imported,
+# and so hold the group imported under. Held, the group outlives ``destroy_process_group`` with
+# its gloo threads, and a thread releasing its last work while the interpreter finalizes aborts
+# the finished rank (SIGABRT, a failure to torchrun; tests/scale/test_group_teardown.py).
+import torch.distributed.nn.functional  # noqa: F401, E402
 
 __all__ = ["World", "init_from_env", "wrap_ddp", "unwrap", "world_and_rank", "all_gather", "all_gather_objects",
            "gather_with_grad", "sum_over_ranks", "all_reduce_mean", "all_reduce_min", "all_reduce_max",
