@@ -163,7 +163,8 @@ class NodeAgent:
         In a cluster each pod has its own network namespace, so every TrainJob's workers listen on
         the operator's one port. Here they share the loopback: a preempted job whose torchrun still
         held the port made the next job's agents join its store, read its keys and wait forever
-        (CI saw it in the Kueue preemption test). So each Job gets its own, as its own pod IPs would."""
+        (a full suite saw it in the Kueue preemption test). So each Job gets its own, as its own pod
+        IPs would."""
         owner = next((o["uid"] for o in pod["metadata"].get("ownerReferences") or [] if o.get("controller")), None)
         if owner is None:
             return None

@@ -20,7 +20,7 @@ import torch.distributed as dist
 # and so hold the group imported under. Held, the group outlives ``destroy_process_group`` with
 # its gloo threads, and a thread releasing its last work while the interpreter finalizes aborts
 # the finished rank (SIGABRT, a failure to torchrun; tests/scale/test_group_teardown.py).
-import torch.distributed.nn.functional  # noqa: F401, E402
+import torch.distributed.nn.functional  # noqa: F401
 
 __all__ = ["World", "init_from_env", "wrap_ddp", "unwrap", "world_and_rank", "all_gather", "all_gather_objects",
            "gather_with_grad", "sum_over_ranks", "all_reduce_mean", "all_reduce_min", "all_reduce_max",
