@@ -9,7 +9,9 @@ over the whole file gives, so the ids are those of checking the file whole.
 
 The builder's memory is then a block's temporaries, the per-row numbers (about 30 bytes a
 row) and each identity column's distinct values: a catalogue whose queries repeat holds
-little; one where every row is a new query holds that column's text about twice over.
+little; one where every row is a new query holds that column's text once, and while merging
+a few times a quarter of it. What the allocators keep of the temporaries is the builder
+process's part (``shared_table.BUILDER_POOL``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pyarrow.compute as pc
 from ..errors import DataError, DataProblem
 from ..locations import parent_location
 from . import arrow
-from .check import Problems, check_header, codes, parse_weights, resolve_images, side_weights, text_column
+from .check import Problems, check_header, parse_weights, resolve_images, side_weights, text_column
 from .columns import Columns
 
 
@@ -32,26 +34,24 @@ class FirstSeenCodes:
     int32 per row and the distinct values once.
 
     Each block is dictionary-encoded on its own (Arrow's hash table) and its local codes kept.
-    Once the pending blocks' dictionaries hold as many values as those already numbered, they
-    are numbered together with them in one pass and the pending blocks' codes made global: a
-    value first seen in block k is new in block k's dictionary, after everything from the
-    blocks before it, so the order is a single pass's. The doubling bounds the work (each
-    value is hashed a few times) and the memory (twice the distinct values at most).
+    Every so often the pending blocks' dictionaries are numbered among themselves, looked up
+    among the values already numbered (``index_in`` hashes the pending values only and scans
+    the known ones), and the values not found numbered next, in the pending order: a value
+    first seen in block k comes after everything from the blocks before it, so the order is a
+    single pass's. Only the pending values are ever hashed together, so a merge's temporaries
+    are a few times the pending text, not the column's; merging once the pending values reach
+    a quarter of the known ones keeps the scans linear in the values overall.
     """
 
     #: Blocks wait for a merge until their dictionaries hold this many values at least.
     MIN_MERGE = 1 << 16
 
     def __init__(self):
-        self._known: Optional[pa.Array] = None          #: the distinct values numbered so far, in order
+        self._known: list[pa.Array] = []                #: the distinct values numbered so far, in order
+        self.count = 0                                  #: how many distinct values (after ``block_codes``)
         self._pending: list[tuple[pa.Array, int]] = []  #: (dictionary, block) not yet numbered
         self._pending_values = 0
         self._blocks: list[np.ndarray] = []             #: int32 codes per block (local while pending)
-
-    @property
-    def count(self) -> int:
-        """How many distinct values there are (after ``block_codes``)."""
-        return len(self._known) if self._known is not None else 0
 
     def add(self, values: pa.Array) -> None:
         self.add_encoded(pc.dictionary_encode(values))
@@ -61,45 +61,52 @@ class FirstSeenCodes:
         self._blocks.append(arrow.to_numpy(encoded.indices).astype(np.int32))
         self._pending.append((encoded.dictionary, len(self._blocks) - 1))
         self._pending_values += len(encoded.dictionary)
-        if self._pending_values >= max(self.count, self.MIN_MERGE):
+        if self._pending_values >= max(self.count // 4, self.MIN_MERGE):
             self._merge()
 
     def _merge(self) -> None:
         parts = [d for d, _ in self._pending]
-        merged = pc.dictionary_encode(pa.chunked_array(([self._known] if self._known is not None else []) + parts,
-                                                       type=parts[0].type))
-        chunks = merged.chunks[1:] if self._known is not None else merged.chunks
-        for (_, block), chunk in zip(self._pending, chunks):
-            global_of = arrow.to_numpy(chunk.indices).astype(np.int32)
-            self._blocks[block] = global_of[self._blocks[block]]
-        self._known = merged.chunks[0].dictionary if merged.num_chunks else self._known
+        pending = pc.dictionary_encode(pa.chunked_array(parts, type=parts[0].type))
+        values = pending.chunks[0].dictionary
+        code = np.full(len(values), -1, dtype=np.int32)
+        if self._known:
+            # each known value's place among the pending values (the pending hashed once)
+            at = pc.index_in(pa.chunked_array(self._known), value_set=values).combine_chunks()
+            found = at.is_valid()
+            code[arrow.to_numpy(at.filter(found))] = np.flatnonzero(arrow.to_numpy(found))
+        new = code < 0
+        added = int(new.sum())
+        code[new] = np.arange(self.count, self.count + added, dtype=np.int32)
+        if added:
+            self._known.append(values.filter(arrow.array(new)))
+        self.count += added
+        for (_, block), chunk in zip(self._pending, pending.chunks):
+            self._blocks[block] = code[arrow.to_numpy(chunk.indices)][self._blocks[block]]
         self._pending, self._pending_values = [], 0
-        # Arrow's allocator (mimalloc) keeps the pages a merge's temporaries freed for reuse,
-        # which left the builder's RSS at 4.5x a 1M-row CSV with 100 MiB of it live; handing
-        # them back here, a few times per file, took the peak to 3.4x at no measurable cost.
-        pa.default_memory_pool().release_unused()
 
     def block_codes(self) -> list[np.ndarray]:
-        """Every block's codes (int32), numbered over all blocks."""
+        """Every block's codes (int32), numbered over all blocks, once all blocks are in: the
+        distinct values themselves are let go (only ``count`` is needed after)."""
         if self._pending:
             self._merge()
+        self._known = []
         return self._blocks
 
 
 def combined_block_codes(columns: list[FirstSeenCodes], rows: int) -> np.ndarray:
     """int64 ids equal exactly for rows whose values are equal in every column, numbered by
     first appearance (``check.dense_ids``): each further column's codes are paired with the
-    ids so far, and the pairs numbered as values of their own, in one pass over every block's
-    pairs (16 to 24 bytes a row for a moment: numbering them a block at a time and merging, as the
-    texts are, took three times as long)."""
+    ids so far, a block at a time, and the pairs numbered as values of their own, as the texts
+    are (one hash table over every row's pairs took 30 MiB at 1M rows, the builder's peak)."""
     if not columns:
         return np.zeros(rows, dtype=np.int64)
-    ids = np.concatenate(columns[0].block_codes()).astype(np.int64)
+    ids = columns[0]
     for column in columns[1:]:
-        ends = np.cumsum([len(b) for b in column.block_codes()])[:-1]
-        pairs = [arrow.array(a * column.count + b) for a, b in zip(np.split(ids, ends), column.block_codes())]
-        ids = codes(pa.chunked_array(pairs, type=pa.int64()))      # < rows * rows: fits in int64
-    return ids
+        pairs = FirstSeenCodes()
+        for a, b in zip(ids.block_codes(), column.block_codes()):
+            pairs.add(arrow.array(a.astype(np.int64) * column.count + b))   # < rows * rows: fits in int64
+        ids = pairs
+    return np.concatenate(ids.block_codes(), dtype=np.int64)
 
 
 class TableBuilder:
