@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +46,14 @@ TABLE_FORMAT = 3
 TEXTS_SUFFIX, KNOWN_SUFFIX = ".texts", ".known"
 #: Data files above this size are checked in a child process (see shared_table_file).
 IN_PROCESS_MAX_BYTES = 1 << 20
+#: The builder process's allocators. Arrow's buffers go through glibc's malloc rather than
+#: Arrow's default mimalloc, and glibc hands every freed block over 128 KiB back to the system
+#: at once (a fixed mmap threshold; its default threshold grows and keeps freed blocks in
+#: the heap). Each block's temporaries are then given back before the next block is read, and
+#: what the builder keeps grows with the data only: at 1M rows its peak went from 264 to 174
+#: MiB (BENCHMARKS.md), for 0.6 s more (page faults on the memory it takes again).
+BUILDER_POOL = "system"
+BUILDER_MMAP_THRESHOLD = 128 << 10
 
 
 def source_stamp(location: str) -> dict[str, Any]:
@@ -96,11 +104,14 @@ def shared_table_file(location: str, cols: Columns, cache: str, *, require_posit
     def build(target: Path) -> None:
         started = time.monotonic()
         size = int(source_stamp(location).get("size") or 0)
+        where = "here"
         if size > IN_PROCESS_MAX_BYTES and not build_here:
-            _build_in_child(location, cols, target, require_positive_weight)
+            built = _build_in_child(location, cols, target, require_positive_weight)
+            where = f"in a builder process that peaked at {built['peak_rss_mib']} MiB"
         else:
             build_table_file(location, cols, target, require_positive_weight)
-        log.info("%s: checked and wrote the node's table file in %.1f s", location, time.monotonic() - started)
+        log.info("%s: checked and wrote the node's table file in %.1f s, %s", location, time.monotonic() - started,
+                 where)
 
     return once_per_node(target, build)
 
@@ -163,15 +174,24 @@ def texts_file(table_file: str | Path) -> Path:
     return Path(f"{table_file}{TEXTS_SUFFIX}")
 
 
-def _build_in_child(location: str, cols: Columns, target: Path, require_positive_weight: bool) -> None:
+def builder_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The builder process's environment: ``environ`` with its allocators set (see
+    ``BUILDER_POOL``); tunables the user gave glibc are kept, ours added after them."""
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    return {**environ, "ARROW_DEFAULT_MEMORY_POOL": BUILDER_POOL,
+            "GLIBC_TUNABLES": ":".join([*tunables, f"glibc.malloc.mmap_threshold={BUILDER_MMAP_THRESHOLD}"])}
+
+
+def _build_in_child(location: str, cols: Columns, target: Path, require_positive_weight: bool) -> dict[str, Any]:
+    """Build the table files in a child process; what it reports (``_child_main``)."""
     import subprocess
 
     request = json.dumps({"location": location, "columns": cols.__dict__, "target": str(target),
                           "positive": require_positive_weight})
     done = subprocess.run([sys.executable, "-m", __name__], input=request, text=True,
-                          capture_output=True)
+                          capture_output=True, env=builder_environment(os.environ))
     if done.returncode == 0:
-        return
+        return json.loads(done.stdout.strip().splitlines()[-1])
     try:
         answer = json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
@@ -180,8 +200,9 @@ def _build_in_child(location: str, cols: Columns, target: Path, require_positive
 
 
 def _child_main() -> int:
-    """``python -m kontrast.trainer.data.shared_table``: build one table file (request JSON on stdin); a
-    DataError comes back as JSON on stdout with exit code 78."""
+    """``python -m kontrast.trainer.data.shared_table``: build one table file (request JSON on stdin).
+    Its peak RSS and Arrow's allocator come back as JSON on stdout, or a DataError with exit
+    code 78."""
     from dataclasses import asdict
 
     request = json.loads(sys.stdin.read())
@@ -191,7 +212,15 @@ def _child_main() -> int:
     except DataError as exc:
         print(json.dumps({"problems": [asdict(p) for p in exc.problems], "truncated": exc.truncated}))
         return 78
+    print(json.dumps({"peak_rss_mib": _peak_rss_mib(), "memory_pool": pa.default_memory_pool().backend_name}))
     return 0
+
+
+def _peak_rss_mib() -> int:
+    """This process's peak RSS since it started its program (VmHWM): ``ru_maxrss`` would also
+    count the parent's RSS, which a child started by vfork holds until its exec."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024
 
 
 def map_table(path: str | Path) -> pa.Table:
