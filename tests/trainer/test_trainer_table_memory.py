@@ -155,3 +155,66 @@ def test_a_check_builds_the_table_in_its_own_process(tmp_path, monkeypatch):
     monkeypatch.setattr(shared_table, "IN_PROCESS_MAX_BYTES", 0)           # "large"
     monkeypatch.setattr(shared_table, "_build_in_child", lambda *a: pytest.fail("a child process was started"))
     assert len(load_examples(str(path), params_of(FIELDS), build_here=True)) == 100
+
+
+def test_codes_numbered_over_many_merges_are_those_of_one_pass(monkeypatch):
+    """The builder numbers each column's values a block at a time and merges the pending
+    blocks into the values numbered so far; over many merges, with values first seen in every
+    part of the stream, the codes are those of numbering the whole column at once (first
+    appearance), and pairs of columns get ``dense_ids``'s ids."""
+    from kontrast.trainer.data import arrow
+    from kontrast.trainer.data.build import FirstSeenCodes, combined_block_codes
+    from kontrast.trainer.data.check import codes, dense_ids
+
+    merges = []
+    real_merge = FirstSeenCodes._merge
+    monkeypatch.setattr(FirstSeenCodes, "MIN_MERGE", 7)
+    monkeypatch.setattr(FirstSeenCodes, "_merge", lambda self: (merges.append(self), real_merge(self))[1])
+    rnd = np.random.default_rng(0)
+    rows = 6000
+    growing = rnd.integers(0, 1 + np.arange(rows) // 3)            # new values keep coming, old ones repeat
+    few = rnd.integers(0, 40, rows)
+    columns = [arrow.strings([f"value {v}" for v in growing]), arrow.strings([f"t{v}" for v in few])]
+    coded = [FirstSeenCodes(), FirstSeenCodes()]
+    ends = np.cumsum(rnd.integers(1, 150, rows))
+    for start, end in zip(np.r_[0, ends[ends < rows]], np.r_[ends[ends < rows], rows]):
+        for column, codes_ in zip(columns, coded):
+            codes_.add(column.slice(start, end - start))
+    whole = codes(columns[0])
+    assert np.array_equal(np.concatenate(coded[0].block_codes()), whole)
+    assert coded[0].count == len(np.unique(whole))
+    assert sum(m is coded[0] for m in merges) > 10                 # many merges, not one at the end
+    assert np.array_equal(combined_block_codes(coded, rows), dense_ids(columns))
+
+
+def test_the_builder_process_gives_freed_memory_back(tmp_path, monkeypatch):
+    """A large file's table is built in a process of its own whose allocators give each block's
+    temporaries back: Arrow's buffers through glibc, whose mmap threshold is fixed (a freed
+    large block goes back to the system, and the next one is mapped again rather than taken
+    from a heap that only grows). The user's own glibc tunables are kept."""
+    from kontrast.trainer.data import shared_table
+    from kontrast.trainer.data.columns import Columns
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
+    path = tmp_path / "train.csv"
+    path.write_text(catalogue(500))
+    built = shared_table._build_in_child(str(path), Columns.of(params_of(FIELDS)), tmp_path / "t.arrow", True)
+    assert built["memory_pool"] == "system" and built["peak_rss_mib"] > 0
+    assert (tmp_path / "t.arrow").exists()
+    env = shared_table.builder_environment(os.environ)
+    assert env["GLIBC_TUNABLES"].startswith("glibc.malloc.arena_max=4:")
+    # glibc's default threshold rises to a freed block's size, so the same size comes from the
+    # heap next time; fixed, it is mapped (and given back when freed) every time
+    probe = ("import ctypes\n"
+             "libc = ctypes.CDLL('libc.so.6')\n"
+             "names = 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()\n"
+             "class Info(ctypes.Structure): _fields_ = [(n, ctypes.c_size_t) for n in names]\n"
+             "libc.mallinfo2.restype = Info\n"
+             "libc.malloc.restype = ctypes.c_void_p\n"
+             "libc.free(ctypes.c_void_p(libc.malloc(300 << 10)))\n"
+             "mapped = libc.mallinfo2().hblkhd\n"
+             "p = libc.malloc(300 << 10)\n"
+             "print(libc.mallinfo2().hblkhd - mapped >= 300 << 10)\n")
+    mapped = [subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True, text=True, check=True).stdout
+              for e in ({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, env)]
+    assert mapped == ["False\n", "True\n"]
