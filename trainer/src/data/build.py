@@ -10,8 +10,8 @@ over the whole file gives, so the ids are those of checking the file whole.
 The builder's memory is then a block's temporaries, the per-row numbers (about 30 bytes a
 row) and each identity column's distinct values: a catalogue whose queries repeat holds
 little; one where every row is a new query holds that column's text once, and while merging
-a few times a quarter of it. What the allocators keep of the temporaries is the builder
-process's part (``shared_table.BUILDER_POOL``).
+a few times the pending rows' text (a quarter of the known values, at most 1M rows). What the
+allocators keep of the temporaries is the builder process's part (``shared_table.BUILDER_POOL``).
 """
 
 from __future__ import annotations
@@ -33,41 +33,37 @@ class FirstSeenCodes:
     """Dense codes of one column's values by first appearance, over a stream of blocks, held as
     int32 per row and the distinct values once.
 
-    Each block is dictionary-encoded on its own (Arrow's hash table) and its local codes kept.
-    Every so often the pending blocks' dictionaries are numbered among themselves, looked up
-    among the values already numbered (``index_in`` hashes the pending values only and scans
-    the known ones), and the values not found numbered next, in the pending order: a value
-    first seen in block k comes after everything from the blocks before it, so the order is a
-    single pass's. Only the pending values are ever hashed together, so a merge's temporaries
-    are a few times the pending text, not the column's; merging once the pending values reach
-    a quarter of the known ones keeps the scans linear in the values overall.
+    Blocks wait until enough rows are pending; then their values are numbered among themselves
+    (one ``dictionary_encode``: the pending distinct values in order of first appearance), those
+    looked up among the values numbered before (``index_in`` hashes the pending values and
+    scans the known ones), and the ones not found numbered next, in their pending order: a
+    value first seen in block k comes after everything from the blocks before it, so the order
+    is a single pass's. Only pending values are ever hashed together, so a merge's temporaries
+    are a few times the pending text, not the column's. Merging once the pending rows reach a
+    quarter of the known values keeps the scans linear overall; the cap bounds a merge of a
+    column where nearly every row is new.
     """
 
-    #: Blocks wait for a merge until their dictionaries hold this many values at least.
-    MIN_MERGE = 1 << 16
+    #: Rows pending before a merge: a quarter of the known values, within these bounds.
+    MIN_MERGE, MAX_MERGE = 1 << 16, 1 << 20
 
     def __init__(self):
-        self._known: list[pa.Array] = []                #: the distinct values numbered so far, in order
-        self.count = 0                                  #: how many distinct values (after ``block_codes``)
-        self._pending: list[tuple[pa.Array, int]] = []  #: (dictionary, block) not yet numbered
-        self._pending_values = 0
-        self._blocks: list[np.ndarray] = []             #: int32 codes per block (local while pending)
+        self._known: list[pa.Array] = []        #: the distinct values numbered so far, in order
+        self.count = 0                          #: how many there are (all of them after ``block_codes``)
+        self._pending: list[pa.Array] = []      #: blocks not yet numbered
+        self._pending_rows = 0
+        self._blocks: list[np.ndarray] = []     #: int32 codes of each block numbered
 
     def add(self, values: pa.Array) -> None:
-        self.add_encoded(pc.dictionary_encode(values))
-
-    def add_encoded(self, encoded: pa.DictionaryArray) -> None:
-        """A block already dictionary-encoded (its dictionary distinct, in order of first appearance)."""
-        self._blocks.append(arrow.to_numpy(encoded.indices).astype(np.int32))
-        self._pending.append((encoded.dictionary, len(self._blocks) - 1))
-        self._pending_values += len(encoded.dictionary)
-        if self._pending_values >= max(self.count // 4, self.MIN_MERGE):
+        """The next block's values."""
+        self._pending.append(values)
+        self._pending_rows += len(values)
+        if self._pending_rows >= min(max(self.count // 4, self.MIN_MERGE), self.MAX_MERGE):
             self._merge()
 
     def _merge(self) -> None:
-        parts = [d for d, _ in self._pending]
-        pending = pc.dictionary_encode(pa.chunked_array(parts, type=parts[0].type))
-        values = pending.chunks[0].dictionary
+        encoded = pc.dictionary_encode(pa.chunked_array(self._pending, type=self._pending[0].type))
+        values = encoded.chunks[0].dictionary if encoded.num_chunks else pa.array([], self._pending[0].type)
         code = np.full(len(values), -1, dtype=np.int32)
         if self._known:
             # each known value's place among the pending values (the pending hashed once)
@@ -80,9 +76,9 @@ class FirstSeenCodes:
         if added:
             self._known.append(values.filter(arrow.array(new)))
         self.count += added
-        for (_, block), chunk in zip(self._pending, pending.chunks):
-            self._blocks[block] = code[arrow.to_numpy(chunk.indices)][self._blocks[block]]
-        self._pending, self._pending_values = [], 0
+        rows = code[np.concatenate([arrow.to_numpy(c.indices) for c in encoded.chunks] or [np.zeros(0, np.int32)])]
+        self._blocks.extend(np.split(rows, np.cumsum([len(b) for b in self._pending])[:-1]))
+        self._pending, self._pending_rows = [], 0
 
     def block_codes(self) -> list[np.ndarray]:
         """Every block's codes (int32), numbered over all blocks, once all blocks are in: the
@@ -163,27 +159,24 @@ class TableBuilder:
                                    ("right", cols.right_weights, right)):
             if fields:
                 self._numbers[f"{side}_weights"].append(self._field_weights(side, base, fields))
-        images = self._resolved_images(right[0])
-        block = {"image": images.dictionary.take(images.indices),
+        block = {"image": self._resolved_images(right[0]),
                  **{f"right{i}": t for i, t in enumerate(right) if i}, **texts}
         if cols.doc_id_key:
             block["doc_key"] = text_column(raw, cols.doc_id_key)
         keys = {"query_key": text_column(raw, cols.query_id_key)} if cols.has_pairs and cols.query_id_key else {}
-        self._images.add_encoded(images)
+        self._images.add(block["image"])
         for codes_, name in zip(self._doc, self._doc_columns()):
             codes_.add(block[name])
         for codes_, name in zip(self._query, self._query_columns()):
             codes_.add({**block, **keys}[name])
         return pa.table(block)
 
-    def _resolved_images(self, cells: pa.Array) -> pa.DictionaryArray:
-        """The block's image cells resolved to locations, dictionary-encoded. Each distinct cell
-        is resolved once (a catalogue names each image on many rows); two cells that resolve
-        to the same location ("a.png" and "/data/a.png") are then one image."""
+    def _resolved_images(self, cells: pa.Array) -> pa.Array:
+        """The block's image cells resolved to locations, each distinct cell once (a catalogue
+        names each image on many rows). Two cells that resolve to the same location ("a.png"
+        and "/data/a.png") are one image: the images are numbered by location."""
         cells = pc.dictionary_encode(cells)
-        resolved = pc.dictionary_encode(resolve_images(cells.dictionary, parent_location(self.file)))
-        indices = resolved.indices.take(cells.indices)
-        return pa.DictionaryArray.from_arrays(indices, resolved.dictionary)
+        return resolve_images(cells.dictionary, parent_location(self.file)).take(cells.indices)
 
     def _field_weights(self, side: str, base, fields: list[pa.Array]) -> np.ndarray:
         """The block's field weights of one side (empty fields 0, the rest renormalised); a row
