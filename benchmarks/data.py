@@ -28,8 +28,9 @@ builds the node's table file, "ours warm" maps an existing one.
 catalogue, written a million rows at a time), "before" (the trainer at ``--before``, imported
 from a ``git archive`` of it) against "after" (this tree), each in a fresh process:
 
-* builder: ``build_table_file`` in a process of its own; peak RSS and its growth over the
-  process's RSS after imports, against the CSV's size;
+* builder: the builder process, started as a training process starts it for a large file
+  (``shared_table._build_in_child``: its own interpreter and allocator settings); its peak
+  RSS and the growth over a process that only imports it, against the CSV's size;
 * rank: with the table built, one process loads the file as a rank does (``load_data``: the
   table mapped, every distinct image checked) and takes trainData's known pairs
   (``run.setup._known_pairs``); then a second rank does the same. Growth of anonymous memory
@@ -379,17 +380,17 @@ def mem_child(args) -> None:
         return
     Columns = mod("data.columns").Columns
     if args.what_child == "build":
-        import numpy  # noqa: F401 - imports are the baseline, not the build
-        import pyarrow.compute  # noqa: F401
-        import pyarrow.csv  # noqa: F401
         shared = mod("data.shared_table")
-        before = _memory()
+        imports = f"import {shared.__name__}, pyarrow.compute, pyarrow.csv"   # the builder's, before a row
+        _, baseline, _ = _timed([sys.executable, "-c", imports], env={**os.environ, "PYTHONPATH": args.baseline})
         t0 = time.perf_counter()
-        shared.build_table_file(args.file, Columns.of(params()), Path(args.target), True)
+        # the builder's own peak (VmHWM); before's builder reports none, and its ru_maxrss also
+        # counts this process's RSS (vfork), which is far below that builder's peak
+        built = shared._build_in_child(args.file, Columns.of(params()), Path(args.target), True) or {}
         wall = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = built.get("peak_rss_mib") or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(json.dumps({"wall_s": round(wall, 2), "peak_rss_mib": round(peak), "baseline_rss_mib":
-                          round(before["Rss"]), "growth_mib": round(peak - before["Rss"])}))
+                          round(baseline), "growth_mib": round(peak - baseline)}))
         return
     load, setup = mod("data.load"), mod("run.setup")
     world = mod("distributed").World()
