@@ -63,10 +63,10 @@ class FirstSeenCodes:
 
     def _merge(self) -> None:
         encoded = pc.dictionary_encode(pa.chunked_array(self._pending, type=self._pending[0].type))
-        values = encoded.chunks[0].dictionary if encoded.num_chunks else pa.array([], self._pending[0].type)
+        values = encoded.chunks[0].dictionary if encoded.num_chunks else self._pending[0].slice(0, 0)
         code = np.full(len(values), -1, dtype=np.int32)
         if self._known:
-            # each known value's place among the pending values (the pending hashed once)
+            # each known value's place among the pending values (hashing those, not the known)
             at = pc.index_in(pa.chunked_array(self._known), value_set=values).combine_chunks()
             found = at.is_valid()
             code[arrow.to_numpy(at.filter(found))] = np.flatnonzero(arrow.to_numpy(found))

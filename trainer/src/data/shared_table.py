@@ -105,7 +105,7 @@ def shared_table_file(location: str, cols: Columns, cache: str, *, require_posit
     def build(target: Path) -> None:
         started = time.monotonic()
         size = int(source_stamp(location).get("size") or 0)
-        where = "here"
+        where = "in this process"
         if size > IN_PROCESS_MAX_BYTES and not build_here:
             built = _build_in_child(location, cols, target, require_positive_weight)
             where = f"in a builder process that peaked at {built['peak_rss_mib']} MiB"
@@ -219,9 +219,16 @@ def _child_main() -> int:
 
 def _peak_rss_mib() -> int:
     """This process's peak RSS since it started its program (VmHWM): ``ru_maxrss`` would also
-    count the parent's RSS, which a child started by vfork holds until its exec."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024
+    count the parent's RSS, which a child started by vfork holds until its exec. Without
+    procfs (macOS), ``ru_maxrss`` all the same."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024
+    except (OSError, StopIteration):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # bytes on macOS, KiB on Linux
+        return peak >> 20 if sys.platform == "darwin" else peak >> 10
 
 
 def map_table(path: str | Path) -> pa.Table:
