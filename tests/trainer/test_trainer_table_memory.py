@@ -168,8 +168,13 @@ def test_codes_numbered_over_many_merges_are_those_of_one_pass(monkeypatch):
 
     merges = []
     real_merge = FirstSeenCodes._merge
+
+    def merge(self):
+        merges.append(self)
+        real_merge(self)
+
     monkeypatch.setattr(FirstSeenCodes, "MIN_MERGE", 7)
-    monkeypatch.setattr(FirstSeenCodes, "_merge", lambda self: (merges.append(self), real_merge(self))[1])
+    monkeypatch.setattr(FirstSeenCodes, "_merge", merge)
     rnd = np.random.default_rng(0)
     rows = 6000
     growing = rnd.integers(0, 1 + np.arange(rows) // 3)            # new values keep coming, old ones repeat

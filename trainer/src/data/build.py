@@ -63,7 +63,16 @@ class FirstSeenCodes:
 
     def _merge(self) -> None:
         encoded = pc.dictionary_encode(pa.chunked_array(self._pending, type=self._pending[0].type))
+        # Arrow leaves empty chunks out: the rows' codes are split back by the blocks' lengths
         values = encoded.chunks[0].dictionary if encoded.num_chunks else self._pending[0].slice(0, 0)
+        code = self._number(values)
+        rows = code[np.concatenate([arrow.to_numpy(c.indices) for c in encoded.chunks] or [np.zeros(0, np.int32)])]
+        self._blocks.extend(np.split(rows, np.cumsum([len(b) for b in self._pending])[:-1]))
+        self._pending, self._pending_rows = [], 0
+
+    def _number(self, values: pa.Array) -> np.ndarray:
+        """The code of each of the pending distinct values (in order of first appearance): its
+        code if known, else the next one free, in that order."""
         code = np.full(len(values), -1, dtype=np.int32)
         if self._known:
             # each known value's place among the pending values (hashing those, not the known)
@@ -76,9 +85,7 @@ class FirstSeenCodes:
         if added:
             self._known.append(values.filter(arrow.array(new)))
         self.count += added
-        rows = code[np.concatenate([arrow.to_numpy(c.indices) for c in encoded.chunks] or [np.zeros(0, np.int32)])]
-        self._blocks.extend(np.split(rows, np.cumsum([len(b) for b in self._pending])[:-1]))
-        self._pending, self._pending_rows = [], 0
+        return code
 
     def block_codes(self) -> list[np.ndarray]:
         """Every block's codes (int32), numbered over all blocks, once all blocks are in: the
