@@ -148,6 +148,57 @@ def test_sigterm_saves_mid_epoch_and_the_next_run_resumes_there(tmp_path, small_
     assert json.loads((out / "summary.json").read_text())["step"] == 32
 
 
+#: `kontrast launch` with a rendezvous keep-alive always in flight: torchrun's heartbeat thread
+#: calls the store every 5 s, this one without a pause, so that finalizing the interpreter always
+#: meets a call in flight (one CI run in many met torchrun's own).
+LAUNCH_WITH_KEEP_ALIVE_IN_FLIGHT = """
+import sys, threading
+import torch.distributed as dist
+from kontrast.trainer.cli.launch import main
+
+server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+client = dist.TCPStore("127.0.0.1", server.port, is_master=False)
+
+def keep_alive():
+    while True:
+        client.compare_set("heartbeat", "", "alive")
+
+threading.Thread(target=keep_alive, daemon=True).start()
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.distributed
+def test_sigterm_exits_143_while_the_rendezvous_keep_alive_calls_the_store(tmp_path, small_data, tiny_model_json, h):
+    """After a signal torchrun leaves its rendezvous open and its keep-alive thread running. A
+    keep-alive call in flight while the interpreter finalized aborted the launcher ('terminate
+    called without an active exception', -6): the pod exited 134 after a clean save, which
+    Kubernetes counts as a failure, not a preemption."""
+    out = tmp_path / "out"
+    spec = {"model": str(tiny_model_json), "trainData": str(small_data / "train.csv"), "output": str(out),
+            "leftKeys": ["query"], "leftWeights": [1.0], "rightKeys": ["image", "title"],
+            "rightWeights": [0.5, 0.5], "weightKey": "score", "batchSize": 1, "epochs": 1,
+            "contextLength": 8, "gradCheckpointing": False, "precision": "fp32", "workers": 0}
+    (tmp_path / "tj.yaml").write_text(yaml.safe_dump(h.trainjob(spec, name="heartbeat")))
+    command = [sys.executable, "-c", LAUNCH_WITH_KEEP_ALIVE_IN_FLIGHT, str(tmp_path / "tj.yaml"), "--",
+               "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(command, env=launch_env(tmp_path, nproc=1), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(e["event"] == "step" for e in step_events(out)):
+            assert proc.poll() is None and time.monotonic() < deadline, "training never got going"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        logs, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, logs[-3000:]
+    assert "terminate called" not in logs and "stopped by a signal" in logs, logs[-3000:]
+    assert len(ckpt.list_resumable(str(out))) == 1, logs[-3000:]
+
+
 @pytest.mark.distributed
 def test_check_under_torchrun_applies_the_bad_fraction_to_the_whole_file(tmp_path, small_data, tiny_model_json, h):
     """``--check`` on 2 processes: each prefetches half the images, and the bad ones of both

@@ -42,7 +42,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from kontrast.contract import EXIT_PERMANENT, TERMINATION_LOG, TERMINATION_LOG_ENV
 
@@ -88,6 +88,22 @@ def exit_code_of(failures: dict) -> tuple[int, Optional[int]]:
     return (128 - code if code < 0 else code), rank
 
 
+def exit_without_finalizing(code: int) -> NoReturn:
+    """Exit with ``code`` now, flushing the logs, without finalizing the interpreter.
+
+    On a signal torchrun leaves the rendezvous open (closing it would end the job for the other
+    nodes too: torch/distributed/launcher/api.py), so its keep-alive thread goes on calling the
+    store every few seconds. A call in flight while the interpreter finalizes ends its thread
+    with pthread_exit on the way back into Python, and that unwinds through torch's C++ binding,
+    which aborts the process ('terminate called without an active exception'): the pod would
+    exit 134, not 143, after a clean save. ``os._exit`` skips finalization, and with it the race.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="kontrast launch", description=__doc__.splitlines()[0])
     parser.add_argument("file", help="the TrainJob manifest (mounted at /etc/kontrast/trainjob.yaml in pods)")
@@ -101,6 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     termination_log = os.environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG
     extra = [a for a in args.trainer_args if a != "--"]
+    signalled = False
     with tempfile.TemporaryDirectory(prefix="kontrast-launch-") as tmp:
         # The workers write a permanent failure's message here; this process decides what the
         # pod reports (several local workers would otherwise race on one file).
@@ -122,11 +139,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 130
         except Exception as exc:  # rendezvous timeouts, torchrun's signal handling
             name = type(exc).__name__
-            if name == "SignalException":
-                log.error("stopped by a signal: %s", exc)
-                return EXIT_INTERRUPTED
-            log.exception("torchrun failed")
-            return 1
+            if name != "SignalException":
+                log.exception("torchrun failed")
+                return 1
+            log.error("stopped by a signal: %s", exc)
+            signalled = True
+    if signalled:
+        exit_without_finalizing(EXIT_INTERRUPTED)       # after the temporary folder is gone
     return 0
 
 
