@@ -105,6 +105,20 @@ def step_events(out: Path) -> list[dict]:
     return [e for e in map(json.loads, lines) if e["event"] in ("start", "step")]
 
 
+def sigterm_after_steps(proc: subprocess.Popen, out: Path, steps: int) -> str:
+    """SIGTERM the launcher once ``steps`` optimizer steps are in the progress log; its output."""
+    try:
+        deadline = time.monotonic() + 300
+        while sum(e["event"] == "step" for e in step_events(out)) < steps:
+            assert proc.poll() is None and time.monotonic() < deadline, "training never got going"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        return proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.distributed
 def test_sigterm_saves_mid_epoch_and_the_next_run_resumes_there(tmp_path, small_data, tiny_model_json, h):
     """Preemption or `kubectl delete pod`: SIGTERM reaches the pod's command, torchrun forwards
@@ -121,16 +135,7 @@ def test_sigterm_saves_mid_epoch_and_the_next_run_resumes_there(tmp_path, small_
     env = launch_env(tmp_path, nproc=2)              # 64 rows / (1 x 2 processes): 32 steps in the epoch
 
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while sum(e["event"] == "step" for e in step_events(out)) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, "training never got going"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        logs, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    logs = sigterm_after_steps(proc, out, 3)
     assert proc.returncode == 143, logs[-3000:]
     saved = ckpt.list_resumable(str(out))
     assert len(saved) == 1, logs[-3000:]
@@ -184,16 +189,7 @@ def test_sigterm_exits_143_while_the_rendezvous_keep_alive_calls_the_store(tmp_p
                "--device", "cpu", "--no-progress"]
     proc = subprocess.Popen(command, env=launch_env(tmp_path, nproc=1), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not any(e["event"] == "step" for e in step_events(out)):
-            assert proc.poll() is None and time.monotonic() < deadline, "training never got going"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        logs, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    logs = sigterm_after_steps(proc, out, 1)
     assert proc.returncode == 143, logs[-3000:]
     assert "terminate called" not in logs and "stopped by a signal" in logs, logs[-3000:]
     assert len(ckpt.list_resumable(str(out))) == 1, logs[-3000:]
