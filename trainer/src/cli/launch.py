@@ -112,6 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     forward_sigusr1_to_stack_printers()
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -135,15 +136,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                  f"(exit code {code})", termination_log)
             log.error("training failed on this node: rank %s exited with code %s", rank, code)
             return code
-        except KeyboardInterrupt:
-            return 130
-        except Exception as exc:  # rendezvous timeouts, torchrun's signal handling
-            name = type(exc).__name__
-            if name != "SignalException":
-                log.exception("torchrun failed")
-                return 1
+        except SignalException as exc:                  # torchrun's handler of SIGTERM, SIGINT, ...
             log.error("stopped by a signal: %s", exc)
             signalled = True
+        except KeyboardInterrupt:
+            return 130
+        except Exception:  # rendezvous timeouts
+            log.exception("torchrun failed")
+            return 1
     if signalled:
         exit_without_finalizing(EXIT_INTERRUPTED)       # after the temporary folder is gone
     return 0

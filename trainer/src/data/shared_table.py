@@ -191,12 +191,12 @@ def _build_in_child(location: str, cols: Columns, target: Path, require_positive
                           "positive": require_positive_weight})
     done = subprocess.run([sys.executable, "-m", __name__], input=request, text=True,
                           capture_output=True, env=builder_environment(os.environ))
-    if done.returncode == 0:
-        return json.loads(done.stdout.strip().splitlines()[-1])
     try:
         answer = json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
         raise RuntimeError(f"building the table of {location} failed:\n{done.stderr[-4000:]}") from None
+    if done.returncode == 0:
+        return answer
     raise DataError([DataProblem(**p) for p in answer["problems"]], answer["truncated"])
 
 
